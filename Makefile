@@ -1,0 +1,40 @@
+# Deep-Rad: `make help` lists every target.
+PYTHON ?= python3
+PIP_FLAGS ?=
+PYTEST ?= $(PYTHON) -m pytest -p no:cacheprovider
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-unit test-e2e lint bench bench-fedavg bench-simulate clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+install: ## install deeprad and its dev tools into the current Python (pip cache reused)
+	$(PYTHON) -m pip install $(PIP_FLAGS) -e '.[dev,export]'
+
+demo: install ## run the default local federated study (synthetic phantoms, no cluster)
+	deeprad simulate --output runs/demo --report-json runs/demo/report.json
+
+test: install ## run every test: unit, integration and e2e
+	$(PYTEST) tests
+
+test-unit: ## run only the unit tests (no services)
+	$(PYTEST) -m unit tests
+
+test-e2e: ## run only the end-to-end studies
+	$(PYTEST) -m e2e tests
+
+lint: ## ruff and mypy
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy deeprad operator trainer aggregator
+
+bench: bench-fedavg bench-simulate ## run every benchmark (prints ratios)
+
+bench-fedavg: ## streaming FedAvg vs a plain torch weighted sum: time and peak memory
+	$(PYTHON) benchmarks/bench_fedavg.py
+
+bench-simulate: ## `deeprad simulate` vs a bare PyTorch loop doing the same training
+	$(PYTHON) benchmarks/bench_simulate.py
+
+clean: ## remove run outputs and caches
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

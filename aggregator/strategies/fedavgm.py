@@ -1,0 +1,40 @@
+"""FedAvgM (Hsu et al. 2019): FedAvg with server momentum carried between rounds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from deeprad.aggregator.strategies.base import Strategy, Tensors, WeightedMean
+
+
+class FedAvgM(Strategy):
+    """Δ = weighted mean of updates; m ← β·m + Δ; x ← x + η·m. State: m."""
+
+    name = "fedavgm"
+    summary = "FedAvg with server momentum (streaming; state: momentum)"
+
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.server_lr, self.momentum = float(server_lr), float(momentum)
+        self._mean = WeightedMean()
+
+    def params(self) -> dict[str, Any]:
+        return {"server_lr": self.server_lr, "momentum": self.momentum}
+
+    def begin(self, global_weights: Tensors, state: Tensors | None = None) -> None:
+        super().begin(global_weights, state)
+        self._mean = WeightedMean()
+
+    def add(self, update: Tensors, num_samples: int) -> None:
+        self._mean.add(update, num_samples)
+
+    def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        new, state = {}, {}
+        for k, d in self._mean.mean().items():
+            m = self._state.get(f"m/{k}")
+            m = d if m is None else m.mul_(self.momentum).add_(d)
+            state[f"m/{k}"] = m
+            new[k] = self._apply(k, m.mul(self.server_lr))
+        return new, state

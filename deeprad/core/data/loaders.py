@@ -1,0 +1,139 @@
+"""Loaders for a site's images: class folders of PNG/JPEG/DICOM/NIfTI, MedMNIST-style `.npz`,
+bring-your-own by import path, and the synthetic phantoms. All return an `ImageSet`.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensity
+
+from deeprad.core.data.imageset import ImageSet
+from deeprad.core.data.phantoms import ScannerProfile, generate_phantoms
+from deeprad.core.errors import DataError
+from deeprad.core.importing import load_object
+from deeprad.core.protocol import DatasetSpec
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz")
+POSITIVE_NAMES = ("tumor", "tumour", "lesion", "positive", "malignant", "1")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def preprocess(image: Any, image_size: int) -> torch.Tensor:
+    """The one preprocessing every loaded image gets: grey channel first, resized, scaled to [0, 1]."""
+    t = torch.as_tensor(np.asarray(image), dtype=torch.float32)
+    if t.ndim == 3 and t.shape[0] > 1:  # RGB(A) or a volume's slices: average to one channel
+        t = t.mean(dim=0, keepdim=True)
+    t = Resize((image_size, image_size))(t)
+    return torch.as_tensor(ScaleIntensity()(t), dtype=torch.float32)
+
+
+def read_image(path: Path, image_size: int) -> torch.Tensor:
+    """Read one PNG/JPEG/DICOM/NIfTI file into a [1, S, S] tensor (a volume gives its middle slice)."""
+    try:
+        img = Compose([LoadImage(image_only=True), EnsureChannelFirst()])(str(path))
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read image: {exc}") from exc
+    arr = np.asarray(img)
+    if arr.ndim == 4:  # channel, x, y, z: the middle axial slice
+        arr = arr[..., arr.shape[-1] // 2]
+    if arr.ndim != 3:
+        raise DataError(f"{path}: expected a 2D image or 3D volume, got shape {arr.shape}")
+    # MONAI's readers give (x, y); images are shown as (row, column).
+    return preprocess(np.swapaxes(arr, -1, -2), image_size)
+
+
+def load_folder(root: Path, image_size: int, positive_class: str | None = None) -> ImageSet:
+    """`root/<class>/<image>` with exactly two class folders; one of them is the tumour class."""
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if len(classes) != 2:
+        raise DataError(
+            f"dataset folder {root}: expected two class folders (e.g. normal/ and tumor/), "
+            f"found {classes}"
+        )
+    if positive_class is None:
+        named = [c for c in classes if c.lower() in POSITIVE_NAMES]
+        positive_class = named[0] if named else classes[1]
+    if positive_class not in classes:
+        raise DataError(f"dataset folder {root}: positive class {positive_class!r} not in {classes}")
+    images, labels = [], []
+    for cls in classes:
+        files = sorted(p for p in (root / cls).rglob("*") if _suffix(p) in IMAGE_SUFFIXES)
+        images += [read_image(p, image_size) for p in files]
+        labels += [float(cls == positive_class)] * len(files)
+    if not images:
+        raise DataError(f"dataset folder {root}: no images with suffix {', '.join(IMAGE_SUFFIXES)}")
+    return ImageSet(torch.stack(images), torch.tensor(labels))
+
+
+def load_npz(path: Path, image_size: int, split: str = "train",
+             positive_labels: list[int] | None = None) -> ImageSet:
+    """MedMNIST-style `.npz` with `<split>_images` and `<split>_labels`; nonzero labels are positive
+    unless `positive_labels` lists them."""
+    if not path.is_file():
+        raise DataError(f"npz dataset {path} does not exist")
+    with np.load(path, allow_pickle=False) as data:
+        key_i, key_l = f"{split}_images", f"{split}_labels"
+        if key_i not in data or key_l not in data:
+            raise DataError(f"{path}: needs arrays {key_i!r} and {key_l!r}; has {sorted(data)}")
+        raw, lab = data[key_i], data[key_l].reshape(len(data[key_l]), -1)[:, 0]
+    if raw.ndim == 4:  # N, H, W, C
+        raw = raw.transpose(0, 3, 1, 2)
+    elif raw.ndim == 3:
+        raw = raw[:, None]
+    else:
+        raise DataError(f"{path}: {key_i} must be [N, H, W] or [N, H, W, C], got {raw.shape}")
+    pos = np.isin(lab, positive_labels) if positive_labels else lab != 0
+    images = torch.stack([preprocess(im, image_size) for im in raw]) if len(raw) else torch.empty(0)
+    return ImageSet(images.reshape(len(raw), 1, image_size, image_size),
+                    torch.as_tensor(pos, dtype=torch.float32))
+
+
+def _load(spec: DatasetSpec) -> ImageSet:
+    opts = dict(spec.options)
+    if spec.kind == "phantom":
+        profile = ScannerProfile(**opts.get("profile", {}))
+        return generate_phantoms(int(opts.get("samples", 300)), profile, spec.image_size,
+                                 int(opts.get("seed", 0)))
+    if spec.kind == "import":
+        if not spec.path:
+            raise DataError("dataset kind 'import' needs path 'package.module:function'")
+        result = load_object(spec.path, "dataset")(**opts)
+        if isinstance(result, ImageSet):
+            return result
+        images, labels = result
+        return ImageSet(torch.as_tensor(images, dtype=torch.float32),
+                        torch.as_tensor(labels, dtype=torch.float32))
+    if not spec.path:
+        raise DataError(f"dataset kind {spec.kind!r} needs a path")
+    if spec.kind == "folder":
+        return load_folder(Path(spec.path), spec.image_size, opts.get("positive_class"))
+    return load_npz(Path(spec.path), spec.image_size, opts.get("split", "train"),
+                    opts.get("positive_labels"))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached(spec_json: str) -> tuple[ImageSet, ImageSet]:
+    spec = DatasetSpec.model_validate_json(spec_json)
+    data = _load(spec)
+    if len(data) == 0:
+        raise DataError(f"dataset {spec.kind} {spec.path or ''}: no samples")
+    train, val = data.split(spec.val_fraction, spec.split_seed)
+    if len(train) == 0:
+        raise DataError(f"dataset {spec.kind} {spec.path or ''}: no training samples after the split")
+    return train, val
+
+
+def load_dataset(spec: DatasetSpec) -> tuple[ImageSet, ImageSet]:
+    """(train, validation) for a spec; cached per process so warm workers load data once."""
+    return _cached(spec.model_dump_json())

@@ -1,0 +1,34 @@
+"""Errors that name the object, the field and the fix."""
+
+
+class DeepRadError(Exception):
+    """Base class for every error Deep-Rad raises on purpose."""
+
+
+class ConfigError(DeepRadError):
+    """A user-supplied option, spec or name is invalid."""
+
+
+class StoreError(DeepRadError):
+    """An object is missing or unreadable in the object store."""
+
+
+class ObjectNotFound(StoreError):
+    """The requested key does not exist."""
+
+
+class CheckpointError(DeepRadError):
+    """A checkpoint is missing, corrupt, or does not match its manifest."""
+
+
+class UpdateRejected(DeepRadError):
+    """A site's update cannot be aggregated; the round goes on without it."""
+
+    def __init__(self, site: str, reason: str) -> None:
+        super().__init__(f"update from site {site!r} rejected: {reason}")
+        self.site = site
+        self.reason = reason
+
+
+class DataError(DeepRadError):
+    """A dataset is empty, unreadable or malformed."""

@@ -1,0 +1,173 @@
+"""Every message that crosses a process boundary, each with a schema version.
+
+Tasks go to the trainer and aggregator (as Job arguments or worker calls); manifests and
+results go to the object store as JSON. Unknown fields are refused so typos surface early.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+def utc_now() -> str:
+    """An RFC 3339 UTC timestamp."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Message):
+    """A registered network name (see `deeprad models`) or `package.module:factory`."""
+
+    name: str = "tumor-cnn"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DatasetSpec(Message):
+    """Where a site's images come from and how they are split into train and validation."""
+
+    kind: Literal["phantom", "folder", "npz", "import"] = "phantom"
+    path: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    image_size: int = Field(default=64, ge=8, le=1024)
+    val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    split_seed: int = 0
+
+
+class TrainConfig(Message):
+    """Local training parameters of one site in one round."""
+
+    local_epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    fedprox_mu: float = Field(default=0.0, ge=0)
+    seed: int = 0
+    device: str = "auto"
+
+
+class StrategySpec(Message):
+    """An aggregation strategy (see `deeprad strategies`) and its hyper-parameters."""
+
+    name: str = "fedavg"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ClinicalMetrics(Message):
+    """Binary-classification metrics a clinician reads; sensitivity is recall on tumours."""
+
+    n: int
+    positives: int
+    loss: float
+    auroc: float | None
+    sensitivity: float | None
+    specificity: float | None
+    accuracy: float
+
+
+class TrainingTask(Message):
+    """What one site trains in one round."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    namespace: str
+    study: str
+    round: int = Field(ge=1)
+    site: str
+    model: ModelSpec = ModelSpec()
+    dataset: DatasetSpec = DatasetSpec()
+    train: TrainConfig = TrainConfig()
+
+
+class UpdateManifest(Message):
+    """Describes one site's update payload; the aggregator checks every field."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["update"] = "update"
+    study: str
+    round: int
+    site: str
+    nonce: str
+    parent_sha256: str
+    payload_sha256: str
+    num_samples: int
+    producer: str
+    created_at: str = Field(default_factory=utc_now)
+
+
+class SiteResult(Message):
+    """A site's non-sensitive report for one round."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    study: str
+    round: int
+    site: str
+    num_samples: int
+    global_metrics: ClinicalMetrics | None  # the received global model on the site's validation split
+    local_metrics: ClinicalMetrics | None  # the site's model after local training, same split
+    train_loss: float
+    update_sha256: str
+    duration_s: float
+
+
+class Contribution(Message):
+    site: str
+    update_sha256: str
+    num_samples: int
+
+
+class CheckpointManifest(Message):
+    """Lineage and digests of a global model checkpoint."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["checkpoint"] = "checkpoint"
+    study: str
+    round: int
+    producer: str
+    model: ModelSpec
+    payload_sha256: str
+    parent_sha256: str | None
+    strategy: StrategySpec | None = None
+    strategy_state_sha256: str | None = None
+    contributors: list[Contribution] = Field(default_factory=list)
+    created_at: str = Field(default_factory=utc_now)
+
+
+class AggregationTask(Message):
+    """What the aggregator does at the end of one round."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    namespace: str
+    study: str
+    round: int = Field(ge=1)
+    strategy: StrategySpec = StrategySpec()
+    sites: list[str] | None = None  # the admitted sites; None takes every update present
+    min_sites: int = Field(default=1, ge=1)
+
+
+class Rejection(Message):
+    site: str
+    reason: str
+
+
+class AggregateReport(Message):
+    """What the aggregator did in one round, written next to the new checkpoint."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    study: str
+    round: int
+    strategy: StrategySpec
+    contributors: list[Contribution]
+    rejected: list[Rejection]
+    missing: list[str]
+    federated_metrics: ClinicalMetrics | None
+    checkpoint_sha256: str
+    duration_s: float

@@ -1,0 +1,105 @@
+"""The S3 backend, through the minio SDK (MinIO in production, or any S3 API)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from minio import Minio
+from minio.error import S3Error
+
+from deeprad.core.errors import ObjectNotFound, StoreError
+from deeprad.core.store.base import ObjectStore, check_key
+
+# fput_object switches to multipart above this size; S3 refuses single PUTs above 5 GiB.
+PART_SIZE = 64 * 1024 * 1024
+
+
+class S3Store(ObjectStore):
+    """Objects live under `s3://bucket/prefix/`; an S3 PUT is atomic, so readers see whole objects."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        secure: bool = True,
+        region: str | None = None,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix
+        self.client = Minio(
+            endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region
+        )
+        scheme = "https" if secure else "http"
+        self.url = f"s3://{bucket}/{prefix}?endpoint={endpoint}&secure={str(secure).lower()}"
+        self.endpoint_url = f"{scheme}://{endpoint}"
+
+    def _name(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist yet."""
+        if not self.client.bucket_exists(self.bucket):
+            self.client.make_bucket(self.bucket)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.client.fput_object(self.bucket, self._name(key), str(path), part_size=PART_SIZE)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            response = self.client.get_object(self.bucket, self._name(key))
+        except S3Error as exc:
+            raise self._translate(key, exc) from None
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    @contextlib.contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        fd, tmp = tempfile.mkstemp(prefix="deeprad-s3-", suffix=".obj")
+        os.close(fd)
+        try:
+            try:
+                self.client.fget_object(self.bucket, self._name(key), tmp)
+            except S3Error as exc:
+                raise self._translate(key, exc) from None
+            yield Path(tmp)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.stat_object(self.bucket, self._name(key))
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                return False
+            raise self._translate(key, exc) from None
+        return True
+
+    def list(self, prefix: str) -> list[str]:
+        full = self._name(prefix) if prefix else self.prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        objects = self.client.list_objects(self.bucket, prefix=full, recursive=True)
+        return sorted(o.object_name[strip:] for o in objects if o.object_name)
+
+    def delete(self, key: str) -> None:
+        self.client.remove_object(self.bucket, self._name(key))
+
+    def _translate(self, key: str, exc: S3Error) -> Exception:
+        if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+            return ObjectNotFound(f"{self.url}: no object {key!r}")
+        return StoreError(f"{self.url}: {key!r}: {exc.code}: {exc.message}")

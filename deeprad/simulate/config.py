@@ -1,0 +1,50 @@
+"""Options of a local federated study (`deeprad simulate`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deeprad.core.errors import ConfigError
+from deeprad.core.protocol import ModelSpec, StrategySpec, TrainConfig
+
+# Quantity skew across hospitals: some are big teaching hospitals, some small clinics.
+SIZE_SKEW = (1.5, 1.0, 0.75, 0.5)
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    sites: int = 4
+    rounds: int = 5
+    model: ModelSpec = field(default_factory=ModelSpec)
+    strategy: StrategySpec = field(default_factory=StrategySpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dataset: str = "phantom"  # "phantom", or a folder with one sub-folder / .npz file per site
+    samples_per_site: int = 240  # phantoms only; scaled per site by SIZE_SKEW
+    test_samples_per_site: int = 100  # phantoms only: the held-out test set
+    image_size: int = 64
+    seed: int = 0
+    output: Path = Path("runs/demo")
+    workers: int = 0  # 0: one per core, at most one per site
+    baselines: bool = True
+    report_json: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.sites < 1:
+            raise ConfigError(f"--sites must be >= 1, got {self.sites}")
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
+        if self.samples_per_site < 8:
+            raise ConfigError(f"--samples-per-site must be >= 8, got {self.samples_per_site}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+
+    @property
+    def worker_count(self) -> int:
+        cores = len(os.sched_getaffinity(0))
+        return self.workers or max(1, min(self.sites, cores))
+
+    @property
+    def threads_per_worker(self) -> int:
+        return max(1, len(os.sched_getaffinity(0)) // self.worker_count)

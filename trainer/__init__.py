@@ -1,0 +1,5 @@
+"""The trainer: local training at a hospital and the Job that wraps it."""
+
+from deeprad.trainer.local_training import SiteTraining, evaluate, train_epochs, train_site
+
+__all__ = ["SiteTraining", "evaluate", "train_epochs", "train_site"]
