@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from deeprad import __version__
 from deeprad.aggregator.strategies import make_strategy
 from deeprad.core.checkpoint import (
+    UpdateReader,
     open_checkpoint,
     open_update,
     read_strategy_state,
@@ -53,7 +54,8 @@ def _read_update_manifest(store: ObjectStore, layout: StudyLayout, task: Aggrega
         raise UpdateRejected(site, f"manifest {key} is missing") from None
     except ValidationError as exc:
         raise UpdateRejected(site, f"manifest {key} is malformed: "
-                                   f"{exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from None
+                                   f"{exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}"
+                             ) from None
     if m.site != site:
         raise UpdateRejected(site, f"manifest names site {m.site!r}")
     if m.study != task.study or m.round != task.round:
@@ -95,12 +97,13 @@ def run_aggregation_task(task: AggregationTask, store: ObjectStore) -> Aggregate
                  if parent.strategy and parent.strategy.name == strategy.name else None)
         strategy.begin(global_weights, state)
         reference = global_weights.signature()
+        reader = UpdateReader() if strategy.streaming else None
         for site in [s for s in expected if s in present]:
             try:
                 manifest = _read_update_manifest(store, layout, task, parent, site)
                 # Buffered strategies read updates again in finish(): keep them open till then.
                 with contextlib.ExitStack() as one:
-                    update = one.enter_context(open_update(store, layout, manifest))
+                    update = one.enter_context(open_update(store, layout, manifest, reader))
                     validate_update(site, update, reference)
                     strategy.add(update, manifest.num_samples)
                     if not strategy.streaming:
@@ -117,6 +120,7 @@ def run_aggregation_task(task: AggregationTask, store: ObjectStore) -> Aggregate
                 f"study {task.study} round {task.round}: {len(contributors)} valid update(s), "
                 f"minSites is {task.min_sites} (missing: {missing or 'none'}; {reasons})"
             )
+        reader = None  # free the read buffer before finish() builds the new model
         new_weights, new_state = strategy.finish()
         checkpoint = write_checkpoint(
             store, layout,

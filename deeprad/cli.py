@@ -66,7 +66,8 @@ def _strategies(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="deeprad", description="Deep-Rad: federated medical-imaging training across hospitals.")
+        prog="deeprad",
+        description="Deep-Rad: federated medical-imaging training across hospitals.")
     parser.add_argument("--version", action="version", version=f"deeprad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
 
 from deeprad.core.errors import CheckpointError, ObjectNotFound, UpdateRejected
 from deeprad.core.layout import StudyLayout
@@ -94,21 +98,31 @@ def write_checkpoint(
     strategy_state: Tensors | None = None,
 ) -> CheckpointManifest:
     """Write round `manifest_fields['round']`'s global model; the manifest goes last, so a
-    reader that finds the manifest finds the payload it describes."""
+    reader that finds the manifest finds the payload it describes. Payloads go through a
+    temporary file, so a large model is never held twice in memory (and S3 uploads stream)."""
     round_no = int(manifest_fields["round"])  # type: ignore[call-overload]
-    payload = to_bytes(weights)
     state_sha = None
     if strategy_state:
-        state_bytes = to_bytes(strategy_state)
-        state_sha = sha256_bytes(state_bytes)
-        store.put_bytes(layout.strategy_state(round_no), state_bytes)
+        state_sha = _put_tensors(store, layout.strategy_state(round_no), strategy_state)
+    payload_sha = _put_tensors(store, layout.global_weights(round_no), weights)
     manifest = CheckpointManifest.model_validate(
-        {**manifest_fields, "payload_sha256": sha256_bytes(payload),
-         "strategy_state_sha256": state_sha}
+        {**manifest_fields, "payload_sha256": payload_sha, "strategy_state_sha256": state_sha}
     )
-    store.put_bytes(layout.global_weights(round_no), payload)
     store.put_text(layout.global_manifest(round_no), manifest.model_dump_json(indent=2))
     return manifest
+
+
+def _put_tensors(store: ObjectStore, key: str, tensors: Tensors) -> str:
+    """Serialise `tensors` to a temporary file, upload it, return its sha256."""
+    fd, tmp = tempfile.mkstemp(prefix="deeprad-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        st_save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+        digest = sha256_file(Path(tmp))
+        store.put_file(key, Path(tmp))
+        return digest
+    finally:
+        os.unlink(tmp)
 
 
 def read_manifest(store: ObjectStore, layout: StudyLayout, round_no: int) -> CheckpointManifest:
@@ -116,7 +130,8 @@ def read_manifest(store: ObjectStore, layout: StudyLayout, round_no: int) -> Che
     try:
         return CheckpointManifest.model_validate_json(store.get_bytes(key))
     except ObjectNotFound:
-        raise CheckpointError(f"checkpoint of round {round_no} missing: no {store.url}/{key}") from None
+        raise CheckpointError(
+            f"checkpoint of round {round_no} missing: no {store.url}/{key}") from None
     except ValueError as exc:
         raise CheckpointError(f"checkpoint manifest {store.url}/{key} is corrupt: {exc}") from exc
 
@@ -181,11 +196,11 @@ def write_update(
                    manifest.model_dump_json(indent=2))
 
 
-def validate_update(site: str, update: TensorFile,
+def validate_update(site: str, update: Mapping[str, torch.Tensor],
                     reference: dict[str, tuple[str, tuple[int, ...]]]) -> None:
     """Reject an update whose names, shapes or dtypes differ from `reference` (the global
     model's signature), or that holds NaN or Inf."""
-    got = update.signature()
+    got = update.signature() if isinstance(update, TensorFile) else signature(update)
     missing, extra = sorted(set(reference) - set(got)), sorted(set(got) - set(reference))
     if missing or extra:
         raise UpdateRejected(site, f"tensor names differ from the global model: missing "
@@ -203,23 +218,81 @@ def validate_update(site: str, update: TensorFile,
             raise UpdateRejected(site, f"tensor {name!r} contains NaN or Inf")
 
 
+_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+_CHUNK = 8 * 1024 * 1024
+
+
+class UpdateReader:
+    """Reads update payloads into one reusable buffer, hashing while it reads.
+
+    The tensors it returns are views into the buffer, valid until the next `read`: streaming
+    strategies fold them in and let go, so memory stays at one model whatever the site count,
+    and each payload crosses memory once instead of page-faulting through a fresh mapping.
+    """
+
+    def __init__(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def read(self, site: str, path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
+        size = path.stat().st_size
+        if self._buf.numel() < size:
+            self._buf = torch.empty(size, dtype=torch.uint8)
+        view = self._buf.numpy().data
+        digest = hashlib.sha256()
+        with path.open("rb", buffering=0) as f:
+            done = 0
+            while done < size:
+                n = f.readinto(view[done : min(done + _CHUNK, size)])
+                if not n:
+                    break
+                digest.update(view[done : done + n])
+                done += n
+        if digest.hexdigest() != expected_sha256:
+            raise UpdateRejected(site, f"payload sha256 {digest.hexdigest()[:16]}… does not "
+                                       f"match its manifest ({expected_sha256[:16]}…)")
+        try:
+            TensorFile(path)  # let safetensors validate the header and offsets
+        except CheckpointError as exc:
+            raise UpdateRejected(site, str(exc)) from exc
+        header_len = int.from_bytes(view[:8], "little")
+        header = json.loads(bytes(view[8 : 8 + header_len]))
+        base = 8 + header_len
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            raw = self._buf[base + begin : base + end]
+            dtype = _TORCH_DTYPES[info["dtype"]]
+            try:
+                out[name] = raw.view(dtype).view(info["shape"])
+            except RuntimeError:  # misaligned: copy instead of viewing
+                out[name] = raw.clone().view(dtype).view(info["shape"])
+        return out
+
+
 @contextlib.contextmanager
 def open_update(
-    store: ObjectStore, layout: StudyLayout, manifest: UpdateManifest
-) -> Iterator[TensorFile]:
-    """A site's update payload, refused unless it matches its manifest's digest."""
+    store: ObjectStore, layout: StudyLayout, manifest: UpdateManifest,
+    reader: UpdateReader | None = None,
+) -> Iterator[Mapping[str, torch.Tensor]]:
+    """A site's update payload, refused unless it matches its manifest's digest: views in
+    `reader`'s buffer when given, else a lazy TensorFile that stays valid while open."""
     key = layout.update_payload(manifest.round, manifest.site)
     with contextlib.ExitStack() as stack:
         try:
             path = stack.enter_context(store.local_copy(key))
         except ObjectNotFound:
             raise UpdateRejected(manifest.site, f"payload {key} is missing") from None
+        if reader is not None:
+            yield reader.read(manifest.site, path, manifest.payload_sha256)
+            return
         actual = sha256_file(path)
         if actual != manifest.payload_sha256:
             raise UpdateRejected(manifest.site, f"payload sha256 {actual[:16]}… does not match "
                                                 f"its manifest ({manifest.payload_sha256[:16]}…)")
         try:
-            tf = TensorFile(path)
+            lazy = TensorFile(path)
         except CheckpointError as exc:
             raise UpdateRejected(manifest.site, str(exc)) from exc
-        yield tf
+        yield lazy

@@ -1,7 +1,7 @@
 """Registry of medical-imaging networks (MONAI building blocks) plus bring-your-own.
 
-Every registered network uses instance or group normalisation instead of BatchNorm: BatchNorm cannot be used with
-DP-SGD and its running statistics drift under non-IID federated data.
+Every registered network uses instance or group normalisation instead of BatchNorm: BatchNorm
+cannot be used with DP-SGD and its running statistics drift under non-IID federated data.
 """
 
 from __future__ import annotations
@@ -74,10 +74,13 @@ def _densenet121(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module
 
 
 def _resnet18(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    kwargs.setdefault("norm", ("group", {"num_groups": 8}))
-    return resnet18(
-        spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes, **kwargs
-    )
+    from opacus.validators import ModuleValidator
+
+    model = resnet18(spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes,
+                     **kwargs)
+    # MONAI's ResNet blocks build BatchNorm whatever `norm` says; Opacus swaps in GroupNorm.
+    fixed: nn.Module = ModuleValidator.fix(model)
+    return fixed
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 
 def utc_now() -> str:
@@ -111,7 +111,8 @@ class SiteResult(Message):
     round: int
     site: str
     num_samples: int
-    global_metrics: ClinicalMetrics | None  # the received global model on the site's validation split
+    # the received global model on the site's validation split, before training
+    global_metrics: ClinicalMetrics | None
     local_metrics: ClinicalMetrics | None  # the site's model after local training, same split
     train_loss: float
     update_sha256: str

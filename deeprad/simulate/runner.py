@@ -119,6 +119,7 @@ def run_simulation(cfg: SimulationConfig) -> dict[str, Any]:
                 name, curve = fut.result()
                 curves[name] = curve
     _, manifest = read_checkpoint(store, layout, cfg.rounds)
-    shutil.copyfile(store.root / layout.global_weights(cfg.rounds), cfg.output / "final.safetensors")
+    shutil.copyfile(store.root / layout.global_weights(cfg.rounds),
+                    cfg.output / "final.safetensors")
     (cfg.output / "final.json").write_text(manifest.model_dump_json(indent=2))
     return build_report(cfg, sites, rounds, curves, time.perf_counter() - started)

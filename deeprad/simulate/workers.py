@@ -12,11 +12,11 @@ from deeprad.core.checkpoint import read_checkpoint
 from deeprad.core.data import ImageSet, load_dataset
 from deeprad.core.layout import StudyLayout
 from deeprad.core.models import build_model
-from deeprad.core.protocol import ClinicalMetrics, DatasetSpec, TrainingTask, TrainConfig
+from deeprad.core.protocol import ClinicalMetrics, DatasetSpec, TrainConfig, TrainingTask
 from deeprad.core.store import open_store
 from deeprad.trainer import evaluate, train_epochs
-from deeprad.trainer.local_training import select_device
 from deeprad.trainer.job import run_training_task
+from deeprad.trainer.local_training import select_device
 
 _TEST_SET: ImageSet | None = None
 

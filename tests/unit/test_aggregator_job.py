@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from deeprad.aggregator.job import QuorumNotMet, run_aggregation_task
-from deeprad.core.checkpoint import read_checkpoint, sha256_bytes, to_bytes, write_checkpoint, write_update
+from deeprad.core.checkpoint import (
+    read_checkpoint,
+    sha256_bytes,
+    to_bytes,
+    write_checkpoint,
+    write_update,
+)
 from deeprad.core.layout import StudyLayout
 from deeprad.core.protocol import AggregationTask, ModelSpec, StrategySpec, UpdateManifest
 from deeprad.core.store.local import LocalStore

@@ -69,7 +69,7 @@ def test_corrupt_manifest_is_refused(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     _write(store)
     (tmp_path / LAYOUT.global_manifest(0)).write_text('{"kind": "checkpoint"')
-    with pytest.raises(CheckpointError, match="manifest .* is corrupt"):
+    with pytest.raises(CheckpointError, match=r"manifest .* is corrupt"):
         read_checkpoint(store, LAYOUT, 0)
 
 

@@ -132,13 +132,13 @@ def test_krum_needs_enough_updates() -> None:
 
 def test_integer_tensors_stay_integers() -> None:
     glob = {"steps": torch.tensor([10]), "w": torch.tensor([0.0])}
-    new, _ = aggregate("fedavg", glob, [({"steps": torch.tensor([3]), "w": torch.tensor([1.0])}, 1),
-                                        ({"steps": torch.tensor([4]), "w": torch.tensor([1.0])}, 1)])
+    ups = [({"steps": torch.tensor([s]), "w": torch.tensor([1.0])}, 1) for s in (3, 4)]
+    new, _ = aggregate("fedavg", glob, ups)
     assert new["steps"].dtype == torch.int64 and int(new["steps"]) == 14  # 10 + round(3.5)
 
 
 def test_unknown_strategy_and_bad_parameters_are_named() -> None:
-    with pytest.raises(ConfigError, match="unknown strategy 'fedbest'.*fedavg"):
+    with pytest.raises(ConfigError, match=r"unknown strategy 'fedbest'.*fedavg"):
         make_strategy(StrategySpec(name="fedbest"))
     with pytest.raises(ConfigError, match="strategy 'fedavg': bad parameters"):
         make_strategy(StrategySpec(name="fedavg", params={"momentum": 0.9}))

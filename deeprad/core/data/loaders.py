@@ -28,7 +28,7 @@ def _suffix(path: Path) -> str:
 
 
 def preprocess(image: Any, image_size: int) -> torch.Tensor:
-    """The one preprocessing every loaded image gets: grey channel first, resized, scaled to [0, 1]."""
+    """The one preprocessing every image gets: one grey channel, resized, scaled to [0, 1]."""
     t = torch.as_tensor(np.asarray(image), dtype=torch.float32)
     if t.ndim == 3 and t.shape[0] > 1:  # RGB(A) or a volume's slices: average to one channel
         t = t.mean(dim=0, keepdim=True)
@@ -37,7 +37,7 @@ def preprocess(image: Any, image_size: int) -> torch.Tensor:
 
 
 def read_image(path: Path, image_size: int) -> torch.Tensor:
-    """Read one PNG/JPEG/DICOM/NIfTI file into a [1, S, S] tensor (a volume gives its middle slice)."""
+    """Read a PNG/JPEG/DICOM/NIfTI file into a [1, S, S] tensor (a volume: its middle slice)."""
     try:
         img = Compose([LoadImage(image_only=True), EnsureChannelFirst()])(str(path))
     except Exception as exc:
@@ -65,7 +65,8 @@ def load_folder(root: Path, image_size: int, positive_class: str | None = None) 
         named = [c for c in classes if c.lower() in POSITIVE_NAMES]
         positive_class = named[0] if named else classes[1]
     if positive_class not in classes:
-        raise DataError(f"dataset folder {root}: positive class {positive_class!r} not in {classes}")
+        raise DataError(
+            f"dataset folder {root}: positive class {positive_class!r} not in {classes}")
     images, labels = [], []
     for cls in classes:
         files = sorted(p for p in (root / cls).rglob("*") if _suffix(p) in IMAGE_SUFFIXES)
@@ -86,7 +87,10 @@ def load_npz(path: Path, image_size: int, split: str = "train",
         key_i, key_l = f"{split}_images", f"{split}_labels"
         if key_i not in data or key_l not in data:
             raise DataError(f"{path}: needs arrays {key_i!r} and {key_l!r}; has {sorted(data)}")
-        raw, lab = data[key_i], data[key_l].reshape(len(data[key_l]), -1)[:, 0]
+        raw, lab = data[key_i], data[key_l]
+    if len(raw) == 0:
+        raise DataError(f"{path}: {key_i} has no samples")
+    lab = lab.reshape(len(lab), -1)[:, 0]
     if raw.ndim == 4:  # N, H, W, C
         raw = raw.transpose(0, 3, 1, 2)
     elif raw.ndim == 3:
@@ -94,9 +98,8 @@ def load_npz(path: Path, image_size: int, split: str = "train",
     else:
         raise DataError(f"{path}: {key_i} must be [N, H, W] or [N, H, W, C], got {raw.shape}")
     pos = np.isin(lab, positive_labels) if positive_labels else lab != 0
-    images = torch.stack([preprocess(im, image_size) for im in raw]) if len(raw) else torch.empty(0)
-    return ImageSet(images.reshape(len(raw), 1, image_size, image_size),
-                    torch.as_tensor(pos, dtype=torch.float32))
+    images = torch.stack([preprocess(im, image_size) for im in raw])
+    return ImageSet(images, torch.as_tensor(pos, dtype=torch.float32))
 
 
 def _load(spec: DatasetSpec) -> ImageSet:
@@ -130,7 +133,8 @@ def _cached(spec_json: str) -> tuple[ImageSet, ImageSet]:
         raise DataError(f"dataset {spec.kind} {spec.path or ''}: no samples")
     train, val = data.split(spec.val_fraction, spec.split_seed)
     if len(train) == 0:
-        raise DataError(f"dataset {spec.kind} {spec.path or ''}: no training samples after the split")
+        raise DataError(
+            f"dataset {spec.kind} {spec.path or ''}: no training samples after the split")
     return train, val
 
 

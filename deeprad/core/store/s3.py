@@ -20,7 +20,7 @@ PART_SIZE = 64 * 1024 * 1024
 
 
 class S3Store(ObjectStore):
-    """Objects live under `s3://bucket/prefix/`; an S3 PUT is atomic, so readers see whole objects."""
+    """Objects live under `s3://bucket/prefix/`; an S3 PUT is atomic: readers see whole objects."""
 
     def __init__(
         self,

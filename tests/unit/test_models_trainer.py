@@ -1,0 +1,147 @@
+"""Model registry and local training: deltas, FedProx, federated evaluation, the Job entrypoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from deeprad.core.checkpoint import read_checkpoint, write_checkpoint
+from deeprad.core.data import ImageSet
+from deeprad.core.errors import ConfigError, DataError
+from deeprad.core.layout import StudyLayout
+from deeprad.core.metrics import clinical_metrics, combine
+from deeprad.core.models import REGISTRY, build_model, model_weights
+from deeprad.core.protocol import DatasetSpec, ModelSpec, TrainConfig, TrainingTask
+from deeprad.core.store.local import LocalStore
+from deeprad.trainer import train_epochs, train_site
+from deeprad.trainer.job import run_training_task
+
+
+def tiny_net() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 1))
+
+
+def test_registered_models_build_without_batchnorm() -> None:
+    for name in REGISTRY:
+        model = build_model(ModelSpec(name=name))
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        out = model(torch.rand(2, 1, 64, 64))
+        assert out.shape == (2, 1)
+    n = sum(p.numel() for p in build_model(ModelSpec(name="resnet18")).parameters())
+    assert 11_000_000 < n < 11_300_000
+
+
+def test_bring_your_own_model_and_errors() -> None:
+    model = build_model(ModelSpec(name=f"{__name__}:tiny_net"))
+    assert isinstance(model[1], nn.Linear)
+    with pytest.raises(ConfigError, match=r"unknown model 'unet9000'.*tumor-cnn"):
+        build_model(ModelSpec(name="unet9000"))
+    with pytest.raises(ConfigError, match=r"cannot import 'no_such_pkg\.mod'"):
+        build_model(ModelSpec(name="no_such_pkg.mod:f"))
+    with pytest.raises(ConfigError, match="has no 'missing'"):
+        build_model(ModelSpec(name=f"{__name__}:missing"))
+    with pytest.raises(ConfigError, match="bad kwargs"):
+        build_model(ModelSpec(name="tumor-cnn", kwargs={"depth": 3}))
+
+
+def test_clinical_metrics_by_hand() -> None:
+    logits = torch.tensor([3.0, -2.0, 1.0, -1.0, 2.0])
+    labels = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0])
+    m = clinical_metrics(logits, labels)
+    assert m.sensitivity == pytest.approx(2 / 3) and m.specificity == pytest.approx(1 / 2)
+    assert m.accuracy == pytest.approx(3 / 5)
+    # positive scores 3, -2, 2 vs negatives 1, -1: 4 of 6 pairs ranked right
+    assert m.auroc == pytest.approx(4 / 6)
+    both = combine([m, clinical_metrics(torch.tensor([5.0, -5.0]), torch.tensor([1.0, 0.0]))])
+    assert both is not None and both.n == 7
+    assert both.auroc == pytest.approx((4 / 6 * 5 + 1.0 * 2) / 7)
+
+
+def _data(n: int = 32, seed: int = 0) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.arange(n) % 2).float()
+    x = torch.rand(n, 1, 8, 8, generator=g) + y[:, None, None, None]
+    return ImageSet(x, y)
+
+
+def test_train_site_returns_delta_and_metrics() -> None:
+    spec = ModelSpec(name=f"{__name__}:tiny_net")
+    torch.manual_seed(0)
+    glob = model_weights(build_model(spec))
+    out = train_site(spec, glob, _data(), _data(8, 1), TrainConfig(local_epochs=5, lr=0.05))
+    assert set(out.delta) == set(glob) and out.num_samples == 32
+    assert all(torch.isfinite(d).all() for d in out.delta.values())
+    assert any(d.abs().sum() > 0 for d in out.delta.values())
+    assert out.global_metrics is not None and out.local_metrics is not None
+    assert out.local_metrics.loss < out.global_metrics.loss  # it learned
+
+
+def test_fedprox_keeps_the_model_closer_to_the_global_one() -> None:
+    spec = ModelSpec(name=f"{__name__}:tiny_net")
+    torch.manual_seed(0)
+    glob = model_weights(build_model(spec))
+    drift = {}
+    for mu in (0.0, 10.0):
+        cfg = TrainConfig(local_epochs=5, lr=0.05, optimizer="sgd", fedprox_mu=mu)
+        out = train_site(spec, glob, _data(), _data(8, 1), cfg)
+        drift[mu] = sum(float(d.pow(2).sum()) for d in out.delta.values())
+    assert drift[10.0] < 0.5 * drift[0.0]
+
+
+def test_empty_training_set_is_refused() -> None:
+    with pytest.raises(DataError, match="empty dataset"):
+        train_epochs(tiny_net(), ImageSet(torch.zeros(0, 1, 8, 8), torch.zeros(0)),
+                     TrainConfig(), torch.device("cpu"))
+
+
+def _seed_store(root: Path) -> tuple[LocalStore, StudyLayout]:
+    store, layout = LocalStore(root), StudyLayout("ns", "study")
+    torch.manual_seed(0)
+    write_checkpoint(store, layout, {"study": "study", "round": 0, "producer": "t",
+                                     "model": ModelSpec(), "parent_sha256": None},
+                     model_weights(build_model(ModelSpec())))
+    return store, layout
+
+
+def _task(**kw: object) -> TrainingTask:
+    return TrainingTask.model_validate({
+        "namespace": "ns", "study": "study", "round": 1, "site": "st-marys",
+        "dataset": DatasetSpec(options={"samples": 24}).model_dump(),
+        "train": TrainConfig(local_epochs=1).model_dump(), **kw})
+
+
+def test_trainer_job_writes_update_manifest_and_result(tmp_path: Path) -> None:
+    store, layout = _seed_store(tmp_path)
+    result = run_training_task(_task(), store)
+    _, parent = read_checkpoint(store, layout, 0)
+    manifest = json.loads(store.get_text(layout.update_manifest(1, "st-marys")))
+    assert manifest["parent_sha256"] == parent.payload_sha256
+    assert manifest["payload_sha256"] == result.update_sha256
+    assert manifest["num_samples"] == result.num_samples == 19  # 24 minus the 20% validation split
+    assert json.loads(store.get_text(layout.result(1, "st-marys")))["site"] == "st-marys"
+
+
+def test_trainer_refuses_a_tampered_global_model(tmp_path: Path) -> None:
+    store, layout = _seed_store(tmp_path)
+    path = tmp_path / layout.global_weights(0)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "deeprad.trainer", "--store", str(tmp_path),
+                           "--task", _task().model_dump_json()],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert "does not match the manifest" in proc.stderr
+    assert not store.exists(layout.update_manifest(1, "st-marys"))
+
+
+def test_trainer_refuses_a_task_for_another_architecture(tmp_path: Path) -> None:
+    store, _ = _seed_store(tmp_path)
+    with pytest.raises(ConfigError, match="differs from the checkpoint's 'tumor-cnn'"):
+        run_training_task(_task(model={"name": "densenet121"}), store)
