@@ -98,29 +98,31 @@ def run_aggregation_task(task: AggregationTask, store: ObjectStore) -> Aggregate
         strategy.begin(global_weights, state)
         reference = global_weights.signature()
         reader = UpdateReader() if strategy.streaming else None
+
+        def take(site: str) -> Contribution:
+            """Verify one site's update and fold it in."""
+            manifest = _read_update_manifest(store, layout, task, parent, site)
+            with contextlib.ExitStack() as one:
+                update = one.enter_context(open_update(store, layout, manifest, reader))
+                validate_update(site, update, reference)
+                strategy.add(update, manifest.num_samples)
+                if not strategy.streaming:  # it reads the update again in finish(): keep it open
+                    keep.enter_context(one.pop_all())
+            return Contribution(site=site, update_sha256=manifest.payload_sha256,
+                                num_samples=manifest.num_samples)
+
         for site in [s for s in expected if s in present]:
             try:
-                manifest = _read_update_manifest(store, layout, task, parent, site)
-                # Buffered strategies read updates again in finish(): keep them open till then.
-                with contextlib.ExitStack() as one:
-                    update = one.enter_context(open_update(store, layout, manifest, reader))
-                    validate_update(site, update, reference)
-                    strategy.add(update, manifest.num_samples)
-                    if not strategy.streaming:
-                        keep.enter_context(one.pop_all())
+                contributors.append(take(site))
             except UpdateRejected as exc:
                 log.warning("round %s: %s", task.round, exc)
                 rejected.append(Rejection(site=site, reason=exc.reason))
-                continue
-            contributors.append(Contribution(site=site, update_sha256=manifest.payload_sha256,
-                                             num_samples=manifest.num_samples))
         if len(contributors) < task.min_sites:
             reasons = "; ".join(f"{r.site}: {r.reason}" for r in rejected) or "none rejected"
             raise QuorumNotMet(
                 f"study {task.study} round {task.round}: {len(contributors)} valid update(s), "
                 f"minSites is {task.min_sites} (missing: {missing or 'none'}; {reasons})"
             )
-        reader = None  # free the read buffer before finish() builds the new model
         new_weights, new_state = strategy.finish()
         checkpoint = write_checkpoint(
             store, layout,

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -222,53 +224,64 @@ _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _CHUNK = 8 * 1024 * 1024
 
 
-class UpdateReader:
-    """Reads update payloads into one reusable buffer, hashing while it reads.
+class StreamedUpdate(Mapping[str, torch.Tensor]):
+    """A verified update payload read one tensor at a time through a small reusable buffer.
 
-    The tensors it returns are views into the buffer, valid until the next `read`: streaming
-    strategies fold them in and let go, so memory stays at one model whatever the site count,
-    and each payload crosses memory once instead of page-faulting through a fresh mapping.
+    Each tensor returned is a view that the next lookup overwrites: streaming strategies use it
+    at once and let go, so memory stays at one accumulator plus the largest tensor.
     """
+
+    def __init__(self, file: io.BufferedReader, header: dict[str, Any], base: int,
+                 buffer: torch.Tensor) -> None:
+        self._file, self._base, self._buf = file, base, buffer
+        self._info = {k: v for k, v in header.items() if k != "__metadata__"}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        info = self._info[key]
+        begin, end = info["data_offsets"]
+        raw = self._buf[: end - begin]
+        self._file.seek(self._base + begin)
+        if self._file.readinto(raw.numpy().data) != end - begin:
+            raise CheckpointError(f"tensor {key!r}: payload ended early")
+        return raw.view(_TORCH_DTYPES[info["dtype"]]).view(info["shape"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._info)
+
+    def __len__(self) -> int:
+        return len(self._info)
+
+
+class UpdateReader:
+    """Verifies update payloads (sha256 over the whole file first) and hands them out as
+    StreamedUpdates sharing one buffer sized to the largest tensor."""
 
     def __init__(self) -> None:
         self._buf = torch.empty(0, dtype=torch.uint8)
 
-    def read(self, site: str, path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
-        size = path.stat().st_size
-        if self._buf.numel() < size:
-            self._buf = torch.empty(size, dtype=torch.uint8)
-        view = self._buf.numpy().data
-        digest = hashlib.sha256()
-        with path.open("rb", buffering=0) as f:
-            done = 0
-            while done < size:
-                n = f.readinto(view[done : min(done + _CHUNK, size)])
-                if not n:
-                    break
-                digest.update(view[done : done + n])
-                done += n
-        if digest.hexdigest() != expected_sha256:
-            raise UpdateRejected(site, f"payload sha256 {digest.hexdigest()[:16]}… does not "
-                                       f"match its manifest ({expected_sha256[:16]}…)")
-        try:
-            TensorFile(path)  # let safetensors validate the header and offsets
-        except CheckpointError as exc:
-            raise UpdateRejected(site, str(exc)) from exc
-        header_len = int.from_bytes(view[:8], "little")
-        header = json.loads(bytes(view[8 : 8 + header_len]))
-        base = 8 + header_len
-        out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            raw = self._buf[base + begin : base + end]
-            dtype = _TORCH_DTYPES[info["dtype"]]
+    @contextlib.contextmanager
+    def open(self, site: str, path: Path, expected_sha256: str) -> Iterator[StreamedUpdate]:
+        # Verified and read through one open file: a rename over the path cannot swap the
+        # bytes between the check and the use.
+        with path.open("rb") as f:
+            digest = hashlib.sha256()
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+            if digest.hexdigest() != expected_sha256:
+                raise UpdateRejected(site, f"payload sha256 {digest.hexdigest()[:16]}… does not "
+                                           f"match its manifest ({expected_sha256[:16]}…)")
             try:
-                out[name] = raw.view(dtype).view(info["shape"])
-            except RuntimeError:  # misaligned: copy instead of viewing
-                out[name] = raw.clone().view(dtype).view(info["shape"])
-        return out
+                TensorFile(path)  # let safetensors validate the header and offsets
+            except CheckpointError as exc:
+                raise UpdateRejected(site, str(exc)) from exc
+            f.seek(0)
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+            largest = max((e - b for k, v in header.items() if k != "__metadata__"
+                           for b, e in [v["data_offsets"]]), default=0)
+            if self._buf.numel() < largest:
+                self._buf = torch.empty(largest, dtype=torch.uint8)
+            yield StreamedUpdate(f, header, 8 + header_len, self._buf)
 
 
 @contextlib.contextmanager
@@ -276,8 +289,8 @@ def open_update(
     store: ObjectStore, layout: StudyLayout, manifest: UpdateManifest,
     reader: UpdateReader | None = None,
 ) -> Iterator[Mapping[str, torch.Tensor]]:
-    """A site's update payload, refused unless it matches its manifest's digest: views in
-    `reader`'s buffer when given, else a lazy TensorFile that stays valid while open."""
+    """A site's update payload, refused unless it matches its manifest's digest: streamed
+    through `reader`'s buffer when given, else a lazy TensorFile that stays valid while open."""
     key = layout.update_payload(manifest.round, manifest.site)
     with contextlib.ExitStack() as stack:
         try:
@@ -285,7 +298,7 @@ def open_update(
         except ObjectNotFound:
             raise UpdateRejected(manifest.site, f"payload {key} is missing") from None
         if reader is not None:
-            yield reader.read(manifest.site, path, manifest.payload_sha256)
+            yield stack.enter_context(reader.open(manifest.site, path, manifest.payload_sha256))
             return
         actual = sha256_file(path)
         if actual != manifest.payload_sha256:
