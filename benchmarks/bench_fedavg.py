@@ -162,7 +162,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args.workdir)))
         return
     torch.set_num_threads(1)
-    runs = [(int(n), False) for n in args.sizes.split(",")]
+    runs = [(int(n), False) for n in args.sizes.split(",") if n]
     if args.large:
         runs.append((5, True))
     print(f"{'model':>13} {'N':>3} {'fold s':>8} {'plain s':>8} {'ratio':>6} {'job s':>7} "

@@ -116,6 +116,7 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
         style = "s--" if name == "centralized" else ":"
         ax.plot(xs, [m["auroc"] for m in curve], style, lw=1.5 if name == "centralized" else 1,
                 label=name.replace("local:", "alone: "))
+    ax.set_xticks(xs)
     ax.set_xlabel("round (or the same number of epochs)")
     ax.set_ylabel("test-set AUROC")
     title = "Deep-Rad local study"

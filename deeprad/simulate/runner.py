@@ -90,7 +90,7 @@ def run_simulation(cfg: SimulationConfig) -> dict[str, Any]:
                     print(f"round {r}: {site.name} failed: {failed[site.name]}", file=sys.stderr)
             agg = run_aggregation_task(
                 AggregationTask(namespace=NAMESPACE, study=STUDY, round=r, strategy=cfg.strategy,
-                                sites=[s.name for s in sites if s.name in results]), store)
+                                sites=[s.name for s in sites]), store)
             weights, _ = read_checkpoint(store, layout, r)
             rounds.append({
                 "round": r,

@@ -91,7 +91,9 @@ class S3Store(ObjectStore):
         return True
 
     def list(self, prefix: str) -> list[str]:
-        full = self._name(prefix) if prefix else self.prefix
+        if prefix.rstrip("/"):
+            check_key(prefix.rstrip("/"))
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
         objects = self.client.list_objects(self.bucket, prefix=full, recursive=True)
         return sorted(o.object_name[strip:] for o in objects if o.object_name)
