@@ -4,7 +4,10 @@ PIP_FLAGS ?=
 PYTEST ?= $(PYTHON) -m pytest -p no:cacheprovider
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-unit test-e2e lint bench bench-fedavg bench-simulate clean
+.PHONY: help install demo test test-unit test-integration test-e2e lint bench bench-fedavg \
+        bench-simulate bench-cluster dev-up dev-down clean
+
+include tools/tools.mk
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -15,11 +18,14 @@ install: ## install deeprad and its dev tools into the current Python (pip cache
 demo: install ## run the default local federated study (synthetic phantoms, no cluster)
 	deeprad simulate --output runs/demo --report-json runs/demo/report.json
 
-test: install ## run every test: unit, integration and e2e
+test: install tools ## install everything, then run every test: unit, integration and e2e
 	$(PYTEST) tests
 
 test-unit: ## run only the unit tests (no services)
 	$(PYTEST) -m unit tests
+
+test-integration: tools ## integration tests: real control planes, node agent, S3, Prometheus
+	$(PYTEST) -m integration tests/integration
 
 test-e2e: ## run only the end-to-end studies
 	$(PYTEST) -m e2e tests
@@ -28,13 +34,22 @@ lint: ## ruff and mypy
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy deeprad operator trainer aggregator
 
-bench: bench-fedavg bench-simulate ## run every benchmark (prints ratios)
+bench: bench-fedavg bench-simulate bench-cluster ## run every benchmark (prints ratios)
 
 bench-fedavg: ## streaming FedAvg vs a plain torch weighted sum: time and peak memory
 	$(PYTHON) benchmarks/bench_fedavg.py
 
 bench-simulate: ## `deeprad simulate` vs a bare PyTorch loop doing the same training
 	$(PYTHON) benchmarks/bench_simulate.py
+
+bench-cluster: tools ## one cluster's start time and three clusters' memory vs the goals
+	$(PYTHON) benchmarks/bench_cluster.py
+
+dev-up: install tools ## hub + 2 hospital clusters, S3 and Prometheus in the background
+	deeprad dev up --detach
+
+dev-down: ## stop what dev-up started
+	deeprad dev down
 
 clean: ## remove run outputs and caches
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
