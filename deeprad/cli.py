@@ -110,12 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list registered networks").set_defaults(func=_models)
     sub.add_parser("strategies", help="list aggregation strategies").set_defaults(func=_strategies)
 
-    try:
-        from deeprad.devenv.cli import register as register_dev
-    except ImportError:
-        pass
-    else:
-        register_dev(sub)
+    from deeprad.core import keys_cli, privacy_cli
+
+    keys_cli.register(sub)
+    privacy_cli.register(sub)
+    from deeprad.devenv.cli import register as register_dev
+
+    register_dev(sub)
     return parser
 
 

@@ -1,0 +1,278 @@
+"""Differential privacy: record-level DP-SGD at each site (Opacus) and ε accounting
+(Google's dp-accounting, RDP or PLD), including the study budget check.
+
+Accounting. One site's local training is a sequence of DP-SGD steps, each a Poisson-subsampled
+Gaussian mechanism (sampling rate q = expected batch / records, noise multiplier z). Its privacy
+loss is that event composed over all its steps, in all rounds so far: a study's rounds compose
+as their steps do. Every record lives at exactly one site, so the study's ε is the largest of
+the sites' ε (parallel composition), and a round starts only when no site would pass the
+budget (ε, δ) after it.
+
+Adaptive clipping (Andrew et al. 2021) is available through Opacus' AdaClipDPOptimizer
+(`clipping="adaptive"`): the clipping bound follows a target quantile of the per-sample gradient
+norms, estimated with noise σ_b. Opacus then draws the gradient noise with the adjusted
+multiplier (z^-2 - (2σ_b)^-2)^(-1/2) so that the pair of mechanisms together costs what a
+Gaussian mechanism with multiplier z costs: the accounting here stays exact with z.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import dp_accounting
+from dp_accounting import mechanism_calibration
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+from pydantic import BaseModel, ConfigDict, Field
+
+from deeprad.core.errors import ConfigError, DeepRadError
+
+AccountantName = Literal["rdp", "pld"]
+ACCOUNTANTS: tuple[AccountantName, ...] = ("rdp", "pld")
+
+
+class PrivacyBudgetExceeded(DeepRadError):
+    """The next round would spend more ε than the study's budget allows."""
+
+
+# ---- accounting -------------------------------------------------------------------------------
+
+
+class DPSteps(BaseModel):
+    """A run of DP-SGD steps with one configuration (one site's training in one round)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    noise_multiplier: float = Field(ge=0)
+    sample_rate: float = Field(gt=0, le=1)
+    steps: int = Field(ge=0)
+
+    def event(self) -> dp_accounting.DpEvent:
+        """The dp-accounting event: Poisson-sampled Gaussian, self-composed `steps` times."""
+        return dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(
+                sampling_probability=self.sample_rate,
+                event=dp_accounting.GaussianDpEvent(noise_multiplier=self.noise_multiplier)),
+            self.steps)
+
+
+def make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
+    """A fresh dp-accounting accountant: RDP (default orders) or PLD (default discretization)."""
+    if accountant == "rdp":
+        return rdp_privacy_accountant.RdpAccountant()
+    if accountant == "pld":
+        return pld_privacy_accountant.PLDAccountant()
+    raise ConfigError(f"privacy accountant must be one of {', '.join(ACCOUNTANTS)}, "
+                      f"got {accountant!r}")
+
+
+def _check_delta(delta: float) -> None:
+    if not 0 < delta < 1:
+        raise ConfigError(f"privacy delta must be in (0, 1), got {delta}; a usual choice is "
+                          "below 1/(number of records)")
+
+
+def epsilon_of(runs: Sequence[DPSteps], delta: float, accountant: str = "rdp") -> float:
+    """ε at `delta` of the composition of `runs` (0 when no step was taken, inf with no
+    noise)."""
+    _check_delta(delta)
+    acc = make_accountant(accountant)
+    runs = [r for r in runs if r.steps > 0]
+    if not runs:
+        return 0.0
+    if any(r.noise_multiplier == 0 for r in runs):
+        return math.inf
+    for r in runs:
+        acc.compose(r.event())
+    return float(acc.get_epsilon(delta))
+
+
+def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+            accountant: str = "rdp") -> float:
+    """ε at `delta` of `steps` DP-SGD steps with Poisson sampling rate `sample_rate` and Gaussian
+    noise multiplier `noise_multiplier`."""
+    try:
+        run = DPSteps(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+    except ValueError as exc:
+        raise ConfigError(f"privacy parameters are invalid: {_first_error(exc)}") from None
+    return epsilon_of([run], delta, accountant)
+
+
+def noise_for_target_epsilon(target_epsilon: float, sample_rate: float, steps: int,
+                             delta: float, accountant: str = "rdp",
+                             tolerance: float = 1e-4) -> float:
+    """The smallest noise multiplier (within `tolerance`) whose ε after `steps` steps at
+    `sample_rate` is at most `target_epsilon`, by dp-accounting's calibration."""
+    if not target_epsilon > 0:
+        raise ConfigError(f"target epsilon must be > 0, got {target_epsilon}")
+    if not 0 < sample_rate <= 1 or steps < 1:
+        raise ConfigError(f"sample rate must be in (0, 1] and steps >= 1, got {sample_rate}, "
+                          f"{steps}")
+    _check_delta(delta)
+    make_accountant(accountant)
+
+    def event(z: float) -> dp_accounting.DpEvent:
+        return DPSteps(noise_multiplier=z, sample_rate=sample_rate, steps=steps).event()
+
+    bracket: mechanism_calibration.BracketInterval = \
+        mechanism_calibration.LowerEndpointAndGuess(1e-3, 1.0)
+    if accountant == "pld":
+        # PLD's discretisation explodes for tiny multipliers: bracket it with the RDP answer,
+        # which is never below PLD's (RDP bounds are looser).
+        upper = noise_for_target_epsilon(target_epsilon, sample_rate, steps, delta, "rdp",
+                                         tolerance)
+        lower = 0.8 * upper  # PLD usually needs 5-10 % less noise than RDP claims
+        while lower > 0.05 and epsilon(lower, sample_rate, steps, delta, "pld") <= target_epsilon:
+            lower /= 2
+        bracket = mechanism_calibration.ExplicitBracketInterval(lower, upper + tolerance)
+    try:
+        z = mechanism_calibration.calibrate_dp_mechanism(
+            lambda: make_accountant(accountant), event, target_epsilon, delta, bracket,
+            tol=tolerance)
+    except (mechanism_calibration.NoBracketIntervalFoundError, ValueError):
+        raise ConfigError(f"no noise multiplier reaches ε={target_epsilon} at δ={delta} with "
+                          f"{steps} steps at sample rate {sample_rate} ({accountant})") from None
+    return float(z)
+
+
+class PrivacyBudget(BaseModel):
+    """A study's (ε, δ) and the accountant that enforces it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epsilon: float = Field(gt=0)
+    delta: float = Field(gt=0, lt=1)
+    accountant: AccountantName = "rdp"
+
+
+@dataclass(frozen=True)
+class RoundPrivacy:
+    """ε before and after a planned round, per site and for the study (the largest site)."""
+
+    spent_before: float
+    spent_after: float
+    round_epsilon: float  # the planned round alone, largest site
+    per_site_after: dict[str, float]
+
+
+def plan_round(budget: PrivacyBudget, history: Mapping[str, Sequence[DPSteps]],
+               planned: Mapping[str, DPSteps]) -> RoundPrivacy:
+    """Check a round before it starts: ε per site after composing its past runs with the
+    planned one; raises PrivacyBudgetExceeded, naming the sites, if any would pass the budget."""
+
+    def eps(runs: Sequence[DPSteps]) -> float:
+        return epsilon_of(runs, budget.delta, budget.accountant)
+
+    before = {s: eps(list(r)) for s, r in history.items()}
+    after = {s: eps([*history.get(s, ()), run]) for s, run in planned.items()}
+    alone = max((eps([run]) for run in planned.values()), default=0.0)
+    spent_before = max(before.values(), default=0.0)
+    spent_after = max([spent_before, *after.values()])
+    over = sorted(s for s, e in after.items() if e > budget.epsilon)
+    if over:
+        raise PrivacyBudgetExceeded(
+            f"the next round would raise ε to {spent_after:.4g} (δ={budget.delta:g}, "
+            f"{budget.accountant}), over the study budget ε={budget.epsilon:g} at site(s) "
+            f"{', '.join(over)}; the study stops here (raise spec.privacy.epsilon or the noise "
+            "multiplier to train further)")
+    return RoundPrivacy(spent_before=spent_before, spent_after=spent_after, round_epsilon=alone,
+                        per_site_after=after)
+
+
+def _first_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        e = errors()[0]
+        return f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+    return str(exc)
+
+
+# ---- DP-SGD with Opacus -----------------------------------------------------------------------
+
+
+class DPConfig(BaseModel):
+    """Local DP-SGD settings of a round."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    noise_multiplier: float = Field(ge=0)
+    max_grad_norm: float = Field(gt=0)
+    clipping: Literal["flat", "adaptive"] = "flat"
+    # adaptive clipping (Andrew et al.): the bound tracks this quantile of per-sample norms
+    target_unclipped_quantile: float = Field(default=0.5, gt=0, lt=1)
+    clipbound_learning_rate: float = Field(default=0.2, gt=0)
+    min_clipbound: float = Field(default=1e-3, gt=0)
+    max_clipbound: float = Field(default=100.0, gt=0)
+    unclipped_num_std: float | None = Field(default=None, gt=0)  # default: expected batch / 20
+    secure_mode: bool = False  # Opacus' cryptographically secure noise (needs torchcsprng)
+
+
+@dataclass
+class PrivateTraining:
+    """The wrapped model, optimizer and Poisson-sampling loader, and how to account them."""
+
+    model: Any  # opacus GradSampleModule
+    optimizer: Any  # opacus DPOptimizer (or AdaClipDPOptimizer)
+    data_loader: Any  # opacus DPDataLoader
+    engine: Any  # opacus PrivacyEngine; its accountant's history counts the steps
+    sample_rate: float
+    config: DPConfig
+
+    @property
+    def steps(self) -> int:
+        """DP-SGD steps taken so far."""
+        return int(sum(h[2] for h in self.engine.accountant.history))
+
+    def spent(self) -> DPSteps:
+        """The run so far, for the study's ledger."""
+        return DPSteps(noise_multiplier=self.config.noise_multiplier,
+                       sample_rate=self.sample_rate, steps=self.steps)
+
+    def epsilon(self, delta: float, accountant: str = "rdp") -> float:
+        return epsilon_of([self.spent()], delta, accountant)
+
+
+def check_model(model: Any) -> None:
+    """Raise ConfigError when Opacus cannot compute per-sample gradients for `model` (e.g.
+    BatchNorm, which mixes records within a batch)."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ConfigError(f"model cannot train with DP-SGD: {errors[0]}; use a GroupNorm or "
+                          "InstanceNorm variant (opacus ModuleValidator.fix swaps BatchNorm)")
+
+
+def make_private(model: Any, optimizer: Any, data_loader: Any, config: DPConfig
+                 ) -> PrivateTraining:
+    """Wrap a model, optimizer and DataLoader for DP-SGD: Poisson sampling (each record joins
+    each batch with probability batch_size / len(dataset)), per-sample clipping to
+    `max_grad_norm` (or adaptive), Gaussian noise `noise_multiplier * max_grad_norm`."""
+    from opacus import PrivacyEngine
+
+    check_model(model)
+    engine = PrivacyEngine(accountant="rdp", secure_mode=config.secure_mode)
+    kwargs: dict[str, Any] = {}
+    expected_batch = max(1, round(len(data_loader.dataset) / max(1, len(data_loader))))
+    if config.clipping == "adaptive":
+        if config.min_clipbound >= config.max_clipbound:
+            raise ConfigError("adaptive clipping: min_clipbound must be below max_clipbound")
+        std = config.unclipped_num_std or max(expected_batch / 20.0,
+                                              0.5 * config.noise_multiplier + 1e-3)
+        if config.noise_multiplier >= 2 * std:
+            raise ConfigError(f"adaptive clipping: noise_multiplier {config.noise_multiplier} "
+                              f"must be below 2 * unclipped_num_std ({2 * std:g})")
+        kwargs = {"target_unclipped_quantile": config.target_unclipped_quantile,
+                  "clipbound_learning_rate": config.clipbound_learning_rate,
+                  "max_clipbound": config.max_clipbound, "min_clipbound": config.min_clipbound,
+                  "unclipped_num_std": std}
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=data_loader,
+        noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
+        poisson_sampling=True, clipping=config.clipping, **kwargs)
+    return PrivateTraining(model=model, optimizer=optimizer, data_loader=loader, engine=engine,
+                           sample_rate=float(loader.sample_rate), config=config)
+
