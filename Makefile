@@ -5,7 +5,7 @@ PYTEST ?= $(PYTHON) -m pytest -p no:cacheprovider
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-unit test-integration test-e2e lint bench bench-fedavg \
-        bench-simulate bench-cluster dev-up dev-down clean
+        bench-simulate bench-cluster bench-secagg bench-trainer bench-gpu dev-up dev-down clean
 
 include tools/tools.mk
 
@@ -34,7 +34,7 @@ lint: ## ruff and mypy
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy deeprad operator trainer aggregator
 
-bench: bench-fedavg bench-simulate bench-cluster ## run every benchmark (prints ratios)
+bench: bench-fedavg bench-simulate bench-cluster bench-secagg bench-trainer ## run every CPU benchmark (prints ratios)
 
 bench-fedavg: ## streaming FedAvg vs a plain torch weighted sum: time and peak memory
 	$(PYTHON) benchmarks/bench_fedavg.py
@@ -44,6 +44,15 @@ bench-simulate: ## `deeprad simulate` vs a bare PyTorch loop doing the same trai
 
 bench-cluster: tools ## one cluster's start time and three clusters' memory vs the goals
 	$(PYTHON) benchmarks/bench_cluster.py
+
+bench-secagg: ## secure-aggregation CPU time and upload size vs plain updates
+	$(PYTHON) benchmarks/bench_secagg.py
+
+bench-trainer: ## the trainer's step time vs a bare PyTorch loop (CPU)
+	$(PYTHON) benchmarks/bench_trainer.py
+
+bench-gpu: ## every GPU measurement in one run (needs a GPU; --cpu-smoke is unit-tested)
+	$(PYTHON) benchmarks/bench_gpu.py
 
 dev-up: install tools ## hub + 2 hospital clusters, S3 and Prometheus in the background
 	deeprad dev up --detach

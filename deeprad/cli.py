@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("strategies", help="list aggregation strategies").set_defaults(func=_strategies)
 
     from deeprad.core import keys_cli, privacy_cli
+    from deeprad.inference.cli import register as register_inference
 
+    register_inference(sub)
     keys_cli.register(sub)
     privacy_cli.register(sub)
     from deeprad.devenv.cli import register as register_dev

@@ -53,6 +53,12 @@ class TrainConfig(Message):
     fedprox_mu: float = Field(default=0.0, ge=0)
     seed: int = 0
     device: str = "auto"
+    # "auto": bf16 autocast on GPUs that have it (fp16 with a gradient scaler otherwise), fp32 on
+    # CPUs, so CPU training is unchanged; bf16/fp16 force that autocast dtype anywhere.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = False  # NHWC weights and batches; measure with benchmarks/bench_gpu.py
+    compile: bool = False  # torch.compile the model for training (minutes of warm-up)
+    deterministic: bool = False  # deterministic kernels, no cuDNN autotuning; slower on GPUs
 
 
 class StrategySpec(Message):
