@@ -5,7 +5,7 @@ PYTEST ?= $(PYTHON) -m pytest -p no:cacheprovider
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-unit test-integration test-e2e lint bench bench-fedavg \
-        bench-simulate bench-cluster bench-secagg bench-trainer bench-gpu dev-up dev-down clean
+        bench-simulate bench-cluster bench-secagg bench-trainer bench-gpu crds dev-up dev-down clean
 
 include tools/tools.mk
 
@@ -30,9 +30,13 @@ test-integration: tools ## integration tests: real control planes, node agent, S
 test-e2e: ## run only the end-to-end studies
 	$(PYTEST) -m e2e tests
 
-lint: ## ruff and mypy
+lint: ## ruff, mypy, and a check that crds/ matches its typed source
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy deeprad operator trainer aggregator
+	$(PYTHON) -m deeprad.operator.api.crdgen --check
+
+crds: ## regenerate crds/ from the typed source in operator/api
+	$(PYTHON) -m deeprad.operator.api.crdgen --out crds
 
 bench: bench-fedavg bench-simulate bench-cluster bench-secagg bench-trainer ## run every CPU benchmark (prints ratios)
 

@@ -1,0 +1,359 @@
+"""Types shared by several kinds: conditions, selectors, the model, training, strategy, privacy."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field
+
+from deeprad.operator.api.names import DNS_LABEL_PATTERN, SITE_NAME_MAX
+from deeprad.operator.api.schema import ApiModel, Kube, Rule
+
+# ---- scalar types -----------------------------------------------------------------------------
+
+Timestamp = Annotated[str, Kube(format="date-time"), Field(max_length=64)]
+GO_DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+Duration = Annotated[str, Field(pattern=GO_DURATION_PATTERN, max_length=32)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Uri = Annotated[str, Field(min_length=1, max_length=2048)]
+PresignedUrl = Annotated[str, Field(pattern=r"^https?://", max_length=8192)]
+Quantity = Annotated[str, Field(max_length=32),
+                     Kube(rules=(Rule("isQuantity(self)",
+                                      "must be a Kubernetes quantity such as 500m, 4, 16Gi"),))]
+SiteName = Annotated[str, Field(pattern=DNS_LABEL_PATTERN, max_length=SITE_NAME_MAX)]
+ObjectName = Annotated[str, Field(pattern=DNS_LABEL_PATTERN, max_length=63)]
+ShortText = Annotated[str, Field(max_length=256)]
+Message = Annotated[str, Field(max_length=4096)]
+
+
+# ---- conditions -------------------------------------------------------------------------------
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(ApiModel):
+    """One aspect of the object's state, shaped like metav1.Condition: its type, True/False/
+    Unknown, a CamelCase reason, a human message, when it last changed and the generation of
+    the spec it was computed from."""
+
+    type: Annotated[str, Field(
+        max_length=316,
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$",
+        description="Condition type in CamelCase, e.g. Ready, Reachable, Training, Succeeded.")]
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    observed_generation: int | None = Field(
+        default=None, ge=0,
+        description="metadata.generation of the spec this condition was computed from; older "
+                    "than the object's generation means the condition is out of date.")
+    last_transition_time: Timestamp = Field(
+        description="When the status last changed from one value to another (RFC 3339).")
+    reason: Annotated[str, Field(
+        min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        description="Programmatic CamelCase identifier of the cause of the last transition, "
+                    "e.g. QuorumReached, DeadlineExceeded.")]
+    message: Annotated[str, Field(
+        max_length=32768,
+        description="What a human should know about the transition; may be empty.")]
+
+
+Conditions = Annotated[list[Condition], Field(max_length=16),
+                       Kube(list_type="map", list_map_keys=("type",))]
+
+
+# ---- selectors and scheduling -----------------------------------------------------------------
+
+
+class LabelSelectorRequirement(ApiModel):
+    """A label selector requirement: key, operator and values (as in metav1.LabelSelector)."""
+
+    kube_schema: ClassVar[Kube] = Kube(rules=(
+        Rule("self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0)"
+             " : !has(self.values) || size(self.values) == 0",
+             "values must be non-empty for In and NotIn and empty for Exists and DoesNotExist",
+             field_path=".values"),
+    ))
+
+    key: Annotated[str, Field(min_length=1, max_length=317,
+                              description="The label key the selector applies to.")]
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="How the key relates to the values: In, NotIn, Exists or DoesNotExist.")
+    values: Annotated[list[Annotated[str, Field(max_length=63)]], Field(max_length=64),
+                      Kube(list_type="atomic")] | None = Field(
+        default=None, description="Label values; required for In and NotIn, empty otherwise.")
+
+
+class LabelSelector(ApiModel):
+    """A label query over HospitalSites (metav1.LabelSelector). The requirements are ANDed;
+    an empty selector matches every site."""
+
+    match_labels: Annotated[dict[str, Annotated[str, Field(max_length=63)]],
+                            Field(max_length=64)] | None = Field(
+        default=None, description="Labels a site must carry, each with exactly this value.")
+    match_expressions: Annotated[list[LabelSelectorRequirement], Field(max_length=16),
+                                 Kube(list_type="atomic")] | None = Field(
+        default=None, description="Requirements on site labels, all of which must hold.")
+
+
+class Toleration(ApiModel):
+    """A toleration added to the site's training pods (as in core/v1 Toleration)."""
+
+    key: Annotated[str, Field(max_length=317)] | None = Field(
+        default=None, description="Taint key to tolerate; empty with operator Exists "
+                                  "tolerates every taint.")
+    operator: Literal["Exists", "Equal"] = Field(
+        default="Equal", description="Equal matches key and value; Exists matches the key.")
+    value: Annotated[str, Field(max_length=63)] | None = Field(
+        default=None, description="Taint value to match with operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches every effect.")
+    toleration_seconds: int | None = Field(
+        default=None, ge=0,
+        description="How long a NoExecute taint is tolerated before eviction, in seconds.")
+
+
+class SecretKeyRef(ApiModel):
+    """A key in a Secret in the hub cluster."""
+
+    name: ObjectName = Field(description="Name of the Secret.")
+    namespace: ObjectName = Field(description="Namespace of the Secret.")
+    key: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        default="kubeconfig", description="Key in the Secret's data that holds the value.")
+
+
+# ---- what is trained, on what, how ------------------------------------------------------------
+
+
+MODEL_NAMES = ("tumor-cnn", "densenet121", "resnet18")
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+MODEL_NAME_PATTERN = rf"^({'|'.join(MODEL_NAMES)}|{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*)$"
+
+
+class ModelSpec(ApiModel):
+    """The network every site trains: a registered name or your own factory, with keyword
+    arguments."""
+
+    name: Annotated[str, Field(
+        max_length=256, pattern=MODEL_NAME_PATTERN,
+        description=f"A registered network ({', '.join(MODEL_NAMES)}; see `deeprad models`) or "
+                    "`package.module:factory` importable in the trainer image.")]
+    kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = Field(
+        default=None, description="Keyword arguments for the network's factory.")
+
+
+class Modality(StrEnum):
+    MRI = "mri"
+    CT = "ct"
+    XRAY = "xray"
+    MAMMOGRAPHY = "mammography"
+    ULTRASOUND = "ultrasound"
+    PET = "pet"
+    PATHOLOGY = "pathology"
+    OTHER = "other"
+
+
+ClassLabels = Annotated[list[Annotated[str, Field(min_length=1, max_length=63)]],
+                        Field(max_length=64), Kube(list_type="set")]
+
+
+class DataSelector(ApiModel):
+    """Which site data a study uses and how the trainer splits it. Sites whose
+    HospitalSite.spec.data does not match are not admitted to a round."""
+
+    modality: Modality | None = Field(
+        default=None, description="Imaging modality the site's data must have; empty: any.")
+    labels: ClassLabels | None = Field(
+        default=None,
+        description="Class labels every admitted site's data must include, e.g. [normal, "
+                    "tumor]; empty: no requirement.")
+    min_samples: int = Field(
+        default=0, ge=0,
+        description="Sites with fewer training samples (HospitalSite spec.data.sampleCount) "
+                    "are not admitted.")
+    image_size: int = Field(default=64, ge=8, le=1024,
+                            description="Side length in pixels the trainer resizes images to.")
+    val_fraction: float = Field(
+        default=0.2, ge=0.0, lt=1.0,
+        description="Fraction of each site's records held out for validation metrics.")
+    split_seed: int = Field(default=0, description="Seed of the train/validation split.")
+
+
+class Optimizer(StrEnum):
+    ADAM = "adam"
+    SGD = "sgd"
+
+
+class LocalTraining(ApiModel):
+    """Local training parameters each site uses in a round (the trainer's TrainConfig)."""
+
+    local_epochs: int = Field(default=3, ge=1, le=1000,
+                              description="Passes over the site's training data per round.")
+    batch_size: int = Field(default=16, ge=1, le=4096, description="Mini-batch size.")
+    lr: float = Field(default=3e-3, gt=0, le=10, description="Learning rate of the optimizer.")
+    optimizer: Optimizer = Field(default=Optimizer.ADAM, description="adam or sgd.")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum (sgd only).")
+    weight_decay: float = Field(default=0.0, ge=0, description="L2 weight decay.")
+    fedprox_mu: float = Field(
+        default=0.0, ge=0,
+        description="FedProx proximal term μ pulling local weights towards the global model; "
+                    "0 disables it (plain FedAvg local training).")
+    seed: int = Field(default=0, description="Seed of weight init, shuffling and noise.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="auto: bf16/fp16 autocast on GPUs, fp32 on CPUs; or force one.")
+
+
+class StrategyName(StrEnum):
+    FEDAVG = "fedavg"
+    FEDAVGM = "fedavgm"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+    FEDADAGRAD = "fedadagrad"
+    FEDMEDIAN = "fedmedian"
+    TRIMMEDMEAN = "trimmedmean"
+    KRUM = "krum"
+
+
+# Hyper-parameters each strategy takes (keyword arguments of its aggregator class).
+_FEDOPT = ("server_lr", "beta1", "beta2", "tau")
+STRATEGY_PARAMS: dict[StrategyName, tuple[str, ...]] = {
+    StrategyName.FEDAVG: ("server_lr",),
+    StrategyName.FEDAVGM: ("server_lr", "momentum"),
+    StrategyName.FEDADAM: _FEDOPT,
+    StrategyName.FEDYOGI: _FEDOPT,
+    StrategyName.FEDADAGRAD: _FEDOPT,
+    StrategyName.FEDMEDIAN: (),
+    StrategyName.TRIMMEDMEAN: ("beta",),
+    StrategyName.KRUM: ("byzantine", "select"),
+}
+# They need every update in the clear, so secure aggregation must be off (see RoundPrivacy).
+ROBUST_STRATEGIES = (StrategyName.FEDMEDIAN, StrategyName.TRIMMEDMEAN, StrategyName.KRUM)
+
+
+def _cel_map(table: dict[StrategyName, tuple[str, ...]]) -> str:
+    items = ", ".join(f"'{k.value}': [{', '.join(repr(p) for p in v)}]" for k, v in table.items())
+    return "{" + items + "}"
+
+
+class StrategySpec(ApiModel):
+    """How the aggregator combines the sites' updates (see `deeprad strategies`)."""
+
+    kube_schema: ClassVar[Kube] = Kube(rules=(
+        Rule(f"!has(self.params) || self.params.all(p, p in {_cel_map(STRATEGY_PARAMS)}"
+             "[self.name])",
+             "params holds a name the strategy does not take: " + "; ".join(
+                 f"{k.value}: {', '.join(v) or 'none'}" for k, v in STRATEGY_PARAMS.items()),
+             field_path=".params"),
+    ))
+
+    name: StrategyName = Field(
+        default=StrategyName.FEDAVG,
+        description="fedavg, fedavgm, fedadam, fedyogi, fedadagrad (streaming), or the robust "
+                    "fedmedian, trimmedmean, krum (they need secure aggregation off).")
+    params: Annotated[dict[str, float], Field(max_length=8)] | None = Field(
+        default=None,
+        description="Hyper-parameters of the strategy, e.g. server_lr (fedavg, fedavgm, "
+                    "fedadam, fedyogi, fedadagrad), momentum (fedavgm), beta1, beta2, tau "
+                    "(fedadam, fedyogi, fedadagrad), beta (trimmedmean), byzantine and select "
+                    "(krum).")
+
+
+class DifferentialPrivacy(ApiModel):
+    """Record-level DP-SGD at every site (Opacus): per-sample clipping plus Gaussian noise."""
+
+    noise_multiplier: float = Field(
+        ge=0, le=100, description="Noise standard deviation as a multiple of maxGradNorm.")
+    max_grad_norm: float = Field(gt=0, le=1000,
+                                 description="Per-sample gradient clipping bound.")
+    clipping: Literal["flat", "adaptive"] = Field(
+        default="flat",
+        description="flat: a fixed bound; adaptive: the bound tracks a quantile of the "
+                    "per-sample gradient norms.")
+    delta: float | None = Field(
+        default=None, gt=0, lt=1,
+        description="δ at which this round's ε is reported; a study fills in its "
+                    "spec.privacyBudget.delta.")
+
+
+class RoundPrivacy(ApiModel):
+    """Privacy settings of a round: secure aggregation and optional DP-SGD."""
+
+    secure_aggregation: bool = Field(
+        default=True,
+        description="Mask every update so the aggregator learns only the sum; needs minSites "
+                    ">= 2 and a streaming strategy.")
+    differential_privacy: DifferentialPrivacy | None = Field(
+        default=None, description="DP-SGD settings; empty trains without differential privacy.")
+
+
+def _robust_list() -> str:
+    return "[" + ", ".join(f"'{s.value}'" for s in ROBUST_STRATEGIES) + "]"
+
+
+# Cross-field rules of a round's settings (FederatedStudy spec.roundTemplate and
+# FederatedRound spec); privacy and strategy always exist there because they default to {}.
+ROUND_SETTINGS_RULES = (
+    Rule(f"!(self.strategy.name in {_robust_list()}) || !self.privacy.secureAggregation",
+         "strategy.name fedmedian, trimmedmean and krum need every update in the clear: set "
+         "privacy.secureAggregation: false, or use a streaming strategy such as fedavg",
+         field_path=".strategy.name"),
+    Rule("!self.privacy.secureAggregation || self.minSites >= 2",
+         "minSites must be at least 2 with privacy.secureAggregation: the sum of one update "
+         "is that update", field_path=".minSites"),
+)
+
+
+class RoundSettings(ApiModel):
+    """How one round runs: quorum, deadline, local training, aggregation and privacy."""
+
+    kube_schema: ClassVar[Kube] = Kube(rules=ROUND_SETTINGS_RULES)
+
+    min_sites: int = Field(
+        default=2, ge=1, le=1000,
+        description="Quorum: the round aggregates once every admitted site reported, or at the "
+                    "deadline with at least this many reports; with fewer it fails.")
+    deadline: Annotated[Duration, Kube(rules=(
+        Rule("duration(self) >= duration('1m') && duration(self) <= duration('168h')",
+             "deadline must be between 1m and 168h"),))] = Field(
+        default="1h",
+        description="How long sites may train after the round is scheduled (a Go duration "
+                    "such as 45m or 2h).")
+    training: LocalTraining = Field(default_factory=LocalTraining,
+                                    description="Local training parameters of every site.")
+    strategy: StrategySpec = Field(default_factory=StrategySpec,
+                                   description="The aggregation strategy and its parameters.")
+    privacy: RoundPrivacy = Field(default_factory=RoundPrivacy,
+                                  description="Secure aggregation and differential privacy.")
+
+
+# ---- results ----------------------------------------------------------------------------------
+
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class Metrics(ApiModel):
+    """Binary-classification metrics on validation data (sensitivity is recall on tumours)."""
+
+    n: int | None = Field(default=None, ge=0, description="Number of validation records.")
+    positives: int | None = Field(default=None, ge=0, description="Records with a tumour.")
+    loss: float | None = Field(default=None, description="Mean validation loss.")
+    auroc: Fraction | None = Field(default=None, description="Area under the ROC curve.")
+    sensitivity: Fraction | None = Field(default=None, description="True-positive rate.")
+    specificity: Fraction | None = Field(default=None, description="True-negative rate.")
+    accuracy: Fraction | None = Field(default=None, description="Share of correct predictions.")
+
+
+class CheckpointRef(ApiModel):
+    """A model checkpoint in the object store: its URI and the sha256 of its payload."""
+
+    uri: Uri = Field(description="Object-store URI of the safetensors payload, e.g. "
+                                 "s3://bucket/ns/study/rounds/3/global.safetensors.")
+    digest: Sha256 | None = Field(
+        default=None, description="sha256 of the payload (64 hex digits), as in its manifest.")
+    round: int | None = Field(default=None, ge=0,
+                              description="Round that produced it; 0 is the initial model.")

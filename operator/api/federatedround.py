@@ -1,0 +1,191 @@
+"""FederatedRound (namespaced): one round of training, created by a study or by hand."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, ClassVar
+
+from pydantic import Field
+
+from deeprad.operator.api.common import (
+    ROUND_SETTINGS_RULES,
+    CheckpointRef,
+    Conditions,
+    DataSelector,
+    Message,
+    Metrics,
+    ModelSpec,
+    ObjectName,
+    RoundSettings,
+    Sha256,
+    SiteName,
+    Timestamp,
+)
+from deeprad.operator.api.federatedstudy import SiteNames
+from deeprad.operator.api.names import MAX_ROUNDS, ROUND_NAME_MAX
+from deeprad.operator.api.schema import AGE, ApiModel, Kind, Kube, PrinterColumn, Rule
+
+
+class StudyRef(ApiModel):
+    """The FederatedStudy (same namespace) a round belongs to."""
+
+    name: ObjectName = Field(description="Name of the FederatedStudy.")
+
+
+class FederatedRoundSpec(RoundSettings):
+    """Desired state of one round. Immutable once the round has started (status.startTime)."""
+
+    kube_schema: ClassVar[Kube] = Kube(rules=(
+        *ROUND_SETTINGS_RULES,
+        Rule("!has(self.sites) || self.minSites <= size(self.sites)",
+             "minSites must not exceed the number of sites listed in sites",
+             field_path=".minSites"),
+    ))
+
+    study_ref: StudyRef | None = Field(
+        default=None, description="The study this round belongs to; empty for a round "
+                                  "created by hand.")
+    round: int = Field(ge=1, le=MAX_ROUNDS, description="Round number within the study, from 1.")
+    model: ModelSpec = Field(description="The network trained (a study copies its own).")
+    data: DataSelector = Field(default_factory=DataSelector,
+                               description="Which site data to use and how to split it.")
+    input_checkpoint: CheckpointRef | None = Field(
+        default=None, description="Global model the sites start from; empty: a freshly "
+                                  "initialised model (round 0 of the study's store).")
+    sites: SiteNames | None = Field(
+        default=None, description="HospitalSites asked to train; empty: every Ready site. "
+                                  "Sites not Ready at scheduling time are excluded.")
+
+
+class RoundState(StrEnum):
+    PENDING = "Pending"
+    SCHEDULING = "Scheduling"
+    TRAINING = "Training"
+    AGGREGATING = "Aggregating"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class SiteState(StrEnum):
+    PENDING = "Pending"  # admitted, work item not yet picked up
+    EXCLUDED = "Excluded"  # not admitted: not Ready, suspended, maintenance, no GPUs, data
+    TRAINING = "Training"  # the site's Job runs
+    REPORTED = "Reported"  # update uploaded and result reported
+    FAILED = "Failed"  # the site's Job failed
+    DROPPED = "Dropped"  # no report by the deadline
+    REJECTED = "Rejected"  # the aggregator refused the update (digest, signature, NaN, ...)
+
+
+class SiteRoundStatus(ApiModel):
+    """One site's part in the round."""
+
+    site: SiteName = Field(description="HospitalSite name (the list's key).")
+    state: SiteState = Field(description="Pending, Excluded, Training, Reported, Failed, "
+                                         "Dropped or Rejected.")
+    reason: Annotated[str, Field(max_length=128)] | None = Field(
+        default=None, description="CamelCase reason for the state, e.g. InMaintenanceWindow.")
+    message: Message | None = Field(default=None, description="Details for humans.")
+    task: ObjectName | None = Field(default=None,
+                                    description="Name of the site's SiteTask in its namespace.")
+    samples: int | None = Field(default=None, ge=0, description="Training records used.")
+    metrics: Metrics | None = Field(
+        default=None, description="The site's model after local training, on its validation "
+                                  "data.")
+    update_digest: Sha256 | None = Field(default=None,
+                                         description="sha256 of the uploaded update envelope.")
+    epsilon: float | None = Field(default=None, ge=0, description="ε of this site's training.")
+    report_time: Timestamp | None = Field(default=None, description="When the site reported.")
+
+
+class RoundTimings(ApiModel):
+    """How long each phase took, in seconds."""
+
+    scheduling_seconds: float | None = Field(default=None, ge=0,
+                                             description="Creation to SitesScheduled.")
+    training_seconds: float | None = Field(default=None, ge=0,
+                                           description="SitesScheduled to aggregation start.")
+    aggregation_seconds: float | None = Field(default=None, ge=0,
+                                              description="The aggregator Job.")
+    total_seconds: float | None = Field(default=None, ge=0,
+                                        description="Creation to Succeeded or Failed.")
+
+
+class FederatedRoundStatus(ApiModel):
+    """Observed state of a round, written by the hub operator."""
+
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation last acted upon.")
+    conditions: Conditions | None = Field(
+        default=None, description="SitesScheduled, Training, Aggregating, Succeeded, Failed.")
+    state: RoundState | None = Field(
+        default=None, description="Summary for humans: Pending, Scheduling, Training, "
+                                  "Aggregating, Succeeded or Failed; conditions say why.")
+    start_time: Timestamp | None = Field(
+        default=None, description="When the operator started the round; from then on the spec "
+                                  "is immutable and this field cannot change.")
+    deadline_time: Timestamp | None = Field(default=None,
+                                            description="startTime + spec.deadline.")
+    aggregation_start_time: Timestamp | None = Field(default=None,
+                                                     description="When aggregation started.")
+    completion_time: Timestamp | None = Field(default=None,
+                                              description="When the round finished.")
+    sites: Annotated[list[SiteRoundStatus], Field(max_length=256),
+                     Kube(list_type="map", list_map_keys=("site",))] | None = Field(
+        default=None, description="Per-site state, keyed by site.")
+    admitted_sites: int | None = Field(default=None, ge=0,
+                                       description="Sites admitted to the round.")
+    reported_sites: int | None = Field(default=None, ge=0,
+                                       description="Admitted sites that reported an update.")
+    aggregate_metrics: Metrics | None = Field(
+        default=None, description="The new global model on the sites' validation data.")
+    output_checkpoint: CheckpointRef | None = Field(default=None,
+                                                    description="The new global model.")
+    epsilon: float | None = Field(default=None, ge=0,
+                                  description="ε of this round alone (largest site).")
+    timings: RoundTimings | None = Field(default=None, description="Phase durations.")
+
+
+FEDERATED_ROUND = Kind(
+    kind="FederatedRound",
+    plural="federatedrounds",
+    scope="Namespaced",
+    spec=FederatedRoundSpec,
+    status=FederatedRoundStatus,
+    description="One round of federated training: the sites train the input checkpoint locally "
+                "and the aggregator combines their updates into the output checkpoint. Work "
+                "items are <name>-<site>.",
+    name_max=ROUND_NAME_MAX,
+    short_names=("fround",),
+    columns=(
+        PrinterColumn("Study", "string", ".spec.studyRef.name", "The study, if any."),
+        PrinterColumn("Round", "integer", ".spec.round", "Round number."),
+        PrinterColumn("Reported", "integer", ".status.reportedSites", "Sites that reported."),
+        PrinterColumn("Admitted", "integer", ".status.admittedSites", "Sites admitted."),
+        PrinterColumn("State", "string", ".status.state", "Round state."),
+        PrinterColumn("AUROC", "number", ".status.aggregateMetrics.auroc",
+                      "AUROC of the new global model."),
+        PrinterColumn("Strategy", "string", ".spec.strategy.name", "Aggregation strategy.",
+                      priority=1),
+        PrinterColumn("Epsilon", "number", ".status.epsilon", "ε of this round.", priority=1),
+        AGE,
+    ),
+    rules=(
+        # Immutability of a started round. CEL on the spec alone cannot see whether the round
+        # started, so this rule sits on the whole object and reads the *stored* status
+        # (oldSelf). That is sound: every write is checked against the object it replaces
+        # (resourceVersion precondition; server-side apply re-reads on conflict), and with the
+        # status subresource a spec write carries the stored status unchanged. A status write
+        # leaves the spec unchanged, so it passes; the second rule keeps status.startTime from
+        # being cleared to unlock the spec. Before startTime is set, edits are allowed: the
+        # operator reads the spec when it starts the round.
+        Rule("!has(oldSelf.status) || !has(oldSelf.status.startTime) || "
+             "self.spec == oldSelf.spec",
+             "spec is immutable once the round has started (status.startTime is set); delete "
+             "the round or create a new one", field_path=".spec", reason="FieldValueForbidden"),
+        Rule("!has(oldSelf.status) || !has(oldSelf.status.startTime) || (has(self.status) && "
+             "has(self.status.startTime) && self.status.startTime == oldSelf.status.startTime)",
+             "status.startTime cannot change once set", field_path=".status",
+             reason="FieldValueForbidden"),
+    ),
+    selectable_fields=(".spec.studyRef.name", ".spec.round"),
+)

@@ -1,0 +1,180 @@
+"""FederatedStudy (namespaced, user-owned): a campaign of rounds, as a Deployment is of
+ReplicaSets."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field
+
+from deeprad.operator.api.common import (
+    CheckpointRef,
+    Conditions,
+    DataSelector,
+    LabelSelector,
+    ModelSpec,
+    RoundSettings,
+    SiteName,
+    Timestamp,
+)
+from deeprad.operator.api.names import MAX_ROUNDS, STUDY_NAME_MAX
+from deeprad.operator.api.schema import AGE, ApiModel, Kind, Kube, PrinterColumn, Rule
+
+MetricName = Literal["auroc", "sensitivity", "specificity", "accuracy", "loss"]
+
+
+class RoundTemplate(RoundSettings):
+    """Settings of every round the study creates; each FederatedRound copies them, so editing
+    the template changes the rounds not yet created."""
+
+
+class StoppingRules(ApiModel):
+    """When the study stops before spec.rounds: a target reached, or no progress for a while.
+    The monitored metric is the federated model's, on the sites' validation data."""
+
+    kube_schema: ClassVar[Kube] = Kube(rules=(
+        Rule("!has(self.target) || self.metric == 'loss' || (self.target >= 0.0 && "
+             "self.target <= 1.0)",
+             "target must be between 0 and 1 for auroc, sensitivity, specificity and accuracy",
+             field_path=".target"),
+    ))
+
+    metric: MetricName = Field(
+        default="auroc", description="The metric that decides the best round; loss is "
+                                     "minimised, the others maximised.")
+    target: float | None = Field(
+        default=None, description="Stop once the metric reaches this value; empty: no target.")
+    patience: int | None = Field(
+        default=None, ge=1, le=MAX_ROUNDS,
+        description="Stop after this many rounds without improving the best value by more "
+                    "than minDelta; empty: never.")
+    min_delta: float = Field(default=0.0, ge=0,
+                             description="Smallest change that counts as an improvement.")
+
+
+class PrivacyBudget(ApiModel):
+    """The study's differential-privacy budget: no round starts that would pass it."""
+
+    epsilon: float = Field(gt=0, le=100, description="Total ε the study may spend (> 0).")
+    delta: float = Field(gt=0, lt=1, description="δ of the guarantee, in (0, 1); usually below "
+                                                 "1 / number of records.")
+    accountant: Literal["rdp", "pld"] = Field(
+        default="rdp", description="rdp (Rényi DP) or pld (privacy loss distributions).")
+
+
+SiteNames = Annotated[list[SiteName], Field(min_length=1, max_length=256),
+                      Kube(list_type="set")]
+
+
+class FederatedStudySpec(ApiModel):
+    """Desired state of a study, set by its ML engineers."""
+
+    kube_schema: ClassVar[Kube] = Kube(rules=(
+        Rule("!(has(self.sites) && has(self.siteSelector))",
+             "set at most one of sites and siteSelector", field_path=".sites",
+             reason="FieldValueForbidden"),
+        Rule("!has(self.sites) || self.roundTemplate.minSites <= size(self.sites)",
+             "roundTemplate.minSites must not exceed the number of sites listed in sites",
+             field_path=".roundTemplate.minSites"),
+        Rule("!has(self.roundTemplate.privacy.differentialPrivacy) || has(self.privacyBudget)",
+             "privacyBudget is required when roundTemplate.privacy.differentialPrivacy is set",
+             field_path=".privacyBudget", reason="FieldValueRequired"),
+        # A study's checkpoints are all of one network, and its ε is accounted at one δ.
+        Rule("self.model == oldSelf.model", "model is immutable: the study's checkpoints are of "
+             "this network; start a new study", field_path=".model"),
+        Rule("has(self.privacyBudget) == has(oldSelf.privacyBudget) && (!has(self.privacyBudget)"
+             " || self.privacyBudget.delta == oldSelf.privacyBudget.delta)",
+             "privacyBudget cannot be added, removed or have its delta changed once the study "
+             "exists", field_path=".privacyBudget"),
+    ))
+
+    model: ModelSpec = Field(description="The network the study trains.")
+    data: DataSelector = Field(default_factory=DataSelector,
+                               description="Which site data to use and how to split it.")
+    sites: SiteNames | None = Field(
+        default=None, description="HospitalSite names to draw from; empty: every site the "
+                                  "siteSelector matches.")
+    site_selector: LabelSelector | None = Field(
+        default=None, description="Label selector over HospitalSites; empty (and no sites): "
+                                  "every site.")
+    round_template: RoundTemplate = Field(
+        default_factory=RoundTemplate, description="Settings of each round the study creates.")
+    rounds: int = Field(ge=1, le=MAX_ROUNDS,
+                        description="Number of rounds to run, unless a stopping rule ends the "
+                                    "study earlier.")
+    stopping: StoppingRules = Field(default_factory=StoppingRules,
+                                    description="Target metric and patience.")
+    privacy_budget: PrivacyBudget | None = Field(
+        default=None, description="(ε, δ) budget; required with differential privacy.")
+    initial_checkpoint: CheckpointRef | None = Field(
+        default=None, description="Start from this checkpoint instead of a fresh model.")
+
+
+class StudyState(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class BestMetric(ApiModel):
+    """The best value of the monitored metric so far."""
+
+    name: MetricName = Field(description="The metric (spec.stopping.metric).")
+    value: float = Field(description="Its best value.")
+    round: int = Field(ge=1, description="Round that reached it.")
+
+
+class FederatedStudyStatus(ApiModel):
+    """Observed state of a study, written by the hub operator."""
+
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation last acted upon.")
+    conditions: Conditions | None = Field(
+        default=None, description="Progressing, Succeeded (reason RoundsCompleted, "
+                                  "TargetReached, PatienceExhausted or PrivacyBudgetExhausted), "
+                                  "Failed.")
+    state: StudyState | None = Field(default=None,
+                                     description="Summary for humans: Pending, Running, "
+                                                 "Succeeded or Failed; conditions say why.")
+    current_round: int | None = Field(default=None, ge=0, le=MAX_ROUNDS,
+                                      description="The round running now, or the last one.")
+    completed_rounds: int | None = Field(default=None, ge=0, le=MAX_ROUNDS,
+                                         description="Rounds that succeeded.")
+    rounds_without_improvement: int | None = Field(
+        default=None, ge=0, description="Rounds since the best metric last improved.")
+    best_metric: BestMetric | None = Field(default=None, description="Best value so far.")
+    epsilon_spent: float | None = Field(default=None, ge=0,
+                                        description="ε spent so far at spec.privacyBudget.delta.")
+    latest_checkpoint: CheckpointRef | None = Field(
+        default=None, description="The newest global model.")
+    start_time: Timestamp | None = Field(default=None, description="When round 1 started.")
+    completion_time: Timestamp | None = Field(default=None,
+                                              description="When the study finished.")
+
+
+FEDERATED_STUDY = Kind(
+    kind="FederatedStudy",
+    plural="federatedstudies",
+    scope="Namespaced",
+    spec=FederatedStudySpec,
+    status=FederatedStudyStatus,
+    description="A federated training campaign: the model, which sites and data, the settings "
+                "of each round, how many rounds, when to stop and the privacy budget. It creates "
+                "FederatedRounds <name>-r<n> one after another.",
+    name_max=STUDY_NAME_MAX,
+    short_names=("fstudy",),
+    columns=(
+        PrinterColumn("Model", "string", ".spec.model.name", "The network trained."),
+        PrinterColumn("Round", "integer", ".status.currentRound", "Current round."),
+        PrinterColumn("Rounds", "integer", ".spec.rounds", "Rounds planned."),
+        PrinterColumn("State", "string", ".status.state", "Pending, Running, Succeeded, Failed."),
+        PrinterColumn("Best", "number", ".status.bestMetric.value",
+                      "Best value of the monitored metric."),
+        PrinterColumn("Epsilon", "number", ".status.epsilonSpent", "ε spent so far."),
+        PrinterColumn("Strategy", "string", ".spec.roundTemplate.strategy.name",
+                      "Aggregation strategy.", priority=1),
+        AGE,
+    ),
+)

@@ -1,0 +1,327 @@
+"""The CRDs in crds/ on a real kube-apiserver: they establish, the examples apply, `kubectl
+explain` and `kubectl get` are useful, and bad input is refused with the field named."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deeprad.devenv.cluster import Cluster
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+CRDS = ROOT / "crds"
+EXAMPLES = ROOT / "examples"
+API = "deeprad.io/v1alpha1"
+PLURALS = ("hospitalsites", "federatedstudies", "federatedrounds", "sitetasks")
+# Valid public keys (base64 of 32 bytes), as `deeprad site register` writes them.
+KEY_A = "Psy2mQcyA7EZmI3zzfHv9PHBlyb1GNO4M644weEL8yQ="
+KEY_B = "W7OAMzybUo+M6JmOq0mD4nXn2J9bn3UDcx1ivMUULBI="
+DELETE = object()
+
+
+@pytest.fixture(scope="module")
+def hub(hub_cluster: Cluster) -> Cluster:
+    """The hub with the CRDs installed (server-side apply) and Established."""
+    hub_cluster.kubectl("apply", "--server-side", "-f", str(CRDS))
+    hub_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                        *(f"crd/{p}.deeprad.io" for p in PLURALS))
+    return hub_cluster
+
+
+@pytest.fixture(scope="module")
+def ns(hub: Cluster) -> str:
+    """A fresh namespace for this module's objects."""
+    name = f"crds-{uuid.uuid4().hex[:8]}"
+    hub.kubectl("create", "namespace", name)
+    return name
+
+
+def _apply(hub: Cluster, obj: dict[str, Any], *args: str, check: bool = False
+           ) -> tuple[int, str]:
+    out = hub.kubectl("apply", *args, "-f", "-", input=json.dumps(obj), check=check)
+    return out.returncode, out.stderr + out.stdout
+
+
+def _edit(obj: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A copy of obj with dotted paths set (or removed with DELETE)."""
+    out = copy.deepcopy(obj)
+    for path, value in changes.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is DELETE:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return out
+
+
+def _site(name: str = "bad-site") -> dict[str, Any]:
+    return {"apiVersion": API, "kind": "HospitalSite", "metadata": {"name": name},
+            "spec": {"identity": {"signingKey": KEY_A, "keyAgreementKey": KEY_B}}}
+
+
+def _study(name: str = "bad-study") -> dict[str, Any]:
+    return {"apiVersion": API, "kind": "FederatedStudy", "metadata": {"name": name},
+            "spec": {"model": {"name": "tumor-cnn"}, "rounds": 3}}
+
+
+def _round(name: str = "bad-round") -> dict[str, Any]:
+    return {"apiVersion": API, "kind": "FederatedRound", "metadata": {"name": name},
+            "spec": {"round": 1, "model": {"name": "tumor-cnn"},
+                     "sites": ["st-marys", "charite"], "minSites": 2}}
+
+
+def _task(name: str = "bad-task") -> dict[str, Any]:
+    url = "https://s3.example.org/deeprad/ns/study/rounds/1/"
+    return {"apiVersion": API, "kind": "SiteTask", "metadata": {"name": name}, "spec": {
+        "roundRef": {"namespace": "default", "name": "study-r1", "uid": "u-1"},
+        "study": "study", "round": 1, "site": "st-marys", "model": {"name": "tumor-cnn"},
+        "checkpoint": {"url": url + "global.safetensors", "manifestUrl": url + "global.json",
+                       "digest": "0" * 64},
+        "uploads": {"updateUrl": url + "updates/st-marys.bin",
+                    "updateManifestUrl": url + "updates/st-marys.json",
+                    "resultUrl": url + "results/st-marys.json"},
+        "deadline": "2030-01-01T00:00:00Z"}}
+
+
+# (what is wrong, manifest, text the refusal must contain: the field path, and the reason)
+BAD_INPUT: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
+    ("push mode without a kubeconfig Secret",
+     _edit(_site(), {"spec.connection": {"mode": "push"}}),
+     ("spec.connection.kubeconfigSecretRef", "required when mode is push")),
+    ("pull mode with a kubeconfig Secret",
+     _edit(_site(), {"spec.connection": {"mode": "pull", "kubeconfigSecretRef": {
+         "name": "kc", "namespace": "deeprad-system"}}}),
+     ("spec.connection.kubeconfigSecretRef", "must be empty when mode is pull")),
+    ("unknown connection mode", _edit(_site(), {"spec.connection.mode": "carrier-pigeon"}),
+     ("spec.connection.mode", "Unsupported value")),
+    ("signing key not base64 of 32 bytes", _edit(_site(), {"spec.identity.signingKey": "abc="}),
+     ("spec.identity.signingKey",)),
+    ("missing identity", _edit(_site(), {"spec.identity": DELETE}),
+     ("spec.identity", "Required value")),
+    ("missing key-agreement key", _edit(_site(), {"spec.identity.keyAgreementKey": DELETE}),
+     ("spec.identity.keyAgreementKey", "Required value")),
+    ("zero GPUs", _edit(_site(), {"spec.gpu.count": 0}),
+     ("spec.gpu.count", "greater than or equal to 1")),
+    ("GPU count of the wrong type", _edit(_site(), {"spec.gpu.count": "two"}),
+     ("spec.gpu.count", "must be of type integer")),
+    ("site name too long", _site("a-very-long-hospital-name-x"),
+     ("metadata.name", "Too long", "24")),
+    ("unknown modality", _edit(_site(), {"spec.data": {"modality": "xrays", "sampleCount": 5}}),
+     ("spec.data.modality", "Unsupported value")),
+    ("negative sample count", _edit(_site(), {"spec.data": {"modality": "ct", "sampleCount": -1}}),
+     ("spec.data.sampleCount",)),
+    ("memory not a quantity", _edit(_site(), {"spec.limits.memory": "lots"}),
+     ("spec.limits.memory", "quantity")),
+    ("maintenance window at 25:00", _edit(_site(), {"spec.maintenanceWindows": [
+        {"days": ["Sun"], "start": "25:00", "duration": "2h"}]}),
+     ("spec.maintenanceWindows[0].start",)),
+    ("missing model", _edit(_study(), {"spec.model": DELETE}), ("spec.model", "Required value")),
+    ("missing rounds", _edit(_study(), {"spec.rounds": DELETE}),
+     ("spec.rounds", "Required value")),
+    ("rounds of the wrong type", _edit(_study(), {"spec.rounds": "three"}),
+     ("spec.rounds", "must be of type integer")),
+    ("too many rounds", _edit(_study(), {"spec.rounds": 5000}),
+     ("spec.rounds", "less than or equal to 1000")),
+    ("unknown model", _edit(_study(), {"spec.model.name": "gpt"}), ("spec.model.name",)),
+    ("negative epochs", _edit(_study(), {"spec.roundTemplate.training.localEpochs": -1}),
+     ("spec.roundTemplate.training.localEpochs", "greater than or equal to 1")),
+    ("zero learning rate", _edit(_study(), {"spec.roundTemplate.training.lr": 0}),
+     ("spec.roundTemplate.training.lr", "greater than 0")),
+    ("negative FedProx mu", _edit(_study(), {"spec.roundTemplate.training.fedproxMu": -0.1}),
+     ("spec.roundTemplate.training.fedproxMu",)),
+    ("unknown optimizer", _edit(_study(), {"spec.roundTemplate.training.optimizer": "adamw"}),
+     ("spec.roundTemplate.training.optimizer", "Unsupported value")),
+    ("training field at the wrong level", _edit(_study(), {"spec.roundTemplate.localEpochs": 3}),
+     ("spec.roundTemplate.localEpochs", "unknown field")),
+    ("unknown strategy", _edit(_study(), {"spec.roundTemplate.strategy.name": "fedsgd"}),
+     ("spec.roundTemplate.strategy.name", "Unsupported value")),
+    ("parameter the strategy does not take",
+     _edit(_study(), {"spec.roundTemplate.strategy": {"name": "fedavg",
+                                                      "params": {"beta": 0.1}}}),
+     ("spec.roundTemplate.strategy.params", "fedavg: server_lr")),
+    ("robust strategy with secure aggregation",
+     _edit(_study(), {"spec.roundTemplate.strategy.name": "krum"}),
+     ("spec.roundTemplate.strategy.name", "secureAggregation: false")),
+    ("minSites above the number of sites",
+     _edit(_study(), {"spec.sites": ["st-marys", "charite"], "spec.roundTemplate.minSites": 3}),
+     ("spec.roundTemplate.minSites", "must not exceed the number of sites")),
+    ("both sites and siteSelector",
+     _edit(_study(), {"spec.sites": ["st-marys"], "spec.siteSelector": {"matchLabels": {}}}),
+     ("spec.sites", "at most one of sites and siteSelector")),
+    ("selector In without values", _edit(_study(), {"spec.siteSelector": {
+        "matchExpressions": [{"key": "deeprad.io/region", "operator": "In"}]}}),
+     ("spec.siteSelector.matchExpressions[0].values",)),
+    ("deadline not a duration", _edit(_study(), {"spec.roundTemplate.deadline": "soon"}),
+     ("spec.roundTemplate.deadline",)),
+    ("deadline too short", _edit(_study(), {"spec.roundTemplate.deadline": "10s"}),
+     ("spec.roundTemplate.deadline", "between 1m and 168h")),
+    ("AUROC target above 1", _edit(_study(), {"spec.stopping.target": 1.5}),
+     ("spec.stopping.target", "between 0 and 1")),
+    ("epsilon of zero", _edit(_study(), {"spec.privacyBudget": {"epsilon": 0, "delta": 1e-5}}),
+     ("spec.privacyBudget.epsilon", "greater than 0")),
+    ("delta of 1.5", _edit(_study(), {"spec.privacyBudget": {"epsilon": 3, "delta": 1.5}}),
+     ("spec.privacyBudget.delta", "less than 1")),
+    ("DP-SGD without a privacy budget",
+     _edit(_study(), {"spec.roundTemplate.privacy.differentialPrivacy": {
+         "noiseMultiplier": 1.0, "maxGradNorm": 1.0}}),
+     ("spec.privacyBudget", "Required value")),
+    ("study name too long", _study("s" * 33), ("metadata.name", "Too long", "32")),
+    ("study name not a DNS label", _study("Tumor.Study"), ("metadata.name",)),
+    ("round minSites above its sites", _edit(_round(), {"spec.minSites": 3}),
+     ("spec.minSites", "must not exceed the number of sites")),
+    ("round minSites 1 with secure aggregation", _edit(_round(), {"spec.minSites": 1}),
+     ("spec.minSites", "at least 2")),
+    ("negative round number", _edit(_round(), {"spec.round": -1}), ("spec.round",)),
+    ("a site listed twice", _edit(_round(), {"spec.sites": ["charite", "charite"]}),
+     ("spec.sites[1]", "Duplicate value")),
+    ("round name too long", _round("r" * 39), ("metadata.name", "Too long", "38")),
+    ("task without upload URLs", _edit(_task(), {"spec.uploads": DELETE}),
+     ("spec.uploads", "Required value")),
+    ("task checkpoint digest not sha256", _edit(_task(), {"spec.checkpoint.digest": "abc"}),
+     ("spec.checkpoint.digest",)),
+    ("task upload URL not http(s)", _edit(_task(), {"spec.uploads.updateUrl": "file:///etc"}),
+     ("spec.uploads.updateUrl",)),
+]
+
+
+def test_crds_establish_with_short_names_and_category(hub: Cluster) -> None:
+    out = hub.kubectl("api-resources", "--api-group=deeprad.io", "-o", "wide").stdout
+    for plural, short in zip(PLURALS, ("hsite", "fstudy", "fround", "stask"), strict=True):
+        line = next(ln for ln in out.splitlines() if ln.startswith(plural))
+        assert short in line and "deeprad" in line
+    assert "false" in next(ln for ln in out.splitlines() if ln.startswith("hospitalsites"))
+
+
+def test_examples_apply_and_are_defaulted(hub: Cluster, ns: str) -> None:
+    hub.kubectl("apply", "--dry-run=server", "-n", ns, "-f", str(EXAMPLES))
+    hub.kubectl("apply", "-n", ns, "-f", str(EXAMPLES))
+    study = json.loads(hub.kubectl("get", "federatedstudy", "tumor-detection", "-n", ns,
+                                   "-o", "json").stdout)
+    template = study["spec"]["roundTemplate"]
+    assert template["minSites"] == 2 and template["strategy"]["name"] == "fedavg"
+    assert template["privacy"] == {"secureAggregation": True}  # secure by default
+    assert template["training"]["fedproxMu"] == 0 and study["spec"]["rounds"] == 3
+    sites = hub.kubectl("get", "hospitalsites", "st-marys", "charite").stdout
+    assert "pull" in sites and "push" in sites
+    st_marys = json.loads(hub.kubectl("get", "hsite", "st-marys", "-o", "json").stdout)
+    assert st_marys["spec"]["gpu"]["resourceName"] == "nvidia.com/gpu"
+
+
+def test_site_register_output_is_accepted(hub: Cluster, tmp_path: Path) -> None:
+    from deeprad.core.identity import Identity
+    from deeprad.core.keys_cli import site_manifests
+
+    _, site = site_manifests(Identity.generate("registered", "site"))
+    hub.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(site))
+
+
+def test_explain_documents_the_fields(hub: Cluster) -> None:
+    out = hub.kubectl("explain", "federatedstudy.spec.roundTemplate").stdout
+    for text in ("minSites", "Quorum", "deadline", "training", "strategy", "privacy"):
+        assert text in out
+    out = hub.kubectl("explain", "federatedstudy.spec.roundTemplate.training.fedproxMu").stdout
+    assert "FedProx" in out
+    out = hub.kubectl("explain", "hospitalsite.spec.identity.signingKey").stdout
+    assert "Ed25519" in out
+    out = hub.kubectl("explain", "federatedround.status.conditions.observedGeneration").stdout
+    assert "generation" in out
+
+
+def test_get_federatedrounds_shows_progress_columns(hub: Cluster, ns: str) -> None:
+    rnd = _edit(_round("tumor-detection-r1"), {"spec.studyRef": {"name": "tumor-detection"}})
+    _apply(hub, rnd, "-n", ns, check=True)
+    status = {"status": {
+        "startTime": "2030-01-01T10:00:00Z", "state": "Succeeded", "admittedSites": 2,
+        "reportedSites": 2, "aggregateMetrics": {"auroc": 0.974},
+        "sites": [{"site": "st-marys", "state": "Reported", "samples": 1200},
+                  {"site": "charite", "state": "Reported", "samples": 800}],
+        "conditions": [{"type": "Succeeded", "status": "True", "reason": "Aggregated",
+                        "message": "2 of 2 sites", "observedGeneration": 1,
+                        "lastTransitionTime": "2030-01-01T10:20:00Z"}]}}
+    hub.kubectl("patch", "federatedround", "tumor-detection-r1", "-n", ns,
+                "--subresource=status", "--type=merge", "-p", json.dumps(status))
+    lines = hub.kubectl("get", "federatedrounds", "-n", ns).stdout.splitlines()
+    assert lines[0].split() == ["NAME", "STUDY", "ROUND", "REPORTED", "ADMITTED", "STATE",
+                                "AUROC", "AGE"]
+    row = next(ln for ln in lines if ln.startswith("tumor-detection-r1")).split()
+    assert row[1:7] == ["tumor-detection", "1", "2", "2", "Succeeded", "0.974"]
+    selected = hub.kubectl("get", "fround", "-n", ns, "--field-selector",
+                           "spec.studyRef.name=tumor-detection", "-o", "name").stdout
+    assert selected.strip() == "federatedround.deeprad.io/tumor-detection-r1"
+
+
+@pytest.mark.parametrize(("what", "manifest", "expected"), BAD_INPUT,
+                         ids=[b[0] for b in BAD_INPUT])
+def test_bad_input_is_refused_naming_the_field(hub: Cluster, ns: str, what: str,
+                                               manifest: dict[str, Any],
+                                               expected: tuple[str, ...]) -> None:
+    code, out = _apply(hub, manifest, "-n", ns)
+    if code == 0:  # it was created: clean up before failing so other cases stay independent
+        hub.kubectl("delete", "-n", ns, "-f", "-", input=json.dumps(manifest), check=False)
+    assert code != 0, f"{what}: accepted"
+    for text in expected:
+        assert text in out, f"{what}: {text!r} not in {out!r}"
+
+
+def test_at_least_fifteen_bad_inputs() -> None:
+    assert len(BAD_INPUT) >= 15
+
+
+def test_spec_of_a_started_round_is_immutable(hub: Cluster, ns: str) -> None:
+    rnd = _round("edit-me")
+    _apply(hub, rnd, "-n", ns, check=True)
+    # Not started yet: the spec may still change.
+    rnd = _edit(rnd, {"spec.sites": ["st-marys", "charite", "karolinska"]})
+    _apply(hub, rnd, "-n", ns, check=True)
+    hub.kubectl("patch", "federatedround", "edit-me", "-n", ns, "--subresource=status",
+                "--type=merge", "-p", '{"status": {"startTime": "2030-01-01T10:00:00Z"}}')
+    code, out = _apply(hub, _edit(rnd, {"spec.training": {"localEpochs": 5}}), "-n", ns)
+    assert code != 0 and "spec: Forbidden: spec is immutable once the round has started" in out
+    code, out = _apply(hub, _edit(rnd, {"spec.minSites": 3}), "-n", ns, "--server-side")
+    assert code != 0 and "spec is immutable" in out
+    # Labels are metadata, not spec; status keeps moving.
+    hub.kubectl("label", "federatedround", "edit-me", "-n", ns, "team=radiology")
+    hub.kubectl("patch", "federatedround", "edit-me", "-n", ns, "--subresource=status",
+                "--type=merge", "-p", '{"status": {"state": "Training"}}')
+    # Clearing startTime to unlock the spec is refused too.
+    refused = hub.kubectl("patch", "federatedround", "edit-me", "-n", ns,
+                          "--subresource=status", "--type=json",
+                          "-p", '[{"op": "remove", "path": "/status/startTime"}]', check=False)
+    assert refused.returncode != 0 and "status.startTime cannot change" in refused.stderr
+
+
+def test_study_model_and_task_spec_are_immutable(hub: Cluster, ns: str) -> None:
+    study = _study("immutable-model")
+    _apply(hub, study, "-n", ns, check=True)
+    _apply(hub, _edit(study, {"spec.rounds": 10}), "-n", ns, check=True)  # allowed
+    code, out = _apply(hub, _edit(study, {"spec.model.name": "resnet18"}), "-n", ns)
+    assert code != 0 and "spec.model" in out and "immutable" in out
+    task = _task("immutable-task")
+    _apply(hub, task, "-n", ns, check=True)
+    code, out = _apply(hub, _edit(task, {"spec.training": {"localEpochs": 9}}), "-n", ns)
+    assert code != 0 and "spec: Forbidden: spec is immutable" in out
+
+
+def test_sitetask_status_written_by_the_agent(hub: Cluster, ns: str) -> None:
+    _apply(hub, _task("agent-task"), "-n", ns, check=True)
+    hub.kubectl("patch", "sitetask", "agent-task", "-n", ns, "--subresource=status",
+                "--type=merge", "-p", json.dumps({"status": {
+                    "state": "Succeeded", "heartbeatTime": "2030-01-01T10:05:00Z",
+                    "result": {"samples": 1200, "updateDigest": "a" * 64,
+                               "localMetrics": {"auroc": 0.91}}}}))
+    row = hub.kubectl("get", "stask", "agent-task", "-n", ns).stdout.splitlines()[1].split()
+    assert row[1:5] == ["st-marys", "study", "1", "Succeeded"]
+    stored = yaml.safe_load(hub.kubectl("get", "stask", "agent-task", "-n", ns,
+                                        "-o", "yaml").stdout)
+    assert stored["status"]["result"]["localMetrics"]["auroc"] == 0.91  # not pruned
