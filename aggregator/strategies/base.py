@@ -84,6 +84,23 @@ class WeightedMean:
         return acc
 
 
+class MeanStrategy(Strategy):
+    """Base for strategies that start from the sample-weighted mean of the updates (FedAvg and
+    the server-optimizer family): updates are folded in one at a time, so memory is one model
+    whatever the number of sites. Subclasses turn the mean into a step in `finish`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._mean = WeightedMean()
+
+    def begin(self, global_weights: Tensors, state: Tensors | None = None) -> None:
+        super().begin(global_weights, state)
+        self._mean = WeightedMean()
+
+    def add(self, update: Tensors, num_samples: int) -> None:
+        self._mean.add(update, num_samples)
+
+
 class BufferedStrategy(Strategy):
     """Base for robust strategies, which need every update at once.
 

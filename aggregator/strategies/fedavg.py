@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from deeprad.aggregator.strategies.base import Strategy, Tensors, WeightedMean
+from deeprad.aggregator.strategies.base import MeanStrategy
 
 
-class FedAvg(Strategy):
+class FedAvg(MeanStrategy):
     """x ← x + η · Σ nᵢ Δᵢ / Σ nᵢ  (η = server_lr, 1 by default). Streams: one model of memory."""
 
     name = "fedavg"
@@ -18,17 +18,9 @@ class FedAvg(Strategy):
     def __init__(self, server_lr: float = 1.0) -> None:
         super().__init__()
         self.server_lr = float(server_lr)
-        self._mean = WeightedMean()
 
     def params(self) -> dict[str, Any]:
         return {"server_lr": self.server_lr}
-
-    def begin(self, global_weights: Tensors, state: Tensors | None = None) -> None:
-        super().begin(global_weights, state)
-        self._mean = WeightedMean()
-
-    def add(self, update: Tensors, num_samples: int) -> None:
-        self._mean.add(update, num_samples)
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         mean = self._mean.mean()

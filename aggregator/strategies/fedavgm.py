@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from deeprad.aggregator.strategies.base import Strategy, Tensors, WeightedMean
+from deeprad.aggregator.strategies.base import MeanStrategy
 
 
-class FedAvgM(Strategy):
+class FedAvgM(MeanStrategy):
     """Δ = weighted mean of updates; m ← β·m + Δ; x ← x + η·m. State: m."""
 
     name = "fedavgm"
@@ -18,17 +18,9 @@ class FedAvgM(Strategy):
     def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
         super().__init__()
         self.server_lr, self.momentum = float(server_lr), float(momentum)
-        self._mean = WeightedMean()
 
     def params(self) -> dict[str, Any]:
         return {"server_lr": self.server_lr, "momentum": self.momentum}
-
-    def begin(self, global_weights: Tensors, state: Tensors | None = None) -> None:
-        super().begin(global_weights, state)
-        self._mean = WeightedMean()
-
-    def add(self, update: Tensors, num_samples: int) -> None:
-        self._mean.add(update, num_samples)
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         new, state = {}, {}

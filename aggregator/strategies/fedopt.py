@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from deeprad.aggregator.strategies.base import Strategy, Tensors, WeightedMean
+from deeprad.aggregator.strategies.base import MeanStrategy
 
 
-class FedOpt(Strategy, abc.ABC):
+class FedOpt(MeanStrategy, abc.ABC):
     """Shared first-moment and step logic; subclasses give the second-moment rule."""
 
     def __init__(self, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99,
@@ -25,18 +25,10 @@ class FedOpt(Strategy, abc.ABC):
         super().__init__()
         self.server_lr, self.beta1 = float(server_lr), float(beta1)
         self.beta2, self.tau = float(beta2), float(tau)
-        self._mean = WeightedMean()
 
     def params(self) -> dict[str, Any]:
         return {"server_lr": self.server_lr, "beta1": self.beta1, "beta2": self.beta2,
                 "tau": self.tau}
-
-    def begin(self, global_weights: Tensors, state: Tensors | None = None) -> None:
-        super().begin(global_weights, state)
-        self._mean = WeightedMean()
-
-    def add(self, update: Tensors, num_samples: int) -> None:
-        self._mean.add(update, num_samples)
 
     @abc.abstractmethod
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
