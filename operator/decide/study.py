@@ -1,0 +1,382 @@
+"""A FederatedStudy's next step, from its spec and its rounds' statuses alone.
+
+The study is level-based: every pass rebuilds its state from the FederatedRounds it owns, so an
+operator killed at any moment resumes where the API says it is. Each pass yields one action:
+
+- `WaitForRound`: the newest round has not finished;
+- `CreateRound`: round N+1, starting from round N's output checkpoint (round 1 from
+  spec.initialCheckpoint, or a fresh model);
+- `Blocked`: the next round cannot start yet (too few sites, ε not accountable), a condition
+  says why and the study retries;
+- `Stop`: a round failed, the target was reached, every round ran, patience ran out, or the
+  next round would pass the privacy budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Final, Literal
+
+from deeprad.core.privacy import DPSteps, PrivacyBudget, PrivacyBudgetExceeded, plan_round
+from deeprad.operator.api.common import (
+    CheckpointRef,
+    DataSelector,
+    DifferentialPrivacy,
+    LocalTraining,
+    Metrics,
+)
+from deeprad.operator.api.federatedround import RoundState, SiteState
+from deeprad.operator.api.federatedstudy import (
+    BestMetric,
+    FederatedStudySpec,
+    FederatedStudyStatus,
+    StudyState,
+)
+from deeprad.operator.api.names import round_name
+from deeprad.operator.decide.conditions import Desired, merge
+from deeprad.operator.decide.timeutil import rfc3339
+
+PROGRESSING: Final = "Progressing"
+SUCCEEDED: Final = "Succeeded"
+FAILED: Final = "Failed"
+TERMINAL = (RoundState.SUCCEEDED, RoundState.FAILED)
+# A site in one of these states may have taken DP-SGD steps in the round: its ε counts.
+SPENT_STATES = (SiteState.TRAINING, SiteState.REPORTED, SiteState.FAILED, SiteState.DROPPED,
+                SiteState.REJECTED)
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundView:
+    """What the study needs from one of its FederatedRounds (spec and status)."""
+
+    number: int
+    state: RoundState | None = None
+    output_checkpoint: CheckpointRef | None = None
+    metrics: Metrics | None = None
+    epsilon: float | None = None
+    failure: str | None = None  # the Failed condition's message
+    sites: Mapping[str, SiteState] = field(default_factory=dict)
+    training: LocalTraining = field(default_factory=LocalTraining)
+    data: DataSelector = field(default_factory=DataSelector)
+    dp: DifferentialPrivacy | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A HospitalSite the study may draw from, with its declared training records."""
+
+    name: str
+    sample_count: int | None = None
+
+
+# ---- actions ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreateRound:
+    """Create round `number` (name `<study>-r<number>`)."""
+
+    number: int
+    input_checkpoint: CheckpointRef | None
+    sites: tuple[str, ...] | None  # None: every Ready site
+    epsilon_after: float | None = None  # the study's ε once this round ran (planned)
+
+
+@dataclass(frozen=True)
+class WaitForRound:
+    """Round `number` runs; nothing to do until it ends."""
+
+    number: int
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """The next round cannot be created yet; retried on the next pass."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The study is over."""
+
+    outcome: Literal["Succeeded", "Failed"]
+    reason: str
+    message: str
+
+
+Action = CreateRound | WaitForRound | Blocked | Stop
+
+
+@dataclass(frozen=True)
+class StudyDecision:
+    """The action of this pass and the status to write."""
+
+    action: Action
+    status: FederatedStudyStatus
+
+
+# ---- privacy ----------------------------------------------------------------------------------
+
+
+def train_records(sample_count: int, val_fraction: float) -> int:
+    """Records a site trains on once `val_fraction` is held out (at least one)."""
+    return max(1, sample_count - math.floor(sample_count * val_fraction))
+
+
+def dp_steps(records: int, training: LocalTraining, noise_multiplier: float) -> DPSteps:
+    """The DP-SGD steps one round costs a site: Opacus takes len(loader) = ceil(records /
+    batch) steps per epoch at sample rate 1/len(loader)."""
+    batches = max(1, math.ceil(records / training.batch_size))
+    return DPSteps(noise_multiplier=noise_multiplier, sample_rate=1.0 / batches,
+                   steps=training.local_epochs * batches)
+
+
+@dataclass(frozen=True)
+class _Ledger:
+    history: dict[str, list[DPSteps]]
+    planned: dict[str, DPSteps]
+
+
+def _ledger(study: str, spec: FederatedStudySpec, rounds: Sequence[RoundView],
+            sites: Sequence[str], candidates: Sequence[Candidate]) -> _Ledger | Blocked:
+    """Past DP-SGD steps per site (from the rounds' specs and site states) and the next
+    round's, or Blocked naming a site whose sampleCount is missing.
+
+    The steps are recomputed from each round's settings and the site's declared sampleCount,
+    an upper bound on what a site that trained took."""
+    dp = spec.round_template.privacy.differential_privacy
+    assert dp is not None
+    counts = {c.name: c.sample_count for c in candidates}
+
+    def count(site: str) -> int | Blocked:
+        n = counts.get(site)
+        if n is None:
+            return Blocked("PrivacyNotAccountable",
+                           f"FederatedStudy {study}: cannot account ε for HospitalSite {site}: "
+                           "its spec.data.sampleCount is not set; set it, or remove the site "
+                           "from the study")
+        return n
+
+    history: dict[str, list[DPSteps]] = {}
+    for r in rounds:
+        if r.dp is None:
+            continue
+        for site, state in sorted(r.sites.items()):
+            if state in SPENT_STATES:
+                n = count(site)
+                if isinstance(n, Blocked):
+                    return n
+                history.setdefault(site, []).append(
+                    dp_steps(train_records(n, r.data.val_fraction), r.training,
+                             r.dp.noise_multiplier))
+    planned: dict[str, DPSteps] = {}
+    for site in sites:
+        if site not in counts:
+            continue  # no such HospitalSite: it cannot be admitted, so it spends nothing
+        n = count(site)
+        if isinstance(n, Blocked):
+            return n
+        planned[site] = dp_steps(train_records(n, spec.data.val_fraction),
+                                 spec.round_template.training, dp.noise_multiplier)
+    return _Ledger(history, planned)
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Progress:
+    best: BestMetric | None
+    since_improvement: int
+    target_round: int | None  # first round that reached spec.stopping.target
+
+
+def _progress(spec: FederatedStudySpec, succeeded: Sequence[RoundView]) -> _Progress:
+    """Best value (an improvement must beat it by more than minDelta), rounds since the last
+    improvement, and the first round that reached the target."""
+    rules = spec.stopping
+    sign = -1.0 if rules.metric == "loss" else 1.0  # compare as "higher is better"
+    best: BestMetric | None = None
+    since = 0
+    target_round: int | None = None
+    for r in succeeded:
+        value = getattr(r.metrics, rules.metric, None) if r.metrics else None
+        if value is None:
+            since += 1
+            continue
+        if rules.target is not None and target_round is None and \
+                sign * value >= sign * rules.target:
+            target_round = r.number
+        if best is None or sign * value > sign * best.value + rules.min_delta:
+            best = BestMetric(name=rules.metric, value=value, round=r.number)
+            since = 0
+        else:
+            since += 1
+    return _Progress(best, since, target_round)
+
+
+# ---- the decision -----------------------------------------------------------------------------
+
+
+def decide_study(name: str, generation: int | None, spec: FederatedStudySpec,
+                 status: FederatedStudyStatus, rounds: Sequence[RoundView],
+                 candidates: Sequence[Candidate], now: datetime) -> StudyDecision:
+    """This pass's action and status. `rounds` are the study's FederatedRounds; `candidates`
+    the HospitalSites matching spec.sites / spec.siteSelector (every site when both are
+    empty), with their sampleCount for privacy accounting."""
+    ordered = sorted(rounds, key=lambda r: r.number)
+    succeeded = [r for r in ordered if r.state == RoundState.SUCCEEDED]
+    progress = _progress(spec, succeeded)
+    latest = ordered[-1] if ordered else None
+    action = _action(name, spec, ordered, succeeded, progress, candidates)
+
+    spent = _spent(name, spec, ordered, candidates)
+    checkpoint = next((r.output_checkpoint for r in reversed(succeeded) if r.output_checkpoint),
+                      spec.initial_checkpoint)
+    started = status.start_time or (rfc3339(now) if ordered or isinstance(action, CreateRound)
+                                    else None)
+    new = FederatedStudyStatus(
+        observed_generation=generation,
+        current_round=(action.number if isinstance(action, CreateRound)
+                       else latest.number if latest else 0),
+        completed_rounds=len(succeeded),
+        rounds_without_improvement=progress.since_improvement,
+        best_metric=progress.best,
+        epsilon_spent=spent,
+        latest_checkpoint=checkpoint,
+        start_time=started,
+        completion_time=(status.completion_time or rfc3339(now)) if isinstance(action, Stop)
+        else None,
+        state=_state(action, latest),
+    )
+    new.conditions = merge(status.conditions, _conditions(name, action), generation, now)
+    return StudyDecision(action, new)
+
+
+def _action(name: str, spec: FederatedStudySpec, ordered: Sequence[RoundView],
+            succeeded: Sequence[RoundView], progress: _Progress,
+            candidates: Sequence[Candidate]) -> Action:
+    failed = next((r for r in ordered if r.state == RoundState.FAILED), None)
+    if failed is not None:
+        return Stop(FAILED, "RoundFailed",
+                    f"FederatedRound {round_name(name, failed.number)} failed: "
+                    f"{failed.failure or 'no reason recorded'}; delete that round to run it "
+                    "again")
+    latest = ordered[-1] if ordered else None
+    if latest is not None and latest.state not in TERMINAL:
+        return WaitForRound(latest.number)
+    rules = spec.stopping
+    if progress.target_round is not None:
+        return Stop(SUCCEEDED, "TargetReached",
+                    f"{rules.metric} reached the target {rules.target:g} in round "
+                    f"{progress.target_round}")
+    done = latest.number if latest else 0
+    if done >= spec.rounds:
+        return Stop(SUCCEEDED, "RoundsCompleted", f"all {spec.rounds} rounds ran")
+    if rules.patience is not None and progress.since_improvement >= rules.patience:
+        best = progress.best
+        where = f"best {best.value:g} in round {best.round}" if best else "no value yet"
+        return Stop(SUCCEEDED, "PatienceExhausted",
+                    f"{rules.metric} did not improve by more than {rules.min_delta:g} for "
+                    f"{progress.since_improvement} rounds ({where}); spec.stopping.patience is "
+                    f"{rules.patience}")
+    number = done + 1
+    checkpoint = spec.initial_checkpoint
+    if latest is not None:
+        checkpoint = latest.output_checkpoint
+        if checkpoint is None:
+            return Blocked("MissingCheckpoint",
+                           f"FederatedRound {round_name(name, latest.number)} succeeded but "
+                           "has no status.outputCheckpoint to start the next round from")
+    sites = _round_sites(spec, candidates)
+    min_sites = spec.round_template.min_sites
+    if sites is not None and len(sites) < min_sites:
+        return Blocked("NotEnoughSites",
+                       f"spec.siteSelector matches {len(sites)} HospitalSite(s) "
+                       f"({', '.join(sites) or 'none'}), below roundTemplate.minSites "
+                       f"{min_sites}; label more sites or lower minSites")
+    epsilon_after = None
+    budget = _budget(spec)
+    if budget is not None:
+        ledger = _ledger(name, spec, ordered, _drawn(sites, candidates), candidates)
+        if isinstance(ledger, Blocked):
+            return ledger
+        try:
+            plan = plan_round(budget, ledger.history, ledger.planned)
+        except PrivacyBudgetExceeded as exc:
+            return Stop(SUCCEEDED, "PrivacyBudgetExhausted", f"before round {number}: {exc}")
+        epsilon_after = plan.spent_after
+    return CreateRound(number, checkpoint, sites, epsilon_after)
+
+
+def _budget(spec: FederatedStudySpec) -> PrivacyBudget | None:
+    """The study's budget when its rounds train with DP-SGD (CEL requires one then)."""
+    b = spec.privacy_budget
+    if b is None or spec.round_template.privacy.differential_privacy is None:
+        return None
+    return PrivacyBudget(epsilon=b.epsilon, delta=b.delta, accountant=b.accountant)
+
+
+def _drawn(sites: tuple[str, ...] | None, candidates: Sequence[Candidate]) -> list[str]:
+    return list(sites) if sites is not None else sorted(c.name for c in candidates)
+
+
+def _spent(name: str, spec: FederatedStudySpec, rounds: Sequence[RoundView],
+           candidates: Sequence[Candidate]) -> float | None:
+    """ε spent so far (the largest site's), or None without a budget or when a site's
+    sampleCount is missing (the Progressing condition then says which)."""
+    budget = _budget(spec)
+    if budget is None:
+        return None
+    ledger = _ledger(name, spec, rounds, [], candidates)
+    if isinstance(ledger, Blocked):
+        return None
+    return plan_round(budget, ledger.history, {}).spent_before
+
+
+def _round_sites(spec: FederatedStudySpec, candidates: Sequence[Candidate]
+                 ) -> tuple[str, ...] | None:
+    """The sites a new round names: spec.sites as listed, the selector's matches (resolved
+    now, since a round has no selector), or None for every Ready site."""
+    if spec.sites:
+        return tuple(spec.sites)
+    if spec.site_selector is not None:
+        return tuple(sorted(c.name for c in candidates))
+    return None
+
+
+def _state(action: Action, latest: RoundView | None) -> StudyState:
+    if isinstance(action, Stop):
+        return StudyState.SUCCEEDED if action.outcome == SUCCEEDED else StudyState.FAILED
+    if isinstance(action, Blocked) and latest is None:
+        return StudyState.PENDING
+    return StudyState.RUNNING
+
+
+def _conditions(name: str, action: Action) -> list[Desired]:
+    if isinstance(action, CreateRound):
+        rn = round_name(name, action.number)
+        return [Desired.true(PROGRESSING, "RoundCreated", f"created FederatedRound {rn}"),
+                Desired.false(SUCCEEDED, "Running", ""), Desired.false(FAILED, "Running", "")]
+    if isinstance(action, WaitForRound):
+        rn = round_name(name, action.number)
+        return [Desired.true(PROGRESSING, "RoundRunning", f"FederatedRound {rn} is running"),
+                Desired.false(SUCCEEDED, "Running", ""), Desired.false(FAILED, "Running", "")]
+    if isinstance(action, Blocked):
+        return [Desired.false(PROGRESSING, action.reason, action.message),
+                Desired.false(SUCCEEDED, "Running", ""), Desired.false(FAILED, "Running", "")]
+    if action.outcome == SUCCEEDED:
+        return [Desired.false(PROGRESSING, action.reason, action.message),
+                Desired.true(SUCCEEDED, action.reason, action.message),
+                Desired.false(FAILED, action.reason, "")]
+    return [Desired.false(PROGRESSING, action.reason, action.message),
+            Desired.false(SUCCEEDED, action.reason, ""),
+            Desired.true(FAILED, action.reason, action.message)]

@@ -1,0 +1,64 @@
+"""The operator's Prometheus metrics (prometheus-client), all named `deeprad_*`.
+
+They live in their own registry, served by `serve()` on the operator's metrics port, so an
+embedding process's default registry is left alone. Label sets are bounded: namespace, study,
+site, outcome, phase, kind; never a round name (rounds grow without bound).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# Round durations run from minutes to days.
+_ROUND_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 604800)
+_AGG_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
+_BYTES_BUCKETS = tuple(float(2 ** p) for p in range(16, 36, 2))  # 64 KiB .. 16 GiB
+
+ROUNDS = Counter("deeprad_rounds", "Rounds finished, by outcome (succeeded, failed).",
+                 ["namespace", "study", "outcome"], registry=REGISTRY)
+ROUND_DURATION = Histogram("deeprad_round_duration_seconds",
+                           "Wall time of a round, from creation to Succeeded or Failed.",
+                           ["namespace", "study"], buckets=_ROUND_BUCKETS, registry=REGISTRY)
+PHASE_DURATION = Histogram("deeprad_round_phase_duration_seconds",
+                           "Wall time of each phase of a round (scheduling, training, "
+                           "aggregation).", ["phase"], buckets=_ROUND_BUCKETS, registry=REGISTRY)
+ROUND_SITES = Gauge("deeprad_round_sites",
+                    "Sites of the study's latest round, by state (admitted, reported, dropped).",
+                    ["namespace", "study", "state"], registry=REGISTRY)
+AGGREGATION_DURATION = Histogram("deeprad_aggregation_duration_seconds",
+                                 "Wall time of the aggregator Job.", ["namespace", "study"],
+                                 buckets=_AGG_BUCKETS, registry=REGISTRY)
+UPDATE_BYTES = Histogram("deeprad_update_bytes", "Size of one site's uploaded update envelope.",
+                         ["namespace", "study"], buckets=_BYTES_BUCKETS, registry=REGISTRY)
+GLOBAL_AUROC = Gauge("deeprad_global_auroc",
+                     "AUROC of the study's newest global model on the sites' validation data.",
+                     ["namespace", "study"], registry=REGISTRY)
+GLOBAL_LOSS = Gauge("deeprad_global_loss",
+                    "Validation loss of the study's newest global model.",
+                    ["namespace", "study"], registry=REGISTRY)
+STUDY_ROUNDS_COMPLETED = Gauge("deeprad_study_rounds_completed",
+                               "Rounds of the study that succeeded.", ["namespace", "study"],
+                               registry=REGISTRY)
+STUDY_ROUNDS_PLANNED = Gauge("deeprad_study_rounds_planned", "spec.rounds of the study.",
+                             ["namespace", "study"], registry=REGISTRY)
+STUDY_EPSILON_SPENT = Gauge("deeprad_study_epsilon_spent",
+                            "ε the study has spent (largest site), at its budget's δ.",
+                            ["namespace", "study"], registry=REGISTRY)
+SITE_REACHABLE = Gauge("deeprad_site_reachable",
+                       "1 when the site's agent heartbeat is recent (Reachable=True).",
+                       ["site"], registry=REGISTRY)
+SITE_READY = Gauge("deeprad_site_ready", "1 when the site may be given work (Ready=True).",
+                   ["site"], registry=REGISTRY)
+ROUNDS_CREATED = Counter("deeprad_study_rounds_created",
+                         "FederatedRounds this operator created for studies.",
+                         ["namespace", "study"], registry=REGISTRY)
+RECONCILE_ERRORS = Counter("deeprad_reconcile_errors",
+                           "Reconcile passes that ended in an error, by kind.", ["kind"],
+                           registry=REGISTRY)
+
+
+def serve(port: int, address: str = "0.0.0.0") -> None:
+    """Serve /metrics on `address:port` in a background thread."""
+    start_http_server(port, addr=address, registry=REGISTRY)

@@ -1,0 +1,267 @@
+"""The hub operator against a real control plane: it reserves each HospitalSite's namespace
+and RBAC (and nothing more), tracks the agent's heartbeat, drives a FederatedStudy round after
+round, and survives kill -9 without duplicating anything."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deeprad.devenv.cluster import Cluster, python_env
+from deeprad.devenv.ports import free_port
+from deeprad.devenv.processes import ManagedProcess, kill_group
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+PLURALS = ("hospitalsites", "federatedstudies", "federatedrounds", "sitetasks")
+SITES = ("st-marys", "charite")
+AGENT = "deeprad-agent"
+STUDY = "tumor-detection"
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float = 60.0,
+          operator: Operator | None = None) -> Any:
+    """Poll `check` until it returns something truthy; fail naming `what` (and the operator's
+    log tail) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.3)
+    tail = operator.process.log_tail(40) if operator else ""
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{tail}")
+
+
+def _get(hub: Cluster, *args: str) -> dict[str, Any] | None:
+    out = hub.kubectl("get", *args, "-o", "json", check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+class Operator:
+    """The hub operator as a subprocess (`python -m deeprad.operator.cli --mode hub`)."""
+
+    def __init__(self, hub: Cluster, workdir: Path, owner_token: str) -> None:
+        self.hub = hub
+        self.workdir = workdir
+        self.owner_token = owner_token
+        self.health_port = free_port()
+        self.metrics_port = free_port()
+        self.process = self._process()
+
+    def _process(self) -> ManagedProcess:
+        # cwd is not the checkout: `python -m` puts cwd on sys.path, and the checkout's
+        # operator/ folder would shadow the standard library's `operator`.
+        argv = [sys.executable, "-m", "deeprad.operator.cli", "--mode", "hub",
+                "--kubeconfig", str(self.hub.kubeconfig),
+                "--liveness", f"http://127.0.0.1:{self.health_port}/healthz",
+                "--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1",
+                "--site-interval", "1", "--study-interval", "1"]
+        return ManagedProcess("hub-operator", argv, self.workdir / "operator.log",
+                              self.owner_token, env=python_env(), cwd=self.workdir)
+
+    def start(self) -> Operator:
+        self.process = self._process().start()
+        _wait("the operator's liveness endpoint", self.healthy, operator=self)
+        return self
+
+    def healthy(self) -> bool:
+        if not self.process.alive():
+            pytest.fail(f"the hub operator exited:\n{self.process.log_tail(60)}")
+        try:
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=5) as r:
+            return str(r.read().decode())
+
+    def kill9(self) -> None:
+        """SIGKILL the operator's process group: no shutdown code runs."""
+        kill_group(self.process.pid, signal.SIGKILL)
+        assert self.process.popen is not None
+        self.process.popen.wait(timeout=10)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+@pytest.fixture(scope="module")
+def hub(hub_cluster: Cluster) -> Cluster:
+    """The hub with the CRDs Established and the example HospitalSites applied."""
+    hub_cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    hub_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                        *(f"crd/{p}.deeprad.io" for p in PLURALS))
+    hub_cluster.kubectl("apply", *(a for s in SITES for a in
+                                   ("-f", str(ROOT / "examples" / f"hospitalsite-{s}.yaml"))))
+    return hub_cluster
+
+
+@pytest.fixture(scope="module")
+def operator(hub: Cluster, tmp_path_factory: pytest.TempPathFactory, owner_token: str
+             ) -> Iterator[Operator]:
+    """A running hub operator, always stopped at the end (also on failure)."""
+    op = Operator(hub, tmp_path_factory.mktemp("hub-operator"), owner_token)
+    try:
+        yield op.start()
+    finally:
+        op.stop()
+
+
+def _can(hub: Cluster, site: str, *args: str) -> bool:
+    who = f"--as=system:serviceaccount:deeprad-site-{site}:{AGENT}"
+    out = hub.kubectl("auth", "can-i", who, *args, check=False)
+    assert out.stdout.strip() in ("yes", "no"), out.stderr
+    return out.stdout.strip() == "yes"
+
+
+def _condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or ():
+        if c["type"] == type_:
+            return dict(c)
+    return {}
+
+
+def test_sites_get_a_restricted_namespace_and_least_privilege_rbac(
+        hub: Cluster, operator: Operator) -> None:
+    for site in SITES:
+        ns = _wait(f"namespace deeprad-site-{site}",
+                   lambda s=site: _get(hub, "namespace", f"deeprad-site-{s}"), operator=operator)
+        assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+        assert ns["metadata"]["ownerReferences"][0]["kind"] == "HospitalSite"
+        for kind in ("serviceaccount", "role", "rolebinding", "lease"):
+            _wait(f"{kind} {AGENT} in deeprad-site-{site}",
+                  lambda k=kind, s=site: _get(hub, k, AGENT, "-n", f"deeprad-site-{s}"),
+                  operator=operator)
+    own, other = "-n=deeprad-site-st-marys", "-n=deeprad-site-charite"
+    allowed = [("get", "sitetasks.deeprad.io", own), ("list", "sitetasks.deeprad.io", own),
+               ("watch", "sitetasks.deeprad.io", own),
+               ("patch", "sitetasks.deeprad.io", "--subresource=status", own),
+               ("get", f"leases.coordination.k8s.io/{AGENT}", own),
+               ("update", f"leases.coordination.k8s.io/{AGENT}", own)]
+    denied = [("create", "sitetasks.deeprad.io", own), ("delete", "sitetasks.deeprad.io", own),
+              ("update", "sitetasks.deeprad.io", own), ("patch", "sitetasks.deeprad.io", own),
+              ("get", "sitetasks.deeprad.io", other),
+              ("patch", "sitetasks.deeprad.io", "--subresource=status", other),
+              ("create", "leases.coordination.k8s.io", own),
+              ("update", "leases.coordination.k8s.io/someone-else", own),
+              ("update", f"leases.coordination.k8s.io/{AGENT}", other),
+              ("get", "secrets", own), ("create", "pods", own), ("list", "hospitalsites"),
+              ("list", "federatedrounds.deeprad.io", "-A"), ("get", "namespaces")]
+    for args in allowed:
+        assert _can(hub, "st-marys", *args), f"the st-marys agent should be able to {args}"
+    for args in denied:
+        assert not _can(hub, "st-marys", *args), f"the st-marys agent must not {args}"
+
+
+def test_reachable_and_ready_follow_the_agents_lease(hub: Cluster, operator: Operator) -> None:
+    site = _wait("st-marys Reachable=False", lambda: (
+        s := _get(hub, "hospitalsite", "st-marys")) and
+        _condition(s, "Reachable").get("status") == "False" and s, operator=operator)
+    assert _condition(site, "Reachable")["reason"] == "NoHeartbeat"
+    assert _condition(site, "Ready")["status"] == "False"
+    push = _wait("charite (push) Reachable=Unknown", lambda: _condition(
+        _get(hub, "hospitalsite", "charite"), "Reachable").get("status") == "Unknown",
+        operator=operator)
+    assert push
+    # The agent renews its Lease with its own identity (update only: no patch, no create).
+    lease = _get(hub, "lease", AGENT, "-n", "deeprad-site-st-marys")
+    assert lease is not None
+    lease["spec"] = {"holderIdentity": "st-marys-agent", "leaseDurationSeconds": 120,
+                     "renewTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+    lease["metadata"]["annotations"] = {
+        "deeprad.io/agent-version": "0.1.0",
+        "deeprad.io/observed-gpus": json.dumps({"resourceName": "nvidia.com/gpu",
+                                                "capacity": 2, "allocatable": 2, "nodes": 1})}
+    hub.kubectl("replace", "--as=system:serviceaccount:deeprad-site-st-marys:deeprad-agent",
+                "-f", "-", input=json.dumps(lease))
+    site = _wait("st-marys Ready=True", lambda: (
+        s := _get(hub, "hospitalsite", "st-marys")) and
+        _condition(s, "Ready").get("status") == "True" and s, operator=operator)
+    assert _condition(site, "Reachable")["reason"] == "HeartbeatRecent"
+    assert site["status"]["agentVersion"] == "0.1.0"
+    assert site["status"]["observedGpus"]["allocatable"] == 2
+    assert "deeprad_site_ready" in operator.metrics()
+
+
+def _rounds(hub: Cluster, ns: str) -> list[dict[str, Any]]:
+    out = _get(hub, "federatedrounds", "-n", ns)
+    return list((out or {}).get("items") or [])
+
+
+def _finish(hub: Cluster, ns: str, name: str, auroc: float, n: int) -> None:
+    status = {"status": {"state": "Succeeded", "aggregateMetrics": {"auroc": auroc},
+                         "outputCheckpoint": {
+                             "uri": f"s3://deeprad/{ns}/{STUDY}/rounds/{n}/global.safetensors",
+                             "digest": f"{n:064x}", "round": n}}}
+    hub.kubectl("patch", "federatedround", name, "-n", ns, "--subresource=status",
+                "--type=merge", "-p", json.dumps(status))
+
+
+def test_study_creates_rounds_in_sequence_and_survives_kill_9(
+        hub: Cluster, operator: Operator) -> None:
+    ns = f"research-{uuid.uuid4().hex[:6]}"
+    hub.kubectl("create", "namespace", ns)
+    hub.kubectl("apply", "-n", ns, "-f", str(ROOT / "examples" / "federatedstudy-tumor-cnn.yaml"))
+    study = _get(hub, "federatedstudy", STUDY, "-n", ns)
+    assert study is not None
+    r1 = _wait(f"FederatedRound {STUDY}-r1", lambda: _get(
+        hub, "federatedround", f"{STUDY}-r1", "-n", ns), operator=operator)
+    (owner,) = r1["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+        "FederatedStudy", STUDY, study["metadata"]["uid"], True)
+    assert r1["spec"]["round"] == 1 and r1["spec"]["studyRef"] == {"name": STUDY}
+    assert r1["spec"]["sites"] == ["charite", "st-marys"]  # the selector, resolved
+    assert r1["spec"]["minSites"] == 2 and "inputCheckpoint" not in r1["spec"]
+    _wait("study status Running, round 1", lambda: (
+        (s := _get(hub, "federatedstudy", STUDY, "-n", ns)) and
+        s.get("status", {}).get("state") == "Running" and
+        s["status"].get("currentRound") == 1), operator=operator)
+
+    # kill -9 mid-study and restart: the same objects, nothing duplicated.
+    operator.kill9()
+    operator.start()
+    time.sleep(4)  # several study and site passes
+    assert [r["metadata"]["name"] for r in _rounds(hub, ns)] == [f"{STUDY}-r1"]
+    for site in SITES:
+        for kind in ("roles", "rolebindings", "serviceaccounts", "leases"):
+            items = (_get(hub, kind, "-n", f"deeprad-site-{site}", "-l",
+                          "app.kubernetes.io/managed-by=deeprad-operator") or {})["items"]
+            assert [i["metadata"]["name"] for i in items] == [AGENT], (kind, site)
+
+    # Round 1 succeeds: round 2 starts from its checkpoint; reaching the target ends the study.
+    _finish(hub, ns, f"{STUDY}-r1", 0.81, 1)
+    r2 = _wait(f"FederatedRound {STUDY}-r2", lambda: _get(
+        hub, "federatedround", f"{STUDY}-r2", "-n", ns), operator=operator)
+    assert r2["spec"]["inputCheckpoint"]["uri"].endswith("/rounds/1/global.safetensors")
+    assert r2["spec"]["inputCheckpoint"]["round"] == 1
+    _finish(hub, ns, f"{STUDY}-r2", 0.975, 2)
+    done = _wait("study Succeeded", lambda: (
+        (s := _get(hub, "federatedstudy", STUDY, "-n", ns)) and
+        s.get("status", {}).get("state") == "Succeeded" and s), operator=operator)
+    assert _condition(done, "Succeeded")["reason"] == "TargetReached"
+    assert done["status"]["bestMetric"] == {"name": "auroc", "value": 0.975, "round": 2}
+    assert done["status"]["completedRounds"] == 2
+    time.sleep(2)
+    assert len(_rounds(hub, ns)) == 2
+    events = _get(hub, "events", "-n", ns, "--field-selector",
+                  f"involvedObject.name={STUDY}") or {}
+    reasons = {e["reason"] for e in events.get("items", ())}
+    assert {"RoundCreated", "TargetReached"} <= reasons
+    text = operator.metrics()
+    assert f'deeprad_study_rounds_completed{{namespace="{ns}",study="{STUDY}"}} 2.0' in text
