@@ -33,14 +33,17 @@ import torch
 
 from deeprad.core.checkpoint import (
     TensorFile,
-    sha256_bytes,
-    to_bytes,
+    sha256_file,
+    update_bytes,
     write_checkpoint,
-    write_update,
 )
+from deeprad.core.envelope import EnvelopeContext, seal_file
+from deeprad.core.identity import Identity, KeyRegistry
 from deeprad.core.layout import StudyLayout
 from deeprad.core.protocol import AggregationTask, ModelSpec, UpdateManifest
+from deeprad.core.signing import Statement, new_nonce, sign_statement
 from deeprad.core.store.local import LocalStore
+from deeprad.simulate.keys import make_study_keys
 
 LAYOUT = StudyLayout("bench", "fedavg")
 
@@ -59,24 +62,45 @@ def model_shapes(large: bool) -> dict[str, tuple[int, ...]]:
             if v.is_floating_point()}
 
 
+def _side(workdir: Path, name: str) -> Path:
+    """A folder beside the store: key folders, and plaintext copies for the fold/plain modes
+    (the store itself only ever holds sealed updates)."""
+    return workdir.with_name(f"{workdir.name}-{name}")
+
+
 def prepare(workdir: Path, n_updates: int, large: bool) -> None:
-    """A round-0 checkpoint and `n_updates` site updates in a local store (not timed)."""
+    """A signed round-0 checkpoint and `n_updates` sealed, signed site updates in a local store
+    (not timed)."""
     store = LocalStore(workdir)
+    sites = [f"site-{i}" for i in range(n_updates)]
+    keys = make_study_keys(_side(workdir, "keys"), sites)
+    hub = Identity.load(keys.hub_dir)
+    plain = _side(workdir, "plain")
+    plain.mkdir(exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     shapes = model_shapes(large)
     glob = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
     parent = write_checkpoint(store, LAYOUT, {"study": "fedavg", "round": 0, "producer": "bench",
-                                              "model": ModelSpec(), "parent_sha256": None}, glob)
+                                              "model": ModelSpec(), "parent_sha256": None}, glob,
+                              hub=hub)
     del glob
-    for i in range(n_updates):
+    for i, site in enumerate(sites):
         delta = {k: torch.randn(s, generator=gen) * 0.01 for k, s in shapes.items()}
-        payload = to_bytes(delta)
+        (plain / f"{site}.safetensors").write_bytes(update_bytes(delta, 100 + i))
         del delta
-        write_update(store, LAYOUT, UpdateManifest(
-            study="fedavg", round=1, site=f"site-{i}", nonce=str(i),
-            parent_sha256=parent.payload_sha256, payload_sha256=sha256_bytes(payload),
-            num_samples=100 + i, producer="bench"), payload)
-        del payload
+        sealed = plain / f"{site}.bin"
+        seal_file(hub.public(), EnvelopeContext("bench", "fedavg", 1, site),
+                  plain / f"{site}.safetensors", sealed)
+        statement = Statement(kind="update", namespace="bench", study="fedavg", round=1,
+                              site=site, nonce=new_nonce(), parent_sha256=parent.payload_sha256,
+                              payload_sha256=sha256_file(sealed))
+        store.put_file(LAYOUT.update_payload(1, site), sealed)
+        sealed.unlink()
+        store.put_text(LAYOUT.update_manifest(1, site), UpdateManifest(
+            namespace="bench", study="fedavg", round=1, site=site, nonce=statement.nonce,
+            parent_sha256=parent.payload_sha256, payload_sha256=statement.payload_sha256,
+            signature=sign_statement(Identity.load(keys.site_dirs[site]), statement),
+            num_samples=100 + i, producer="bench").model_dump_json())
 
 
 def _rss() -> int:
@@ -111,7 +135,7 @@ def child(mode: str, workdir: Path) -> dict[str, float]:
     sites = LAYOUT.sites_with_updates(store.list(LAYOUT.updates_prefix(1)), 1)
     manifests = [UpdateManifest.model_validate_json(store.get_bytes(LAYOUT.update_manifest(1, s)))
                  for s in sites]
-    paths = [store.root / LAYOUT.update_payload(1, s) for s in sites]
+    paths = [_side(workdir, "plain") / f"{s}.safetensors" for s in sites]
     glob = TensorFile(store.root / LAYOUT.global_weights(0))
     model_bytes = sum(p.stat().st_size for p in paths) / len(paths)
     for p in paths:  # warm the page cache so every mode reads from memory, not disk
@@ -120,8 +144,13 @@ def child(mode: str, workdir: Path) -> dict[str, float]:
     if mode == "job":
         base = _rss()
         t0 = time.perf_counter()
-        peak = peak_rss_during(lambda: run_aggregation_task(
-            AggregationTask(namespace="bench", study="fedavg", round=1), store) and None)
+        keys = _side(workdir, "keys")
+        registry = KeyRegistry.of(Identity.load(keys / n).public() for n in ["hub", *sites])
+        task = AggregationTask(namespace="bench", study="fedavg", round=1,
+                               registry_json=registry.to_json(), identity_dir=str(keys / "hub"))
+        for p in (store.root / LAYOUT.update_payload(1, s) for s in sites):
+            p.read_bytes()  # the sealed copies too
+        peak = peak_rss_during(lambda: run_aggregation_task(task, store) and None)
         return {"seconds": time.perf_counter() - t0, "peak_over_base": (peak - base) / model_bytes}
     # "fold" and "plain" time the arithmetic alone, on updates already in memory (copied out
     # of the file mapping), as list-based aggregators hold them.
@@ -175,7 +204,8 @@ def main() -> None:
             plain = None if large else measure("plain", work)
             job = measure("job", work)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            for folder in (work, _side(work, "keys"), _side(work, "plain")):
+                shutil.rmtree(folder, ignore_errors=True)
         if plain and fold:
             cols = (f"{fold['seconds']:8.3f} {plain['seconds']:8.3f} "
                     f"{fold['seconds'] / plain['seconds']:6.2f} {job['seconds']:7.2f} "

@@ -36,6 +36,9 @@ def _simulate(args: argparse.Namespace) -> int:
         dataset=args.dataset, samples_per_site=args.samples_per_site, image_size=args.image_size,
         seed=args.seed, output=args.output, workers=args.workers,
         baselines=not args.no_baselines, report_json=args.report_json,
+        dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_accountant=args.dp_accountant,
+        dp_noise_multiplier=args.dp_noise_multiplier, max_grad_norm=args.max_grad_norm,
+        secure_aggregation=args.secure_aggregation, secagg_clip=args.secagg_clip,
     )
     # Fail fast on names before starting workers.
     from deeprad.aggregator.strategies import make_strategy
@@ -105,6 +108,25 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--report-json", type=Path, help="also write the report JSON here")
     sim.add_argument("--no-baselines", action="store_true",
                      help="skip the centralized and local-only comparisons")
+    dp = sim.add_argument_group("differential privacy (record-level DP-SGD at every site)")
+    dp.add_argument("--dp-epsilon", type=float, metavar="EPS",
+                    help="the study's privacy budget ε; turns DP-SGD on. The noise is calibrated "
+                         "to spend it over --rounds, and a round that would exceed it never "
+                         "starts")
+    dp.add_argument("--dp-delta", type=float, default=1e-5, help="budget δ (default 1e-5)")
+    dp.add_argument("--dp-accountant", choices=["rdp", "pld"], default="rdp",
+                    help="privacy accountant (default rdp)")
+    dp.add_argument("--dp-noise-multiplier", type=float, metavar="Z",
+                    help="fixed noise multiplier instead of the calibrated one (the budget may "
+                         "then stop the study early)")
+    dp.add_argument("--max-grad-norm", type=float, default=1.0,
+                    help="per-record gradient clipping bound (default 1.0)")
+    sa = sim.add_argument_group("secure aggregation")
+    sa.add_argument("--secure-aggregation", action="store_true",
+                    help="the hub learns only the sum of the updates (fedavg only); runs one "
+                         "worker per site")
+    sa.add_argument("--secagg-clip", type=float, default=1.0,
+                    help="bound on each weighted update value before quantization (default 1)")
     sim.set_defaults(func=_simulate)
 
     sub.add_parser("models", help="list registered networks").set_defaults(func=_models)
@@ -112,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from deeprad.core import keys_cli, privacy_cli
     from deeprad.inference.cli import register as register_inference
+    from deeprad.operator.cli import register as register_operator
 
     register_inference(sub)
+    register_operator(sub)
     keys_cli.register(sub)
     privacy_cli.register(sub)
     from deeprad.devenv.cli import register as register_dev

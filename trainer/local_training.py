@@ -25,6 +25,7 @@ from deeprad.core.data import ImageSet
 from deeprad.core.errors import ConfigError, DataError
 from deeprad.core.metrics import clinical_metrics
 from deeprad.core.models import build_model, model_weights
+from deeprad.core.privacy import DPConfig, DPSteps
 from deeprad.core.protocol import ClinicalMetrics, ModelSpec, TrainConfig
 
 # A dataset takes at most this share of the GPU's free memory to live there for a whole run.
@@ -325,6 +326,45 @@ def train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, device: tor
     return float(total) / max(batches, 1)
 
 
+def train_epochs_private(model: nn.Module, data: ImageSet, cfg: TrainConfig, dp: DPConfig,
+                         device: torch.device) -> tuple[float, DPSteps]:
+    """Train `model` in place with record-level DP-SGD (Opacus): Poisson-sampled batches of
+    expected size cfg.batch_size, each record's gradient clipped to dp.max_grad_norm, Gaussian
+    noise dp.noise_multiplier * max_grad_norm. Returns the mean loss and the steps taken, which
+    is what the study's accountant composes. fp32 only; FedProx is refused (its term is not a
+    per-record loss)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from deeprad.core.privacy import make_private
+
+    if len(data) == 0:
+        raise DataError("cannot train on an empty dataset")
+    if cfg.fedprox_mu > 0:
+        raise ConfigError("DP-SGD with FedProx is not supported: set fedprox_mu to 0")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(TensorDataset(data.images, data.labels), batch_size=cfg.batch_size,
+                        generator=gen)
+    opt = _optimizer(model, cfg, device)
+    model.train()
+    private = make_private(model, opt, loader, dp)
+    loss_fn = nn.BCEWithLogitsLoss()
+    total, batches = 0.0, 0
+    try:
+        for _ in range(cfg.local_epochs):
+            for x, y in private.data_loader:
+                x, y = x.to(device), y.to(device)
+                private.optimizer.zero_grad(set_to_none=True)
+                if len(x):
+                    loss = loss_fn(private.model(x).flatten(), y)
+                    loss.backward()
+                    total += float(loss.detach())
+                    batches += 1
+                private.optimizer.step()  # an empty Poisson batch still adds noise and counts
+    finally:
+        private.model._close()  # remove Opacus' hooks from the caller's module
+    return total / max(batches, 1), private.spent()
+
+
 @dataclass(frozen=True)
 class SiteTraining:
     """What one site's local round produced."""
@@ -335,12 +375,14 @@ class SiteTraining:
     local_metrics: ClinicalMetrics | None
     train_loss: float
     duration_s: float
+    privacy: DPSteps | None = None  # DP-SGD steps taken, when trained with DP
 
 
 def train_site(model_spec: ModelSpec, global_weights: dict[str, torch.Tensor], train: ImageSet,
-               val: ImageSet, cfg: TrainConfig) -> SiteTraining:
-    """Evaluate the received global model on the site's validation split, train locally, and
-    return the update (delta) with its metrics. The library function behind every trainer."""
+               val: ImageSet, cfg: TrainConfig, dp: DPConfig | None = None) -> SiteTraining:
+    """Evaluate the received global model on the site's validation split, train locally (with
+    DP-SGD when `dp` is given), and return the update (delta) with its metrics. The library
+    function behind every trainer."""
     start = time.perf_counter()
     limit_threads()
     if cfg.deterministic:
@@ -351,9 +393,13 @@ def train_site(model_spec: ModelSpec, global_weights: dict[str, torch.Tensor], t
     model.load_state_dict(global_weights)
     model.to(device)
     global_metrics = evaluate(model, val, device)
-    loss = train_epochs(model, train, cfg, device)
+    spent = None
+    if dp is None:
+        loss = train_epochs(model, train, cfg, device)
+    else:
+        loss, spent = train_epochs_private(model, train, cfg, dp, device)
     local_metrics = evaluate(model, val, device)
     trained = model_weights(model)
     delta = {k: trained[k] - global_weights[k] for k in global_weights}
     return SiteTraining(delta, len(train), global_metrics, local_metrics, loss,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, spent)

@@ -1,6 +1,10 @@
 """The one checkpoint format: safetensors payloads with JSON manifests, digests checked on read.
 
 Global models, server-optimizer state and site updates are all safetensors; nothing is pickled.
+Global checkpoints are signed by the hub (`write_checkpoint(..., hub=)`) and verified against
+its public key by every reader that trains or aggregates from them (`open_checkpoint(...,
+hub=)`). The strategy state's digest is written into the signed weights file's metadata, so the
+signature covers it too.
 """
 
 from __future__ import annotations
@@ -22,16 +26,29 @@ from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
 from deeprad.core.errors import CheckpointError, ObjectNotFound, UpdateRejected
+from deeprad.core.identity import Identity, PublicIdentity
 from deeprad.core.layout import StudyLayout
 from deeprad.core.protocol import CheckpointManifest, UpdateManifest
+from deeprad.core.signing import Statement, new_nonce, sign_statement, verify_checkpoint
 from deeprad.core.store import ObjectStore
 
 Tensors = Mapping[str, torch.Tensor]
 
 
-def to_bytes(tensors: Tensors) -> bytes:
-    """Serialise tensors as safetensors (deterministic: keys sorted, no metadata)."""
-    return st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+NUM_SAMPLES_KEY = "num_samples"
+STATE_DIGEST_KEY = "strategy_state_sha256"
+
+
+def to_bytes(tensors: Tensors, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise tensors as safetensors (deterministic: keys sorted, optional metadata)."""
+    return st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                   metadata=metadata)
+
+
+def update_bytes(delta: Tensors, num_samples: int) -> bytes:
+    """A site's update payload: the delta, with its sample count in the safetensors metadata so
+    the signed, encrypted payload (not only the manifest) vouches for the FedAvg weight."""
+    return to_bytes(delta, {NUM_SAMPLES_KEY: str(int(num_samples))})
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -53,6 +70,7 @@ class TensorFile(Mapping[str, torch.Tensor]):
         self.path = path
         try:
             with safe_open(str(path), framework="pt") as f:
+                self.metadata: dict[str, str] = dict(f.metadata() or {})
                 self._keys = sorted(f.keys())
                 self._meta = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
                               for k in self._keys}
@@ -92,34 +110,58 @@ def signature(tensors: Tensors) -> dict[str, tuple[str, tuple[int, ...]]]:
 # ---- global checkpoints -------------------------------------------------------------------
 
 
+def checkpoint_statement(manifest: CheckpointManifest, signer: str) -> Statement:
+    """The statement the hub signs for a checkpoint manifest."""
+    if manifest.namespace is None or manifest.nonce is None:
+        raise CheckpointError(f"checkpoint {manifest.study} round {manifest.round}: manifest has "
+                              "no namespace or nonce, so it cannot carry the hub's signature")
+    try:
+        return Statement(kind="checkpoint", namespace=manifest.namespace, study=manifest.study,
+                         round=manifest.round, site=signer, nonce=manifest.nonce,
+                         parent_sha256=manifest.parent_sha256,
+                         payload_sha256=manifest.payload_sha256)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {manifest.study} round {manifest.round}: manifest "
+                              f"fields cannot form a signed statement: {exc}") from None
+
+
 def write_checkpoint(
     store: ObjectStore,
     layout: StudyLayout,
     manifest_fields: dict[str, object],
     weights: Tensors,
     strategy_state: Tensors | None = None,
+    hub: Identity | None = None,
 ) -> CheckpointManifest:
-    """Write round `manifest_fields['round']`'s global model; the manifest goes last, so a
-    reader that finds the manifest finds the payload it describes. Payloads go through a
-    temporary file, so a large model is never held twice in memory (and S3 uploads stream)."""
+    """Write round `manifest_fields['round']`'s global model, signed by `hub` when given (the
+    Jobs always give it); the manifest goes last, so a reader that finds the manifest finds the
+    payload it describes. Payloads go through a temporary file, so a large model is never held
+    twice in memory (and S3 uploads stream)."""
     round_no = int(manifest_fields["round"])  # type: ignore[call-overload]
     state_sha = None
     if strategy_state:
         state_sha = _put_tensors(store, layout.strategy_state(round_no), strategy_state)
-    payload_sha = _put_tensors(store, layout.global_weights(round_no), weights)
+    payload_sha = _put_tensors(store, layout.global_weights(round_no), weights,
+                               {STATE_DIGEST_KEY: state_sha} if state_sha else None)
     manifest = CheckpointManifest.model_validate(
-        {**manifest_fields, "payload_sha256": payload_sha, "strategy_state_sha256": state_sha}
+        {"namespace": layout.namespace, "nonce": new_nonce(), **manifest_fields,
+         "payload_sha256": payload_sha, "strategy_state_sha256": state_sha}
     )
+    if hub is not None:
+        signature = sign_statement(hub, checkpoint_statement(manifest, hub.name))
+        manifest = manifest.model_copy(update={"signature": signature})
     store.put_text(layout.global_manifest(round_no), manifest.model_dump_json(indent=2))
     return manifest
 
 
-def _put_tensors(store: ObjectStore, key: str, tensors: Tensors) -> str:
+def _put_tensors(store: ObjectStore, key: str, tensors: Tensors,
+                 metadata: dict[str, str] | None = None) -> str:
     """Serialise `tensors` to a temporary file, upload it, return its sha256."""
     fd, tmp = tempfile.mkstemp(prefix="deeprad-", suffix=".safetensors")
     os.close(fd)
     try:
-        st_save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+        st_save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp,
+                     metadata=metadata)
         digest = sha256_file(Path(tmp))
         store.put_file(key, Path(tmp))
         return digest
@@ -146,13 +188,25 @@ def _check_digest(where: str, actual: str, expected: str | None) -> None:
         )
 
 
+def verify_checkpoint_manifest(manifest: CheckpointManifest, hub: PublicIdentity,
+                               layout: StudyLayout, round_no: int) -> None:
+    """Raise CheckpointError unless `hub` signed `manifest` for this study and round."""
+    statement = checkpoint_statement(manifest, hub.name)
+    verify_checkpoint(statement, manifest.signature, hub, namespace=layout.namespace,
+                      study=layout.study, round_no=round_no,
+                      payload_sha256=manifest.payload_sha256)
+
+
 @contextlib.contextmanager
 def open_checkpoint(
-    store: ObjectStore, layout: StudyLayout, round_no: int
+    store: ObjectStore, layout: StudyLayout, round_no: int, hub: PublicIdentity | None = None
 ) -> Iterator[tuple[TensorFile, CheckpointManifest]]:
     """Round `round_no`'s global weights as a lazy TensorFile, refused unless they match the
-    manifest's digest."""
+    manifest's digest and, when `hub` is given, unless the hub signed the manifest (and the
+    strategy-state digest inside the signed payload matches the manifest's)."""
     manifest = read_manifest(store, layout, round_no)
+    if hub is not None:
+        verify_checkpoint_manifest(manifest, hub, layout, round_no)
     key = layout.global_weights(round_no)
     with contextlib.ExitStack() as stack:
         try:
@@ -160,14 +214,18 @@ def open_checkpoint(
         except ObjectNotFound:
             raise CheckpointError(f"checkpoint payload missing: no {store.url}/{key}") from None
         _check_digest(f"{store.url}/{key}", sha256_file(path), manifest.payload_sha256)
-        yield TensorFile(path), manifest
+        weights = TensorFile(path)
+        if weights.metadata.get(STATE_DIGEST_KEY) != manifest.strategy_state_sha256:
+            raise CheckpointError(f"{store.url}/{key}: the manifest's strategy_state_sha256 "
+                                  "differs from the one inside the signed payload")
+        yield weights, manifest
 
 
 def read_checkpoint(
-    store: ObjectStore, layout: StudyLayout, round_no: int
+    store: ObjectStore, layout: StudyLayout, round_no: int, hub: PublicIdentity | None = None
 ) -> tuple[dict[str, torch.Tensor], CheckpointManifest]:
     """Round `round_no`'s global weights in memory, verified like `open_checkpoint`."""
-    with open_checkpoint(store, layout, round_no) as (weights, manifest):
+    with open_checkpoint(store, layout, round_no, hub) as (weights, manifest):
         return weights.load_all(), manifest
 
 
@@ -235,6 +293,7 @@ class StreamedUpdate(Mapping[str, torch.Tensor]):
                  buffer: torch.Tensor) -> None:
         self._file, self._base, self._buf = file, base, buffer
         self._info = {k: v for k, v in header.items() if k != "__metadata__"}
+        self.metadata: dict[str, str] = dict(header.get("__metadata__") or {})
 
     def __getitem__(self, key: str) -> torch.Tensor:
         info = self._info[key]
@@ -260,14 +319,17 @@ class UpdateReader:
         self._buf = torch.empty(0, dtype=torch.uint8)
 
     @contextlib.contextmanager
-    def open(self, site: str, path: Path, expected_sha256: str) -> Iterator[StreamedUpdate]:
+    def open(self, site: str, path: Path, expected_sha256: str | None
+             ) -> Iterator[StreamedUpdate]:
+        """`expected_sha256` None: the caller authenticated the bytes already (a decrypted
+        envelope: AES-GCM plus the site's signature over the envelope's digest)."""
         # Verified and read through one open file: a rename over the path cannot swap the
         # bytes between the check and the use.
         with path.open("rb") as f:
             digest = hashlib.sha256()
-            while chunk := f.read(_CHUNK):
+            while expected_sha256 is not None and (chunk := f.read(_CHUNK)):
                 digest.update(chunk)
-            if digest.hexdigest() != expected_sha256:
+            if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
                 raise UpdateRejected(site, f"payload sha256 {digest.hexdigest()[:16]}… does not "
                                            f"match its manifest ({expected_sha256[:16]}…)")
             try:

@@ -42,6 +42,8 @@ ENV_NAME = "DEEPRAD_IDENTITY_NAME"
 ENV_ROLE = "DEEPRAD_IDENTITY_ROLE"
 ENV_SIGNING_KEY = "DEEPRAD_SIGNING_KEY"
 ENV_KEY_AGREEMENT_KEY = "DEEPRAD_KEY_AGREEMENT_KEY"
+# A Job's mounted key folder (the identity Secret as files).
+ENV_IDENTITY_DIR = "DEEPRAD_IDENTITY_DIR"
 
 _RAW = serialization.Encoding.Raw
 _RAW_PUB = serialization.PublicFormat.Raw
@@ -248,6 +250,19 @@ class Identity:
         # Private keys must not leave the process by accident (multiprocessing, caches).
         raise TypeError("an Identity holds private keys and cannot be pickled; load it from "
                         "its key folder or environment in each process")
+
+
+def load_job_identity(folder: str | None, role: Role,
+                      environ: Mapping[str, str] | None = None) -> Identity:
+    """A Job's identity: from `folder` (the task's mounted key folder), else the folder named
+    by DEEPRAD_IDENTITY_DIR, else the DEEPRAD_*_KEY variables; refused unless it has `role`."""
+    env = os.environ if environ is None else environ
+    where = folder or env.get(ENV_IDENTITY_DIR)
+    ident = Identity.load(Path(where)) if where else Identity.from_env(env)
+    if ident.role != role:
+        raise ConfigError(f"identity {ident.name} is a {ident.role} identity; this Job needs "
+                          f"the {role}'s keys (check the mounted key folder)")
+    return ident
 
 
 def _write_with_mode(path: Path, content: str, mode: int) -> None:

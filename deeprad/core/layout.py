@@ -7,6 +7,12 @@
     <namespace>/<study>/rounds/<n>/updates/<site>.json     the update's manifest
     <namespace>/<study>/rounds/<n>/results/<site>.json     the site's non-sensitive metrics
     <namespace>/<study>/rounds/<n>/aggregate.json          what the aggregator did in round n
+    <namespace>/<study>/rounds/<n>/secagg/...              secure-aggregation messages, relayed
+    <namespace>/<study>/nonces.json                        accepted update nonces (replay guard)
+
+Updates are encrypted envelopes (`deeprad.core.envelope`): the store never holds a plaintext
+update. Secure-aggregation messages are signed JSON: sites write `<step>/<site>.json`, the hub
+answers in `<step>.json` (to all) or `<step>/<site>.json` (to one), or writes `aborted.json`.
 
 Round n trains from the global model of round n-1 and its aggregator writes round n's global.
 """
@@ -74,6 +80,20 @@ class StudyLayout:
 
     def aggregate(self, round_no: int) -> str:
         return f"{self.round_prefix(round_no)}/aggregate.json"
+
+    def seen_nonces(self) -> str:
+        """Nonces of accepted updates, with the round that accepted each (replay protection
+        across rounds)."""
+        return f"{self.root}/nonces.json"
+
+    def secagg_prefix(self, round_no: int) -> str:
+        return f"{self.round_prefix(round_no)}/secagg/"
+
+    def secagg_message(self, round_no: int, step: str, site: str | None = None) -> str:
+        """A relayed secure-aggregation message: `step/site.json`, or `step.json` from the hub."""
+        check_name("secure-aggregation step", step)
+        tail = f"{step}/{check_name('site', site)}.json" if site else f"{step}.json"
+        return f"{self.secagg_prefix(round_no)}{tail}"
 
     def sites_with_updates(self, keys: list[str], round_no: int) -> list[str]:
         """Site names that have an update manifest among `keys` (a store listing)."""

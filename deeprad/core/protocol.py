@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deeprad.core.privacy import AccountantName, DPConfig, DPSteps
+
 SCHEMA_VERSION: Literal[1] = 1
 
 
@@ -80,8 +82,38 @@ class ClinicalMetrics(Message):
     accuracy: float
 
 
+class SecAggSpec(Message):
+    """Secure aggregation for one round (FedAvg): who takes part, the threshold, the fixed-point
+    encoding, and how long each party waits for the others' messages in the object store.
+
+    Each site uploads (n_u / weight_normalizer) * delta and, as one extra value, n_u /
+    weight_normalizer, so the hub learns only the weighted sum and the survivors' total weight.
+    `weight_normalizer` is the roster's declared sample count: every weight stays <= 1."""
+
+    roster: list[str]
+    threshold: int | None = None  # default: the smallest t > 2n/3
+    clip: float = Field(default=1.0, gt=0)  # per value of the weighted delta
+    weight_normalizer: float = Field(gt=0)
+    timeout_s: float = Field(default=900.0, gt=0)  # per step (the first also waits for training)
+    poll_s: float = Field(default=0.1, gt=0)
+
+
+class RoundEpsilon(Message):
+    """The round's ε as the study planned it before starting the round (largest site)."""
+
+    epsilon_round: float
+    epsilon_spent: float  # the study's ε after this round
+    delta: float
+    accountant: AccountantName = "rdp"
+
+
 class TrainingTask(Message):
-    """What one site trains in one round."""
+    """What one site trains in one round.
+
+    Signing and encryption are always on: the trainer loads its identity from `identity_dir`
+    (a mounted key folder), else the folder in DEEPRAD_IDENTITY_DIR, else the DEEPRAD_*_KEY
+    environment variables; `registry_json` holds the registered public keys (the hub's at
+    least)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     namespace: str
@@ -91,6 +123,18 @@ class TrainingTask(Message):
     model: ModelSpec = ModelSpec()
     dataset: DatasetSpec = DatasetSpec()
     train: TrainConfig = TrainConfig()
+    registry_json: str
+    identity_dir: str | None = None
+    privacy: DPConfig | None = None  # record-level DP-SGD; None trains without DP
+    secagg: SecAggSpec | None = None
+
+
+class SecAggUpload(Message):
+    """How a masked upload was encoded (the hub checks it against the round's config)."""
+
+    vector_length: int
+    clip: float
+    max_sites: int
 
 
 class UpdateManifest(Message):
@@ -98,14 +142,17 @@ class UpdateManifest(Message):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     kind: Literal["update"] = "update"
+    namespace: str
     study: str
     round: int
     site: str
     nonce: str
     parent_sha256: str
-    payload_sha256: str
+    payload_sha256: str  # sha256 of the stored (encrypted) envelope
+    signature: str | None = None  # base64 Ed25519 over the Statement of the fields above
     num_samples: int
     producer: str
+    secagg: SecAggUpload | None = None  # set when the payload is a packed masked vector
     created_at: str = Field(default_factory=utc_now)
 
 
@@ -123,6 +170,7 @@ class SiteResult(Message):
     train_loss: float
     update_sha256: str
     duration_s: float
+    privacy: DPSteps | None = None  # the DP-SGD steps actually taken, for the study's ledger
 
 
 class Contribution(Message):
@@ -131,20 +179,39 @@ class Contribution(Message):
     num_samples: int
 
 
+class SecAggOutcome(Message):
+    """What secure aggregation did in a round."""
+
+    survivors: list[str]
+    dropped: list[str]  # shared keys, then sent no valid masked input: their masks were removed
+    not_joined: list[str]
+    threshold: int
+    clip: float
+    quantization_bound: float  # worst-case absolute error per value of the decoded mean
+
+
 class CheckpointManifest(Message):
-    """Lineage and digests of a global model checkpoint."""
+    """Lineage and digests of a global model checkpoint, signed by the hub over (namespace,
+    study, round, hub, nonce, parent digest, payload digest). The strategy state's digest is
+    also inside the signed payload's safetensors metadata."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     kind: Literal["checkpoint"] = "checkpoint"
+    namespace: str | None = None
     study: str
     round: int
     producer: str
     model: ModelSpec
     payload_sha256: str
     parent_sha256: str | None
+    nonce: str | None = None
+    signature: str | None = None  # base64 Ed25519 by the hub; readers that train refuse None
     strategy: StrategySpec | None = None
     strategy_state_sha256: str | None = None
     contributors: list[Contribution] = Field(default_factory=list)
+    epsilon_round: float | None = None
+    epsilon_spent: float | None = None
+    secagg: SecAggOutcome | None = None
     created_at: str = Field(default_factory=utc_now)
 
 
@@ -158,6 +225,10 @@ class AggregationTask(Message):
     strategy: StrategySpec = StrategySpec()
     sites: list[str] | None = None  # the admitted sites; None takes every update present
     min_sites: int = Field(default=1, ge=1)
+    registry_json: str  # registered public keys: the hub's and every site's
+    identity_dir: str | None = None  # the hub's key folder (else DEEPRAD_IDENTITY_DIR / env)
+    privacy: RoundEpsilon | None = None
+    secagg: SecAggSpec | None = None
 
 
 class Rejection(Message):
@@ -178,3 +249,5 @@ class AggregateReport(Message):
     federated_metrics: ClinicalMetrics | None
     checkpoint_sha256: str
     duration_s: float
+    privacy: RoundEpsilon | None = None
+    secagg: SecAggOutcome | None = None

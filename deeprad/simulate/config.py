@@ -29,6 +29,16 @@ class SimulationConfig:
     workers: int = 0  # 0: one per core, at most one per site
     baselines: bool = True
     report_json: Path | None = None
+    # differential privacy: a study budget (ε, δ) for record-level DP-SGD at every site
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_accountant: str = "rdp"
+    dp_noise_multiplier: float | None = None  # None: calibrated to spend the budget
+    max_grad_norm: float = 1.0
+    # secure aggregation (FedAvg): the hub sees only the sum
+    secure_aggregation: bool = False
+    secagg_clip: float = 1.0
+    secagg_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.sites < 1:
@@ -39,10 +49,21 @@ class SimulationConfig:
             raise ConfigError(f"--samples-per-site must be >= 8, got {self.samples_per_site}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if self.dp_epsilon is not None and not self.dp_epsilon > 0:
+            raise ConfigError(f"--dp-epsilon must be > 0, got {self.dp_epsilon}")
+        if self.dp_noise_multiplier is not None and self.dp_epsilon is None:
+            raise ConfigError("--dp-noise-multiplier needs a budget: pass --dp-epsilon too")
+        if self.dp_accountant not in ("rdp", "pld"):
+            raise ConfigError(f"--dp-accountant must be rdp or pld, got {self.dp_accountant!r}")
+        if self.secure_aggregation and self.strategy.name != "fedavg":
+            raise ConfigError(f"--secure-aggregation works with --strategy fedavg only (the hub "
+                              f"sees only the sum), got {self.strategy.name!r}")
 
     @property
     def worker_count(self) -> int:
         cores = len(os.sched_getaffinity(0))
+        if self.secure_aggregation:  # every site must be online for the exchange
+            return max(self.workers, self.sites)
         return self.workers or max(1, min(self.sites, cores))
 
     @property

@@ -28,9 +28,13 @@ def _mean_metrics(ms: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_report(cfg: SimulationConfig, sites: list[Site], rounds: list[dict[str, Any]],
-                 curves: dict[str, list[ClinicalMetrics]], wall_s: float) -> dict[str, Any]:
-    """Assemble, print and save the report; returns it as a dict."""
-    final: dict[str, Any] = {"federated": rounds[-1]["global"]}
+                 curves: dict[str, list[ClinicalMetrics]], wall_s: float,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Assemble, print and save the report; returns it as a dict. `extra`: privacy summary,
+    why the study stopped early (or None), the last round run, the initial model's metrics."""
+    extra = extra or {}
+    final: dict[str, Any] = {
+        "federated": rounds[-1]["global"] if rounds else extra.get("initial_metrics")}
     if curves:
         final["centralized"] = curves["centralized"][-1].model_dump()
         local = {n.split(":", 1)[1]: c[-1].model_dump() for n, c in curves.items()
@@ -49,6 +53,12 @@ def build_report(cfg: SimulationConfig, sites: list[Site], rounds: list[dict[str
         "rounds": rounds,
         "curves": {name: [m.model_dump() for m in c] for name, c in curves.items()},
         "final": final,
+        "privacy": extra.get("privacy"),
+        "epsilon_spent": rounds[-1]["epsilon_spent"] if rounds and extra.get("privacy") else
+        (0.0 if extra.get("privacy") else None),
+        "secure_aggregation": cfg.secure_aggregation,
+        "stopped": extra.get("stopped"),
+        "final_round": extra.get("final_round", len(rounds)),
         "wall_time_s": wall_s,
         "checkpoint": str(cfg.output / "final.safetensors"),
         "plot": str(cfg.output / "curves.png"),
@@ -67,8 +77,11 @@ def print_report(report: dict[str, Any]) -> None:
     """Per-round table (global model on the held-out test set; AUROC on each site's
     validation split), then the comparison with the baselines."""
     names = list(report["sites"])
+    dp = report.get("privacy") is not None
+    sa = bool(report.get("secure_aggregation"))
     head = f"{'round':>5} {'loss':>6} {'AUROC':>6} {'sens':>6} {'spec':>6}  " + " ".join(
-        f"{n[-12:]:>12}" for n in names)
+        f"{n[-12:]:>12}" for n in names) + (f" {'ε round':>8} {'ε spent':>8}" if dp else "") + (
+        f" {'quant.err':>9}" if sa else "")
     print("\nGlobal model per round: test-set loss / AUROC / sensitivity / specificity; "
           "then AUROC on each hospital's validation split")
     print(head)
@@ -77,10 +90,26 @@ def print_report(report: dict[str, Any]) -> None:
         g = row["global"]
         site_auc = " ".join(f"{_fmt(row['sites'][n]['validation']['auroc']):>12}"
                             if row["sites"][n]["validation"] else f"{'n/a':>12}" for n in names)
+        tail = (f" {row['epsilon_round']:>8.3f} {row['epsilon_spent']:>8.3f}" if dp else "")
+        if sa:
+            bound = (row.get("secure_aggregation") or {}).get("quantization_bound")
+            tail += f" {bound:>9.1e}" if bound is not None else f" {'n/a':>9}"
         print(f"{row['round']:>5} {g['loss']:>6.3f} {_fmt(g['auroc']):>6} "
-              f"{_fmt(g['sensitivity']):>6} {_fmt(g['specificity']):>6}  {site_auc}")
+              f"{_fmt(g['sensitivity']):>6} {_fmt(g['specificity']):>6}  {site_auc}{tail}")
         for rej in row["rejected"]:
             print(f"      rejected {rej['site']}: {rej['reason']}")
+    privacy = report.get("privacy")
+    if privacy:
+        print(f"\nDifferential privacy: DP-SGD, study budget ε={privacy['epsilon_budget']:g} "
+              f"δ={privacy['delta']:g} ({privacy['accountant']}), clip "
+              f"{privacy['max_grad_norm']:g}; ε spent {report['epsilon_spent']:.3f}; noise "
+              "multiplier per site: " + ", ".join(
+                  f"{s} {z:.3f}" for s, z in privacy["noise_multiplier"].items()))
+    if sa:
+        print("Secure aggregation: the hub saw only the masked sum; quant.err = worst-case "
+              "absolute error per value of the decoded mean update")
+    if report.get("stopped"):
+        print(f"Study stopped early: {report['stopped']}")
     final = report["final"]
     fed = final["federated"]["auroc"]
     print(f"\nFinal test-set AUROC  federated: {_fmt(fed)}")
@@ -110,6 +139,10 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [row["round"] for row in report["rounds"]]
+    if not xs:  # stopped before the first round
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
     ax.plot(xs, [row["global"]["auroc"] for row in report["rounds"]], "o-", lw=2.5,
             label="federated")
     for name, curve in report["curves"].items():

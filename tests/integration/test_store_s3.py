@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,16 +15,20 @@ from deeprad.core.checkpoint import (
     read_checkpoint,
     read_strategy_state,
     sha256_bytes,
-    to_bytes,
+    update_bytes,
     write_checkpoint,
     write_update,
 )
+from deeprad.core.envelope import EnvelopeContext, seal
 from deeprad.core.errors import CheckpointError, ObjectNotFound
+from deeprad.core.identity import Identity
 from deeprad.core.layout import StudyLayout
 from deeprad.core.protocol import AggregationTask, ModelSpec, StrategySpec, UpdateManifest
+from deeprad.core.signing import Statement, sign_statement
 from deeprad.core.store import open_store
 from deeprad.core.store.s3 import S3Store
 from deeprad.devenv.s3_server import S3Server
+from deeprad.simulate.keys import make_study_keys
 
 LAYOUT = StudyLayout("hub", "s3-study")
 
@@ -73,23 +78,32 @@ def test_checkpoint_round_trip_and_tamper_detection(s3_store: S3Store) -> None:
         read_checkpoint(s3_store, LAYOUT, 0)
 
 
-def test_a_round_aggregates_through_s3(s3_store: S3Store) -> None:
+def test_a_round_aggregates_through_s3(s3_store: S3Store, tmp_path: Path) -> None:
+    keys = make_study_keys(tmp_path / "keys", ["st-marys", "charite", "bad"])
+    hub = Identity.load(keys.hub_dir)
     glob = {"w": torch.zeros(4)}
     parent = write_checkpoint(s3_store, LAYOUT, {"study": "s3-study", "round": 0,
                                                  "producer": "test", "model": ModelSpec(),
-                                                 "parent_sha256": None}, glob)
+                                                 "parent_sha256": None}, glob, hub=hub)
     for site, value, n in (("st-marys", 1.0, 10), ("charite", 3.0, 30), ("bad", float("nan"), 5)):
-        payload = to_bytes({"w": torch.full((4,), value)})
+        envelope = seal(hub.public(), EnvelopeContext("hub", "s3-study", 1, site),
+                        update_bytes({"w": torch.full((4,), value)}, n))
+        stmt = Statement(kind="update", namespace="hub", study="s3-study", round=1, site=site,
+                         parent_sha256=parent.payload_sha256,
+                         payload_sha256=sha256_bytes(envelope))
         write_update(s3_store, LAYOUT, UpdateManifest(
-            study="s3-study", round=1, site=site, nonce=site, parent_sha256=parent.payload_sha256,
-            payload_sha256=sha256_bytes(payload), num_samples=n, producer="test"), payload)
+            namespace="hub", study="s3-study", round=1, site=site, nonce=stmt.nonce,
+            parent_sha256=parent.payload_sha256, payload_sha256=stmt.payload_sha256,
+            signature=sign_statement(Identity.load(keys.site_dirs[site]), stmt),
+            num_samples=n, producer="test"), envelope)
     for strategy in ("fedavg", "fedmedian"):  # streamed and buffered reads of S3 temp copies
         s3_store.delete(LAYOUT.aggregate(1))
+        s3_store.delete(LAYOUT.seen_nonces())  # the same updates, aggregated again
         report = run_aggregation_task(AggregationTask(
-            namespace="hub", study="s3-study", round=1,
-            strategy=StrategySpec(name=strategy)), s3_store)
+            namespace="hub", study="s3-study", round=1, strategy=StrategySpec(name=strategy),
+            registry_json=keys.registry.to_json(), identity_dir=str(keys.hub_dir)), s3_store)
         assert [r.site for r in report.rejected] == ["bad"]
-        weights, manifest = read_checkpoint(s3_store, LAYOUT, 1)
+        weights, manifest = read_checkpoint(s3_store, LAYOUT, 1, hub=hub.public())
         expected = 2.5 if strategy == "fedavg" else 2.0  # (10*1 + 30*3)/40; median of 1 and 3
         torch.testing.assert_close(weights["w"], torch.full((4,), expected))
         assert sorted(c.site for c in manifest.contributors) == ["charite", "st-marys"]

@@ -6,19 +6,20 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from deeprad.core.checkpoint import read_checkpoint, write_checkpoint
+from deeprad.core.checkpoint import read_checkpoint
 from deeprad.core.data import ImageSet
 from deeprad.core.errors import ConfigError, DataError
 from deeprad.core.layout import StudyLayout
 from deeprad.core.metrics import clinical_metrics, combine
 from deeprad.core.models import REGISTRY, build_model, model_weights
+from deeprad.core.privacy import DPConfig
 from deeprad.core.protocol import DatasetSpec, ModelSpec, TrainConfig, TrainingTask
-from deeprad.core.store.local import LocalStore
 from deeprad.trainer import train_epochs, train_site
 from deeprad.trainer.job import run_training_task
 
@@ -100,48 +101,79 @@ def test_empty_training_set_is_refused() -> None:
                      TrainConfig(), torch.device("cpu"))
 
 
-def _seed_store(root: Path) -> tuple[LocalStore, StudyLayout]:
-    store, layout = LocalStore(root), StudyLayout("ns", "study")
+def _seed_store(study: Any) -> tuple[Any, StudyLayout]:
     torch.manual_seed(0)
-    write_checkpoint(store, layout, {"study": "study", "round": 0, "producer": "t",
-                                     "model": ModelSpec(), "parent_sha256": None},
-                     model_weights(build_model(ModelSpec())))
-    return store, layout
+    study.write_global(model_weights(build_model(ModelSpec())))
+    return study.store, study.layout
 
 
-def _task(**kw: object) -> TrainingTask:
+def _task(study: Any, **kw: object) -> TrainingTask:
     return TrainingTask.model_validate({
         "namespace": "ns", "study": "study", "round": 1, "site": "st-marys",
         "dataset": DatasetSpec(options={"samples": 24}).model_dump(),
-        "train": TrainConfig(local_epochs=1).model_dump(), **kw})
+        "train": TrainConfig(local_epochs=1).model_dump(),
+        "registry_json": study.keys.registry.to_json(),
+        "identity_dir": str(study.keys.site_dirs["st-marys"]), **kw})
 
 
-def test_trainer_job_writes_update_manifest_and_result(tmp_path: Path) -> None:
-    store, layout = _seed_store(tmp_path)
-    result = run_training_task(_task(), store)
+def test_trainer_job_writes_update_manifest_and_result(study: Any) -> None:
+    store, layout = _seed_store(study)
+    result = run_training_task(_task(study), store)
     _, parent = read_checkpoint(store, layout, 0)
     manifest = json.loads(store.get_text(layout.update_manifest(1, "st-marys")))
     assert manifest["parent_sha256"] == parent.payload_sha256
     assert manifest["payload_sha256"] == result.update_sha256
+    assert manifest["signature"] and manifest["namespace"] == "ns"
     assert manifest["num_samples"] == result.num_samples == 19  # 24 minus the 20% validation split
     assert json.loads(store.get_text(layout.result(1, "st-marys")))["site"] == "st-marys"
+    # encrypted at rest: the stored update is an envelope, not safetensors
+    assert store.get_bytes(layout.update_payload(1, "st-marys"))[:5] == b"DRENV"
 
 
-def test_trainer_refuses_a_tampered_global_model(tmp_path: Path) -> None:
-    store, layout = _seed_store(tmp_path)
-    path = tmp_path / layout.global_weights(0)
+def test_trainer_refuses_a_tampered_global_model(study: Any) -> None:
+    store, layout = _seed_store(study)
+    path = Path(store.root) / layout.global_weights(0)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    proc = subprocess.run([sys.executable, "-m", "deeprad.trainer", "--store", str(tmp_path),
-                           "--task", _task().model_dump_json()],
+    proc = subprocess.run([sys.executable, "-m", "deeprad.trainer", "--store", str(store.root),
+                           "--task", _task(study).model_dump_json()],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert "does not match the manifest" in proc.stderr
     assert not store.exists(layout.update_manifest(1, "st-marys"))
 
 
-def test_trainer_refuses_a_task_for_another_architecture(tmp_path: Path) -> None:
-    store, _ = _seed_store(tmp_path)
+def test_trainer_refuses_another_sites_identity(study: Any) -> None:
+    store, _ = _seed_store(study)
+    with pytest.raises(ConfigError, match="mount site st-marys's key folder"):
+        run_training_task(_task(study, identity_dir=str(study.keys.site_dirs["a"])), store)
+
+
+def test_trainer_refuses_a_task_for_another_architecture(study: Any) -> None:
+    store, _ = _seed_store(study)
     with pytest.raises(ConfigError, match="differs from the checkpoint's 'tumor-cnn'"):
-        run_training_task(_task(model={"name": "densenet121"}), store)
+        run_training_task(_task(study, model={"name": "densenet121"}), store)
+
+
+def test_dp_sgd_reports_the_steps_it_took_and_leaves_the_model_clean() -> None:
+    spec = ModelSpec(name="tumor-cnn", kwargs={"channels": [4, 8]})
+    torch.manual_seed(0)
+    glob = model_weights(build_model(spec))
+    train = _data(40)
+    cfg = TrainConfig(local_epochs=2, batch_size=10, seed=3)
+    out = train_site(spec, glob, train, _data(8, 1), cfg,
+                     dp=DPConfig(noise_multiplier=1.1, max_grad_norm=1.0))
+    assert out.privacy is not None
+    assert out.privacy.steps == 2 * 4 and out.privacy.sample_rate == pytest.approx(0.25)
+    assert out.privacy.noise_multiplier == 1.1
+    assert set(out.delta) == set(glob)  # no Opacus wrapper names leak into the update
+    plain = train_site(spec, glob, train, _data(8, 1), cfg)
+    assert plain.privacy is None
+    assert any(not torch.equal(out.delta[k], plain.delta[k]) for k in glob)
+
+
+def test_dp_sgd_refuses_fedprox() -> None:
+    with pytest.raises(ConfigError, match="FedProx"):
+        train_site(ModelSpec(), model_weights(build_model(ModelSpec())), _data(), _data(8, 1),
+                   TrainConfig(fedprox_mu=0.1), dp=DPConfig(noise_multiplier=1, max_grad_norm=1))

@@ -153,7 +153,8 @@ def test_jobs_are_restricted(render: str) -> None:
 
 
 def test_real_training_task_travels_as_json() -> None:
-    task = TrainingTask(namespace="research", study="s", round=1, site="st-marys")
+    task = TrainingTask(namespace="research", study="s", round=1, site="st-marys",
+                        registry_json="{}")
     job = jobs.trainer_job(_ctx("j", "ns"), "st-marys", _st_marys(), task, 60)
     env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]
            ["env"]}
