@@ -10,14 +10,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 import torch
+from image_files import WRITERS
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from deeprad.core.checkpoint import write_checkpoint
 from deeprad.core.data.loaders import read_image
@@ -42,31 +39,6 @@ SPEC = ModelSpec(kwargs={"channels": [4, 8]})
 # ---- fixtures: a checkpoint and images in every format ------------------------------------
 
 
-def _write_png(path: Path, arr: np.ndarray) -> None:
-    Image.fromarray(arr).save(path)
-
-
-def _write_dicom(path: Path, arr: np.ndarray) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = pydicom.uid.MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MR"
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = arr.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
-def _write_nifti(path: Path, arr: np.ndarray) -> None:
-    nib.save(nib.Nifti1Image(arr.T.astype(np.float32), np.eye(4)), str(path))
-
-
-WRITERS = {".png": _write_png, ".dcm": _write_dicom, ".nii.gz": _write_nifti}
 
 
 def write_images(root: Path, n: int, seed: int, by_class: bool = False) -> list[Path]:
