@@ -5,7 +5,8 @@ PYTEST ?= $(PYTHON) -m pytest -p no:cacheprovider
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-unit test-integration test-e2e lint bench bench-fedavg \
-        bench-simulate bench-cluster bench-secagg bench-trainer bench-gpu crds dev-up dev-down clean
+        bench-simulate bench-cluster bench-secagg bench-trainer bench-operator bench-gpu crds dashboards dev-up \
+        dev-down clean
 
 include tools/tools.mk
 
@@ -30,13 +31,17 @@ test-integration: tools ## integration tests: real control planes, node agent, S
 test-e2e: ## run only the end-to-end studies
 	$(PYTEST) -m e2e tests
 
-lint: ## ruff, mypy, and a check that crds/ matches its typed source
+lint: ## ruff, mypy, and checks that crds/ and the chart's dashboards match their sources
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy deeprad operator trainer aggregator
 	$(PYTHON) -m deeprad.operator.api.crdgen --check
+	$(PYTHON) -m deeprad.operator.dashboards.gen --check
 
 crds: ## regenerate crds/ from the typed source in operator/api
 	$(PYTHON) -m deeprad.operator.api.crdgen --out crds
+
+dashboards: ## regenerate the hub chart's Grafana dashboards from operator/dashboards
+	$(PYTHON) -m deeprad.operator.dashboards.gen --out helm/deeprad/files/dashboards
 
 bench: bench-fedavg bench-simulate bench-cluster bench-secagg bench-trainer ## run every CPU benchmark (prints ratios)
 
@@ -54,6 +59,9 @@ bench-secagg: ## secure-aggregation CPU time and upload size vs plain updates
 
 bench-trainer: ## the trainer's step time vs a bare PyTorch loop (CPU)
 	$(PYTHON) benchmarks/bench_trainer.py
+
+bench-operator: tools ## the hub operator with 1000 HospitalSites and one round over all (kwok)
+	$(PYTHON) benchmarks/bench_operator_scale.py
 
 bench-gpu: ## every GPU measurement in one run (needs a GPU; --cpu-smoke is unit-tested)
 	$(PYTHON) benchmarks/bench_gpu.py
