@@ -3,10 +3,14 @@ render manifests and apply them.
 
 - HospitalSite: on create/resume/update the site's hub namespace, agent ServiceAccount, Role,
   RoleBinding and heartbeat Lease are applied (server-side apply, field manager
-  `deeprad-operator`); a timer re-reads the Lease and sets Reachable and Ready.
+  `deeprad-operator`); a timer re-reads the Lease and sets Reachable and Ready; for push-mode
+  sites a daemon runs the site agent inside the hub (`push.py`).
 - FederatedStudy: on create/resume/update and on a timer, the study is re-derived from the
   FederatedRounds it owns (`decide.study`), and the next round is created when due
   (deterministic name, create-or-get, so a restart never duplicates one).
+- FederatedRound: on create/resume and on a timer, one pass of `hub_rounds.reconcile_round`
+  (prepare Job, admission, SiteTasks, aggregator Job, outcome); on delete, its SiteTasks and
+  hub Jobs, which ownerReferences cannot reach, are deleted.
 
 Nothing lives only in memory: the indices below are caches of the API that kopf rebuilds at
 start, and every write is idempotent. API errors become kopf.TemporaryError (retried, counted
@@ -15,119 +19,50 @@ in deeprad_reconcile_errors_total); what a user must fix becomes a condition.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import kopf
 import kubernetes
-from kubernetes.client.exceptions import ApiException
-from kubernetes.dynamic import DynamicClient
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from deeprad.core.errors import ConfigError
+from deeprad.core.identity import PublicIdentity
+from deeprad.core.store import open_store
 from deeprad.operator import metrics
-from deeprad.operator.api import GROUP, VERSION
+from deeprad.operator.api import API_VERSION, GROUP, VERSION
 from deeprad.operator.api.common import Metrics
 from deeprad.operator.api.federatedround import FederatedRoundSpec, FederatedRoundStatus
 from deeprad.operator.api.federatedstudy import FederatedStudySpec, FederatedStudyStatus
 from deeprad.operator.api.hospitalsite import HospitalSiteSpec, HospitalSiteStatus
 from deeprad.operator.api.names import round_name, site_namespace
+from deeprad.operator.api.sitetask import SiteTaskStatus, TaskState
+from deeprad.operator.client import (
+    Kube,
+    connection_info,
+    load_configuration,
+    now,
+    parse,
+    reconciling,
+)
 from deeprad.operator.decide import conditions as cond
+from deeprad.operator.decide import round as round_rules
 from deeprad.operator.decide import sites as site_rules
 from deeprad.operator.decide import study as study_rules
+from deeprad.operator.decide.sites import SiteView
+from deeprad.operator.hub_rounds import RoundHub, TaskFacts, reconcile_round
+from deeprad.operator.push import push_agent
 from deeprad.operator.render import rounds as round_render
 from deeprad.operator.render import site as site_render
-from deeprad.operator.render.meta import FIELD_MANAGER, Manifest
 from deeprad.operator.settings import HubOptions
 
 HOSPITAL_SITES = (GROUP, VERSION, "hospitalsites")
 FEDERATED_STUDIES = (GROUP, VERSION, "federatedstudies")
 FEDERATED_ROUNDS = (GROUP, VERSION, "federatedrounds")
-_SA_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
-M = TypeVar("M", bound=BaseModel)
-
-
-# ---- the API client ---------------------------------------------------------------------------
-
-
-def load_configuration(kubeconfig: str | None = None, context: str | None = None
-                       ) -> kubernetes.client.Configuration:
-    """Client configuration: the given kubeconfig/context, else in-cluster when running in a
-    pod, else $KUBECONFIG or ~/.kube/config."""
-    cfg = kubernetes.client.Configuration()
-    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and _SA_TOKEN.exists()
-    if kubeconfig or context or not in_cluster:
-        kubernetes.config.load_kube_config(config_file=kubeconfig, context=context,
-                                           client_configuration=cfg, persist_config=False)
-    else:
-        kubernetes.config.load_incluster_config(client_configuration=cfg)
-    return cfg
-
-
-def connection_info(cfg: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
-    """kopf's credentials from a loaded client configuration (as kopf's own client login
-    does, but for the configuration we chose rather than the process default)."""
-    header = cfg.get_api_key_with_prefix("BearerToken") or \
-        cfg.get_api_key_with_prefix("authorization")
-    parts = header.split(" ", 1) if header else []
-    scheme, token = (None, None) if not parts else \
-        (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
-    return kopf.ConnectionInfo(
-        server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
-        username=cfg.username or None, password=cfg.password or None, scheme=scheme,
-        token=token, certificate_path=cfg.cert_file, private_key_path=cfg.key_file)
-
-
-class Kube:
-    """The few API calls the hub makes, on the kubernetes client's dynamic client."""
-
-    def __init__(self, cfg: kubernetes.client.Configuration) -> None:
-        self._dyn = DynamicClient(kubernetes.client.ApiClient(cfg))
-
-    def _resource(self, manifest: Manifest) -> Any:
-        return self._dyn.resources.get(api_version=manifest["apiVersion"],
-                                       kind=manifest["kind"])
-
-    def apply(self, manifest: Manifest) -> dict[str, Any]:
-        """Server-side apply as `deeprad-operator`, taking over fields others set."""
-        meta = manifest["metadata"]
-        out = self._dyn.server_side_apply(self._resource(manifest), body=manifest,
-                                          name=meta["name"], namespace=meta.get("namespace"),
-                                          field_manager=FIELD_MANAGER, force_conflicts=True)
-        return dict(out.to_dict())
-
-    def get(self, api_version: str, kind: str, name: str, namespace: str | None = None
-            ) -> dict[str, Any] | None:
-        """The object, or None when it does not exist."""
-        res = self._dyn.resources.get(api_version=api_version, kind=kind)
-        try:
-            return dict(self._dyn.get(res, name=name, namespace=namespace).to_dict())
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def create_or_get(self, manifest: Manifest) -> tuple[dict[str, Any], bool]:
-        """Create the object; if the name is taken, the existing one. True when created."""
-        meta = manifest["metadata"]
-        try:
-            out = self._dyn.create(self._resource(manifest), body=manifest,
-                                   namespace=meta.get("namespace"),
-                                   field_manager=FIELD_MANAGER)
-            return dict(out.to_dict()), True
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-        existing = self.get(manifest["apiVersion"], manifest["kind"], meta["name"],
-                            meta.get("namespace"))
-        if existing is None:  # deleted between the two calls: the next pass creates it
-            raise kopf.TemporaryError(f"{manifest['kind']} {meta['name']} was deleted while "
-                                      "being created; retrying", delay=1)
-        return existing, False
+SITE_TASKS = (GROUP, VERSION, "sitetasks")
+PUSH_RELOAD_SECONDS = 60.0
 
 
 @dataclass
@@ -137,33 +72,7 @@ class HubMemo:
     options: HubOptions
     configuration: kubernetes.client.Configuration
     kube: Kube
-
-
-@contextlib.contextmanager
-def reconciling(kind: str, name: str) -> Iterator[None]:
-    """Count errors of one reconcile pass; API errors become a TemporaryError naming the
-    object, the call and the server's answer."""
-    try:
-        yield
-    except ApiException as exc:
-        metrics.RECONCILE_ERRORS.labels(kind=kind).inc()
-        raise kopf.TemporaryError(f"{kind} {name}: API call failed ({exc.status} {exc.reason}):"
-                                  f" {(exc.body or '')[:500]}", delay=5) from exc
-    except Exception:
-        metrics.RECONCILE_ERRORS.labels(kind=kind).inc()
-        raise
-
-
-def parse(model: type[M], data: Any) -> M:
-    """A spec or status dict as its typed model; unknown status keys (other writers) are
-    dropped, since the schema prunes them anyway."""
-    raw = dict(data or {})
-    keys = {f.alias or n for n, f in model.model_fields.items()} | set(model.model_fields)
-    return model.model_validate({k: v for k, v in raw.items() if k in keys})
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
+    rounds: RoundHub | None = None  # None until the hub is configured for rounds
 
 
 # ---- HospitalSite -----------------------------------------------------------------------------
@@ -196,12 +105,12 @@ def site_status(kube: Kube, name: str, generation: int | None, spec: HospitalSit
     observed.observed_generation = generation
     for d, gauge in zip(desired, (metrics.SITE_REACHABLE, metrics.SITE_READY), strict=True):
         gauge.labels(site=name).set(1 if d.status == "True" else 0)
+    if report.heartbeat is not None:
+        metrics.SITE_HEARTBEAT.labels(site=name).set(report.heartbeat.timestamp())
+    gpus = observed.observed_gpus
+    if gpus is not None and gpus.allocatable is not None:
+        metrics.SITE_GPUS.labels(site=name).set(gpus.allocatable)
     return observed
-
-
-def _patch_status(patch: kopf.Patch, status: BaseModel) -> None:
-    for key, value in status.model_dump(mode="json", exclude_none=True).items():
-        patch.status[key] = value
 
 
 # ---- FederatedStudy ---------------------------------------------------------------------------
@@ -220,7 +129,8 @@ def round_view(spec: FederatedRoundSpec, status: FederatedRoundStatus) -> study_
     failed = cond.find(status.conditions, study_rules.FAILED)
     return study_rules.RoundView(
         number=spec.round, state=status.state, output_checkpoint=status.output_checkpoint,
-        metrics=status.aggregate_metrics, epsilon=status.epsilon,
+        metrics=status.aggregate_metrics, input_metrics=status.input_metrics,
+        epsilon=status.epsilon,
         failure=failed.message if failed and failed.status == "True" else None,
         sites={s.site: s.state for s in status.sites or ()},
         training=spec.training, data=spec.data, dp=spec.privacy.differential_privacy)
@@ -320,18 +230,41 @@ def build_registry(options: HubOptions) -> kopf.OperatorRegistry:
                      status: kopf.Status, patch: kopf.Patch, memo: Any, **_: Any) -> None:
         with reconciling("HospitalSite", name):
             reserve_site(memo.kube, name, uid)
-            _patch_status(patch, site_status(memo.kube, name, meta.get("generation"),
-                                             parse(HospitalSiteSpec, spec),
-                                             parse(HospitalSiteStatus, status)))
+            old = parse(HospitalSiteStatus, status)
+            _patch_changed(patch, old, site_status(memo.kube, name, meta.get("generation"),
+                                                   parse(HospitalSiteSpec, spec), old))
 
     @kopf.timer(*HOSPITAL_SITES, id="site-heartbeat", interval=options.site_interval,
                 registry=registry)
     def site_heartbeat(name: str, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status,
                        patch: kopf.Patch, memo: Any, **_: Any) -> None:
         with reconciling("HospitalSite", name):
-            _patch_status(patch, site_status(memo.kube, name, meta.get("generation"),
-                                             parse(HospitalSiteSpec, spec),
-                                             parse(HospitalSiteStatus, status)))
+            old = parse(HospitalSiteStatus, status)
+            _patch_changed(patch, old, site_status(memo.kube, name, meta.get("generation"),
+                                                   parse(HospitalSiteSpec, spec), old))
+
+    @kopf.daemon(*HOSPITAL_SITES, id="push-agent", registry=registry, cancellation_timeout=10,
+                 when=lambda spec, **_: (spec.get("connection") or {}).get("mode") == "push")
+    def push_site(name: str, spec: kopf.Spec, body: kopf.Body, memo: Any,
+                  stopped: kopf.DaemonStopped, **_: Any) -> None:
+        """Run the site agent of a push-mode site inside the hub until the site changes mode
+        or goes away. The Secret is re-read every minute, so a fixed kubeconfig is picked up."""
+        hub_client = kubernetes.client.ApiClient(memo.configuration)
+        agent, built, problem = None, 0.0, ""
+        while not stopped:
+            if agent is None or time.monotonic() - built > PUSH_RELOAD_SECONDS:
+                try:
+                    agent = push_agent(name, parse(HospitalSiteSpec, spec), hub_client)
+                    built, problem = time.monotonic(), ""
+                except ConfigError as exc:
+                    agent = None
+                    if str(exc) != problem:
+                        problem = str(exc)
+                        kopf.event(body, type="Warning", reason="PushConfigInvalid",
+                                   message=problem)
+            if agent is not None:
+                agent.step()
+            stopped.wait(agent.config.poll_seconds if agent else PUSH_RELOAD_SECONDS / 6)
 
     def study_pass(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.Spec,
                    status: kopf.Status, patch: kopf.Patch, body: kopf.Body, memo: Any,
@@ -344,7 +277,11 @@ def build_registry(options: HubOptions) -> kopf.OperatorRegistry:
                                   parse(FederatedStudySpec, spec),
                                   parse(FederatedStudyStatus, status), owned,
                                   list(site_facts.get(None, ())), body)
-            _patch_status(patch, new)
+            _patch_changed(patch, parse(FederatedStudyStatus, status), new)
+            for number, measured in study_rules.metrics_to_backfill(owned):
+                memo.kube.patch_status(API_VERSION, "FederatedRound", round_name(name, number),
+                                       namespace, {"aggregateMetrics": measured.model_dump(
+                                           mode="json", exclude_none=True)})
 
     @kopf.on.resume(*FEDERATED_STUDIES, id="study", registry=registry)
     @kopf.on.create(*FEDERATED_STUDIES, id="study", registry=registry)
@@ -357,7 +294,103 @@ def build_registry(options: HubOptions) -> kopf.OperatorRegistry:
     def study_timer(**kwargs: Any) -> None:
         study_pass(**_study_kwargs(kwargs))
 
+    @kopf.index(*HOSPITAL_SITES, id="site_views", registry=registry)
+    def site_views(name: str, spec: kopf.Spec, status: kopf.Status, **_: Any
+                   ) -> dict[None, SiteView]:
+        try:
+            site_spec = parse(HospitalSiteSpec, spec)
+            site_status = parse(HospitalSiteStatus, status)
+        except ValidationError:
+            return {}  # admission refuses such objects; an old one is simply not a candidate
+        return {None: SiteView(name, site_spec, tuple(site_status.conditions or ()),
+                               site_status)}
+
+    @kopf.index(*SITE_TASKS, id="round_tasks", registry=registry)
+    def round_tasks(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
+                    **_: Any) -> dict[str, TaskFacts]:
+        uid = (spec.get("roundRef") or {}).get("uid")
+        if not uid or namespace is None:
+            return {}
+        try:
+            st = parse(SiteTaskStatus, status)
+        except ValidationError:
+            st = SiteTaskStatus()
+        return {uid: TaskFacts(uid, str(spec.get("site")), name, namespace, st.state,
+                               st.message, st.result, st.completion_time)}
+
+    def round_pass(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.Spec,
+                   status: kopf.Status, patch: kopf.Patch, body: kopf.Body, memo: Any,
+                   site_views: kopf.Index[None, SiteView],
+                   round_tasks: kopf.Index[str, TaskFacts]) -> None:
+        with reconciling("FederatedRound", f"{namespace}/{name}"):
+            old = parse(FederatedRoundStatus, status)
+            hub: RoundHub | None = memo.rounds
+            if hub is None:
+                missing = ", ".join(memo.options.missing_for_rounds())
+                new = old.model_copy(deep=True)
+                new.conditions = cond.merge(old.conditions, [cond.Desired.false(
+                    round_rules.SITES_SCHEDULED, "HubNotConfigured",
+                    f"the hub operator runs without {missing}; it cannot run rounds")],
+                    meta.get("generation"), now())
+                _patch_changed(patch, old, new)
+                return
+            running = _running_tasks(round_tasks, uid)
+            sites = [replace(v, running_tasks=running.get(v.name, 0))
+                     for v in site_views.get(None, ())]
+            new = reconcile_round(hub, name, namespace, uid, meta,
+                                  parse(FederatedRoundSpec, spec), old,
+                                  list(round_tasks.get(uid, ())), sites, body)
+            _patch_changed(patch, old, new)
+
+    @kopf.on.resume(*FEDERATED_ROUNDS, id="round", registry=registry)
+    @kopf.on.create(*FEDERATED_ROUNDS, id="round", registry=registry)
+    @kopf.on.update(*FEDERATED_ROUNDS, id="round", registry=registry)
+    def round_changed(**kwargs: Any) -> None:
+        round_pass(**{k: kwargs[k] for k in _ROUND_KWARGS})
+
+    @kopf.timer(*FEDERATED_ROUNDS, id="round-timer", interval=options.round_interval,
+                registry=registry)
+    def round_timer(**kwargs: Any) -> None:
+        round_pass(**{k: kwargs[k] for k in _ROUND_KWARGS})
+
+    @kopf.on.delete(*FEDERATED_ROUNDS, id="round-cleanup", registry=registry)
+    def round_deleted(name: str, namespace: str | None, uid: str, memo: Any,
+                      **kwargs: Any) -> None:
+        """SiteTasks live in the sites' namespaces and hub Jobs in the jobs namespace, out of
+        reach of ownerReferences: delete them explicitly. The store keeps the study's data."""
+        with reconciling("FederatedRound", f"{namespace}/{name}"):
+            hub: RoundHub | None = memo.rounds
+            if hub is not None:
+                tasks: kopf.Index[str, TaskFacts] = kwargs["round_tasks"]
+                hub.delete_tasks([(f.site, f.name) for f in tasks.get(uid, ())])
+                hub.delete_jobs(name, uid)
+
     return registry
+
+
+_ROUND_KWARGS = ("name", "namespace", "uid", "meta", "spec", "status", "patch", "body", "memo",
+                 "site_views", "round_tasks")
+
+
+def _running_tasks(index: kopf.Index[str, TaskFacts], exclude_round: str) -> dict[str, int]:
+    """Unfinished SiteTasks per site, of rounds other than `exclude_round`."""
+    out: dict[str, int] = {}
+    for uid in index:
+        if uid == exclude_round:
+            continue
+        for f in index.get(uid, ()):
+            if f.state not in (TaskState.SUCCEEDED, TaskState.FAILED):
+                out[f.site] = out.get(f.site, 0) + 1
+    return out
+
+
+def _patch_changed(patch: kopf.Patch, old: BaseModel, new: BaseModel) -> None:
+    """Patch only the status fields that changed, so an idle pass sends no request."""
+    before = old.model_dump(mode="json", exclude_none=True)
+    after = new.model_dump(mode="json", exclude_none=True)
+    for key, value in after.items():
+        if before.get(key) != value:
+            patch.status[key] = value
 
 
 _STUDY_KWARGS = ("name", "namespace", "uid", "meta", "spec", "status", "patch", "body", "memo",
@@ -369,9 +402,21 @@ def _study_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_memo(options: HubOptions, kubeconfig: str | None, context: str | None) -> HubMemo:
-    """The shared memo: options, the chosen client configuration, its API client."""
+    """The shared memo: options, the chosen client configuration, its API client, and (when
+    the store and the hub's keys are configured) what round passes need."""
     cfg = load_configuration(kubeconfig, context)
-    return HubMemo(options=options, configuration=cfg, kube=Kube(cfg))
+    kube = Kube(cfg)
+    rounds = None
+    if not options.missing_for_rounds():
+        assert options.store_url is not None and options.hub_keys_dir is not None
+        hub = PublicIdentity.load(Path(options.hub_keys_dir))
+        if hub.role != "hub":
+            raise ConfigError(f"--hub-keys {options.hub_keys_dir}: role is {hub.role!r}, "
+                              "expected 'hub' (pass the hub's public key folder)")
+        rounds = RoundHub(options=options, kube=kube,
+                          core=kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(cfg)),
+                          store=open_store(options.store_url), hub=hub)
+    return HubMemo(options=options, configuration=cfg, kube=kube, rounds=rounds)
 
 
 __all__ = ["HubMemo", "Kube", "build_registry", "make_memo"]

@@ -7,9 +7,17 @@ site, outcome, phase, kind; never a round name (rounds grow without bound).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, cpu, open fds
 
 # Round durations run from minutes to days.
 _ROUND_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 604800)
@@ -54,6 +62,33 @@ SITE_READY = Gauge("deeprad_site_ready", "1 when the site may be given work (Rea
 ROUNDS_CREATED = Counter("deeprad_study_rounds_created",
                          "FederatedRounds this operator created for studies.",
                          ["namespace", "study"], registry=REGISTRY)
+ROUND_DEADLINE = Gauge("deeprad_round_deadline_timestamp_seconds",
+                       "Deadline (unix time) of the study's round in progress; 0 when none runs.",
+                       ["namespace", "study"], registry=REGISTRY)
+ROUND_NUMBER = Gauge("deeprad_round_number", "Number of the study's latest round.",
+                     ["namespace", "study"], registry=REGISTRY)
+SITE_ROUND_DURATION = Gauge("deeprad_site_training_duration_seconds",
+                            "Training wall time of each site in the study's latest round "
+                            "(stragglers stand out).", ["namespace", "study", "site"],
+                            registry=REGISTRY)
+SITES_DROPPED = Counter("deeprad_sites_dropped", "Admitted sites that did not report by the "
+                        "deadline or whose Job failed.", ["namespace", "study", "site"],
+                        registry=REGISTRY)
+UPDATES_REJECTED = Counter("deeprad_updates_rejected", "Updates the aggregator refused "
+                           "(signature, digest, replay, stale parent, malformed).",
+                           ["namespace", "study"], registry=REGISTRY)
+STUDY_EPSILON_BUDGET = Gauge("deeprad_study_epsilon_budget",
+                             "spec.privacyBudget.epsilon of the study (absent without one).",
+                             ["namespace", "study"], registry=REGISTRY)
+SITE_HEARTBEAT = Gauge("deeprad_site_last_heartbeat_timestamp_seconds",
+                       "renewTime (unix time) of the site agent's Lease.", ["site"],
+                       registry=REGISTRY)
+SITE_GPUS = Gauge("deeprad_site_gpus", "GPUs the site agent reports on its cluster.", ["site"],
+                  registry=REGISTRY)
+RECONCILE_DURATION = Histogram("deeprad_reconcile_duration_seconds",
+                               "Wall time of one reconcile pass, by kind.", ["kind"],
+                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                               registry=REGISTRY)
 RECONCILE_ERRORS = Counter("deeprad_reconcile_errors",
                            "Reconcile passes that ended in an error, by kind.", ["kind"],
                            registry=REGISTRY)

@@ -1,10 +1,23 @@
-"""Markers by folder: tests/unit -> unit, tests/integration -> integration, tests/e2e -> e2e."""
+"""Markers by folder (tests/unit -> unit, tests/integration -> integration, tests/e2e -> e2e),
+the shared real-component fixtures, and a sweep of leftover processes around the session."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from real_components import (  # noqa: F401 (fixtures)
+    clusters,
+    devenv_dir,
+    devenv_tools,
+    hub_cluster,
+    kube_tools,
+    owner_token,
+    prometheus,
+    s3_server,
+)
+
+from deeprad.devenv.processes import stop_all, sweep_orphans
 
 _KINDS = ("unit", "integration", "e2e")
 
@@ -15,3 +28,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for kind in _KINDS:
             if kind in parts:
                 item.add_marker(getattr(pytest.mark, kind))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    sweep_orphans()  # leftovers of a run that was killed with SIGKILL
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    stop_all()

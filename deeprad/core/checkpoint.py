@@ -28,8 +28,13 @@ from safetensors.torch import save_file as st_save_file
 from deeprad.core.errors import CheckpointError, ObjectNotFound, UpdateRejected
 from deeprad.core.identity import Identity, PublicIdentity
 from deeprad.core.layout import StudyLayout
+from deeprad.core.manifests import (
+    checkpoint_statement,
+    read_manifest,
+    verify_checkpoint_manifest,
+)
 from deeprad.core.protocol import CheckpointManifest, UpdateManifest
-from deeprad.core.signing import Statement, new_nonce, sign_statement, verify_checkpoint
+from deeprad.core.signing import new_nonce, sign_statement
 from deeprad.core.store import ObjectStore
 
 Tensors = Mapping[str, torch.Tensor]
@@ -110,21 +115,6 @@ def signature(tensors: Tensors) -> dict[str, tuple[str, tuple[int, ...]]]:
 # ---- global checkpoints -------------------------------------------------------------------
 
 
-def checkpoint_statement(manifest: CheckpointManifest, signer: str) -> Statement:
-    """The statement the hub signs for a checkpoint manifest."""
-    if manifest.namespace is None or manifest.nonce is None:
-        raise CheckpointError(f"checkpoint {manifest.study} round {manifest.round}: manifest has "
-                              "no namespace or nonce, so it cannot carry the hub's signature")
-    try:
-        return Statement(kind="checkpoint", namespace=manifest.namespace, study=manifest.study,
-                         round=manifest.round, site=signer, nonce=manifest.nonce,
-                         parent_sha256=manifest.parent_sha256,
-                         payload_sha256=manifest.payload_sha256)
-    except ValueError as exc:
-        raise CheckpointError(f"checkpoint {manifest.study} round {manifest.round}: manifest "
-                              f"fields cannot form a signed statement: {exc}") from None
-
-
 def write_checkpoint(
     store: ObjectStore,
     layout: StudyLayout,
@@ -169,32 +159,12 @@ def _put_tensors(store: ObjectStore, key: str, tensors: Tensors,
         os.unlink(tmp)
 
 
-def read_manifest(store: ObjectStore, layout: StudyLayout, round_no: int) -> CheckpointManifest:
-    key = layout.global_manifest(round_no)
-    try:
-        return CheckpointManifest.model_validate_json(store.get_bytes(key))
-    except ObjectNotFound:
-        raise CheckpointError(
-            f"checkpoint of round {round_no} missing: no {store.url}/{key}") from None
-    except ValueError as exc:
-        raise CheckpointError(f"checkpoint manifest {store.url}/{key} is corrupt: {exc}") from exc
-
-
 def _check_digest(where: str, actual: str, expected: str | None) -> None:
     if actual != expected:
         raise CheckpointError(
             f"{where}: sha256 {actual[:16]}… does not match the manifest's "
             f"{(expected or 'none')[:16]}…; the object was altered or is corrupt — re-create it"
         )
-
-
-def verify_checkpoint_manifest(manifest: CheckpointManifest, hub: PublicIdentity,
-                               layout: StudyLayout, round_no: int) -> None:
-    """Raise CheckpointError unless `hub` signed `manifest` for this study and round."""
-    statement = checkpoint_statement(manifest, hub.name)
-    verify_checkpoint(statement, manifest.signature, hub, namespace=layout.namespace,
-                      study=layout.study, round_no=round_no,
-                      payload_sha256=manifest.payload_sha256)
 
 
 @contextlib.contextmanager

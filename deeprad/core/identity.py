@@ -94,6 +94,26 @@ class PublicIdentity(BaseModel):
         b64decode_32("public key", v)
         return v
 
+    @classmethod
+    def load(cls, folder: Path) -> PublicIdentity:
+        """From the public files of a key folder (`signing.pub`, `key-agreement.pub`, `name`,
+        `role`), as `deeprad keys generate` writes them or a ConfigMap mounts them."""
+        folder = Path(folder)
+        texts: dict[str, str] = {}
+        for fname in (SIGNING_PUB_FILE, KEY_AGREEMENT_PUB_FILE, NAME_FILE):
+            text = _read_optional(folder / fname)
+            if not text:
+                raise ConfigError(f"public key folder {folder}: {fname} is missing or empty; "
+                                  "copy it from the folder `deeprad keys generate` wrote")
+            texts[fname] = text
+        role = _role(_read_optional(folder / ROLE_FILE) or "site", str(folder / ROLE_FILE))
+        try:
+            return cls(name=texts[NAME_FILE], role=role,
+                       signing_key=texts[SIGNING_PUB_FILE],
+                       key_agreement_key=texts[KEY_AGREEMENT_PUB_FILE])
+        except ValueError as exc:
+            raise ConfigError(f"public key folder {folder}: {exc}") from None
+
     @property
     def signing_public_key(self) -> Ed25519PublicKey:
         return Ed25519PublicKey.from_public_bytes(base64.b64decode(self.signing_key))

@@ -95,6 +95,16 @@ class StudyLayout:
         tail = f"{step}/{check_name('site', site)}.json" if site else f"{step}.json"
         return f"{self.secagg_prefix(round_no)}{tail}"
 
+    @staticmethod
+    def parse_global_weights(key: str) -> tuple[StudyLayout, int]:
+        """The study and round of a `<namespace>/<study>/rounds/<n>/global.safetensors` key."""
+        parts = key.split("/")
+        if (len(parts) != 5 or parts[2] != "rounds" or not parts[3].isdigit()
+                or parts[4] != "global.safetensors"):
+            raise ConfigError(f"{key!r} is not a global checkpoint key "
+                              "(<namespace>/<study>/rounds/<n>/global.safetensors)")
+        return StudyLayout(parts[0], parts[1]), int(parts[3])
+
     def sites_with_updates(self, keys: list[str], round_no: int) -> list[str]:
         """Site names that have an update manifest among `keys` (a store listing)."""
         prefix = self.updates_prefix(round_no)

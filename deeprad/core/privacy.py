@@ -20,15 +20,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import dp_accounting
-from dp_accounting import mechanism_calibration
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
 from pydantic import BaseModel, ConfigDict, Field
 
 from deeprad.core.errors import ConfigError, DeepRadError
+
+if TYPE_CHECKING:  # dp-accounting takes a second to import; the operator rarely needs it
+    import dp_accounting
 
 AccountantName = Literal["rdp", "pld"]
 ACCOUNTANTS: tuple[AccountantName, ...] = ("rdp", "pld")
@@ -52,6 +51,8 @@ class DPSteps(BaseModel):
 
     def event(self) -> dp_accounting.DpEvent:
         """The dp-accounting event: Poisson-sampled Gaussian, self-composed `steps` times."""
+        import dp_accounting
+
         return dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(
                 sampling_probability=self.sample_rate,
@@ -61,6 +62,9 @@ class DPSteps(BaseModel):
 
 def make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
     """A fresh dp-accounting accountant: RDP (default orders) or PLD (default discretization)."""
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     if accountant == "rdp":
         return rdp_privacy_accountant.RdpAccountant()
     if accountant == "pld":
@@ -113,6 +117,7 @@ def noise_for_target_epsilon(target_epsilon: float, sample_rate: float, steps: i
                           f"{steps}")
     _check_delta(delta)
     make_accountant(accountant)
+    from dp_accounting import mechanism_calibration
 
     def event(z: float) -> dp_accounting.DpEvent:
         return DPSteps(noise_multiplier=z, sample_rate=sample_rate, steps=steps).event()

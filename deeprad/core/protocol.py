@@ -231,6 +231,30 @@ class AggregationTask(Message):
     secagg: SecAggSpec | None = None
 
 
+class CheckpointSource(Message):
+    """A hub-signed checkpoint elsewhere in the same store (another study, or a round of one)."""
+
+    namespace: str
+    study: str
+    round: int = Field(ge=0)
+    sha256: str | None = None  # the payload digest the caller expects
+
+
+class PrepareTask(Message):
+    """Write round `round`'s global checkpoint, the input of round `round + 1`: a freshly
+    initialised model, or `source` verified with the hub's key and re-signed for this study."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    namespace: str
+    study: str
+    round: int = Field(ge=0)
+    model: ModelSpec = ModelSpec()
+    seed: int = 0
+    source: CheckpointSource | None = None
+    registry_json: str  # the hub's public keys, to verify an imported source
+    identity_dir: str | None = None  # the hub's key folder (else DEEPRAD_IDENTITY_DIR / env)
+
+
 class Rejection(Message):
     site: str
     reason: str

@@ -251,8 +251,12 @@ class PodWorker(threading.Thread):
     def _exec_plan(self, c: ContainerState) -> tuple[list[str], dict[str, str], Path]:
         assert self._volumes is not None
         paths = self._volumes.path_map(c.spec)
-        env = EnvResolver(self.client, self.pod).resolve(c.spec, self._base_env(c, paths))
-        env = {k: paths.rewrite(v) for k, v in env.items()}
+        base = self._base_env(c, paths)
+        env = EnvResolver(self.client, self.pod).resolve(c.spec, base)
+        # Only the pod's own values name paths inside the pod; the agent's (KUBECONFIG, TMPDIR,
+        # the passthrough PATH...) are host paths already, even when they lie under a mount
+        # path such as /tmp.
+        env = {k: v if base.get(k) == v else paths.rewrite(v) for k, v in env.items()}
         env[OWNER_ENV] = self.agent.config.owner_token  # swept at teardown, whatever happens
         argv = command_line(c.spec, env, paths.rewrite)
         return argv, env, self._working_dir(c, paths)

@@ -84,10 +84,27 @@ def render_crd(kind: Kind) -> dict[str, Any]:
     }
 
 
+# Words YAML 1.1 reads as booleans. kubectl and Helm parse YAML 1.1 (go-yaml v2), so an
+# unquoted property named `n` would become the key `false` and the field would be pruned.
+_YAML11_BOOLS = frozenset(["y", "n", "yes", "no", "on", "off", "true", "false"])
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes every string a YAML 1.1 reader would take for a boolean."""
+
+    def represent_str(self, data: str) -> yaml.ScalarNode:
+        if data.lower() in _YAML11_BOOLS:
+            return self.represent_scalar("tag:yaml.org,2002:str", data, style="'")
+        return super().represent_str(data)
+
+
+_Dumper.add_representer(str, _Dumper.represent_str)
+
+
 def render_yaml(kind: Kind) -> str:
     """The file text of one CRD: the header, then block-style YAML in a fixed key order."""
-    body = yaml.safe_dump(render_crd(kind), sort_keys=False, default_flow_style=False,
-                          width=100, allow_unicode=True)
+    body = yaml.dump(render_crd(kind), Dumper=_Dumper, sort_keys=False,
+                     default_flow_style=False, width=100, allow_unicode=True)
     return HEADER + body
 
 

@@ -22,7 +22,7 @@ from deeprad.operator.api.common import (
     Timestamp,
 )
 from deeprad.operator.api.federatedstudy import SiteNames
-from deeprad.operator.api.names import MAX_ROUNDS, ROUND_NAME_MAX
+from deeprad.operator.api.names import MAX_ROUND_SITES, MAX_ROUNDS, ROUND_NAME_MAX
 from deeprad.operator.api.schema import AGE, ApiModel, Kind, Kube, PrinterColumn, Rule
 
 
@@ -129,15 +129,21 @@ class FederatedRoundStatus(ApiModel):
                                                      description="When aggregation started.")
     completion_time: Timestamp | None = Field(default=None,
                                               description="When the round finished.")
-    sites: Annotated[list[SiteRoundStatus], Field(max_length=256),
+    sites: Annotated[list[SiteRoundStatus], Field(max_length=MAX_ROUND_SITES),
                      Kube(list_type="map", list_map_keys=("site",))] | None = Field(
         default=None, description="Per-site state, keyed by site.")
     admitted_sites: int | None = Field(default=None, ge=0,
                                        description="Sites admitted to the round.")
     reported_sites: int | None = Field(default=None, ge=0,
                                        description="Admitted sites that reported an update.")
+    input_metrics: Metrics | None = Field(
+        default=None, description="The round's input global model on the reporting sites' "
+                                  "validation data (sample-weighted).")
     aggregate_metrics: Metrics | None = Field(
-        default=None, description="The new global model on the sites' validation data.")
+        default=None, description="The new global model on the sites' validation data; known "
+                                  "once the study's next round has evaluated it.")
+    rejected_sites: int | None = Field(default=None, ge=0,
+                                       description="Updates the aggregator refused.")
     output_checkpoint: CheckpointRef | None = Field(default=None,
                                                     description="The new global model.")
     epsilon: float | None = Field(default=None, ge=0,
@@ -152,8 +158,8 @@ FEDERATED_ROUND = Kind(
     spec=FederatedRoundSpec,
     status=FederatedRoundStatus,
     description="One round of federated training: the sites train the input checkpoint locally "
-                "and the aggregator combines their updates into the output checkpoint. Work "
-                "items are <name>-<site>.",
+                "and the aggregator combines their updates into the output checkpoint. Its work "
+                "items are <name>-<first 8 characters of its uid>, one per site's hub namespace.",
     name_max=ROUND_NAME_MAX,
     short_names=("fround",),
     columns=(

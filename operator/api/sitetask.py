@@ -6,7 +6,7 @@ holds the hub's storage credentials."""
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
@@ -25,7 +25,13 @@ from deeprad.operator.api.common import (
     SiteName,
     Timestamp,
 )
-from deeprad.operator.api.names import MAX_ROUNDS, SITE_NAMESPACE_PREFIX, TASK_NAME_MAX
+from deeprad.operator.api.hospitalsite import PUBLIC_KEY_PATTERN
+from deeprad.operator.api.names import (
+    MAX_ROUNDS,
+    MAX_SECAGG_SITES,
+    SITE_NAMESPACE_PREFIX,
+    TASK_NAME_MAX,
+)
 from deeprad.operator.api.schema import AGE, ApiModel, Kind, Kube, PrinterColumn, Rule
 
 
@@ -38,24 +44,41 @@ class RoundRef(ApiModel):
                                                 "deleted and recreated round is recognised.")
 
 
-class TaskCheckpoint(ApiModel):
-    """The global model to start from: presigned GET URLs and the expected digest."""
+class GrantedObject(ApiModel):
+    """One object the site may read (GET) or write (PUT), through a presigned URL."""
 
-    url: PresignedUrl = Field(description="Presigned GET URL of global.safetensors.")
-    manifest_url: PresignedUrl = Field(description="Presigned GET URL of global.json (its "
-                                                   "signed manifest).")
-    digest: Sha256 = Field(description="sha256 the payload must have; the trainer refuses "
-                                       "any other.")
+    key: Annotated[str, Field(min_length=1, max_length=1024)] = Field(
+        description="Object key in the study's store, e.g. ns/study/rounds/3/updates/site.bin.")
+    method: Literal["GET", "PUT"] = Field(description="GET to read, PUT to write.")
+    url: PresignedUrl = Field(description="Presigned URL, valid until the round's deadline.")
 
 
-class TaskUploads(ApiModel):
-    """Where the site writes its results: presigned PUT URLs valid until the deadline."""
+class PublicKeys(ApiModel):
+    """A party's public keys (base64 of 32 raw bytes)."""
 
-    update_url: PresignedUrl = Field(description="PUT URL of updates/<site>.bin (encrypted, "
-                                                 "signed update envelope).")
-    update_manifest_url: PresignedUrl = Field(description="PUT URL of updates/<site>.json.")
-    result_url: PresignedUrl = Field(description="PUT URL of results/<site>.json "
-                                                 "(non-sensitive metrics).")
+    name: ObjectName = Field(description="Site or hub name.")
+    signing_key: Annotated[str, Field(pattern=PUBLIC_KEY_PATTERN)] = Field(
+        description="Ed25519 public key.")
+    key_agreement_key: Annotated[str, Field(pattern=PUBLIC_KEY_PATTERN)] = Field(
+        description="X25519 public key.")
+
+
+class TaskSecureAggregation(ApiModel):
+    """The secure-aggregation parameters of the round, the same for every site."""
+
+    roster: Annotated[list[PublicKeys], Field(min_length=2, max_length=MAX_SECAGG_SITES),
+                      Kube(list_type="map", list_map_keys=("name",))] = Field(
+        description="Every admitted site and its public keys: the peers this site exchanges "
+                    "masks with.")
+    threshold: int = Field(ge=2, le=MAX_SECAGG_SITES,
+                           description="Shares needed to recover a dropped site's masks "
+                                       "(greater than 2/3 of the roster).")
+    clip: float = Field(gt=0, description="Clip of each weighted update value before "
+                                          "quantization.")
+    weight_normalizer: float = Field(gt=0, description="Declared total samples of the roster; "
+                                                       "each site's weight is n / this.")
+    timeout_seconds: float = Field(gt=0, description="How long the site waits for each of the "
+                                                     "hub's messages.")
 
 
 class SiteTaskSpec(ApiModel):
@@ -68,9 +91,8 @@ class SiteTaskSpec(ApiModel):
     ))
 
     round_ref: RoundRef = Field(description="The FederatedRound.")
-    study: ObjectName | None = Field(default=None, description="Study name (the object-store "
-                                                               "prefix); empty for hand-made "
-                                                               "rounds.")
+    study: ObjectName = Field(description="The study's name in the object store (a hand-made "
+                                          "round's own name).")
     round: int = Field(ge=1, le=MAX_ROUNDS, description="Round number.")
     site: SiteName = Field(description="The HospitalSite doing the work.")
     model: ModelSpec = Field(description="The network.")
@@ -81,8 +103,15 @@ class SiteTaskSpec(ApiModel):
                                     description="Local training parameters.")
     privacy: RoundPrivacy = Field(default_factory=RoundPrivacy,
                                   description="Secure aggregation and DP-SGD settings.")
-    checkpoint: TaskCheckpoint = Field(description="The global model to start from.")
-    uploads: TaskUploads = Field(description="Where to upload the update and the result.")
+    parent_digest: Sha256 = Field(description="sha256 of the global model to start from; the "
+                                              "trainer refuses any other.")
+    hub: PublicKeys = Field(description="The hub's public keys: checkpoints must carry its "
+                                        "signature and updates are sealed to it.")
+    objects: Annotated[list[GrantedObject], Field(min_length=1, max_length=32),
+                       Kube(list_type="atomic")] = Field(
+        description="The objects the site may read and write this round, with presigned URLs.")
+    secure_aggregation: TaskSecureAggregation | None = Field(
+        default=None, description="Set when the round uses secure aggregation.")
     deadline: Timestamp = Field(description="When the round stops waiting; the URLs expire "
                                             "then too.")
 

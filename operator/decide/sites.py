@@ -86,17 +86,18 @@ def observed_status(status: HospitalSiteStatus, report: AgentReport) -> Hospital
 
 def reachable(site: str, spec: HospitalSiteSpec, heartbeat: datetime | None,
               now: datetime) -> Desired:
-    """The Reachable condition: pull sites from their agent's Lease renewTime; push sites are
-    Unknown until the hub has used their kubeconfig."""
-    if spec.connection.mode == ConnectionMode.PUSH:
-        ref = spec.connection.kubeconfig_secret_ref
-        where = f"{ref.namespace}/{ref.name}" if ref else "(none)"
-        return Desired.unknown(REACHABLE, "PushNotChecked",
-                               f"push mode: the hub reaches the site with the kubeconfig in "
-                               f"Secret {where} when it schedules work")
+    """The Reachable condition from the heartbeat Lease's renewTime, renewed by the site's
+    agent (pull) or by the hub's agent for the site after reaching its cluster (push)."""
     timeout = parse_duration(spec.connection.heartbeat_timeout,
                              f"HospitalSite {site}: spec.connection.heartbeatTimeout")
     if heartbeat is None:
+        if spec.connection.mode == ConnectionMode.PUSH:
+            ref = spec.connection.kubeconfig_secret_ref
+            where = f"{ref.namespace}/{ref.name}" if ref else "(none)"
+            return Desired.false(REACHABLE, "NoHeartbeat",
+                                 f"push mode: the hub has not reached the site's cluster with "
+                                 f"the kubeconfig in Secret {where} yet (see this site's "
+                                 "Events)")
         return Desired.false(REACHABLE, "NoHeartbeat",
                              f"the site agent has never renewed its heartbeat Lease; install "
                              f"the site chart at {site} with this hub's address")

@@ -58,7 +58,8 @@ class RoundView:
     number: int
     state: RoundState | None = None
     output_checkpoint: CheckpointRef | None = None
-    metrics: Metrics | None = None
+    metrics: Metrics | None = None  # the round's output model (aggregateMetrics)
+    input_metrics: Metrics | None = None  # the round's input model, as its sites measured it
     epsilon: float | None = None
     failure: str | None = None  # the Failed condition's message
     sites: Mapping[str, SiteState] = field(default_factory=dict)
@@ -201,7 +202,8 @@ class _Progress:
 
 def _progress(spec: FederatedStudySpec, succeeded: Sequence[RoundView]) -> _Progress:
     """Best value (an improvement must beat it by more than minDelta), rounds since the last
-    improvement, and the first round that reached the target."""
+    improvement, and the first round that reached the target. A round whose output has not
+    been measured yet (the next round's sites measure it) counts neither way."""
     rules = spec.stopping
     sign = -1.0 if rules.metric == "loss" else 1.0  # compare as "higher is better"
     best: BestMetric | None = None
@@ -210,7 +212,6 @@ def _progress(spec: FederatedStudySpec, succeeded: Sequence[RoundView]) -> _Prog
     for r in succeeded:
         value = getattr(r.metrics, rules.metric, None) if r.metrics else None
         if value is None:
-            since += 1
             continue
         if rules.target is not None and target_round is None and \
                 sign * value >= sign * rules.target:
@@ -380,3 +381,12 @@ def _conditions(name: str, action: Action) -> list[Desired]:
     return [Desired.false(PROGRESSING, action.reason, action.message),
             Desired.false(SUCCEEDED, action.reason, ""),
             Desired.true(FAILED, action.reason, action.message)]
+
+
+def metrics_to_backfill(rounds: Sequence[RoundView]) -> list[tuple[int, Metrics]]:
+    """(round, metrics) for rounds whose output model the next round has measured but whose
+    aggregateMetrics is still empty: round n's output is round n+1's input."""
+    by_number = {r.number: r for r in rounds}
+    return [(r.number, nxt.input_metrics) for r in rounds
+            if r.metrics is None and (nxt := by_number.get(r.number + 1)) is not None
+            and nxt.input_metrics is not None]

@@ -16,12 +16,11 @@ this module does not depend on their fields.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from pydantic import BaseModel
 
-from deeprad.operator.api.hospitalsite import HospitalSiteSpec
 from deeprad.operator.decide.timeutil import parse_duration
 from deeprad.operator.render.meta import (
     LABEL_ROUND,
@@ -30,9 +29,11 @@ from deeprad.operator.render.meta import (
     Manifest,
     labels,
 )
+from deeprad.operator.site.config import TrainingPlacement
 
 TRAINER_COMMAND = ["python", "-m", "deeprad.trainer"]
 AGGREGATOR_COMMAND = ["python", "-m", "deeprad.aggregator"]
+PREPARE_COMMAND = ["python", "-m", "deeprad.aggregator.prepare"]
 IDENTITY_DIR = "/var/run/deeprad/identity"
 DATA_DIR = "/data"
 TMP_DIR = "/tmp"
@@ -155,24 +156,23 @@ def _job(ctx: JobContext, component: str, command: list[str], extra_labels: dict
     }
 
 
-def trainer_job(ctx: JobContext, site: str, site_spec: HospitalSiteSpec, task: BaseModel,
+def trainer_job(ctx: JobContext, site: str, placement: TrainingPlacement, task: BaseModel,
                 deadline_seconds: int, store: StoreAccess | None = None,
-                identity_secret: str | None = None, data_claim: str | None = None,
-                backoff_limit: int = 1) -> Manifest:
-    """A site's training Job: GPUs, placement and limits from the HospitalSite, the round's
-    deadline (capped by spec.limits.maxTaskDuration), the site's data read-only at /data."""
-    gpu, limits = site_spec.gpu, site_spec.limits
-    if limits.max_task_duration:
-        cap = parse_duration(limits.max_task_duration,
-                             f"HospitalSite {site}: spec.limits.maxTaskDuration")
+                extra_env: dict[str, str] | None = None, backoff_limit: int = 1) -> Manifest:
+    """A site's training Job: GPUs, placement, identity Secret and data volume as the site
+    configured them, the round's deadline (capped by the site's maxTaskDuration), the data
+    read-only at /data. `extra_env` carries the presigned URLs of a pull-mode task."""
+    gpu, res = placement.gpu, placement.resources
+    if placement.max_task_duration:
+        cap = parse_duration(placement.max_task_duration,
+                             f"site {site}: training.maxTaskDuration")
         deadline_seconds = min(deadline_seconds, max(1, math.floor(cap.total_seconds())))
-    requests = {"cpu": limits.cpu or "1", "memory": limits.memory or "4Gi"}
-    resource_limits: dict[str, str | int] = {"memory": requests["memory"],
-                                             gpu.resource_name: gpu.count}
-    if limits.cpu:
-        resource_limits["cpu"] = limits.cpu
-    volumes, mounts = _volumes(identity_secret, data_claim)
+    requests = {"cpu": res.cpu, "memory": res.memory}
+    resource_limits = {"memory": res.memory, gpu.resource_name: str(gpu.count)}
+    volumes, mounts = _volumes(placement.identity_secret, placement.data_claim)
     pod: Manifest = {"volumes": volumes}
+    if placement.service_account:
+        pod["serviceAccountName"] = placement.service_account
     if gpu.node_selector:
         pod["nodeSelector"] = dict(gpu.node_selector)
     if gpu.tolerations:
@@ -180,11 +180,14 @@ def trainer_job(ctx: JobContext, site: str, site_spec: HospitalSiteSpec, task: B
                               for t in gpu.tolerations]
     if gpu.runtime_class_name:
         pod["runtimeClassName"] = gpu.runtime_class_name
+    env = _env(task, store, placement.identity_secret)
+    env += [{"name": k, "value": v} for k, v in sorted((extra_env or {}).items())]
     container: Manifest = {
-        "env": _env(task, store, identity_secret),
+        "env": env,
         "resources": {"requests": requests, "limits": resource_limits},
         "volumeMounts": mounts,
     }
+    ctx = replace(ctx, image=placement.image, image_pull_policy=placement.image_pull_policy)
     return _job(ctx, "trainer", TRAINER_COMMAND, {LABEL_SITE: site}, container, pod,
                 deadline_seconds, backoff_limit)
 
@@ -194,6 +197,22 @@ def aggregator_job(ctx: JobContext, task: BaseModel, deadline_seconds: int, stor
                    backoff_limit: int = 1) -> Manifest:
     """The hub's aggregation Job for one round: store access with keys, the hub's identity,
     no GPU (aggregation streams on CPU)."""
+    return _hub_job(ctx, "aggregator", AGGREGATOR_COMMAND, task, deadline_seconds, store,
+                    identity_secret, cpu, memory, backoff_limit)
+
+
+def prepare_job(ctx: JobContext, task: BaseModel, deadline_seconds: int, store: StoreAccess,
+                identity_secret: str | None, cpu: str = "1", memory: str = "4Gi",
+                backoff_limit: int = 1) -> Manifest:
+    """The hub Job that writes a round's input checkpoint (fresh or imported), signed with the
+    hub's identity."""
+    return _hub_job(ctx, "prepare", PREPARE_COMMAND, task, deadline_seconds, store,
+                    identity_secret, cpu, memory, backoff_limit)
+
+
+def _hub_job(ctx: JobContext, component: str, command: list[str], task: BaseModel,
+             deadline_seconds: int, store: StoreAccess, identity_secret: str | None, cpu: str,
+             memory: str, backoff_limit: int) -> Manifest:
     volumes, mounts = _volumes(identity_secret, None)
     container: Manifest = {
         "env": _env(task, store, identity_secret),
@@ -201,5 +220,5 @@ def aggregator_job(ctx: JobContext, task: BaseModel, deadline_seconds: int, stor
                       "limits": {"memory": memory}},
         "volumeMounts": mounts,
     }
-    return _job(ctx, "aggregator", AGGREGATOR_COMMAND, {}, container, {"volumes": volumes},
+    return _job(ctx, component, command, {}, container, {"volumes": volumes},
                 deadline_seconds, backoff_limit)

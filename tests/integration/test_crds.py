@@ -86,11 +86,12 @@ def _task(name: str = "bad-task") -> dict[str, Any]:
     return {"apiVersion": API, "kind": "SiteTask", "metadata": {"name": name}, "spec": {
         "roundRef": {"namespace": "default", "name": "study-r1", "uid": "u-1"},
         "study": "study", "round": 1, "site": "st-marys", "model": {"name": "tumor-cnn"},
-        "checkpoint": {"url": url + "global.safetensors", "manifestUrl": url + "global.json",
-                       "digest": "0" * 64},
-        "uploads": {"updateUrl": url + "updates/st-marys.bin",
-                    "updateManifestUrl": url + "updates/st-marys.json",
-                    "resultUrl": url + "results/st-marys.json"},
+        "parentDigest": "0" * 64,
+        "hub": {"name": "hub", "signingKey": KEY_A, "keyAgreementKey": KEY_B},
+        "objects": [{"key": "ns/study/rounds/0/global.json", "method": "GET",
+                     "url": url + "../0/global.json"},
+                    {"key": "ns/study/rounds/1/updates/st-marys.bin", "method": "PUT",
+                     "url": url + "updates/st-marys.bin"}],
         "deadline": "2030-01-01T00:00:00Z"}}
 
 
@@ -186,12 +187,15 @@ BAD_INPUT: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("a site listed twice", _edit(_round(), {"spec.sites": ["charite", "charite"]}),
      ("spec.sites[1]", "Duplicate value")),
     ("round name too long", _round("r" * 39), ("metadata.name", "Too long", "38")),
-    ("task without upload URLs", _edit(_task(), {"spec.uploads": DELETE}),
-     ("spec.uploads", "Required value")),
-    ("task checkpoint digest not sha256", _edit(_task(), {"spec.checkpoint.digest": "abc"}),
-     ("spec.checkpoint.digest",)),
-    ("task upload URL not http(s)", _edit(_task(), {"spec.uploads.updateUrl": "file:///etc"}),
-     ("spec.uploads.updateUrl",)),
+    ("task without granted objects", _edit(_task(), {"spec.objects": DELETE}),
+     ("spec.objects", "Required value")),
+    ("task parent digest not sha256", _edit(_task(), {"spec.parentDigest": "abc"}),
+     ("spec.parentDigest",)),
+    ("task URL not http(s)", _edit(_task(), {"spec.objects": [
+        {"key": "a/b", "method": "PUT", "url": "file:///etc"}]}), ("spec.objects[0].url",)),
+    ("task object method not GET/PUT", _edit(_task(), {"spec.objects": [
+        {"key": "a/b", "method": "DELETE", "url": "https://x/a/b"}]}),
+     ("spec.objects[0].method", "Unsupported value")),
 ]
 
 

@@ -198,3 +198,21 @@ def test_follow_logs_stream_until_the_container_ends(hub_cluster: Cluster) -> No
                     lambda p: pod_phase(p) in ("Running", "Succeeded"), timeout=60)
     out = hub_cluster.kubectl("logs", "-f", "-n", ns, "ticker", timeout=30).stdout
     assert out.split("\n")[:3] == ["tick 0", "tick 1", "tick 2"]
+
+
+def test_an_emptydir_at_tmp_leaves_the_agents_own_paths_alone(hub_cluster: Cluster) -> None:
+    """The charts mount an emptyDir at /tmp; the node agent's own paths (the pod's kubeconfig,
+    TMPDIR) may lie under /tmp on the host and must not be rewritten into that volume, while
+    the pod's own /tmp values are."""
+    ns = _namespace(hub_cluster)
+    script = ("import os; from pathlib import Path; "
+              "print(Path(os.environ['KUBECONFIG']).is_file(), "
+              "Path(os.environ['TMPDIR']).is_dir(), os.environ['SCRATCH'])")
+    pod = _pod("tmpdir", script, volumes=[{"name": "tmp", "emptyDir": {}}],
+               container={"volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                          "env": [{"name": "SCRATCH", "value": "/tmp/x"}]})
+    done = _run_to_end(hub_cluster, ns, pod)
+    assert pod_phase(done) == "Succeeded", _logs(hub_cluster, ns, "tmpdir")
+    kubeconfig_ok, tmpdir_ok, scratch = _logs(hub_cluster, ns, "tmpdir").split()
+    assert (kubeconfig_ok, tmpdir_ok) == ("True", "True")
+    assert scratch.endswith("/volumes/tmp/x")  # the pod's own /tmp value, in the emptyDir

@@ -5,10 +5,7 @@ round, and survives kill -9 without duplicating anything."""
 from __future__ import annotations
 
 import json
-import signal
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -16,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from deeprad_processes import OperatorProcess, wait
 
-from deeprad.devenv.cluster import Cluster, python_env
-from deeprad.devenv.ports import free_port
-from deeprad.devenv.processes import ManagedProcess, kill_group
+from deeprad.devenv.cluster import Cluster
 
 pytestmark = pytest.mark.integration
 
@@ -31,74 +27,13 @@ STUDY = "tumor-detection"
 
 
 def _wait(what: str, check: Callable[[], Any], timeout: float = 60.0,
-          operator: Operator | None = None) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` (and the operator's
-    log tail) after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.3)
-    tail = operator.process.log_tail(40) if operator else ""
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{tail}")
+          operator: OperatorProcess | None = None) -> Any:
+    return wait(what, check, timeout, operator)
 
 
 def _get(hub: Cluster, *args: str) -> dict[str, Any] | None:
     out = hub.kubectl("get", *args, "-o", "json", check=False)
     return json.loads(out.stdout) if out.returncode == 0 else None
-
-
-class Operator:
-    """The hub operator as a subprocess (`python -m deeprad.operator.cli --mode hub`)."""
-
-    def __init__(self, hub: Cluster, workdir: Path, owner_token: str) -> None:
-        self.hub = hub
-        self.workdir = workdir
-        self.owner_token = owner_token
-        self.health_port = free_port()
-        self.metrics_port = free_port()
-        self.process = self._process()
-
-    def _process(self) -> ManagedProcess:
-        # cwd is not the checkout: `python -m` puts cwd on sys.path, and the checkout's
-        # operator/ folder would shadow the standard library's `operator`.
-        argv = [sys.executable, "-m", "deeprad.operator.cli", "--mode", "hub",
-                "--kubeconfig", str(self.hub.kubeconfig),
-                "--liveness", f"http://127.0.0.1:{self.health_port}/healthz",
-                "--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1",
-                "--site-interval", "1", "--study-interval", "1"]
-        return ManagedProcess("hub-operator", argv, self.workdir / "operator.log",
-                              self.owner_token, env=python_env(), cwd=self.workdir)
-
-    def start(self) -> Operator:
-        self.process = self._process().start()
-        _wait("the operator's liveness endpoint", self.healthy, operator=self)
-        return self
-
-    def healthy(self) -> bool:
-        if not self.process.alive():
-            pytest.fail(f"the hub operator exited:\n{self.process.log_tail(60)}")
-        try:
-            with urllib.request.urlopen(
-                    f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                    timeout=5) as r:
-            return str(r.read().decode())
-
-    def kill9(self) -> None:
-        """SIGKILL the operator's process group: no shutdown code runs."""
-        kill_group(self.process.pid, signal.SIGKILL)
-        assert self.process.popen is not None
-        self.process.popen.wait(timeout=10)
-
-    def stop(self) -> None:
-        self.process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +49,11 @@ def hub(hub_cluster: Cluster) -> Cluster:
 
 @pytest.fixture(scope="module")
 def operator(hub: Cluster, tmp_path_factory: pytest.TempPathFactory, owner_token: str
-             ) -> Iterator[Operator]:
+             ) -> Iterator[OperatorProcess]:
     """A running hub operator, always stopped at the end (also on failure)."""
-    op = Operator(hub, tmp_path_factory.mktemp("hub-operator"), owner_token)
+    op = OperatorProcess("hub-operator", "hub", [
+        "--kubeconfig", str(hub.kubeconfig), "--site-interval", "1", "--study-interval", "1"],
+        tmp_path_factory.mktemp("hub-operator"), owner_token)
     try:
         yield op.start()
     finally:
@@ -138,7 +75,7 @@ def _condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
 
 
 def test_sites_get_a_restricted_namespace_and_least_privilege_rbac(
-        hub: Cluster, operator: Operator) -> None:
+        hub: Cluster, operator: OperatorProcess) -> None:
     for site in SITES:
         ns = _wait(f"namespace deeprad-site-{site}",
                    lambda s=site: _get(hub, "namespace", f"deeprad-site-{s}"), operator=operator)
@@ -169,16 +106,22 @@ def test_sites_get_a_restricted_namespace_and_least_privilege_rbac(
         assert not _can(hub, "st-marys", *args), f"the st-marys agent must not {args}"
 
 
-def test_reachable_and_ready_follow_the_agents_lease(hub: Cluster, operator: Operator) -> None:
+def test_reachable_and_ready_follow_the_agents_lease(hub: Cluster,
+                                                     operator: OperatorProcess) -> None:
     site = _wait("st-marys Reachable=False", lambda: (
         s := _get(hub, "hospitalsite", "st-marys")) and
         _condition(s, "Reachable").get("status") == "False" and s, operator=operator)
     assert _condition(site, "Reachable")["reason"] == "NoHeartbeat"
     assert _condition(site, "Ready")["status"] == "False"
-    push = _wait("charite (push) Reachable=Unknown", lambda: _condition(
-        _get(hub, "hospitalsite", "charite"), "Reachable").get("status") == "Unknown",
-        operator=operator)
-    assert push
+    # charite is push-mode and its kubeconfig Secret does not exist: the hub says so.
+    push = _wait("charite (push) Reachable=False", lambda: (
+        s := _get(hub, "hospitalsite", "charite")) and
+        _condition(s, "Reachable").get("status") == "False" and s, operator=operator)
+    assert "Secret deeprad-system/charite-kubeconfig" in _condition(push, "Reachable")["message"]
+    events = _wait("a PushConfigInvalid event", lambda: [
+        e for e in (_get(hub, "events", "-A") or {}).get("items", ())
+        if e["reason"] == "PushConfigInvalid"], operator=operator)
+    assert "cannot read Secret deeprad-system/charite-kubeconfig" in events[0]["message"]
     # The agent renews its Lease with its own identity (update only: no patch, no create).
     lease = _get(hub, "lease", AGENT, "-n", "deeprad-site-st-marys")
     assert lease is not None
@@ -214,7 +157,7 @@ def _finish(hub: Cluster, ns: str, name: str, auroc: float, n: int) -> None:
 
 
 def test_study_creates_rounds_in_sequence_and_survives_kill_9(
-        hub: Cluster, operator: Operator) -> None:
+        hub: Cluster, operator: OperatorProcess) -> None:
     ns = f"research-{uuid.uuid4().hex[:6]}"
     hub.kubectl("create", "namespace", ns)
     hub.kubectl("apply", "-n", ns, "-f", str(ROOT / "examples" / "federatedstudy-tumor-cnn.yaml"))

@@ -3,8 +3,10 @@ the local store, through the minio SDK exactly as production uses MinIO."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -20,12 +22,13 @@ from deeprad.core.checkpoint import (
     write_update,
 )
 from deeprad.core.envelope import EnvelopeContext, seal
-from deeprad.core.errors import CheckpointError, ObjectNotFound
+from deeprad.core.errors import CheckpointError, ConfigError, ObjectNotFound, StoreError
 from deeprad.core.identity import Identity
 from deeprad.core.layout import StudyLayout
 from deeprad.core.protocol import AggregationTask, ModelSpec, StrategySpec, UpdateManifest
 from deeprad.core.signing import Statement, sign_statement
 from deeprad.core.store import open_store
+from deeprad.core.store.presigned import PresignedStore, site_grants
 from deeprad.core.store.s3 import S3Store
 from deeprad.devenv.s3_server import S3Server
 from deeprad.simulate.keys import make_study_keys
@@ -107,3 +110,40 @@ def test_a_round_aggregates_through_s3(s3_store: S3Store, tmp_path: Path) -> Non
         expected = 2.5 if strategy == "fedavg" else 2.0  # (10*1 + 30*3)/40; median of 1 and 3
         torch.testing.assert_close(weights["w"], torch.full((4,), expected))
         assert sorted(c.site for c in manifest.contributors) == ["charite", "st-marys"]
+
+
+def test_presigned_urls_reach_exactly_the_granted_objects(s3_store: S3Store,
+                                                           tmp_path: Path) -> None:
+    """What a hospital's trainer holds: URLs for its own objects, nothing else, until they
+    expire; the store it builds from them reads and writes like any other."""
+    s3_store.put_bytes(LAYOUT.global_manifest(0), b'{"hello": 1}')
+    grants = site_grants(LAYOUT, 1, "st-marys", secure_aggregation=False)
+    site = PresignedStore({k: s3_store.presign(k, m, timedelta(minutes=5))
+                           for k, m in grants.items()})
+    assert site.get_bytes(LAYOUT.global_manifest(0)) == b'{"hello": 1}'
+    assert site.size(LAYOUT.global_manifest(0)) == 12
+    with pytest.raises(ObjectNotFound):
+        site.get_bytes(LAYOUT.global_weights(0))
+    big = tmp_path / "update.bin"
+    big.write_bytes(b"x" * (3 * 2**20 + 7))
+    site.put_file(LAYOUT.update_payload(1, "st-marys"), big)
+    assert s3_store.size(LAYOUT.update_payload(1, "st-marys")) == 3 * 2**20 + 7
+    site.put_text(LAYOUT.result(1, "st-marys"), "{}")
+    with pytest.raises(StoreError), site.local_copy(LAYOUT.update_payload(1, "st-marys")):
+        pass  # a PUT URL does not allow reading
+    with pytest.raises(ConfigError, match="granted no URL"):
+        site.put_bytes(LAYOUT.update_payload(1, "charite"), b"forged")
+    with pytest.raises(StoreError, match="listing is not granted"):
+        site.list(LAYOUT.root)
+    # Editing a URL to reach another site's object breaks its signature.
+    url = s3_store.presign(LAYOUT.result(1, "st-marys"), "PUT", timedelta(minutes=5))
+    forged = PresignedStore({LAYOUT.result(1, "charite"): url.replace("st-marys", "charite")})
+    with pytest.raises(StoreError, match="refused"):
+        forged.put_bytes(LAYOUT.result(1, "charite"), b"{}")
+    assert not s3_store.exists(LAYOUT.result(1, "charite"))
+    # Expired URLs are refused.
+    short = PresignedStore({LAYOUT.global_manifest(0): s3_store.presign(
+        LAYOUT.global_manifest(0), "GET", timedelta(seconds=1))})
+    time.sleep(2.5)
+    with pytest.raises(StoreError, match="expired"):
+        short.get_bytes(LAYOUT.global_manifest(0))

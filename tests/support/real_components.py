@@ -1,4 +1,5 @@
-"""Session fixtures for integration tests: real clusters, S3 and Prometheus on loopback.
+"""Session fixtures for integration and e2e tests: real clusters, S3 and Prometheus on
+loopback (imported once, by tests/conftest.py, so every folder shares the same instances).
 
 They skip (with the command to run) only when the tools cache is not built; CI builds it first.
 Teardown stops every process, also when a test fails or the run is interrupted: fixtures stop
@@ -15,19 +16,11 @@ import pytest
 
 from deeprad.devenv.binaries import GO_TOOLS, KUBE_TOOLS, SYSTEM_TOOLS, missing_tools
 from deeprad.devenv.cluster import Cluster, start_clusters
-from deeprad.devenv.processes import new_owner_token, stop_all, sweep_orphans, sweep_token
+from deeprad.devenv.processes import new_owner_token, sweep_token
 from deeprad.devenv.prometheus_server import PrometheusServer
 from deeprad.devenv.s3_server import S3Server
 
 SITES = ("site-1", "site-2")
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    sweep_orphans()  # leftovers of a run that was killed with SIGKILL
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    stop_all()
 
 
 def _require(*names: str) -> None:

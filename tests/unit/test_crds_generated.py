@@ -119,9 +119,11 @@ def test_child_names_fit_in_a_dns_label() -> None:
     round_ = names.round_name(study, names.MAX_ROUNDS)
     assert len(round_) <= names.ROUND_NAME_MAX
     site = "h" * names.SITE_NAME_MAX
-    assert len(names.task_name("r" * names.ROUND_NAME_MAX, site)) <= names.DNS_LABEL_MAX
     assert len(names.site_namespace(site)) <= names.DNS_LABEL_MAX
-    assert len(names.aggregator_job_name("r" * names.ROUND_NAME_MAX)) <= names.DNS_LABEL_MAX
+    uid = "0123abcd-0000-0000-0000-000000000000"
+    assert len(names.task_name("r" * names.ROUND_NAME_MAX, uid)) <= names.DNS_LABEL_MAX
+    assert len(names.aggregator_job_name("r" * names.ROUND_NAME_MAX, uid)) <= names.DNS_LABEL_MAX
+    assert len(names.prepare_job_name("r" * names.ROUND_NAME_MAX, uid)) <= names.DNS_LABEL_MAX
     assert {k.kind: k.name_max for k in KINDS} == {
         "HospitalSite": 24, "FederatedStudy": 32, "FederatedRound": 38, "SiteTask": 63}
 
@@ -181,3 +183,14 @@ def test_differential_privacy_matches_the_dp_sgd_config() -> None:
     for name in set(DifferentialPrivacy.model_fields) - {"delta"}:
         assert name in DPConfig.model_fields, f"DifferentialPrivacy.{name} is not a DP setting"
     assert set(StudyBudget.model_fields) == set(PrivacyBudget.model_fields)
+
+
+def test_no_property_name_reads_as_a_boolean_in_yaml_1_1() -> None:
+    """kubectl and Helm read YAML 1.1: an unquoted key `n` (Metrics.n) would become `false`
+    and the API server would prune the field."""
+    import re
+
+    bare = re.compile(r"^\s*(y|n|yes|no|on|off|true|false)\s*:", re.IGNORECASE | re.MULTILINE)
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        found = bare.findall(path.read_text())
+        assert not found, f"{path.name}: unquoted YAML 1.1 boolean keys {found}"

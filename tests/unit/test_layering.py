@@ -45,3 +45,18 @@ def test_operator_folder_does_not_shadow_the_standard_library() -> None:
                          check=True).stdout.split()
     assert "site-packages" not in out[0] and not out[0].startswith(str(ROOT / "operator"))
     assert out[1].startswith(str(ROOT / "operator"))
+
+
+def test_every_package_is_in_the_distribution() -> None:
+    """A wheel (the images install one) holds only the packages pyproject lists."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    dirs = {name: ROOT / path for name, path in config["package-dir"].items()}
+    found = set()
+    for name, base in dirs.items():
+        for init in base.rglob("__init__.py"):
+            rel = init.parent.relative_to(base).parts
+            found.add(".".join((name, *rel)))
+    assert found <= listed, f"add to pyproject.toml [tool.setuptools] packages: {found - listed}"

@@ -94,7 +94,9 @@ def test_reachable_from_the_lease_renew_time_against_the_heartbeat_timeout() -> 
     assert _health(spec, bad)["Ready"] == ("False", "InvalidAgentReport")
     push = _site(connection={"mode": "push", "kubeconfigSecretRef": {
         "name": "kc", "namespace": "deeprad-system"}})
-    assert _health(push, None)["Reachable"] == ("Unknown", "PushNotChecked")
+    # Push sites heartbeat through the hub's agent for them: the same Lease, the same rule.
+    assert _health(push, None)["Reachable"] == ("False", "NoHeartbeat")
+    assert _health(push, fresh) == _health(spec, fresh)
 
 
 def test_heartbeat_message_says_how_old_and_which_field() -> None:

@@ -21,6 +21,7 @@ from deeprad.operator.api.federatedstudy import FederatedStudySpec
 from deeprad.operator.api.hospitalsite import HospitalSiteSpec
 from deeprad.operator.decide.study import CreateRound
 from deeprad.operator.render import jobs, rounds, site
+from deeprad.operator.site.config import TrainingPlacement, TrainingResources
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -41,8 +42,15 @@ def _example(name: str) -> dict[str, Any]:
     return dict(yaml.safe_load((ROOT / "examples" / name).read_text()))
 
 
-def _st_marys() -> HospitalSiteSpec:
-    return HospitalSiteSpec.model_validate(_example("hospitalsite-st-marys.yaml")["spec"])
+def _st_marys() -> TrainingPlacement:
+    """St Mary's trainer placement: its GPU settings and limits from the example site."""
+    spec = HospitalSiteSpec.model_validate(_example("hospitalsite-st-marys.yaml")["spec"])
+    return TrainingPlacement(
+        namespace="deeprad", image="ghcr.io/deeprad/deeprad:0.1.0", gpu=spec.gpu,
+        resources=TrainingResources(cpu=spec.limits.cpu or "1",
+                                    memory=spec.limits.memory or "4Gi"),
+        max_task_duration=spec.limits.max_task_duration,
+        identity_secret="st-marys-identity", data_claim="st-marys-mri")
 
 
 class _Task(BaseModel):
@@ -108,14 +116,13 @@ def _ctx(name: str, namespace: str) -> jobs.JobContext:
 def test_trainer_job() -> None:
     job = jobs.trainer_job(_ctx("tumor-detection-r2-st-marys", "deeprad"), "st-marys",
                            _st_marys(), _Task(study="tumor-detection", round=2, site="st-marys"),
-                           deadline_seconds=3 * 3600, identity_secret="st-marys-identity",
-                           data_claim="st-marys-mri")
+                           deadline_seconds=3 * 3600)
     _golden("job-trainer.yaml", [job])
     pod = job["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     assert job["spec"]["activeDeadlineSeconds"] == 2 * 3600  # capped by maxTaskDuration 2h
     assert c["command"] == ["python", "-m", "deeprad.trainer"]
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert not any(e["name"].startswith("DEEPRAD_S3") for e in c["env"])  # no store keys
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import itertools
 import math
+import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from deeprad.core.checkpoint import to_bytes
 from deeprad.core.identity import Identity, KeyRegistry
+from deeprad.core.layout import StudyLayout
+from deeprad.core.protocol import SiteResult
 from deeprad.core.secagg import (
     HubSession,
     NotEnoughShares,
@@ -35,7 +39,9 @@ from deeprad.core.secagg import (
     unpack,
 )
 from deeprad.core.secagg.prg import apply_mask, prg
+from deeprad.core.secagg.relay import StoreRelay
 from deeprad.core.signing import sign_message
+from deeprad.core.store.local import LocalStore
 
 STAGES = ("advertise", "share", "masked", "consistency", "unmask")
 N, T = 10, 7
@@ -390,3 +396,16 @@ def test_model_sized_round_trip(people: tuple) -> None:
     res = run_round(people, xs, {four[3]: "masked"}, threshold=3)
     assert res.survivors == tuple(four[:3]) and res.dropped == (four[3],)
     np.testing.assert_array_equal(res.sum, ring_sum(xs, tuple(four[:3])))
+
+
+def test_the_hub_stops_waiting_for_sites_the_operator_marked_gone(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    relay = StoreRelay(store, StudyLayout("ns", "st"), 1, timeout_s=30.0, poll_s=0.01)
+    msg = SiteResult(study="st", round=1, site="a", num_samples=1, global_metrics=None,
+                     local_metrics=None, train_loss=0.0, update_sha256="0" * 64, duration_s=0)
+    relay.post("advertise", msg, "a")
+    relay.mark_gone("b", "Job failed")
+    start = time.monotonic()
+    got, bad = relay.collect("advertise", SiteResult, ["a", "b"])
+    assert time.monotonic() - start < 5  # not the 30 s timeout
+    assert [m.site for m in got] == ["a"] and bad == {}

@@ -4,6 +4,8 @@
 and the packed upload, `prg` the AES-CTR mask generator, `shamir` the secret sharing.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from deeprad.core.secagg.errors import (
     NotEnoughShares,
     ProtocolViolation,
@@ -23,7 +25,29 @@ from deeprad.core.secagg.protocol import (
     UnmaskingShares,
     default_threshold,
 )
-from deeprad.core.secagg.quantize import Quantizer, VectorLayout, flatten, pack, unflatten, unpack
+
+if TYPE_CHECKING:
+    from deeprad.core.secagg.quantize import (
+        Quantizer,
+        VectorLayout,
+        flatten,
+        pack,
+        unflatten,
+        unpack,
+    )
+
+_QUANTIZE = ("Quantizer", "VectorLayout", "flatten", "pack", "unflatten", "unpack")
+
+
+def __getattr__(name: str) -> Any:
+    # The ring encoding needs torch; loading it only when used keeps the operator (which
+    # reads the protocol's rules, never tensors) free of torch.
+    if name in _QUANTIZE:
+        from deeprad.core.secagg import quantize
+
+        return getattr(quantize, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AdvertiseKeys", "ConsistencySignature", "EncryptedShare", "HubSession", "NotEnoughShares",

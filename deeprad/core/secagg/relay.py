@@ -23,6 +23,14 @@ from deeprad.core.store import ObjectStore
 
 M = TypeVar("M", bound=BaseModel)
 ABORTED = "aborted"
+# What one site touches in the exchange: the messages it writes and the hub's answers it reads
+# (to every site, or routed to it alone). The hub presigns exactly these for a site.
+SITE_POSTS = ("advertise", "shares", "consistency", "unmask")
+HUB_BROADCASTS = ("advertised", "survivors", "confirmed", ABORTED)
+HUB_ROUTED = ("routed",)
+# The operator marks a site whose training ended without an update (its Job failed, or it
+# missed the deadline), so the hub stops waiting for that site's messages.
+GONE = "gone"
 
 
 def round_config(namespace: str, study: str, round_no: int, spec: SecAggSpec,
@@ -77,6 +85,14 @@ class StoreRelay:
                                     f"{self.round}); the site stops without revealing anything")
             time.sleep(self.poll_s)
 
+    def _sites_under(self, prefix: str) -> set[str]:
+        return {k[len(prefix):-len(".json")] for k in self.store.list(prefix)
+                if k.endswith(".json")}
+
+    def mark_gone(self, site: str, reason: str) -> None:
+        """Tell the hub's session not to wait for `site` any more (operator only)."""
+        self.store.put_text(self._key(GONE, site), reason)
+
     def collect(self, step: str, kind: type[M], expected: Iterable[str]
                 ) -> tuple[list[M], dict[str, str]]:
         """The hub waits until each of `expected` sites wrote its `step` message or the deadline
@@ -85,9 +101,9 @@ class StoreRelay:
         deadline = time.monotonic() + self.timeout_s
         prefix = self.layout.secagg_prefix(self.round) + f"{step}/"
         while True:
-            present = {k[len(prefix):-len(".json")] for k in self.store.list(prefix)
-                       if k.endswith(".json")}
-            if want <= present or time.monotonic() > deadline:
+            present = self._sites_under(prefix)
+            if want - self._sites_under(self.layout.secagg_prefix(self.round) + f"{GONE}/") \
+                    <= present or time.monotonic() > deadline:
                 break
             time.sleep(self.poll_s)
         messages: list[M] = []

@@ -15,6 +15,7 @@ class ObjectStore(abc.ABC):
     """Keys are '/'-separated paths; writes are atomic, so a reader never sees half an object."""
 
     url: str
+    uri_prefix: str  # object URIs are this plus the key (s3://bucket/prefix/, file:///root/)
 
     @abc.abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -37,12 +38,27 @@ class ObjectStore(abc.ABC):
         """True if an object is stored under `key`."""
 
     @abc.abstractmethod
+    def size(self, key: str) -> int:
+        """The object's size in bytes; raises ObjectNotFound if it is missing."""
+
+    @abc.abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Keys under `prefix`, sorted."""
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Remove `key`; missing keys are ignored."""
+
+    def uri(self, key: str) -> str:
+        """The object's URI, as statuses and manifests show it."""
+        return f"{self.uri_prefix}{check_key(key)}"
+
+    def key_of(self, uri: str) -> str:
+        """The key of an object URI of this store; ConfigError for a URI elsewhere."""
+        if not uri.startswith(self.uri_prefix):
+            raise ConfigError(f"{uri!r} is not in this object store (its URIs start with "
+                              f"{self.uri_prefix!r}); copy the object into it first")
+        return check_key(uri[len(self.uri_prefix):])
 
     def get_text(self, key: str) -> str:
         """The object decoded as UTF-8."""
@@ -54,12 +70,17 @@ class ObjectStore(abc.ABC):
 
 
 def open_store(url: str) -> ObjectStore:
-    """Open a store from a URL: a local path, `file:///path`, or `s3://bucket[/prefix]?endpoint=HOST:PORT`.
+    """Open a store from a URL: a local path, `file:///path`, `s3://bucket[/prefix]?endpoint=HOST:PORT`,
+    or `presigned:` (a site's granted objects, from $DEEPRAD_PRESIGNED_URLS).
 
     S3 credentials come from DEEPRAD_S3_ACCESS_KEY / DEEPRAD_S3_SECRET_KEY (or the AWS_* names);
     `secure=false` in the query selects plain HTTP, `region=` sets the region.
     """
     parsed = urlparse(url)
+    if url == "presigned:":
+        from deeprad.core.store.presigned import PresignedStore
+
+        return PresignedStore.from_env()
     if parsed.scheme in ("", "file"):
         from deeprad.core.store.local import LocalStore
 

@@ -20,6 +20,7 @@ class LocalStore(ObjectStore):
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.url = f"file://{self.root}"
+        self.uri_prefix = f"file://{self.root}/"
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -60,6 +61,12 @@ class LocalStore(ObjectStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self.url}: no object {key!r}") from None
 
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix if prefix else self.root

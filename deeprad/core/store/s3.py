@@ -7,7 +7,9 @@ import io
 import os
 import tempfile
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 from minio import Minio
 from minio.error import S3Error
@@ -17,6 +19,8 @@ from deeprad.core.store.base import ObjectStore, check_key
 
 # fput_object switches to multipart above this size; S3 refuses single PUTs above 5 GiB.
 PART_SIZE = 64 * 1024 * 1024
+DEFAULT_REGION = "us-east-1"  # presigning needs the region; MinIO's default
+MAX_PRESIGN = timedelta(days=7)  # SigV4 presigned URLs live at most 7 days
 
 
 class S3Store(ObjectStore):
@@ -34,6 +38,11 @@ class S3Store(ObjectStore):
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix
+        self.region = region or DEFAULT_REGION
+        self._keys = (access_key, secret_key)
+        self.secure = secure
+        self.endpoint = endpoint
+        self.uri_prefix = f"s3://{bucket}/{prefix}/" if prefix else f"s3://{bucket}/"
         self.client = Minio(
             endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region
         )
@@ -44,6 +53,18 @@ class S3Store(ObjectStore):
     def _name(self, key: str) -> str:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    def presign(self, key: str, method: Literal["GET", "PUT"], expires: timedelta,
+                public_endpoint: str | None = None) -> str:
+        """A presigned URL for one object, valid for `expires` (1 s .. 7 days); signed for
+        `public_endpoint` (HOST:PORT as the sites reach the store) when given. Offline: no
+        request is made."""
+        expires = min(max(expires, timedelta(seconds=1)), MAX_PRESIGN)
+        # A client with the region set signs offline (no bucket-location request).
+        client = Minio(public_endpoint or self.endpoint, access_key=self._keys[0],
+                       secret_key=self._keys[1], secure=self.secure, region=self.region)
+        fn = client.presigned_get_object if method == "GET" else client.presigned_put_object
+        return str(fn(self.bucket, self._name(key), expires=expires))
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist yet."""
@@ -89,6 +110,12 @@ class S3Store(ObjectStore):
                 return False
             raise self._translate(key, exc) from None
         return True
+
+    def size(self, key: str) -> int:
+        try:
+            return int(self.client.stat_object(self.bucket, self._name(key)).size or 0)
+        except S3Error as exc:
+            raise self._translate(key, exc) from None
 
     def list(self, prefix: str) -> list[str]:
         if prefix.rstrip("/"):

@@ -1,0 +1,160 @@
+"""A store that reaches exactly the objects a site was granted, through presigned URLs.
+
+The hub presigns (GET or PUT, valid until the round's deadline) each object a site's trainer
+reads or writes in one round — `site_grants` lists them — and hands the URLs over in the site's
+work item. The trainer then runs against `PresignedStore` like against any other store, with no
+storage credentials: any other key is refused before a request is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from deeprad.core.errors import ConfigError, ObjectNotFound, StoreError
+from deeprad.core.layout import StudyLayout
+from deeprad.core.secagg.relay import HUB_BROADCASTS, HUB_ROUTED, SITE_POSTS
+from deeprad.core.store.base import ObjectStore, check_key
+
+Method = Literal["GET", "PUT"]
+URLS_ENV = "DEEPRAD_PRESIGNED_URLS"
+_CHUNK = 1 << 20
+_RETRIES = 4  # transient network errors (connection reset, 5xx) are retried with backoff
+
+
+def site_grants(layout: StudyLayout, round_no: int, site: str, secure_aggregation: bool
+                ) -> dict[str, Method]:
+    """Every object one site's trainer touches in round `round_no`, with the method it needs:
+    the global model it starts from, its update, manifest and result, and (with secure
+    aggregation) its messages and the hub's answers."""
+    prev = round_no - 1
+    grants: dict[str, Method] = {
+        layout.global_manifest(prev): "GET",
+        layout.global_weights(prev): "GET",
+        layout.update_payload(round_no, site): "PUT",
+        layout.update_manifest(round_no, site): "PUT",
+        layout.result(round_no, site): "PUT",
+    }
+    if secure_aggregation:
+        for step in SITE_POSTS:
+            grants[layout.secagg_message(round_no, step, site)] = "PUT"
+        for step in HUB_BROADCASTS:
+            grants[layout.secagg_message(round_no, step)] = "GET"
+        for step in HUB_ROUTED:
+            grants[layout.secagg_message(round_no, step, site)] = "GET"
+    return grants
+
+
+class PresignedStore(ObjectStore):
+    """Reads and writes only the keys in `urls` (key -> presigned URL)."""
+
+    def __init__(self, urls: Mapping[str, str], timeout_s: float = 120.0) -> None:
+        self.urls = {check_key(k): v for k, v in urls.items()}
+        self.timeout_s = timeout_s
+        self.url = f"presigned:({len(self.urls)} objects)"
+        self.uri_prefix = "presigned:/"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PresignedStore:
+        """From $DEEPRAD_PRESIGNED_URLS: a JSON object key -> URL."""
+        env = os.environ if environ is None else environ
+        text = env.get(URLS_ENV)
+        if not text:
+            raise ConfigError(f"store 'presigned:' needs {URLS_ENV} (a JSON object of object "
+                              "key -> presigned URL); the site agent sets it")
+        try:
+            urls = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{URLS_ENV} is not JSON: {exc}") from None
+        if not isinstance(urls, dict) or not all(isinstance(v, str) for v in urls.values()):
+            raise ConfigError(f"{URLS_ENV} must be a JSON object of key -> URL strings")
+        return cls(urls)
+
+    def _url(self, key: str) -> str:
+        try:
+            return self.urls[key]
+        except KeyError:
+            raise ConfigError(f"this task was granted no URL for {key!r}; the hub presigns only "
+                              "the objects a site may read or write in its round") from None
+
+    def _open(self, key: str, method: Method, data: bytes | None = None,
+              body_path: Path | None = None, headers: dict[str, str] | None = None
+              ) -> urllib.response.addinfourl:
+        url = self._url(key)
+        for attempt in range(_RETRIES + 1):
+            body: Any = data
+            hdrs = dict(headers or {})
+            if body_path is not None:
+                hdrs["Content-Length"] = str(body_path.stat().st_size)
+                body = body_path.open("rb")
+            req = urllib.request.Request(url, data=body, method=method,
+                                         headers=hdrs)
+            try:
+                return urllib.request.urlopen(req, timeout=self.timeout_s)
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    raise ObjectNotFound(f"presigned store: no object {key!r}") from None
+                if exc.code == 403:
+                    raise StoreError(f"presigned store: {method} {key!r} refused (403): the URL "
+                                     "expired (round deadline passed) or was altered") from None
+                if exc.code < 500 or attempt == _RETRIES:
+                    detail = exc.read(300).decode("utf-8", "replace")
+                    raise StoreError(f"presigned store: {method} {key!r} failed: HTTP "
+                                     f"{exc.code} {detail}") from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+                if attempt == _RETRIES:
+                    raise StoreError(f"presigned store: {method} {key!r} failed: {exc}") from None
+            finally:
+                if body_path is not None and hasattr(body, "close"):
+                    body.close()
+            time.sleep(0.5 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._open(key, "PUT", data=data).close()
+
+    def put_file(self, key: str, path: Path) -> None:
+        self._open(key, "PUT", body_path=Path(path)).close()
+
+    def get_bytes(self, key: str) -> bytes:
+        with self._open(key, "GET") as resp:
+            return bytes(resp.read())
+
+    @contextlib.contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        fd, tmp = tempfile.mkstemp(prefix="deeprad-")
+        path = Path(tmp)
+        try:
+            with os.fdopen(fd, "wb") as out, self._open(key, "GET") as resp:
+                shutil.copyfileobj(resp, out, _CHUNK)
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._open(key, "GET", headers={"Range": "bytes=0-0"}).close()
+        except ObjectNotFound:
+            return False
+        return True
+
+    def size(self, key: str) -> int:
+        with self._open(key, "GET", headers={"Range": "bytes=0-0"}) as resp:
+            total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+            return int(total) if total.isdigit() else int(resp.headers.get("Content-Length", 0))
+
+    def list(self, prefix: str) -> list[str]:
+        raise StoreError("presigned store: listing is not granted; the trainer reads and writes "
+                         "named objects only")
+
+    def delete(self, key: str) -> None:
+        raise StoreError(f"presigned store: deleting {key!r} is not granted")

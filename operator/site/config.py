@@ -1,0 +1,90 @@
+"""The site agent's configuration file (`deeprad operator --mode site --config FILE`).
+
+The hospital owns it (the site chart renders it into a ConfigMap): which namespace of its own
+cluster trainer Jobs run in, with which image, identity Secret, data volume and GPU settings.
+The hub never chooses any of these; it only says what to train and where to upload.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError
+
+from deeprad.core.errors import ConfigError
+from deeprad.core.protocol import DatasetSpec
+from deeprad.operator.api.common import Duration, ObjectName, Quantity, SiteName
+from deeprad.operator.api.hospitalsite import PUBLIC_KEY_PATTERN, GpuDefaults
+from deeprad.operator.api.schema import ApiModel
+
+
+class TrainingResources(ApiModel):
+    """CPU and memory of one training pod (requests; memory is also the limit)."""
+
+    cpu: Quantity = Field(default="1", description="CPU request of a training pod.")
+    memory: Quantity = Field(default="4Gi", description="Memory request and limit.")
+
+
+class TrainingPlacement(ApiModel):
+    """Where and how trainer Jobs run on the hospital's cluster."""
+
+    namespace: ObjectName = Field(default="deeprad-training",
+                                  description="Namespace of the trainer Jobs (the agent's "
+                                              "local Role reaches only this namespace).")
+    image: str = Field(default="ghcr.io/deeprad/trainer:latest", min_length=1,
+                       description="Trainer image.")
+    image_pull_policy: str = Field(default="IfNotPresent", pattern="^(Always|IfNotPresent|Never)$",
+                                   description="imagePullPolicy of the trainer container.")
+    identity_secret: ObjectName = Field(
+        default="deeprad-site-identity",
+        description="Secret with the site's private keys (`deeprad site register` writes it), "
+                    "mounted read-only into trainer pods only.")
+    data_claim: ObjectName | None = Field(
+        default=None, description="PersistentVolumeClaim with the site's images, mounted "
+                                  "read-only at /data; empty: no volume (e.g. phantom data).")
+    dataset: DatasetSpec = Field(default_factory=lambda: DatasetSpec(kind="folder", path="/data"),
+                                 description="How the trainer reads the data; the round's "
+                                             "image size and validation split override the "
+                                             "matching fields.")
+    gpu: GpuDefaults = Field(default_factory=GpuDefaults, description="GPU resource, count, "
+                                                                      "placement.")
+    resources: TrainingResources = Field(default_factory=TrainingResources,
+                                         description="CPU and memory per training pod.")
+    max_task_duration: Duration | None = Field(
+        default=None, description="Upper bound of a trainer Job's activeDeadlineSeconds.")
+    service_account: ObjectName | None = Field(
+        default=None, description="ServiceAccount of trainer pods (no token is mounted).")
+
+
+class AgentConfig(ApiModel):
+    """Everything the site agent needs besides its two kubeconfigs."""
+
+    site: SiteName = Field(description="This hospital's HospitalSite name on the hub.")
+    hub_signing_key: str | None = Field(
+        default=None, pattern=PUBLIC_KEY_PATTERN,
+        description="The hub's public signing key (base64). When set, tasks whose key "
+                    "registry names another hub key are refused.")
+    training: TrainingPlacement = Field(default_factory=TrainingPlacement,
+                                        description="Trainer Job placement.")
+    heartbeat_seconds: float = Field(default=10.0, gt=0, le=300,
+                                     description="How often the agent renews its Lease.")
+    poll_seconds: float = Field(default=5.0, gt=0, le=300,
+                                description="How often the agent re-reads its tasks and Jobs.")
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    """Parse the agent's YAML configuration, naming the file and field on error."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"site agent config {path}: cannot read it ({exc})") from None
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in exc.errors())
+        raise ConfigError(f"site agent config {path}: {problems}") from None
+
+
+__all__ = ["AgentConfig", "TrainingPlacement", "TrainingResources", "load_agent_config"]

@@ -1,0 +1,83 @@
+"""From a SiteTask (what the hub asks) and the agent's config (what the hospital allows) to the
+trainer's TrainingTask and the presigned URLs its Job gets; from the trainer's SiteResult back
+to the task's status. Pure functions: the agent loop does the I/O."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from deeprad.core.errors import ConfigError
+from deeprad.core.identity import KeyRegistry, PublicIdentity
+from deeprad.core.privacy import DPConfig, epsilon_of
+from deeprad.core.protocol import (
+    ModelSpec,
+    SecAggSpec,
+    SiteResult,
+    TrainConfig,
+    TrainingTask,
+)
+from deeprad.core.store.presigned import URLS_ENV
+from deeprad.operator.api.sitetask import SiteTaskSpec, TaskResult
+from deeprad.operator.decide.round import to_metrics
+from deeprad.operator.site.config import AgentConfig
+
+DEFAULT_DELTA = 1e-5  # reported ε when the round names no δ
+
+
+def training_task(task: SiteTaskSpec, config: AgentConfig) -> TrainingTask:
+    """The trainer's task for this site, or ConfigError naming what is wrong."""
+    if task.site != config.site:
+        raise ConfigError(f"task for site {task.site} reached the agent of {config.site}; "
+                          "check the agent's hub kubeconfig (it must be this site's)")
+    if config.hub_signing_key and task.hub.signing_key != config.hub_signing_key:
+        raise ConfigError(f"the task names hub key {task.hub.signing_key[:12]}…, this site "
+                          f"pins {config.hub_signing_key[:12]}… (hubSigningKey); refusing work "
+                          "from an unknown hub")
+    hub = PublicIdentity(name=task.hub.name, role="hub", signing_key=task.hub.signing_key,
+                         key_agreement_key=task.hub.key_agreement_key)
+    peers: list[PublicIdentity] = []
+    secagg: SecAggSpec | None = None
+    sa = task.secure_aggregation
+    if sa is not None:
+        peers = [PublicIdentity(name=p.name, signing_key=p.signing_key,
+                                key_agreement_key=p.key_agreement_key) for p in sa.roster]
+        secagg = SecAggSpec(roster=sorted(p.name for p in sa.roster), threshold=sa.threshold,
+                            clip=sa.clip, weight_normalizer=sa.weight_normalizer,
+                            timeout_s=sa.timeout_seconds)
+    dp = task.privacy.differential_privacy
+    t = task.training
+    dataset = config.training.dataset.model_copy(update={
+        "image_size": task.data.image_size, "val_fraction": task.data.val_fraction,
+        "split_seed": task.data.split_seed})
+    return TrainingTask(
+        namespace=task.round_ref.namespace, study=task.study, round=task.round, site=task.site,
+        model=ModelSpec(name=task.model.name, kwargs=dict(task.model.kwargs or {})),
+        dataset=dataset,
+        train=TrainConfig(local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
+                          optimizer=t.optimizer.value, momentum=t.momentum,
+                          weight_decay=t.weight_decay, fedprox_mu=t.fedprox_mu, seed=t.seed,
+                          precision=t.precision),
+        registry_json=KeyRegistry.of([hub, *peers]).to_json(),
+        privacy=DPConfig(noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                         clipping=dp.clipping) if dp is not None else None,
+        secagg=secagg)
+
+
+def presigned_env(task: SiteTaskSpec) -> dict[str, str]:
+    """The trainer Job's view of its granted objects: key -> URL as JSON."""
+    return {URLS_ENV: json.dumps({o.key: o.url for o in task.objects}, sort_keys=True)}
+
+
+def task_result(result: SiteResult, task: SiteTaskSpec) -> TaskResult:
+    """The trainer's report as the SiteTask's status.result (ε at the round's δ)."""
+    eps: float | None = None
+    dp = task.privacy.differential_privacy
+    if result.privacy is not None and dp is not None:
+        value = epsilon_of([result.privacy], dp.delta or DEFAULT_DELTA)
+        eps = value if math.isfinite(value) else None
+    return TaskResult(samples=result.num_samples, train_loss=result.train_loss,
+                      update_digest=result.update_sha256,
+                      global_metrics=to_metrics(result.global_metrics),
+                      local_metrics=to_metrics(result.local_metrics),
+                      duration_seconds=max(0.0, result.duration_s), epsilon=eps)

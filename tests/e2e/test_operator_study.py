@@ -1,0 +1,304 @@
+"""Whole studies through the operator on real clusters: a hub and two hospital clusters, the
+hub operator, one site agent per hospital, a real S3 server. Training Jobs run in the hospital
+clusters (through the node agent), prepare and aggregator Jobs in the hub.
+
+- the example FederatedStudy (3 rounds, secure aggregation on) succeeds, AUROC rises, the
+  final checkpoint's manifest names both hospitals and carries the hub's signature;
+- the same study survives the hub operator SIGKILLed five times and a site agent once, with
+  no duplicate Jobs, work items or updates;
+- a hospital whose agent stops mid-round is dropped at the deadline; with quorum the round
+  succeeds, below minSites it fails with a condition that says why.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from federation import (
+    JOBS_NAMESPACE,
+    Federation,
+    SitePlan,
+    add_site,
+    agent_config,
+    condition,
+    items,
+    register_site,
+    site_ready,
+    start_federation,
+)
+
+from deeprad.core.checkpoint import verify_checkpoint_manifest
+from deeprad.core.identity import PublicIdentity
+from deeprad.core.layout import StudyLayout
+from deeprad.core.protocol import AggregateReport, CheckpointManifest
+from deeprad.devenv.cluster import Cluster
+from deeprad.devenv.s3_server import S3Server
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+STUDY = "tumor-detection"
+HOSPITALS = ("st-marys", "charite")
+STUDY_TIMEOUT = 600.0
+
+
+@pytest.fixture(scope="module")
+def fed(clusters: dict[str, Cluster], s3_server: S3Server,
+        tmp_path_factory: pytest.TempPathFactory, owner_token: str) -> Iterator[Federation]:
+    plans = [SitePlan("st-marys", clusters["site-1"], 0),
+             SitePlan("charite", clusters["site-2"], 1)]
+    federation = start_federation(clusters["hub"], plans, s3_server,
+                                  tmp_path_factory.mktemp("federation"), owner_token)
+    try:
+        yield federation
+    finally:
+        federation.stop()
+
+
+def _apply_study(fed: Federation, ns: str) -> None:
+    fed.hub.kubectl("create", "namespace", ns)
+    fed.hub.kubectl("apply", "-n", ns, "-f", str(ROOT / "examples" /
+                                                  "federatedstudy-tumor-cnn.yaml"))
+
+
+def _study_done(fed: Federation, ns: str) -> dict[str, Any] | None:
+    study = fed.get("federatedstudy", STUDY, "-n", ns)
+    state = ((study or {}).get("status") or {}).get("state")
+    if state == "Failed":
+        pytest.fail(f"study failed: {json.dumps(study['status'], indent=1)[:3000]}\n"  # type: ignore[index]
+                    f"{_round_report(fed, ns)}")
+    return study if state == "Succeeded" else None
+
+
+def _round_report(fed: Federation, ns: str) -> str:
+    """Rounds, their work items and hub Jobs: what a failure message needs."""
+    lines = [f"{r['metadata']['name']}: {json.dumps(r.get('status'))[:1500]}"
+             for r in items(fed, "federatedrounds", "-n", ns)]
+    for site in fed.sites:
+        lines += [f"task {t['metadata']['name']}: {json.dumps(t.get('status'))[:600]}"
+                  for t in items(fed, "sitetasks", "-n", f"deeprad-site-{site}")
+                  if t["spec"]["roundRef"]["namespace"] == ns]
+    lines += [f"job {j['metadata']['name']}: {json.dumps(j.get('status'))[:400]}"
+              for j in items(fed, "jobs", "-n", JOBS_NAMESPACE)]
+    return "\n".join(lines)
+
+
+def _wait_study(fed: Federation, ns: str, what: str) -> dict[str, Any]:
+    try:
+        return dict(fed.wait(what, lambda: _study_done(fed, ns), STUDY_TIMEOUT))
+    except pytest.fail.Exception as exc:
+        study = fed.get("federatedstudy", STUDY, "-n", ns) or {}
+        pytest.fail(f"{exc}\n--- state ---\n{json.dumps(study.get('status'))}\n"
+                    f"{_round_report(fed, ns)}")
+
+
+def _check_study(fed: Federation, ns: str, study: dict[str, Any]) -> list[dict[str, Any]]:
+    """The study's outcome as a user checks it; returns its rounds."""
+    rounds = sorted(items(fed, "federatedrounds", "-n", ns), key=lambda r: r["spec"]["round"])
+    done = study["status"]["completedRounds"]
+    assert done == len(rounds) and done >= 2, _round_report(fed, ns)
+    if done < 3:
+        assert condition(study, "Succeeded")["reason"] == "TargetReached"
+    hub_keys = PublicIdentity.load(fed.workdir / "keys" / "hub-public")
+    layout = StudyLayout(ns, STUDY)
+    for r in rounds:
+        n, st = r["spec"]["round"], r["status"]
+        assert st["state"] == "Succeeded", _round_report(fed, ns)
+        assert {s["site"]: s["state"] for s in st["sites"]} == dict.fromkeys(HOSPITALS,
+                                                                             "Reported")
+        assert (st["admittedSites"], st["reportedSites"]) == (2, 2)
+        manifest = CheckpointManifest.model_validate(fed.store_json(layout.global_manifest(n)))
+        verify_checkpoint_manifest(manifest, hub_keys, layout, n)
+        assert sorted(c.site for c in manifest.contributors) == sorted(HOSPITALS)
+        assert st["outputCheckpoint"]["digest"] == manifest.payload_sha256
+        report = AggregateReport.model_validate(fed.store_json(layout.aggregate(n)))
+        assert report.secagg is not None and sorted(report.secagg.survivors) == sorted(HOSPITALS)
+        assert not report.rejected
+        # Each training Job ran once, in its hospital's cluster, and succeeded.
+        for site in HOSPITALS:
+            cluster = fed.sites[site].cluster
+            job = fed.get("job", f"{r['metadata']['name']}-{r['metadata']['uid'][:8]}", "-n",
+                          fed.sites[site].namespace, cluster=cluster)
+            assert job is not None and job["status"].get("succeeded") == 1, (site, n)
+            assert not job["status"].get("failed"), (site, n, job["status"])
+            tasks = list(items(fed, "sitetasks", "-n", f"deeprad-site-{site}", "-l",
+                               f"deeprad.io/round-uid={r['metadata']['uid']}"))
+            assert len(tasks) == 1 and tasks[0]["status"]["state"] == "Succeeded"
+        agg = fed.get("job", f"{r['metadata']['name']}-{r['metadata']['uid'][:8]}-aggregate",
+                      "-n", JOBS_NAMESPACE)
+        assert agg is not None and agg["status"].get("succeeded") == 1, agg
+        assert not agg["status"].get("failed"), agg["status"]
+    # Input metrics are the global model on the sites' validation data: it learns.
+    aurocs = [r["status"]["inputMetrics"]["auroc"] for r in rounds]
+    assert all(b > a for a, b in itertools.pairwise(aurocs)), aurocs
+    assert aurocs[-1] >= aurocs[0] + 0.05, aurocs
+    # Each round's aggregateMetrics is the next round's input, filled in by the study.
+    for prev, nxt in itertools.pairwise(rounds):
+        fresh = fed.get("federatedround", prev["metadata"]["name"], "-n", ns) or {}
+        assert fresh["status"]["aggregateMetrics"] == nxt["status"]["inputMetrics"]
+    last = rounds[-1]["status"]["outputCheckpoint"]
+    assert study["status"]["latestCheckpoint"] == last
+    return rounds
+
+
+def test_example_study_trains_across_hospital_clusters(fed: Federation) -> None:
+    ns = f"research-{uuid.uuid4().hex[:6]}"
+    _apply_study(fed, ns)
+    study = _wait_study(fed, ns, "the study to succeed")
+    rounds = _check_study(fed, ns, study)
+    # The first round started from a hub-initialised model (prepare Job), the next from
+    # the previous round's output.
+    assert "inputCheckpoint" not in rounds[0]["spec"]
+    assert rounds[1]["spec"]["inputCheckpoint"]["uri"] == \
+        rounds[0]["status"]["outputCheckpoint"]["uri"]
+    events = {e["reason"] for e in items(fed, "events", "-n", ns)}
+    assert {"RoundCreated", "SitesScheduled", "RoundSucceeded"} <= events
+    text = fed.operator.metrics()
+    assert f'deeprad_rounds_total{{namespace="{ns}",outcome="succeeded",study="{STUDY}"}}' \
+        in text
+    assert f'deeprad_global_auroc{{namespace="{ns}",study="{STUDY}"}}' in text
+
+
+def test_study_survives_operator_and_agent_kill_9(fed: Federation) -> None:
+    ns = f"chaos-{uuid.uuid4().hex[:6]}"
+    rng = random.Random(7)
+    stop = threading.Event()
+    kills: list[str] = []
+
+    def chaos() -> None:
+        victims = ["hub-operator"] * 5 + ["agent-charite"]
+        rng.shuffle(victims)
+        for victim in victims:
+            if stop.wait(rng.uniform(4.0, 12.0)):
+                return
+            proc = fed.operator if victim == "hub-operator" else fed.agents["charite"]
+            proc.kill9()
+            kills.append(victim)
+            time.sleep(rng.uniform(0.5, 3.0))
+            proc.start()
+
+    thread = threading.Thread(target=chaos, daemon=True)
+    _apply_study(fed, ns)
+    thread.start()
+    try:
+        study = _wait_study(fed, ns, "the study to succeed under chaos")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert kills.count("hub-operator") >= 5 and "agent-charite" in kills, kills
+    _check_study(fed, ns, study)
+    # Work items: exactly one per round and site; no round beyond the study's.
+    rounds = list(items(fed, "federatedrounds", "-n", ns))
+    for site in HOSPITALS:
+        tasks = [t for t in items(fed, "sitetasks", "-n", f"deeprad-site-{site}")
+                 if t["spec"]["roundRef"]["namespace"] == ns]
+        assert len(tasks) == len(rounds), [t["metadata"]["name"] for t in tasks]
+    # Every accepted nonce once: no update counted twice.
+    nonces = fed.store_json(StudyLayout(ns, STUDY).seen_nonces())
+    assert len(nonces) == 2 * len(rounds), nonces
+
+
+def _hand_round(name: str, sites: list[str], min_sites: int) -> dict[str, Any]:
+    return {"apiVersion": "deeprad.io/v1alpha1", "kind": "FederatedRound",
+            "metadata": {"name": name},
+            "spec": {"round": 1, "model": {"name": "tumor-cnn"}, "sites": sites,
+                     "minSites": min_sites, "deadline": "1m",
+                     "data": {"imageSize": 64},
+                     "training": {"localEpochs": 1},
+                     "privacy": {"secureAggregation": False}}}
+
+
+def test_dropout_at_the_deadline(fed: Federation, clusters: dict[str, Cluster]) -> None:
+    keys = fed.workdir / "keys"
+    hub_signing = (keys / "hub" / "signing.pub").read_text().strip()
+    plan = SitePlan("uclh", clusters["site-2"], 2, namespace="deeprad-training-uclh")
+    fed.sites[plan.name] = plan
+    add_site(fed, plan, keys, hub_signing)
+    fed.wait("HospitalSite uclh Ready", lambda: site_ready(fed, "uclh"))
+    ns = f"dropout-{uuid.uuid4().hex[:6]}"
+    fed.hub.kubectl("create", "namespace", ns)
+    fed.agents["uclh"].stop()  # mid-round: the site is still Ready when the rounds start
+    everyone = [*HOSPITALS, "uclh"]
+    fed.hub.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([
+        _hand_round("quorum", everyone, 2), _hand_round("no-quorum", everyone, 3)]))
+
+    def ended(name: str) -> dict[str, Any] | None:
+        r = fed.get("federatedround", name, "-n", ns) or {}
+        return r if (r.get("status") or {}).get("state") in ("Succeeded", "Failed") else None
+
+    ok = fed.wait("round quorum to end", lambda: ended("quorum"), 300)
+    bad = fed.wait("round no-quorum to end", lambda: ended("no-quorum"), 300)
+    sites = {s["site"]: s for s in ok["status"]["sites"]}
+    assert ok["status"]["state"] == "Succeeded", _round_report(fed, ns)
+    assert sites["uclh"]["state"] == "Dropped" and sites["uclh"]["reason"] == "DeadlineExceeded"
+    assert {sites[h]["state"] for h in HOSPITALS} == {"Reported"}
+    report = AggregateReport.model_validate(fed.store_json(StudyLayout(ns, "quorum").aggregate(1)))
+    assert sorted(c.site for c in report.contributors) == sorted(HOSPITALS)
+    failed = condition(bad, "Failed")
+    assert bad["status"]["state"] == "Failed" and failed["status"] == "True"
+    assert failed["reason"] == "QuorumNotMet"
+    assert "2 site(s) reported, spec.minSites is 3" in failed["message"]
+    assert "uclh: Dropped" in failed["message"]
+    # The dropped site's work item was withdrawn when the rounds ended.
+    fed.wait("uclh's tasks withdrawn", lambda: not list(
+        items(fed, "sitetasks", "-n", "deeprad-site-uclh")), 60)
+
+
+def _push_secret(name: str, kubeconfig: str, config: dict[str, Any] | None) -> dict[str, Any]:
+    data = {"kubeconfig": kubeconfig}
+    if config is not None:
+        data["agent.yaml"] = yaml.safe_dump(config)
+    return {"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": JOBS_NAMESPACE}, "stringData": data}
+
+
+def test_push_mode_lab_cluster(fed: Federation, clusters: dict[str, Cluster]) -> None:
+    """A lab cluster without an agent: the hub drives it with a kubeconfig Secret; one that
+    would run an exec plugin is refused."""
+    keys = fed.workdir / "keys"
+    hub_signing = (keys / "hub" / "signing.pub").read_text().strip()
+    lab = SitePlan("lab", clusters["site-1"], 3, namespace="deeprad-training-lab")
+    fed.sites[lab.name] = lab
+    kubeconfig = lab.cluster.kubeconfig.read_text()
+    fed.hub.kubectl("apply", "-f", "-", input=json.dumps(
+        _push_secret("lab-kubeconfig", kubeconfig, agent_config(lab, hub_signing))))
+    ref = {"name": "lab-kubeconfig", "namespace": JOBS_NAMESPACE, "key": "kubeconfig"}
+    register_site(fed, lab, keys, {"mode": "push", "kubeconfigSecretRef": ref,
+                                   "heartbeatTimeout": "30s"})
+    # A kubeconfig that would make the hub run a program is refused, and the site says why.
+    evil = yaml.safe_load(kubeconfig)
+    evil["users"][0]["user"] = {"exec": {"apiVersion": "client.authentication.k8s.io/v1",
+                                         "command": "/bin/sh", "args": ["-c", "id"]}}
+    fed.hub.kubectl("apply", "-f", "-", input=json.dumps(
+        _push_secret("evil-kubeconfig", yaml.safe_dump(evil), None)))
+    evil_site = SitePlan("evil-lab", clusters["site-2"], 0, namespace="deeprad-training-evil")
+    register_site(fed, evil_site, keys, {"mode": "push", "kubeconfigSecretRef": {
+        **ref, "name": "evil-kubeconfig"}, "heartbeatTimeout": "30s"})
+    fed.wait("HospitalSite lab Ready", lambda: site_ready(fed, "lab"))
+    refused = fed.wait("the exec kubeconfig refused", lambda: [
+        e for e in items(fed, "events", "-A")
+        if e["reason"] == "PushConfigInvalid" and e["involvedObject"]["name"] == "evil-lab"])
+    assert "uses `exec`, which would run a program inside the hub" in refused[0]["message"]
+    assert not site_ready(fed, "evil-lab")
+
+    ns = f"push-{uuid.uuid4().hex[:6]}"
+    fed.hub.kubectl("create", "namespace", ns)
+    fed.hub.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(
+        _hand_round("with-lab", ["lab", "st-marys"], 2)))
+    done = fed.wait("round with-lab to end", lambda: (
+        (r := fed.get("federatedround", "with-lab", "-n", ns) or {}).get("status", {})
+        .get("state") in ("Succeeded", "Failed") and r), 300)
+    assert done["status"]["state"] == "Succeeded", _round_report(fed, ns)
+    job = fed.get("job", f"with-lab-{done['metadata']['uid'][:8]}", "-n", lab.namespace,
+                  cluster=lab.cluster)
+    assert job is not None and job["status"].get("succeeded") == 1
