@@ -43,7 +43,7 @@ crds: ## regenerate crds/ from the typed source in operator/api
 dashboards: ## regenerate the hub chart's Grafana dashboards from operator/dashboards
 	$(PYTHON) -m deeprad.operator.dashboards.gen --out helm/deeprad/files/dashboards
 
-bench: bench-fedavg bench-simulate bench-cluster bench-secagg bench-trainer ## run every CPU benchmark (prints ratios)
+bench: bench-fedavg bench-simulate bench-cluster bench-secagg bench-trainer bench-operator ## run every CPU benchmark (prints ratios)
 
 bench-fedavg: ## streaming FedAvg vs a plain torch weighted sum: time and peak memory
 	$(PYTHON) benchmarks/bench_fedavg.py

@@ -7,8 +7,10 @@ production. The hospitals are faked by this script: it renews each site's heartb
 Printed:
 - time to reserve N sites (namespace, RBAC, Lease each) and for all N to become Ready;
 - time from the round's creation to all N work items created (the issue's headline number);
-- API requests per site in that window: the apiserver's request counter over the window minus
-  the operator's idle rate (measured over a quiet window of the same length just before), / N;
+- API requests per site for the round: the apiserver's request counters for SiteTasks,
+  FederatedRounds and Jobs (reads and writes, not this script's LIST polling or watches), from
+  the round's creation until all N work items exist, / N; and, for context, the background
+  request rate of all clients just before the round, with its largest sources;
 - time from the last report to the aggregator Job being created;
 - the operator's peak RSS (VmHWM).
 
@@ -46,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 API = "/apis/deeprad.io/v1alpha1"
 NS = "scale"
 ROUND = "all-sites"
-_COUNTER = re.compile(r"^apiserver_request_total\{[^}]*\} ([0-9.e+]+)$", re.MULTILINE)
+_COUNTER = re.compile(r"^apiserver_request_total\{([^}]*)\} ([0-9.e+]+)$", re.MULTILINE)
+ROUND_RESOURCES = ("sitetasks", "federatedrounds", "jobs")
 
 
 def _wait(what: str, check: Any, timeout: float, interval: float = 0.5) -> float:
@@ -59,9 +62,20 @@ def _wait(what: str, check: Any, timeout: float, interval: float = 0.5) -> float
     raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def _requests(hub: Cluster) -> float:
+def _requests(hub: Cluster) -> dict[tuple[str, str], float]:
+    """apiserver_request_total summed by (resource, verb)."""
     text = hub.kubectl("get", "--raw", "/metrics", timeout=60).stdout
-    return sum(float(v) for v in _COUNTER.findall(text))
+    out: dict[tuple[str, str], float] = {}
+    for labels, value in _COUNTER.findall(text):
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        key = (tags.get("resource", ""), tags.get("verb", ""))
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def _delta(after: dict[tuple[str, str], float], before: dict[tuple[str, str], float]
+           ) -> dict[tuple[str, str], float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
 
 
 def _peak_rss(pid: int) -> int:
@@ -179,17 +193,20 @@ def main() -> int:
 
         ready_s = _wait(f"{n} sites Ready", lambda: ready() >= n, 1800, interval=2)
 
-        # Idle baseline over a quiet window, then the round over the same kind of window.
+        # What the operator costs when nothing happens (heartbeat passes over every site).
         time.sleep(5)
         before, t_idle = _requests(hub), time.monotonic()
         time.sleep(20)
-        idle_rate = (_requests(hub) - before) / (time.monotonic() - t_idle)
+        idle = _delta(_requests(hub), before)
+        idle_s = time.monotonic() - t_idle
+        idle_rate = sum(idle.values()) / idle_s
+        idle_top = sorted(idle.items(), key=lambda kv: -kv[1])[:4]
         round_manifest = {"apiVersion": "deeprad.io/v1alpha1", "kind": "FederatedRound",
                           "metadata": {"name": ROUND, "namespace": NS},
                           "spec": {"round": 1, "model": {"name": "tumor-cnn"}, "minSites": 1,
                                    "deadline": "2h",
                                    "privacy": {"secureAggregation": False}}}
-        before, t0 = _requests(hub), time.monotonic()
+        before = _requests(hub)
         rnd = client.create(f"{API}/namespaces/{NS}/federatedrounds", round_manifest)
         uid = rnd["metadata"]["uid"]
 
@@ -198,8 +215,9 @@ def main() -> int:
                                    labelSelector=f"deeprad.io/round-uid={uid}")["items"])
 
         tasks_s = _wait(f"{n} work items", lambda: len(tasks()) >= n, 1800, interval=0.5)
-        window = time.monotonic() - t0
-        round_requests = _requests(hub) - before - idle_rate * window
+        spent = _delta(_requests(hub), before)
+        round_requests = sum(v for (res, verb), v in spent.items()
+                             if res in ROUND_RESOURCES and verb not in ("LIST", "WATCH"))
         # The sites report; the round moves on to aggregation.
         t1 = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
@@ -211,7 +229,13 @@ def main() -> int:
             return any(j["metadata"]["name"].endswith("-aggregate") for j in jobs)
 
         aggregate_s = _wait("the aggregator Job", aggregating, 1800)
-        status = client.get(f"{API}/namespaces/{NS}/federatedrounds/{ROUND}")["status"]
+
+        def round_status() -> dict[str, Any]:
+            return dict(client.get(f"{API}/namespaces/{NS}/federatedrounds/{ROUND}")["status"])
+
+        _wait("the round's status to count every report",
+              lambda: round_status().get("reportedSites") == n, 120)
+        status = round_status()
         rss = _peak_rss(operator.pid)
         kwok.stop()
     finally:
@@ -226,8 +250,10 @@ def main() -> int:
     print(f"  all reserved (namespace, RBAC, Lease each):        {reserve_s:8.1f} s")
     print(f"  all Ready after one heartbeat each:                 {ready_s:8.1f} s")
     print(f"  round created -> {n} work items created:          {tasks_s:8.1f} s")
-    print(f"  API requests in that window, per site:              {round_requests / n:8.2f}"
-          f"  (idle rate {idle_rate:.1f}/s subtracted)")
+    print(f"  API requests for the round in that window, per site: {round_requests / n:7.2f}"
+          "  (SiteTasks, FederatedRounds, Jobs)")
+    print(f"  background API requests before the round (all clients): {idle_rate:.1f}/s; largest: "
+          + ", ".join(f"{verb} {res} {v / idle_s:.1f}/s" for (res, verb), v in idle_top))
     print(f"  {n} reports by the fake sites:                     {report_s:8.1f} s")
     print(f"  last report -> aggregator Job created:              {aggregate_s:8.1f} s")
     print(f"  round status: admitted {status.get('admittedSites')}, "

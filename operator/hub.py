@@ -8,7 +8,7 @@ render manifests and apply them.
 - FederatedStudy: on create/resume/update and on a timer, the study is re-derived from the
   FederatedRounds it owns (`decide.study`), and the next round is created when due
   (deterministic name, create-or-get, so a restart never duplicates one).
-- FederatedRound: on create/resume and on a timer, one pass of `hub_rounds.reconcile_round`
+- FederatedRound: a timer (one pass at a time per round) runs `hub_rounds.reconcile_round`
   (prepare Job, admission, SiteTasks, aggregator Job, outcome); on delete, its SiteTasks and
   hub Jobs, which ownerReferences cannot reach, are deleted.
 
@@ -227,21 +227,23 @@ def build_registry(options: HubOptions) -> kopf.OperatorRegistry:
     @kopf.on.create(*HOSPITAL_SITES, id="site-reserve", registry=registry)
     @kopf.on.update(*HOSPITAL_SITES, id="site-reserve", registry=registry)
     def site_reserve(name: str, uid: str, meta: kopf.Meta, spec: kopf.Spec,
-                     status: kopf.Status, patch: kopf.Patch, memo: Any, **_: Any) -> None:
+                     status: kopf.Status, memo: Any, **_: Any) -> None:
         with reconciling("HospitalSite", name):
             reserve_site(memo.kube, name, uid)
             old = parse(HospitalSiteStatus, status)
-            _patch_changed(patch, old, site_status(memo.kube, name, meta.get("generation"),
-                                                   parse(HospitalSiteSpec, spec), old))
+            write_status(memo.kube, "HospitalSite", name, None, old,
+                         site_status(memo.kube, name, meta.get("generation"),
+                                     parse(HospitalSiteSpec, spec), old))
 
     @kopf.timer(*HOSPITAL_SITES, id="site-heartbeat", interval=options.site_interval,
                 registry=registry)
     def site_heartbeat(name: str, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status,
-                       patch: kopf.Patch, memo: Any, **_: Any) -> None:
+                       memo: Any, **_: Any) -> None:
         with reconciling("HospitalSite", name):
             old = parse(HospitalSiteStatus, status)
-            _patch_changed(patch, old, site_status(memo.kube, name, meta.get("generation"),
-                                                   parse(HospitalSiteSpec, spec), old))
+            write_status(memo.kube, "HospitalSite", name, None, old,
+                         site_status(memo.kube, name, meta.get("generation"),
+                                     parse(HospitalSiteSpec, spec), old))
 
     @kopf.daemon(*HOSPITAL_SITES, id="push-agent", registry=registry, cancellation_timeout=10,
                  when=lambda spec, **_: (spec.get("connection") or {}).get("mode") == "push")
@@ -267,7 +269,7 @@ def build_registry(options: HubOptions) -> kopf.OperatorRegistry:
             stopped.wait(agent.config.poll_seconds if agent else PUSH_RELOAD_SECONDS / 6)
 
     def study_pass(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.Spec,
-                   status: kopf.Status, patch: kopf.Patch, body: kopf.Body, memo: Any,
+                   status: kopf.Status, body: kopf.Body, memo: Any,
                    site_facts: kopf.Index[None, SiteFacts],
                    study_rounds: kopf.Index[tuple[str, str], OwnedRound]) -> None:
         with reconciling("FederatedStudy", f"{namespace}/{name}"):
@@ -277,7 +279,8 @@ def build_registry(options: HubOptions) -> kopf.OperatorRegistry:
                                   parse(FederatedStudySpec, spec),
                                   parse(FederatedStudyStatus, status), owned,
                                   list(site_facts.get(None, ())), body)
-            _patch_changed(patch, parse(FederatedStudyStatus, status), new)
+            write_status(memo.kube, "FederatedStudy", name, namespace,
+                         parse(FederatedStudyStatus, status), new)
             for number, measured in study_rules.metrics_to_backfill(owned):
                 memo.kube.patch_status(API_VERSION, "FederatedRound", round_name(name, number),
                                        namespace, {"aggregateMetrics": measured.model_dump(
@@ -319,7 +322,7 @@ def build_registry(options: HubOptions) -> kopf.OperatorRegistry:
                                st.message, st.result, st.completion_time)}
 
     def round_pass(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.Spec,
-                   status: kopf.Status, patch: kopf.Patch, body: kopf.Body, memo: Any,
+                   status: kopf.Status, body: kopf.Body, memo: Any,
                    site_views: kopf.Index[None, SiteView],
                    round_tasks: kopf.Index[str, TaskFacts]) -> None:
         with reconciling("FederatedRound", f"{namespace}/{name}"):
@@ -332,7 +335,7 @@ def build_registry(options: HubOptions) -> kopf.OperatorRegistry:
                     round_rules.SITES_SCHEDULED, "HubNotConfigured",
                     f"the hub operator runs without {missing}; it cannot run rounds")],
                     meta.get("generation"), now())
-                _patch_changed(patch, old, new)
+                write_status(memo.kube, "FederatedRound", name, namespace, old, new)
                 return
             running = _running_tasks(round_tasks, uid)
             sites = [replace(v, running_tasks=running.get(v.name, 0))
@@ -340,14 +343,11 @@ def build_registry(options: HubOptions) -> kopf.OperatorRegistry:
             new = reconcile_round(hub, name, namespace, uid, meta,
                                   parse(FederatedRoundSpec, spec), old,
                                   list(round_tasks.get(uid, ())), sites, body)
-            _patch_changed(patch, old, new)
+            write_status(memo.kube, "FederatedRound", name, namespace, old, new)
 
-    @kopf.on.resume(*FEDERATED_ROUNDS, id="round", registry=registry)
-    @kopf.on.create(*FEDERATED_ROUNDS, id="round", registry=registry)
-    @kopf.on.update(*FEDERATED_ROUNDS, id="round", registry=registry)
-    def round_changed(**kwargs: Any) -> None:
-        round_pass(**{k: kwargs[k] for k in _ROUND_KWARGS})
-
+    # Rounds are driven by the timer alone: kopf runs one object's timer passes one after
+    # another, so two passes never race to set status.startTime (which CEL freezes once set).
+    # It fires at once for a new object and at resume, then every round_interval.
     @kopf.timer(*FEDERATED_ROUNDS, id="round-timer", interval=options.round_interval,
                 registry=registry)
     def round_timer(**kwargs: Any) -> None:
@@ -368,7 +368,7 @@ def build_registry(options: HubOptions) -> kopf.OperatorRegistry:
     return registry
 
 
-_ROUND_KWARGS = ("name", "namespace", "uid", "meta", "spec", "status", "patch", "body", "memo",
+_ROUND_KWARGS = ("name", "namespace", "uid", "meta", "spec", "status", "body", "memo",
                  "site_views", "round_tasks")
 
 
@@ -384,16 +384,19 @@ def _running_tasks(index: kopf.Index[str, TaskFacts], exclude_round: str) -> dic
     return out
 
 
-def _patch_changed(patch: kopf.Patch, old: BaseModel, new: BaseModel) -> None:
-    """Patch only the status fields that changed, so an idle pass sends no request."""
+def write_status(kube: Kube, kind: str, name: str, namespace: str | None, old: BaseModel,
+                 new: BaseModel) -> None:
+    """Merge-patch the status fields that changed (an idle pass sends nothing). Written here
+    rather than through kopf's patch: a refused kopf patch ends a timer for good, while an
+    ApiException here becomes a TemporaryError and the next pass tries again."""
     before = old.model_dump(mode="json", exclude_none=True)
     after = new.model_dump(mode="json", exclude_none=True)
-    for key, value in after.items():
-        if before.get(key) != value:
-            patch.status[key] = value
+    changed = {k: v for k, v in after.items() if before.get(k) != v}
+    if changed:
+        kube.patch_status(API_VERSION, kind, name, namespace, changed)
 
 
-_STUDY_KWARGS = ("name", "namespace", "uid", "meta", "spec", "status", "patch", "body", "memo",
+_STUDY_KWARGS = ("name", "namespace", "uid", "meta", "spec", "status", "body", "memo",
                  "site_facts", "study_rounds")
 
 
