@@ -9,7 +9,6 @@ pass repeated after a crash changes nothing that the first pass already did.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -61,7 +60,6 @@ from deeprad.operator.render import jobs as job_render
 from deeprad.operator.render.tasks import site_task
 from deeprad.operator.settings import HubOptions
 
-log = logging.getLogger("deeprad.operator.rounds")
 URL_GRACE = timedelta(minutes=5)  # presigned URLs outlive the deadline a little (clock skew)
 SECAGG_CLIP = 1.0  # per value of the weighted update; deeprad simulate's default
 LOG_TAIL_LINES = 20
@@ -183,7 +181,7 @@ class RoundHub:
                                      url=self.presign(key, method, expires))
                        for key, method in grants.items()]
             manifest = site_task(ref, study, spec, site, action.parent_digest, hub, objects,
-                                 secagg, _rfc(deadline))
+                                 secagg, rfc3339(deadline))
             obj, _ = self.kube.create_or_get(manifest)
             owner = ((obj.get("spec") or {}).get("roundRef") or {}).get("uid")
             if owner != ref.uid:
@@ -285,12 +283,18 @@ def reconcile_round(hub: RoundHub, name: str, namespace: str, uid: str, meta: Ma
     aggregator = hub.job_view(aggregator_job_name(name, uid)) if status.sites else None
     store = hub.store_view(layout, spec.round, aggregating=aggregator is not None)
     prepare = None if store.input_manifest else hub.job_view(prepare_job_name(name, uid))
+    problem = None
+    if store.input_manifest is None and spec.input_checkpoint is not None:
+        try:
+            checkpoint_source(hub.store, spec.input_checkpoint)
+        except ConfigError as exc:
+            problem = str(exc)
     created = _time(meta.get("creationTimestamp")) or t
     world = rules.RoundWorld(
         now=t, created=created, candidates=sites,
         tasks={s: rules.TaskView(f.name, f.state, f.message, f.result, f.completion_time)
                for s, f in mine.items()},
-        prepare=prepare, aggregator=aggregator, store=store)
+        prepare=prepare, aggregator=aggregator, store=store, input_problem=problem)
     decision = rules.decide_round(name, meta.get("generation"), spec, status, world)
     st = decision.status
     deadline = parse_time(st.deadline_time) if st.deadline_time else t
@@ -376,7 +380,3 @@ def _time(value: Any) -> datetime | None:
     if isinstance(value, datetime):
         return value
     return parse_time(str(value))
-
-
-def _rfc(when: datetime) -> str:
-    return rfc3339(when)

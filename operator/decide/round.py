@@ -94,6 +94,7 @@ class RoundWorld:
     prepare: JobView | None = None
     aggregator: JobView | None = None
     store: StoreView = field(default_factory=StoreView)
+    input_problem: str | None = None  # why spec.inputCheckpoint cannot be used, if it cannot
 
 
 # ---- actions ----------------------------------------------------------------------------------
@@ -189,6 +190,9 @@ def decide_round(name: str, generation: int | None, spec: FederatedRoundSpec,
     # 2. input checkpoint
     parent = world.store.input_manifest
     if parent is None:
+        if world.input_problem:
+            return fail("InvalidInputCheckpoint", f"FederatedRound {name}: "
+                                                  f"spec.inputCheckpoint: {world.input_problem}")
         if world.prepare is not None and world.prepare.state == "Failed":
             return fail("InputCheckpointFailed", f"FederatedRound {name}: preparing the input "
                                                  f"checkpoint failed: {world.prepare.message}")

@@ -332,3 +332,12 @@ def test_rounds_of_the_same_name_in_two_namespaces_get_distinct_work_items() -> 
     assert a["metadata"]["namespace"] == b["metadata"]["namespace"] == "deeprad-site-a"
     assert (a["metadata"]["name"], b["metadata"]["name"]) == ("study-r1-aaaa1111",
                                                                "study-r1-bbbb2222")
+
+
+def test_an_input_checkpoint_outside_the_store_fails_the_round_naming_the_field() -> None:
+    problem = "'s3://other/x.safetensors' is not in this object store"
+    d = _decide(_spec(), FederatedRoundStatus(),
+                _world(store=rules.StoreView(), input_problem=problem))
+    assert d.status.state == RoundState.FAILED and d.actions == []
+    assert _cond(d.status, "Failed")[1:] == (
+        "InvalidInputCheckpoint", f"FederatedRound r1: spec.inputCheckpoint: {problem}")
