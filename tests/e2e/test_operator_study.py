@@ -223,7 +223,9 @@ def test_dropout_at_the_deadline(fed: Federation, clusters: dict[str, Cluster]) 
     hub_signing = (keys / "hub" / "signing.pub").read_text().strip()
     plan = SitePlan("uclh", clusters["site-2"], 2, namespace="deeprad-training-uclh")
     fed.sites[plan.name] = plan
-    add_site(fed, plan, keys, hub_signing)
+    # A long heartbeat timeout keeps uclh Ready after its agent stops, however slowly the
+    # hub gets to admitting it: the round must see it drop out, not exclude it.
+    add_site(fed, plan, keys, hub_signing, heartbeat_timeout="10m")
     fed.wait("HospitalSite uclh Ready", lambda: site_ready(fed, "uclh"))
     ns = f"dropout-{uuid.uuid4().hex[:6]}"
     fed.hub.kubectl("create", "namespace", ns)

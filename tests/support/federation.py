@@ -160,9 +160,10 @@ def agent_config(site: SitePlan, hub_signing: str) -> dict[str, Any]:
     }
 
 
-def add_site(fed: Federation, site: SitePlan, keys: Path, hub_signing: str) -> None:
+def add_site(fed: Federation, site: SitePlan, keys: Path, hub_signing: str,
+             heartbeat_timeout: str = "30s") -> None:
     """Register a pull-mode hospital and start its agent with a token for its hub namespace."""
-    register_site(fed, site, keys)
+    register_site(fed, site, keys, {"mode": "pull", "heartbeatTimeout": heartbeat_timeout})
     ns = f"deeprad-site-{site.name}"
     fed.wait(f"ServiceAccount deeprad-agent in {ns}",
              lambda: fed.get("serviceaccount", "deeprad-agent", "-n", ns))
