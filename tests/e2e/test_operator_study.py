@@ -41,7 +41,7 @@ from deeprad.core.checkpoint import verify_checkpoint_manifest
 from deeprad.core.identity import PublicIdentity
 from deeprad.core.layout import StudyLayout
 from deeprad.core.protocol import AggregateReport, CheckpointManifest
-from deeprad.devenv.cluster import Cluster
+from deeprad.devenv.cluster import Cluster, start_clusters
 from deeprad.devenv.s3_server import S3Server
 
 pytestmark = pytest.mark.e2e
@@ -53,16 +53,23 @@ STUDY_TIMEOUT = 600.0
 
 
 @pytest.fixture(scope="module")
-def fed(clusters: dict[str, Cluster], s3_server: S3Server,
+def fed(clusters: dict[str, Cluster], s3_server: S3Server, devenv_dir: Path,
         tmp_path_factory: pytest.TempPathFactory, owner_token: str) -> Iterator[Federation]:
+    # A hub of this module's own: the session's hub serves integration tests that register
+    # the example HospitalSites themselves and expect them fresh.
+    hub = Cluster("op-hub", devenv_dir / "clusters", owner_token=owner_token)
+    start_clusters([hub])
     plans = [SitePlan("st-marys", clusters["site-1"], 0),
              SitePlan("charite", clusters["site-2"], 1)]
-    federation = start_federation(clusters["hub"], plans, s3_server,
-                                  tmp_path_factory.mktemp("federation"), owner_token)
     try:
-        yield federation
+        federation = start_federation(hub, plans, s3_server,
+                                      tmp_path_factory.mktemp("federation"), owner_token)
+        try:
+            yield federation
+        finally:
+            federation.stop()
     finally:
-        federation.stop()
+        hub.stop()
 
 
 def _apply_study(fed: Federation, ns: str) -> None:
