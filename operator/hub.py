@@ -337,9 +337,10 @@ def build_registry(options: HubOptions) -> kopf.OperatorRegistry:
                     meta.get("generation"), now())
                 write_status(memo.kube, "FederatedRound", name, namespace, old, new)
                 return
-            running = _running_tasks(round_tasks, uid)
-            sites = [replace(v, running_tasks=running.get(v.name, 0))
-                     for v in site_views.get(None, ())]
+            sites = list(site_views.get(None, ()))
+            if not old.sites:  # admission, once per round, is all that counts running tasks
+                running = _running_tasks(round_tasks, uid)
+                sites = [replace(v, running_tasks=running.get(v.name, 0)) for v in sites]
             new = reconcile_round(hub, name, namespace, uid, meta,
                                   parse(FederatedRoundSpec, spec), old,
                                   list(round_tasks.get(uid, ())), sites, body)

@@ -17,6 +17,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 
 from deeprad.operator.dashboards import DASHBOARDS, DASHBOARDS_DIR
 from deeprad.operator.dashboards.panels import numbered
+from deeprad.operator.generated import sync
 
 
 def render(stem: str) -> str:
@@ -38,26 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if a file is missing, extra or differs")
     args = parser.parse_args(argv)
-    files = render_all()
-    stale = sorted(p.name for p in args.out.glob("*.json") if p.name not in files)
-    for name in stale:  # a dashboard that no longer exists
-        if not args.check:
-            (args.out / name).unlink()
-            print(f"removed {args.out / name}")
-    for name, text in files.items():
-        path = args.out / name
-        if path.exists() and path.read_text(encoding="utf-8") == text:
-            continue
-        stale.append(name)
-        if not args.check:
-            args.out.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-            print(f"wrote {path}")
-    if args.check and stale:
-        print(f"out of date: {', '.join(stale)}; run `make dashboards`", file=sys.stderr)
-        return 1
-    return 0
-
+    return sync(args.out, render_all(), "*.json", args.check, "dashboards")
 
 if __name__ == "__main__":
     sys.exit(main())

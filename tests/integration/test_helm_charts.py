@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from helm_install import install_monitoring_crds
 
 from deeprad.devenv.binaries import tool, tool_env
 from deeprad.devenv.cluster import Cluster
@@ -33,29 +34,13 @@ IDS = ["hub-defaults", "hub-lab", "site-defaults", "site-st-marys"]
 RESTRICTED = {f"pod-security.kubernetes.io/{mode}": "restricted"
               for mode in ("enforce", "warn", "audit")}
 # The Prometheus Operator's kinds are third-party: for a dry run a schema-less CRD is enough.
-MONITORING_KINDS = {"ServiceMonitor": "servicemonitors", "PrometheusRule": "prometheusrules"}
-
-
-def _monitoring_crd(kind: str, plural: str) -> dict[str, Any]:
-    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-            "metadata": {"name": f"{plural}.monitoring.coreos.com"},
-            "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
-                     "names": {"kind": kind, "plural": plural, "listKind": f"{kind}List",
-                               "singular": kind.lower()},
-                     "versions": [{"name": "v1", "served": True, "storage": True, "schema": {
-                         "openAPIV3Schema": {"type": "object",
-                                             "x-kubernetes-preserve-unknown-fields": True}}}]}}
-
-
 @pytest.fixture(scope="module")
 def hub(hub_cluster: Cluster) -> Cluster:
     """The hub with deeprad's CRDs (from crds/, as a user without the chart installs them) and
     minimal monitoring.coreos.com CRDs, Established."""
     hub_cluster.kubectl("apply", "--server-side", "-f", str(CRDS))
-    stream = "\n---\n".join(json.dumps(_monitoring_crd(k, p)) for k, p in MONITORING_KINDS.items())
-    hub_cluster.kubectl("apply", "--server-side", "-f", "-", input=stream)
+    install_monitoring_crds(hub_cluster)
     hub_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                        *(f"crd/{p}.monitoring.coreos.com" for p in MONITORING_KINDS.values()),
                         *(f"crd/{p}.deeprad.io" for p in
                           ("hospitalsites", "federatedstudies", "federatedrounds", "sitetasks")))
     return hub_cluster

@@ -82,9 +82,10 @@ class OperatorProcess:
 
 
 def wait(what: str, check: Callable[[], Any], timeout: float = 60.0,
-         *logs: OperatorProcess | None, interval: float = 0.3) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` and showing the
-    given processes' log tails after `timeout` seconds."""
+         *logs: OperatorProcess | None, interval: float = 0.3,
+         diagnostics: Callable[[], str] | None = None) -> Any:
+    """Poll `check` until it returns something truthy; fail naming `what`, with the given
+    processes' log tails or `diagnostics()`, after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -92,4 +93,5 @@ def wait(what: str, check: Callable[[], Any], timeout: float = 60.0,
             return value
         time.sleep(interval)
     tails = "\n".join(f"--- {p.label} ---\n{p.log_tail(40)}" for p in logs if p is not None)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{tails}")
+    extra = diagnostics() if diagnostics else ""
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{tails}{extra}")

@@ -68,16 +68,21 @@ class Federation:
         return wait(what, check, timeout, *self.processes(), interval=0.5)
 
     def store_json(self, key: str) -> dict[str, Any]:
-        response = self.s3.client().get_object(BUCKET, key)
-        try:
-            return dict(json.loads(response.read()))
-        finally:
-            response.close()
-            response.release_conn()
+        return read_json(self.s3, BUCKET, key)
 
     def stop(self) -> None:
         for proc in self.processes():
             proc.stop()
+
+
+def read_json(s3: S3Server, bucket: str, key: str) -> dict[str, Any]:
+    """A JSON object from the store, as the root account reads it."""
+    response = s3.client().get_object(bucket, key)
+    try:
+        return dict(json.loads(response.read()))
+    finally:
+        response.close()
+        response.release_conn()
 
 
 def _deeprad(*args: str) -> str:

@@ -14,7 +14,6 @@ import functools
 import json
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+from deeprad_processes import wait
+from federation import read_json
 
 from deeprad.core.data.phantoms import DEFAULT_PROFILES
 from deeprad.devenv.binaries import tool, tool_env
@@ -169,25 +169,14 @@ class HelmFederation:
 
     def wait(self, what: str, check: Callable[[], Any], timeout: float = 120.0,
              interval: float = 0.5) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = check()
-            if value:
-                return value
-            time.sleep(interval)
-        pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{self.diagnostics()}")
+        return wait(what, check, timeout, interval=interval, diagnostics=self.diagnostics)
 
     def store_keys(self, prefix: str) -> list[str]:
         return [o.object_name for o in self.s3.client().list_objects(
             self.bucket, prefix=f"{self.prefix}/{prefix}", recursive=True)]
 
     def store_json(self, key: str) -> dict[str, Any]:
-        response = self.s3.client().get_object(self.bucket, f"{self.prefix}/{key}")
-        try:
-            return dict(json.loads(response.read()))
-        finally:
-            response.close()
-            response.release_conn()
+        return read_json(self.s3, self.bucket, f"{self.prefix}/{key}")
 
     def operator_healthy(self) -> bool:
         return http_ok(f"http://127.0.0.1:{self.ports.operator_health}/healthz")
@@ -206,9 +195,9 @@ def _restricted_namespace(cluster: Cluster, name: str) -> None:
                     input=json.dumps(ns))
 
 
-def _monitoring_crds(cluster: Cluster) -> None:
-    """values-lab.yaml turns on the ServiceMonitor and PrometheusRule: a lab hub has the
-    Prometheus Operator's CRDs (schema-less ones are enough here)."""
+def install_monitoring_crds(cluster: Cluster) -> None:
+    """The Prometheus Operator's ServiceMonitor and PrometheusRule kinds, schema-less (enough to
+    accept the charts' objects), Established."""
     crds = [{"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
              "metadata": {"name": f"{plural}.monitoring.coreos.com"},
              "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
@@ -222,7 +211,6 @@ def _monitoring_crds(cluster: Cluster) -> None:
                     input="\n---\n".join(json.dumps(c) for c in crds))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                     *(f"crd/{p}.monitoring.coreos.com" for p in MONITORING_KINDS.values()))
-    cluster.kubectl("create", "namespace", "monitoring", check=False)  # Grafana's
 
 
 def install_hub(fed: HelmFederation) -> None:
@@ -242,7 +230,8 @@ def install_hub(fed: HelmFederation) -> None:
                     lab["store"]["credentials"]["existingSecret"],
                     f"--from-literal=access-key={fed.s3.root.access_key}",
                     f"--from-literal=secret-key={fed.s3.root.secret_key}")
-    _monitoring_crds(fed.hub)
+    install_monitoring_crds(fed.hub)  # values-lab.yaml turns on ServiceMonitor/PrometheusRule
+    fed.hub.kubectl("create", "namespace", "monitoring", check=False)  # Grafana's
     fed.s3.create_bucket(fed.bucket)
     fed.hub_args = [
         "--set", f"store.endpoint={fed.s3.endpoint}",
