@@ -5,8 +5,8 @@ PYTEST ?= $(PYTHON) -m pytest -p no:cacheprovider
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-unit test-integration test-e2e lint bench bench-fedavg \
-        bench-simulate bench-cluster bench-secagg bench-trainer bench-operator bench-gpu crds dashboards dev-up \
-        dev-down clean
+        bench-simulate bench-cluster bench-secagg bench-trainer bench-operator bench-gpu bench-dp crds \
+        dashboards dev-up dev-down clean
 
 include tools/tools.mk
 
@@ -53,6 +53,9 @@ bench-simulate: ## `deeprad simulate` vs a bare PyTorch loop doing the same trai
 
 bench-cluster: tools ## one cluster's start time and three clusters' memory vs the goals
 	$(PYTHON) benchmarks/bench_cluster.py
+
+bench-dp: ## DP-SGD at ε=8 vs the non-private demo, final AUROC over 5 seeds (~15 min)
+	$(PYTHON) benchmarks/bench_dp_utility.py
 
 bench-secagg: ## secure-aggregation CPU time and upload size vs plain updates
 	$(PYTHON) benchmarks/bench_secagg.py

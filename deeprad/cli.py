@@ -21,11 +21,23 @@ def _json_arg(text: str) -> dict[str, object]:
     return value
 
 
+def apply_recipe(args: argparse.Namespace) -> None:
+    """Fill the model and training flags left out with the demo's defaults, or with the DP
+    recipe's when a privacy budget is given."""
+    from deeprad.simulate.config import DEFAULT_RECIPE, DP_RECIPE
+
+    recipe = DP_RECIPE if args.dp_epsilon is not None else DEFAULT_RECIPE
+    for name, default in vars(recipe).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from deeprad.core.protocol import ModelSpec, StrategySpec, TrainConfig
     from deeprad.simulate.config import SimulationConfig
     from deeprad.simulate.runner import run_simulation
 
+    apply_recipe(args)
     cfg = SimulationConfig(
         sites=args.sites, rounds=args.rounds,
         model=ModelSpec(name=args.model, kwargs=args.model_kwargs),
@@ -81,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "with centralized and local-only training.")
     sim.add_argument("--sites", type=int, default=4, help="number of hospitals (default 4)")
     sim.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
-    sim.add_argument("--model", default="tumor-cnn",
-                     help="network: see `deeprad models`, or package.module:factory")
+    sim.add_argument("--model",
+                     help="network: see `deeprad models`, or package.module:factory (default "
+                          "tumor-cnn; tumor-jet with --dp-epsilon)")
     sim.add_argument("--model-kwargs", type=_json_arg, default={}, metavar="JSON",
                      help="keyword arguments for the model factory")
     sim.add_argument("--dataset", default="phantom",
@@ -94,10 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--strategy", default="fedavg", help="see `deeprad strategies`")
     sim.add_argument("--strategy-params", type=_json_arg, default={}, metavar="JSON",
                      help='strategy hyper-parameters, e.g. \'{"server_lr": 0.01}\'')
-    sim.add_argument("--local-epochs", type=int, default=3, help="epochs per round (default 3)")
-    sim.add_argument("--batch-size", type=int, default=16)
-    sim.add_argument("--lr", type=float, default=3e-3, help="local learning rate")
-    sim.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    sim.add_argument("--local-epochs", type=int,
+                     help="epochs per round (default 3; 6 with --dp-epsilon)")
+    sim.add_argument("--batch-size", type=int,
+                     help="batch size (default 16; 64 with --dp-epsilon, the expected size of "
+                          "the Poisson batches)")
+    sim.add_argument("--lr", type=float,
+                     help="local learning rate (default 3e-3; 0.3 with --dp-epsilon)")
+    sim.add_argument("--optimizer", choices=["adam", "sgd"],
+                     help="local optimizer (default adam; sgd with momentum 0.9 with "
+                          "--dp-epsilon)")
     sim.add_argument("--fedprox-mu", type=float, default=0.0, help="FedProx proximal weight")
     sim.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     sim.add_argument("--seed", type=int, default=0)
@@ -110,17 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip the centralized and local-only comparisons")
     dp = sim.add_argument_group("differential privacy (record-level DP-SGD at every site)")
     dp.add_argument("--dp-epsilon", type=float, metavar="EPS",
-                    help="the study's privacy budget ε; turns DP-SGD on. The noise is calibrated "
-                         "to spend it over --rounds, and a round that would exceed it never "
-                         "starts")
+                    help="the study's privacy budget ε; turns DP-SGD on, with the DP recipe's "
+                         "defaults for the model and training flags not given. The noise is "
+                         "calibrated to spend it over --rounds, and a round that would exceed it "
+                         "never starts")
     dp.add_argument("--dp-delta", type=float, default=1e-5, help="budget δ (default 1e-5)")
     dp.add_argument("--dp-accountant", choices=["rdp", "pld"], default="rdp",
                     help="privacy accountant (default rdp)")
     dp.add_argument("--dp-noise-multiplier", type=float, metavar="Z",
                     help="fixed noise multiplier instead of the calibrated one (the budget may "
                          "then stop the study early)")
-    dp.add_argument("--max-grad-norm", type=float, default=1.0,
-                    help="per-record gradient clipping bound (default 1.0)")
+    dp.add_argument("--max-grad-norm", type=float,
+                    help="per-record gradient clipping bound (default 1.5)")
     sa = sim.add_argument_group("secure aggregation")
     sa.add_argument("--secure-aggregation", action="store_true",
                     help="the hub learns only the sum of the updates (fedavg only); runs one "

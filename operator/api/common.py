@@ -129,7 +129,7 @@ class SecretKeyRef(ApiModel):
 # ---- what is trained, on what, how ------------------------------------------------------------
 
 
-MODEL_NAMES = ("tumor-cnn", "densenet121", "resnet18")
+MODEL_NAMES = ("tumor-cnn", "tumor-jet", "densenet121", "resnet18")
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 MODEL_NAME_PATTERN = rf"^({'|'.join(MODEL_NAMES)}|{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*)$"
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-# The DP run's own hyper-parameters (see README, "Security and privacy"): DP-SGD needs larger
-# batches than the non-private default to keep the noise small relative to the signal.
+# With a budget, `deeprad simulate` trains with its DP recipe (tumor-jet, SGD, Poisson batches
+# of 64; see README, "Security and privacy"); the non-private run is the default demo.
 DP_ARGS = ["--dp-epsilon", "8", "--dp-delta", "1e-5"]
 
 
@@ -30,19 +30,15 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return run_demo(tmp_path_factory.mktemp("plain") / "demo")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not met yet: with the default demo's data (96-288 training slices per hospital) DP-SGD at "
-    "ε=8 reached AUROC 0.58 vs 0.97 non-private (Adam/SGD, batch 16-64, clip 1-10 tried); "
-    "per-record clipping makes the model predict every slice negative. Also tried: small "
-    "GroupNorm/no-norm/avg+max-pool CNNs, Poisson batch 32-64, 3-10 local epochs, SGD 0.2-3 "
-    "and Adam; and a 209-parameter net on fixed Gaussian-derivative filters (not kept), 0.96 with "
-    "centralized DP-SGD at z=1 but 0.4-0.6 federated at ε=8. Strict, so a fix shows up at once"))
 def test_dp_at_epsilon_8_keeps_95_percent_of_the_auroc(plain: dict[str, Any],
                                                        tmp_path: Path) -> None:
     dp = run_demo(tmp_path / "dp", *DP_ARGS)
     fed, ref = dp["final"]["federated"]["auroc"], plain["final"]["federated"]["auroc"]
     print(f"DP ε={dp['epsilon_spent']:.3f}: AUROC {fed:.3f}; non-private {ref:.3f}; "
           f"ratio {fed / ref:.3f}")
+    assert dp["config"]["model"]["name"] == "tumor-jet"  # the DP recipe
+    assert dp["config"]["train"]["optimizer"] == "sgd"
+    assert plain["config"]["model"]["name"] == "tumor-cnn" and plain["privacy"] is None
     assert dp["stopped"] is None and len(dp["rounds"]) == 5
     assert dp["epsilon_spent"] <= 8.0
     assert dp["epsilon_spent"] == pytest.approx(8.0, rel=1e-3)

@@ -17,7 +17,7 @@ from deeprad.core.data import ImageSet
 from deeprad.core.errors import ConfigError, DataError
 from deeprad.core.layout import StudyLayout
 from deeprad.core.metrics import clinical_metrics, combine
-from deeprad.core.models import REGISTRY, build_model, model_weights
+from deeprad.core.models import REGISTRY, GaussianJet, build_model, model_weights
 from deeprad.core.privacy import DPConfig
 from deeprad.core.protocol import DatasetSpec, ModelSpec, TrainConfig, TrainingTask
 from deeprad.trainer import train_epochs, train_site
@@ -36,6 +36,36 @@ def test_registered_models_build_without_batchnorm() -> None:
         assert out.shape == (2, 1)
     n = sum(p.numel() for p in build_model(ModelSpec(name="resnet18")).parameters())
     assert 11_000_000 < n < 11_300_000
+
+
+def test_gaussian_jet_tells_a_bright_blob_from_a_bright_line() -> None:
+    """Both Hessian eigenvalues are strongly negative at a blob's centre; on a ridge (the skull
+    ring, locally) only the one across it is."""
+    ax = torch.arange(32, dtype=torch.float32) - 16
+    y, x = torch.meshgrid(ax, ax, indexing="ij")
+    blob = torch.exp(-(x**2 + y**2) / (2 * 2.0**2))[None, None]
+    line = torch.exp(-(x**2) / (2 * 2.0**2))[None, None].expand(1, 1, 32, 32)
+    jet = GaussianJet(scales=(2.0,))
+    low_b, high_b = jet(blob)[0, 2:, 16, 16].tolist()
+    low_l, high_l = jet(line)[0, 2:, 16, 16].tolist()
+    assert low_b < -0.2 and high_b == pytest.approx(low_b, rel=1e-2)
+    assert low_l < -0.2 and abs(high_l) < 0.05 * abs(low_l)
+    assert jet(blob)[0, 1, 16, 16] < 1e-3 < jet(blob)[0, 1, 16, 20]  # gradient: 0 at the top
+
+
+def test_tumor_jet_trains_only_its_mixing_and_head() -> None:
+    model = build_model(ModelSpec(name="tumor-jet"))
+    assert sum(p.numel() for p in model.parameters()) == 209
+    assert not any("jet" in k for k in model.state_dict())  # fixed filters: not in checkpoints
+    x = torch.rand(3, 1, 64, 64)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # the maps are standardised per image, so a scanner's gain changes nothing
+    assert torch.allclose(model(x), model(3.0 * x), atol=5e-3)
+    two = build_model(ModelSpec(name="tumor-jet", kwargs={"scales": [1, 2], "width": 4}))
+    assert two(torch.rand(2, 1, 32, 32)).shape == (2, 1)
+    with pytest.raises(ConfigError, match="scales must be positive"):
+        build_model(ModelSpec(name="tumor-jet", kwargs={"scales": [0]}))
 
 
 def test_bring_your_own_model_and_errors() -> None:
