@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from deeprad.core.data import load_dataset
 from deeprad.core.privacy import DPSteps, epsilon_of
-from deeprad.simulate.config import SimulationConfig
+from deeprad.simulate.config import DP_RECIPE, SimulationConfig
 from deeprad.simulate.sites import make_sites
 
 SMALL = ["--sites", "3", "--rounds", "2", "--samples-per-site", "40", "--local-epochs", "1",
@@ -88,11 +88,11 @@ def _shapes(path: Path) -> list[list[int]]:
 def test_study_stops_before_exceeding_its_privacy_budget(tmp_path: Path) -> None:
     cfg = SimulationConfig(sites=2, samples_per_site=40)
     sizes = [len(load_dataset(s.dataset)[0]) for s in make_sites(cfg)]
-    z = 1.0
+    z, batch = 1.0, DP_RECIPE.batch_size  # a budget brings the DP recipe's batch size
 
     def eps(rounds: int) -> float:  # the study's ε: the largest site's
-        return max(epsilon_of([DPSteps(noise_multiplier=z, sample_rate=1 / math.ceil(n / 16),
-                                       steps=rounds * math.ceil(n / 16))], 1e-5)
+        return max(epsilon_of([DPSteps(noise_multiplier=z, sample_rate=1 / math.ceil(n / batch),
+                                       steps=rounds * math.ceil(n / batch))], 1e-5)
                    for n in sizes)
 
     budget = (eps(1) + eps(2)) / 2  # room for one round, not two
