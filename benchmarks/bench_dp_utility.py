@@ -46,9 +46,9 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     args = parser.parse_args()
-    recipe = ["--model", DP_RECIPE.model, "--optimizer", DP_RECIPE.optimizer,
-              "--lr", str(DP_RECIPE.lr), "--batch-size", str(DP_RECIPE.batch_size),
-              "--local-epochs", str(DP_RECIPE.local_epochs)]
+    # the DP recipe's flags, spelled out (max_grad_norm only acts under DP)
+    recipe = [arg for name, value in vars(DP_RECIPE).items() if name != "max_grad_norm"
+              for arg in (f"--{name.replace('_', '-')}", str(value))]
     dp_args = ["--dp-epsilon", str(args.epsilon), "--dp-delta", str(args.delta)]
     print(f"{'seed':>4} {'plain':>7} {'dp':>7} {'recipe':>7} {'dp/plain':>9} {'dp/recipe':>10}"
           f" {'seconds':>8}", flush=True)

@@ -22,16 +22,6 @@ class Recipe:
     max_grad_norm: float  # per-record clipping bound (DP-SGD only)
 
 
-# The demo without differential privacy: the CNN, Adam, small batches.
-DEFAULT_RECIPE = Recipe(model="tumor-cnn", optimizer="adam", lr=3e-3, batch_size=16,
-                        local_epochs=3, max_grad_norm=1.0)
-# With --dp-epsilon: DP-SGD adds the same noise to every trained parameter, so a network with
-# few of them (tumor-jet, 209), plain SGD with momentum (its steps average the noise away across
-# sites; Adam rescales noise into full-size steps) and larger Poisson batches. The clipping
-# bound sits just above the per-record gradient norms at initialisation (1.1-1.4).
-DP_RECIPE = Recipe(model="tumor-jet", optimizer="sgd", lr=0.3, batch_size=64, local_epochs=6,
-                   max_grad_norm=1.5)
-
 # Quantity skew across hospitals: some are big teaching hospitals, some small clinics.
 SIZE_SKEW = (1.5, 1.0, 0.75, 0.5)
 
@@ -92,3 +82,17 @@ class SimulationConfig:
     @property
     def threads_per_worker(self) -> int:
         return max(1, len(os.sched_getaffinity(0)) // self.worker_count)
+
+
+# The demo without differential privacy: the defaults of the messages themselves (tumor-cnn,
+# Adam, small batches).
+_TRAIN = TrainConfig()
+DEFAULT_RECIPE = Recipe(model=ModelSpec().name, optimizer=_TRAIN.optimizer, lr=_TRAIN.lr,
+                        batch_size=_TRAIN.batch_size, local_epochs=_TRAIN.local_epochs,
+                        max_grad_norm=SimulationConfig.max_grad_norm)
+# With --dp-epsilon: DP-SGD adds the same noise to every trained parameter, so a network with
+# few of them (tumor-jet, 209), plain SGD with momentum (its steps average the noise away across
+# sites; Adam rescales noise into full-size steps) and larger Poisson batches. The clipping
+# bound sits just above the per-record gradient norms at initialisation (1.1-1.4).
+DP_RECIPE = Recipe(model="tumor-jet", optimizer="sgd", lr=0.3, batch_size=64, local_epochs=6,
+                   max_grad_norm=1.5)

@@ -123,5 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return sync(args.out, render_all(), f"{GROUP}_*.yaml", args.check, "crds")
 
+
 if __name__ == "__main__":
     sys.exit(main())

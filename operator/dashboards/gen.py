@@ -41,5 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return sync(args.out, render_all(), "*.json", args.check, "dashboards")
 
+
 if __name__ == "__main__":
     sys.exit(main())
