@@ -34,13 +34,15 @@ from deeprad.core.envelope import EnvelopeContext, seal
 from deeprad.core.identity import Identity, KeyRegistry
 from deeprad.core.secagg import (
     HubSession,
-    Quantizer,
     SecAggConfig,
     SiteSession,
     default_threshold,
+    protocol,
+)
+from deeprad.core.secagg.quantize import (
+    Quantizer,
     flatten,
     pack,
-    protocol,
 )
 
 R = TypeVar("R")

@@ -147,7 +147,7 @@ def test_study_runs_on_the_installed_charts(helm_fed: HelmFederation,
     # The operator and the agents are pods of the charts' Deployments.
     (operator,) = list(pods(fed.hub, HUB_NAMESPACE, OPERATOR))
     assert operator["status"]["phase"] == "Running" and _owner_kind(operator) == "ReplicaSet"
-    assert operator["spec"]["containers"][0]["args"][:3] == ["operator", "--mode", "hub"]
+    assert operator["spec"]["containers"][0]["args"][:2] == ["--mode", "hub"]
     for cluster in fed.sites.values():
         (agent,) = list(pods(cluster, SITE_NAMESPACE, AGENT))
         assert agent["status"]["phase"] == "Running" and _owner_kind(agent) == "ReplicaSet"

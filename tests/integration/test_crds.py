@@ -223,8 +223,8 @@ def test_examples_apply_and_are_defaulted(hub: Cluster, ns: str) -> None:
 
 
 def test_site_register_output_is_accepted(hub: Cluster, tmp_path: Path) -> None:
+    from deeprad.cli.keys import site_manifests
     from deeprad.core.identity import Identity
-    from deeprad.core.keys_cli import site_manifests
 
     _, site = site_manifests(Identity.generate("registered", "site"))
     hub.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(site))

@@ -18,6 +18,7 @@ from deeprad.devenv.binaries import ToolsMissing, tool
 from deeprad.operator.api.crdgen import render_all as render_crds
 from deeprad.operator.dashboards import ALERTS_FILE
 from deeprad.operator.dashboards.gen import render_all as render_dashboards
+from deeprad.operator.render.jobs import OPERATOR_COMMAND
 from deeprad.operator.site.config import AgentConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -195,7 +196,7 @@ def _args(objs: list[Obj]) -> tuple[list[str], Obj]:
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert container["command"] == ["deeprad"]
+    assert container["command"] == OPERATOR_COMMAND
     return container["args"], deployment["spec"]["template"]["spec"]
 
 
@@ -208,7 +209,7 @@ def _flags(args: list[str]) -> dict[str, list[str]]:
 
 def test_hub_operator_follows_the_cli_contract() -> None:
     args, pod = _args(render(HUB, HUB_EXAMPLE, namespace="deeprad-system"))
-    assert args[0] == "operator"
+    assert args[:2] == ["--mode", "hub"]
     flags = _flags(args)
     assert flags["--mode"] == ["hub"]
     assert flags["--store"] == [
@@ -244,8 +245,8 @@ def test_command_lines_parse_with_the_real_cli(chart: Path, values: Path | None)
 
     from deeprad.operator import cli
 
-    parser = argparse.ArgumentParser(prog="deeprad")
-    cli.register(parser.add_subparsers())
+    parser = argparse.ArgumentParser(prog="python -m deeprad.operator")
+    cli.add_arguments(parser)
     args, _ = _args(render(chart, values, namespace="deeprad-system"))
     parsed = parser.parse_args(args)
     assert parsed.mode == ("hub" if chart == HUB else "site")
@@ -270,7 +271,7 @@ def test_site_agent_follows_the_cli_contract() -> None:
     objs = render(SITE, None, "hub.kubeconfig=apiVersion: v1")
     args, pod = _args(objs)
     flags = _flags(args)
-    assert args[0] == "operator" and flags["--mode"] == ["site"]
+    assert flags["--mode"] == ["site"]
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert flags["--config"] == [f"{mounts['config']}/config.yaml"]
     assert flags["--hub-kubeconfig"] == [f"{mounts['hub-kubeconfig']}/kubeconfig"]

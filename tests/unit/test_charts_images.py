@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deeprad.operator.render.jobs import AGGREGATOR_COMMAND, RUN_AS, TRAINER_COMMAND
+from deeprad.operator.render.jobs import (
+    AGGREGATOR_COMMAND,
+    OPERATOR_COMMAND,
+    RUN_AS,
+    TRAINER_COMMAND,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"
@@ -36,14 +41,15 @@ def _value(steps: list[tuple[str, str]], op: str) -> str:
 
 
 @pytest.mark.parametrize(("name", "entrypoint"), [
-    ("operator", ["deeprad"]), ("aggregator", AGGREGATOR_COMMAND), ("trainer", TRAINER_COMMAND)])
+    ("operator", OPERATOR_COMMAND), ("aggregator", AGGREGATOR_COMMAND),
+    ("trainer", TRAINER_COMMAND)])
 def test_images_run_as_nonroot_with_the_rendered_entrypoint(name: str,
                                                             entrypoint: list[str]) -> None:
     final = _final_stage(name)
     user = _value(final, "USER")
     assert user == f"{RUN_AS}:{RUN_AS}"
     assert json.loads(_value(final, "ENTRYPOINT")) == entrypoint
-    assert "/opt/deeprad/bin" in _value(final, "ENV")  # `python` and `deeprad` from the venv
+    assert "/opt/deeprad/bin" in _value(final, "ENV")  # `python` from the venv
     assert [op for op, _ in final].index("USER") > max(
         i for i, (op, _) in enumerate(final) if op in {"RUN", "COPY"})  # nothing runs as root after
 
@@ -53,10 +59,10 @@ def test_trainer_is_cuda_based_and_tensorrt_is_the_gpu_extra() -> None:
     assert any(a.startswith("CUDA_IMAGE=nvidia/cuda:") for a in args)
     assert _final_stage("trainer")[0] == ("FROM", "${CUDA_IMAGE}")
     text = (IMAGES / "trainer" / "Dockerfile").read_text()
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+    extras = tomllib.loads((ROOT / "trainer" / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
     assert extras["gpu"] == ["torch-tensorrt"]
-    assert "[gpu,export]" in text
+    assert "trainer[gpu]" in text
 
 
 def test_chart_images_name_these_images() -> None:

@@ -16,6 +16,7 @@ import torch
 from image_files import WRITERS
 from PIL import Image
 
+from deeprad.cli.inference import register
 from deeprad.core.checkpoint import write_checkpoint
 from deeprad.core.data.loaders import read_image
 from deeprad.core.data.phantoms import ScannerProfile, generate_phantoms
@@ -25,7 +26,6 @@ from deeprad.core.models import build_model, model_weights
 from deeprad.core.protocol import ModelSpec
 from deeprad.core.store.local import LocalStore
 from deeprad.inference import export as export_mod
-from deeprad.inference.cli import register
 from deeprad.inference.errors import ExportMismatch, MissingBackend
 from deeprad.inference.export import export_checkpoint
 from deeprad.inference.predict import predict_paths
@@ -295,7 +295,7 @@ def test_saliency_png_needs_the_checkpoint(final_pair: Path, tmp_path: Path) -> 
 def test_inference_imports_only_the_core() -> None:
     import ast
 
-    root = Path(__file__).resolve().parents[2] / "deeprad" / "inference"
+    root = Path(__file__).resolve().parents[2] / "cli" / "src" / "deeprad" / "inference"
     for path in root.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deeprad.core import keys_cli
+from deeprad.cli import keys as keys_cli
 from deeprad.core.errors import CheckpointError, ConfigError, UpdateRejected
 from deeprad.core.identity import Identity, KeyRegistry, PublicIdentity
 from deeprad.core.signing import (

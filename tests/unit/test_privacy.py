@@ -13,7 +13,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from deeprad.core import privacy_cli
+from deeprad.cli import privacy as privacy_cli
 from deeprad.core.errors import ConfigError
 from deeprad.core.models import build_model
 from deeprad.core.privacy import (
@@ -23,11 +23,11 @@ from deeprad.core.privacy import (
     PrivacyBudgetExceeded,
     epsilon,
     epsilon_of,
-    make_private,
     noise_for_target_epsilon,
     plan_round,
 )
 from deeprad.core.protocol import ModelSpec
+from deeprad.trainer.dp_sgd import make_private
 
 
 def _direct(accountant: object, z: float, q: float, steps: int, delta: float) -> float:

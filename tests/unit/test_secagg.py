@@ -25,20 +25,22 @@ from deeprad.core.secagg import (
     HubSession,
     NotEnoughShares,
     ProtocolViolation,
-    Quantizer,
     SecAggAborted,
     SecAggConfig,
     SecAggResult,
     SiteSession,
     SurvivorSet,
     default_threshold,
+    shamir,
+)
+from deeprad.core.secagg.prg import apply_mask, prg
+from deeprad.core.secagg.quantize import (
+    Quantizer,
     flatten,
     pack,
-    shamir,
     unflatten,
     unpack,
 )
-from deeprad.core.secagg.prg import apply_mask, prg
 from deeprad.core.secagg.relay import StoreRelay
 from deeprad.core.signing import sign_message
 from deeprad.core.store.local import LocalStore

@@ -1,0 +1,189 @@
+"""`deeprad operator --mode hub|site`: the hub operator (kopf) or a hospital's site agent.
+
+`register(subparsers)` adds the command to `deeprad`; `python -m deeprad.operator` runs it
+stand-alone (the image and the charts do). Both serve a liveness probe and Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+from deeprad.operator.options import HubOptions
+
+MODES = ("hub", "site")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The operator's flags."""
+    parser.add_argument("--mode", choices=MODES, required=True,
+                        help="hub: reconcile HospitalSites, FederatedStudies and "
+                             "FederatedRounds in the hub; site: a hospital's agent")
+    parser.add_argument("--kubeconfig", help="kubeconfig of the cluster the process runs in "
+                                             "(default: in-cluster, else $KUBECONFIG or "
+                                             "~/.kube/config)")
+    parser.add_argument("--context", help="kubeconfig context (default: the current one)")
+    parser.add_argument("-n", "--namespace", action="append", dest="namespaces", default=[],
+                        metavar="NS", help="watch studies and rounds only in this namespace "
+                                           "(repeatable; glob patterns allowed); default: all")
+    parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", metavar="URL",
+                        help="liveness endpoint; empty to disable (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=9090,
+                        help="Prometheus /metrics port; 0 disables (default: %(default)s)")
+    parser.add_argument("--metrics-address", default="0.0.0.0",
+                        help="address /metrics listens on (default: %(default)s)")
+    parser.add_argument("--peering", metavar="NAME",
+                        help="KopfPeering name for several replicas (default: run alone)")
+    parser.add_argument("--site-interval", type=float, default=HubOptions.site_interval,
+                        metavar="S", help="seconds between heartbeat checks of a site")
+    parser.add_argument("--study-interval", type=float, default=HubOptions.study_interval,
+                        metavar="S", help="seconds between passes over a study")
+    parser.add_argument("--round-interval", type=float, default=HubOptions.round_interval,
+                        metavar="S", help="seconds between passes over a running round")
+    hub = parser.add_argument_group("hub mode: running rounds")
+    hub.add_argument("--store", default=os.environ.get("DEEPRAD_STORE"), metavar="URL",
+                     help="object store, s3://BUCKET?endpoint=HOST:PORT[&secure=false]; keys "
+                          "from DEEPRAD_S3_ACCESS_KEY / DEEPRAD_S3_SECRET_KEY (env DEEPRAD_STORE)")
+    hub.add_argument("--public-store-endpoint", metavar="HOST:PORT",
+                     help="the store's address as the sites reach it, for presigned URLs "
+                          "(default: the --store endpoint)")
+    hub.add_argument("--jobs-namespace", default=os.environ.get("POD_NAMESPACE")
+                     or HubOptions.jobs_namespace, metavar="NS",
+                     help="namespace of prepare and aggregator Jobs and of the Secrets below "
+                          "(default: $POD_NAMESPACE, else %(default)s)")
+    hub.add_argument("--job-image", default=HubOptions.job_image, metavar="IMAGE",
+                     help="image of the hub's Jobs (default: %(default)s)")
+    hub.add_argument("--image-pull-policy", default=HubOptions.image_pull_policy,
+                     choices=("Always", "IfNotPresent", "Never"))
+    hub.add_argument("--store-credentials-secret", metavar="NAME",
+                     help="Secret with keys access-key and secret-key, for the hub's Jobs")
+    hub.add_argument("--hub-identity-secret", metavar="NAME",
+                     help="Secret holding the hub's private key folder (deeprad keys generate "
+                          "--role hub), mounted into the hub's Jobs only")
+    hub.add_argument("--hub-keys", metavar="DIR",
+                     help="folder with the hub's public key files (signing.pub, "
+                          "key-agreement.pub, name, role)")
+    hub.add_argument("--aggregator-cpu", default=HubOptions.aggregator_cpu)
+    hub.add_argument("--aggregator-memory", default=HubOptions.aggregator_memory)
+    hub.add_argument("--aggregation-timeout", type=float,
+                     default=HubOptions.aggregation_timeout, metavar="S",
+                     help="seconds an aggregator Job may run (default: %(default)s)")
+    site = parser.add_argument_group("site mode")
+    site.add_argument("--config", metavar="FILE", help="the agent's configuration (YAML)")
+    site.add_argument("--hub-kubeconfig", metavar="FILE",
+                      help="kubeconfig for this site's namespace on the hub")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `operator` to the `deeprad` command."""
+    parser = subparsers.add_parser(
+        "operator", help="run the Kubernetes operator",
+        description="Run the Deep-Rad operator. --mode hub reserves each HospitalSite's hub "
+                    "namespace and RBAC, tracks site heartbeats, drives FederatedStudies round "
+                    "after round and runs each FederatedRound (work items, aggregation). "
+                    "--mode site runs a hospital's agent: it pulls its work items from the hub "
+                    "and runs training Jobs on the hospital's cluster.")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the operator until SIGINT/SIGTERM."""
+    # kopf and the API client load here, not at import: `deeprad --help` stays fast.
+    import kopf
+
+    from deeprad.operator import metrics
+    from deeprad.operator.api.names import SITE_NAMESPACE_PREFIX
+    from deeprad.operator.hub import build_registry, make_memo
+    from deeprad.operator.settings import operator_settings
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not args.verbose:
+        # kopf logs every timer and handler run at INFO: one line per object per second.
+        for noisy in ("kopf.objects", "aiohttp.access"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.mode == "site":
+        return run_site(args)
+    options = HubOptions(
+        site_interval=args.site_interval, study_interval=args.study_interval,
+        round_interval=args.round_interval, store_url=args.store,
+        public_store_endpoint=args.public_store_endpoint, jobs_namespace=args.jobs_namespace,
+        job_image=args.job_image, image_pull_policy=args.image_pull_policy,
+        store_credentials_secret=args.store_credentials_secret,
+        hub_identity_secret=args.hub_identity_secret, hub_keys_dir=args.hub_keys,
+        aggregator_cpu=args.aggregator_cpu, aggregator_memory=args.aggregator_memory,
+        aggregation_timeout=args.aggregation_timeout)
+    missing = options.missing_for_rounds()
+    if missing:
+        logging.getLogger("deeprad.operator").warning(
+            "running without %s: sites and studies are reconciled, rounds are not",
+            ", ".join(missing))
+    memo = make_memo(options, args.kubeconfig, args.context)
+    if args.metrics_port:
+        metrics.serve(args.metrics_port, args.metrics_address)
+    # SiteTasks live in the sites' hub namespaces: watch them too when namespaces are limited.
+    # kopf watches cluster-scoped kinds (HospitalSite) only while some watched namespace
+    # exists, so the operator's own namespace, which always does, is in the list.
+    namespaces = [*args.namespaces, f"{SITE_NAMESPACE_PREFIX}*", args.jobs_namespace] \
+        if args.namespaces else []
+    kopf.run(registry=build_registry(options), settings=operator_settings(peering=args.peering),
+             memo=memo, clusterwide=not namespaces, namespaces=namespaces,
+             liveness_endpoint=args.liveness or None, standalone=args.peering is None)
+    return 0
+
+
+def run_site(args: argparse.Namespace) -> int:
+    """The site agent: two API clients, one loop, a health endpoint, metrics."""
+    import kubernetes
+
+    from deeprad.core.errors import ConfigError
+    from deeprad.operator import metrics
+    from deeprad.operator.api.names import SITE_NAMESPACE_PREFIX
+    from deeprad.operator.client import load_configuration
+    from deeprad.operator.site.agent import SiteAgent, serve_health
+    from deeprad.operator.site.config import load_agent_config
+
+    if not args.config or not args.hub_kubeconfig:
+        print("deeprad operator --mode site: --config and --hub-kubeconfig are required",
+              file=sys.stderr)
+        return 2
+    try:
+        config = load_agent_config(Path(args.config))
+    except ConfigError as exc:
+        print(f"deeprad operator --mode site: {exc}", file=sys.stderr)
+        return 2
+    hub = kubernetes.client.ApiClient(load_configuration(args.hub_kubeconfig))
+    local = kubernetes.client.ApiClient(load_configuration(args.kubeconfig, args.context))
+    agent = SiteAgent(config, hub, local)
+    if args.liveness:
+        url = urlparse(args.liveness)
+        serve_health(agent, url.hostname or "0.0.0.0", url.port or 8080)
+    if args.metrics_port:
+        metrics.serve(args.metrics_port, args.metrics_address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger("deeprad.agent").info(
+        "site agent for %s: hub namespace %s%s, training namespace %s", config.site,
+        SITE_NAMESPACE_PREFIX, config.site, config.training.namespace)
+    agent.run(stop)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: `python -m deeprad.operator --mode hub|site ...`."""
+    parser = argparse.ArgumentParser(prog="deeprad operator", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The one place that builds Job manifests: the trainer (at a site) and the aggregator (in the
+hub).
+
+Both run the installed `deeprad` package (`python -m deeprad.trainer` /
+`python -m deeprad.aggregator`) with the task as JSON in DEEPRAD_TASK, under the restricted
+Pod Security profile: non-root, read-only root filesystem, no privilege escalation, no
+capabilities, RuntimeDefault seccomp, no service-account token. The only writable path is an
+emptyDir at /tmp. A Job gets only the credentials it needs: the identity Secret it signs with
+and, when it talks to the store directly, the store's access keys; a trainer that works from
+presigned URLs gets no store credentials at all.
+
+The task is any pydantic model (the trainer's TrainingTask, the aggregator's AggregationTask):
+this module does not depend on their fields.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel
+
+from deeprad.operator.decide.timeutil import parse_duration
+from deeprad.operator.render.meta import (
+    LABEL_ROUND,
+    LABEL_SITE,
+    LABEL_STUDY,
+    Manifest,
+    labels,
+)
+from deeprad.operator.site.config import TrainingPlacement
+
+TRAINER_COMMAND = ["python", "-m", "deeprad.trainer"]
+AGGREGATOR_COMMAND = ["python", "-m", "deeprad.aggregator"]
+PREPARE_COMMAND = ["python", "-m", "deeprad.aggregator.prepare"]
+# The hub operator and the site agent (the charts' Deployments and the operator image).
+OPERATOR_COMMAND = ["python", "-m", "deeprad.operator"]
+IDENTITY_DIR = "/var/run/deeprad/identity"
+DATA_DIR = "/data"
+TMP_DIR = "/tmp"
+RUN_AS = 65532  # the distroless "nonroot" user; any non-zero uid works with the images
+EXIT_BAD_INPUT = 2  # the entrypoints exit 2 on a task they refuse: retrying cannot help
+ACCESS_KEY = "access-key"  # keys of the store-credentials Secret
+SECRET_KEY = "secret-key"
+TTL_SECONDS = 24 * 3600
+
+
+@dataclass(frozen=True)
+class StoreAccess:
+    """How a Job reaches the object store: its URL and, if it needs keys, the Secret holding
+    them (keys `access-key` and `secret-key`)."""
+
+    url: str
+    credentials_secret: str | None = None
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Names shared by a round's Jobs: where they run and what they belong to."""
+
+    name: str
+    namespace: str
+    study: str
+    round_name: str
+    image: str
+    image_pull_policy: str = "IfNotPresent"
+
+
+def active_deadline_seconds(deadline: datetime, now: datetime,
+                            cap: timedelta | None = None) -> int:
+    """Seconds a Job may run: until the round's deadline, at most `cap`, at least 1 (a Job
+    started after its deadline fails at once rather than running unbounded)."""
+    left = (deadline - now).total_seconds()
+    if cap is not None:
+        left = min(left, cap.total_seconds())
+    return max(1, math.floor(left))
+
+
+def _security_context() -> Manifest:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _pod_security_context() -> Manifest:
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _env(task: BaseModel, store: StoreAccess | None, identity_secret: str | None
+         ) -> list[Manifest]:
+    env: list[Manifest] = [
+        {"name": "DEEPRAD_TASK", "value": task.model_dump_json()},
+        {"name": "HOME", "value": TMP_DIR},
+        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+    ]
+    if store is not None:
+        env.append({"name": "DEEPRAD_STORE", "value": store.url})
+        if store.credentials_secret:
+            env += [{"name": var, "valueFrom": {"secretKeyRef": {
+                "name": store.credentials_secret, "key": key}}}
+                for var, key in (("DEEPRAD_S3_ACCESS_KEY", ACCESS_KEY),
+                                 ("DEEPRAD_S3_SECRET_KEY", SECRET_KEY))]
+    if identity_secret:
+        env.append({"name": "DEEPRAD_IDENTITY_DIR", "value": IDENTITY_DIR})
+    return env
+
+
+def _volumes(identity_secret: str | None, data_claim: str | None
+             ) -> tuple[list[Manifest], list[Manifest]]:
+    volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}]
+    mounts: list[Manifest] = [{"name": "tmp", "mountPath": TMP_DIR}]
+    if identity_secret:
+        volumes.append({"name": "identity", "secret": {"secretName": identity_secret,
+                                                       "defaultMode": 0o400}})
+        mounts.append({"name": "identity", "mountPath": IDENTITY_DIR, "readOnly": True})
+    if data_claim:
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": data_claim,
+                                                                  "readOnly": True}})
+        mounts.append({"name": "data", "mountPath": DATA_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def _job(ctx: JobContext, component: str, command: list[str], extra_labels: dict[str, str],
+         container: Manifest, pod: Manifest, deadline_seconds: int, backoff_limit: int
+         ) -> Manifest:
+    meta_labels = labels(component, **{LABEL_STUDY: ctx.study, LABEL_ROUND: ctx.round_name},
+                         **extra_labels)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": ctx.name, "namespace": ctx.namespace, "labels": meta_labels},
+        "spec": {
+            "activeDeadlineSeconds": deadline_seconds,
+            "backoffLimit": backoff_limit,
+            "ttlSecondsAfterFinished": TTL_SECONDS,
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": component,
+                                                      "operator": "In",
+                                                      "values": [EXIT_BAD_INPUT]}},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]},
+            "template": {
+                "metadata": {"labels": dict(meta_labels)},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": _pod_security_context(),
+                    **pod,
+                    "containers": [{
+                        "name": component, "image": ctx.image,
+                        "imagePullPolicy": ctx.image_pull_policy, "command": command,
+                        "securityContext": _security_context(), **container}],
+                },
+            },
+        },
+    }
+
+
+def trainer_job(ctx: JobContext, site: str, placement: TrainingPlacement, task: BaseModel,
+                deadline_seconds: int, store: StoreAccess | None = None,
+                extra_env: dict[str, str] | None = None, backoff_limit: int = 1) -> Manifest:
+    """A site's training Job: GPUs, placement, identity Secret and data volume as the site
+    configured them, the round's deadline (capped by the site's maxTaskDuration), the data
+    read-only at /data. `extra_env` carries the presigned URLs of a pull-mode task."""
+    gpu, res = placement.gpu, placement.resources
+    if placement.max_task_duration:
+        cap = parse_duration(placement.max_task_duration,
+                             f"site {site}: training.maxTaskDuration")
+        deadline_seconds = min(deadline_seconds, max(1, math.floor(cap.total_seconds())))
+    requests = {"cpu": res.cpu, "memory": res.memory}
+    resource_limits = {"memory": res.memory, gpu.resource_name: str(gpu.count)}
+    volumes, mounts = _volumes(placement.identity_secret, placement.data_claim)
+    pod: Manifest = {"volumes": volumes}
+    if placement.service_account:
+        pod["serviceAccountName"] = placement.service_account
+    if gpu.node_selector:
+        pod["nodeSelector"] = dict(gpu.node_selector)
+    if gpu.tolerations:
+        pod["tolerations"] = [t.model_dump(mode="json", exclude_none=True)
+                              for t in gpu.tolerations]
+    if gpu.runtime_class_name:
+        pod["runtimeClassName"] = gpu.runtime_class_name
+    env = _env(task, store, placement.identity_secret)
+    env += [{"name": k, "value": v} for k, v in sorted((extra_env or {}).items())]
+    container: Manifest = {
+        "env": env,
+        "resources": {"requests": requests, "limits": resource_limits},
+        "volumeMounts": mounts,
+    }
+    ctx = replace(ctx, image=placement.image, image_pull_policy=placement.image_pull_policy)
+    return _job(ctx, "trainer", TRAINER_COMMAND, {LABEL_SITE: site}, container, pod,
+                deadline_seconds, backoff_limit)
+
+
+def aggregator_job(ctx: JobContext, task: BaseModel, deadline_seconds: int, store: StoreAccess,
+                   identity_secret: str | None, cpu: str = "1", memory: str = "4Gi",
+                   backoff_limit: int = 1) -> Manifest:
+    """The hub's aggregation Job for one round: store access with keys, the hub's identity,
+    no GPU (aggregation streams on CPU)."""
+    return _hub_job(ctx, "aggregator", AGGREGATOR_COMMAND, task, deadline_seconds, store,
+                    identity_secret, cpu, memory, backoff_limit)
+
+
+def prepare_job(ctx: JobContext, task: BaseModel, deadline_seconds: int, store: StoreAccess,
+                identity_secret: str | None, cpu: str = "1", memory: str = "4Gi",
+                backoff_limit: int = 1) -> Manifest:
+    """The hub Job that writes a round's input checkpoint (fresh or imported), signed with the
+    hub's identity."""
+    return _hub_job(ctx, "prepare", PREPARE_COMMAND, task, deadline_seconds, store,
+                    identity_secret, cpu, memory, backoff_limit)
+
+
+def _hub_job(ctx: JobContext, component: str, command: list[str], task: BaseModel,
+             deadline_seconds: int, store: StoreAccess, identity_secret: str | None, cpu: str,
+             memory: str, backoff_limit: int) -> Manifest:
+    volumes, mounts = _volumes(identity_secret, None)
+    container: Manifest = {
+        "env": _env(task, store, identity_secret),
+        "resources": {"requests": {"cpu": cpu, "memory": memory},
+                      "limits": {"memory": memory}},
+        "volumeMounts": mounts,
+    }
+    return _job(ctx, component, command, {}, container, {"volumes": volumes},
+                deadline_seconds, backoff_limit)

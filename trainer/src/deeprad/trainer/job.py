@@ -1,0 +1,154 @@
+"""The trainer Job: fetch and verify the global model, train on local data (with DP-SGD when the
+round asks), then sign, encrypt and upload the update — masked for secure aggregation when the
+round uses it.
+
+`run_training_task` is what `python -m deeprad.trainer` runs in a hospital's Job and what each
+`deeprad simulate` worker runs: one implementation for both. Signing and encryption are always
+on: the update leaves the process only as an envelope sealed to the hub's key, bound to
+(namespace, study, round, site), and signed over the envelope's sha256.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from deeprad.core import __version__
+from deeprad.core.checkpoint import read_checkpoint, sha256_bytes, update_bytes, write_update
+from deeprad.core.data import load_dataset
+from deeprad.core.envelope import EnvelopeContext, seal
+from deeprad.core.errors import ConfigError
+from deeprad.core.identity import Identity, KeyRegistry, load_job_identity
+from deeprad.core.layout import StudyLayout
+from deeprad.core.protocol import (
+    CheckpointManifest,
+    SecAggSpec,
+    SecAggUpload,
+    SiteResult,
+    TrainingTask,
+    UpdateManifest,
+)
+from deeprad.core.secagg import (
+    AdvertiseKeys,
+    ConsistencySignature,
+    EncryptedShare,
+    SiteSession,
+    SurvivorSet,
+)
+from deeprad.core.secagg.quantize import (
+    Quantizer,
+    flatten,
+    pack,
+)
+from deeprad.core.secagg.relay import StoreRelay, round_config
+from deeprad.core.signing import Statement, new_nonce, sign_statement
+from deeprad.core.store import ObjectStore
+from deeprad.trainer.local_training import SiteTraining, train_site
+
+log = logging.getLogger("deeprad.trainer")
+
+
+def run_training_task(task: TrainingTask, store: ObjectStore) -> SiteResult:
+    """Train one site for one round and write its update, manifest and result to the store."""
+    identity = load_job_identity(task.identity_dir, "site")
+    if identity.name != task.site:
+        raise ConfigError(f"task is for site {task.site} but the mounted identity is "
+                          f"{identity.name}'s; mount site {task.site}'s key folder")
+    registry = KeyRegistry.from_json(task.registry_json)
+    hub = registry.require_hub()
+    layout = StudyLayout(task.namespace, task.study)
+    # The hub's signature and the payload digest are checked before any byte is used.
+    weights, parent = read_checkpoint(store, layout, task.round - 1, hub=hub)
+    if parent.model != task.model:
+        raise ConfigError(
+            f"site {task.site}, round {task.round}: task model {task.model.name!r} differs from "
+            f"the checkpoint's {parent.model.name!r}; the checkpoint decides the architecture"
+        )
+    train, val = load_dataset(task.dataset)
+    out = train_site(parent.model, weights, train, val, task.train, dp=task.privacy)
+    relay = session = None
+    if task.secagg is None:
+        payload, upload = update_bytes(out.delta, out.num_samples), None
+    else:
+        relay = StoreRelay(store, layout, task.round, task.secagg.timeout_s, task.secagg.poll_s)
+        session, x, upload = _secagg_setup(task, task.secagg, identity, registry, relay, out)
+        shares = relay.wait_hub("routed", list[EncryptedShare], task.site)
+        payload = pack(session.masked_input(shares, x))
+    manifest = _upload(store, layout, task, identity, parent, out, payload, upload)
+    result = SiteResult(
+        study=task.study,
+        round=task.round,
+        site=task.site,
+        num_samples=out.num_samples,
+        global_metrics=out.global_metrics,
+        local_metrics=out.local_metrics,
+        train_loss=out.train_loss,
+        update_sha256=manifest.payload_sha256,
+        duration_s=out.duration_s,
+        privacy=out.privacy,
+    )
+    store.put_text(layout.result(task.round, task.site), result.model_dump_json(indent=2))
+    if relay is not None and session is not None:
+        _secagg_finish(session, relay, task.site)
+    return result
+
+
+def _upload(store: ObjectStore, layout: StudyLayout, task: TrainingTask, identity: Identity,
+            parent: CheckpointManifest, out: SiteTraining, payload: bytes,
+            secagg: SecAggUpload | None) -> UpdateManifest:
+    """Seal `payload` to the hub, sign the envelope's digest, and store both."""
+    hub = KeyRegistry.from_json(task.registry_json).require_hub()
+    context = EnvelopeContext(task.namespace, task.study, task.round, task.site)
+    envelope = seal(hub, context, payload)
+    statement = Statement(kind="update", namespace=task.namespace, study=task.study,
+                          round=task.round, site=task.site, nonce=new_nonce(),
+                          parent_sha256=parent.payload_sha256,
+                          payload_sha256=sha256_bytes(envelope))
+    manifest = UpdateManifest(
+        namespace=task.namespace, study=task.study, round=task.round, site=task.site,
+        nonce=statement.nonce, parent_sha256=parent.payload_sha256,
+        payload_sha256=statement.payload_sha256,
+        signature=sign_statement(identity, statement), num_samples=out.num_samples,
+        producer=f"deeprad-trainer/{__version__}", secagg=secagg,
+    )
+    write_update(store, layout, manifest, envelope)
+    return manifest
+
+
+def _secagg_setup(task: TrainingTask, spec: SecAggSpec, identity: Identity,
+                  registry: KeyRegistry, relay: StoreRelay, out: SiteTraining
+                  ) -> tuple[SiteSession, np.ndarray, SecAggUpload]:
+    """Quantize (n/N)·delta and n/N, then advertise keys and share them (steps 0 and 1)."""
+    vector, _ = flatten(out.delta)
+    weight = out.num_samples / spec.weight_normalizer
+    if weight > 1:
+        raise ConfigError(f"secure aggregation: site {task.site} has {out.num_samples} samples, "
+                          f"more than the round's weight_normalizer {spec.weight_normalizer:g} "
+                          "(the roster's declared total); fix the declared sample counts")
+    weighted = np.append(vector.astype(np.float64) * weight, weight)
+    quantizer = Quantizer(spec.clip, max_sites=len(spec.roster))
+    clipped = int(np.count_nonzero(np.abs(weighted) > spec.clip))
+    if clipped:
+        log.warning("site %s: %d of %d weighted update values exceed the secure-aggregation "
+                    "clip %g and were clipped", task.site, clipped, weighted.size, spec.clip)
+    x = quantizer.encode(weighted)
+    config = round_config(task.namespace, task.study, task.round, spec, vector.size)
+    session = SiteSession(config, identity, registry)
+    relay.post("advertise", session.advertise_keys(), task.site)
+    advertised = relay.wait_hub("advertised", list[AdvertiseKeys])
+    relay.post("shares", session.share_keys(advertised), task.site)
+    upload = SecAggUpload(vector_length=config.vector_length, clip=spec.clip,
+                          max_sites=len(spec.roster))
+    return session, x, upload
+
+
+def _secagg_finish(session: SiteSession, relay: StoreRelay, site: str) -> None:
+    """Steps 3 and 4: check the hub's survivor set, then reveal the unmasking shares."""
+    survivors = relay.wait_hub("survivors", SurvivorSet)
+    relay.post("consistency", session.consistency_signature(survivors), site)
+    confirmed = relay.wait_hub("confirmed", list[ConsistencySignature])
+    relay.post("unmask", session.unmask(confirmed), site)
+
+
+
