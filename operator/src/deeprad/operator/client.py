@@ -7,7 +7,6 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -147,8 +146,6 @@ def parse(model: type[M], data: Any) -> M:
     return model.model_validate({k: v for k, v in raw.items() if k in keys})
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 

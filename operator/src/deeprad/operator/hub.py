@@ -43,7 +43,6 @@ from deeprad.operator.client import (
     Kube,
     connection_info,
     load_configuration,
-    now,
     parse,
     reconciling,
 )
@@ -52,6 +51,7 @@ from deeprad.operator.decide import round as round_rules
 from deeprad.operator.decide import sites as site_rules
 from deeprad.operator.decide import study as study_rules
 from deeprad.operator.decide.sites import SiteView
+from deeprad.operator.decide.timeutil import now
 from deeprad.operator.hub_rounds import RoundHub, TaskFacts, reconcile_round
 from deeprad.operator.options import HubOptions
 from deeprad.operator.push import push_agent

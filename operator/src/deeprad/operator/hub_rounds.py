@@ -52,10 +52,10 @@ from deeprad.operator.api.sitetask import (
     TaskSecureAggregation,
     TaskState,
 )
-from deeprad.operator.client import Kube, job_pod_log, now
+from deeprad.operator.client import Kube, job_pod_log
 from deeprad.operator.decide import round as rules
 from deeprad.operator.decide.sites import SiteView
-from deeprad.operator.decide.timeutil import parse_time, rfc3339
+from deeprad.operator.decide.timeutil import now, parse_time, rfc3339
 from deeprad.operator.options import HubOptions
 from deeprad.operator.render import jobs as job_render
 from deeprad.operator.render.tasks import site_task
@@ -274,7 +274,7 @@ def reconcile_round(hub: RoundHub, name: str, namespace: str, uid: str, meta: Ma
     layout = StudyLayout(namespace, study)
     t = now()
     mine = {f.site: f for f in tasks if f.round_uid == uid}
-    if status.state in rules.TERMINAL:
+    if status.state and status.state.terminal:
         # An ended round keeps finished tasks as records and withdraws the rest, so their
         # Jobs stop and the sites count no task of this round against their capacity.
         hub.delete_tasks([(f.site, f.name) for f in mine.values() if f.state not in
@@ -340,7 +340,7 @@ def export(namespace: str, study: str, spec: FederatedRoundSpec, st: FederatedRo
     metrics.ROUND_SITES.labels(**labels, state="reported").set(count[SiteState.REPORTED])
     metrics.ROUND_SITES.labels(**labels, state="dropped").set(
         count[SiteState.DROPPED] + count[SiteState.FAILED])
-    running = st.state not in rules.TERMINAL and st.deadline_time is not None
+    running = not (st.state and st.state.terminal) and st.deadline_time is not None
     metrics.ROUND_DEADLINE.labels(**labels).set(
         parse_time(st.deadline_time).timestamp() if running and st.deadline_time else 0)
     for site, facts in tasks.items():

@@ -65,6 +65,11 @@ class RoundState(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
+    @property
+    def terminal(self) -> bool:
+        """Succeeded or Failed: the round never changes again."""
+        return self in (RoundState.SUCCEEDED, RoundState.FAILED)
+
 
 class SiteState(StrEnum):
     PENDING = "Pending"  # admitted, work item not yet picked up

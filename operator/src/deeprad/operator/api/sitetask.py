@@ -123,6 +123,11 @@ class TaskState(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
+    @property
+    def terminal(self) -> bool:
+        """Succeeded or Failed: the site's work on the task is over."""
+        return self in (TaskState.SUCCEEDED, TaskState.FAILED)
+
 
 class TaskResult(ApiModel):
     """The site's non-sensitive report (the same as results/<site>.json)."""

@@ -45,7 +45,6 @@ TRAINING: Final = "Training"
 AGGREGATING: Final = "Aggregating"
 SUCCEEDED: Final = "Succeeded"
 FAILED: Final = "Failed"
-TERMINAL: Final = (RoundState.SUCCEEDED, RoundState.FAILED)
 SITE_DONE: Final = (SiteState.REPORTED, SiteState.FAILED, SiteState.DROPPED,
                     SiteState.REJECTED, SiteState.EXCLUDED)
 
@@ -164,7 +163,7 @@ def decide_round(name: str, generation: int | None, spec: FederatedRoundSpec,
     """This pass's status, actions and events for round `name`."""
     st = status.model_copy(deep=True)
     out = RoundDecision(st)
-    if st.state in TERMINAL:
+    if st.state and st.state.terminal:
         return out
     now = world.now
     if st.start_time is None:

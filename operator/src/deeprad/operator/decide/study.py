@@ -42,7 +42,6 @@ from deeprad.operator.decide.timeutil import rfc3339
 PROGRESSING: Final = "Progressing"
 SUCCEEDED: Final = "Succeeded"
 FAILED: Final = "Failed"
-TERMINAL = (RoundState.SUCCEEDED, RoundState.FAILED)
 # A site in one of these states may have taken DP-SGD steps in the round: its ε counts.
 SPENT_STATES = (SiteState.TRAINING, SiteState.REPORTED, SiteState.FAILED, SiteState.DROPPED,
                 SiteState.REJECTED)
@@ -272,7 +271,7 @@ def _action(name: str, spec: FederatedStudySpec, ordered: Sequence[RoundView],
                     f"{failed.failure or 'no reason recorded'}; delete that round to run it "
                     "again")
     latest = ordered[-1] if ordered else None
-    if latest is not None and latest.state not in TERMINAL:
+    if latest is not None and not (latest.state and latest.state.terminal):
         return WaitForRound(latest.number)
     rules = spec.stopping
     if progress.target_round is not None:

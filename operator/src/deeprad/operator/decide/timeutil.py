@@ -5,6 +5,12 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
+
+def now() -> datetime:
+    """The current time, timezone-aware (UTC): the one clock every pass reads."""
+    return datetime.now(UTC)
+
+
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 

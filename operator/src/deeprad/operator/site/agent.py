@@ -21,7 +21,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
@@ -38,7 +37,7 @@ from deeprad.operator.api.names import site_namespace
 from deeprad.operator.api.sitetask import SiteTaskSpec, SiteTaskStatus, TaskState
 from deeprad.operator.client import job_pod_log
 from deeprad.operator.decide.sites import AGENT_VERSION_ANNOTATION, OBSERVED_GPUS_ANNOTATION
-from deeprad.operator.decide.timeutil import parse_time, rfc3339
+from deeprad.operator.decide.timeutil import now, parse_time, rfc3339
 from deeprad.operator.render.jobs import (
     JobContext,
     StoreAccess,
@@ -56,12 +55,9 @@ LABEL_TASK_UID = "deeprad.io/task-uid"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 PRESIGNED_STORE = "presigned:"
 LOG_TAIL_LINES = 40
-TERMINAL = (TaskState.SUCCEEDED, TaskState.FAILED)
 TASK_HEARTBEAT_SECONDS = 30.0
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 class SiteAgent:
@@ -169,7 +165,7 @@ class SiteAgent:
         meta = task["metadata"]
         name, uid = meta["name"], meta["uid"]
         status = SiteTaskStatus.model_validate(task.get("status") or {})
-        if status.state in TERMINAL:
+        if status.state and status.state.terminal:
             return
         try:
             spec = SiteTaskSpec.model_validate(task["spec"])
