@@ -13,7 +13,8 @@ INSTALL_STAMP := $(VENV)/.deeprad-installed
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-unit test-integration test-e2e lint bench bench-fedavg \
-        bench-simulate bench-cluster bench-secagg bench-trainer bench-operator bench-gpu bench-dp crds \
+        bench-simulate bench-cluster bench-secagg bench-trainer bench-operator bench-gpu bench-dp \
+        bench-footprint crds \
         dashboards dev-up dev-down clean
 
 include tools/tools.mk
@@ -54,13 +55,13 @@ lint: install ## ruff, mypy, import contracts, and checks that crds/ and dashboa
 	$(PYTHON) -m deeprad.operator.api.crdgen --check
 	$(PYTHON) -m deeprad.operator.dashboards.gen --check
 
-crds: install ## regenerate crds/ from the typed source in operator/api
+crds: install ## regenerate crds/ from the typed source (deeprad.operator.api)
 	$(PYTHON) -m deeprad.operator.api.crdgen --out crds
 
-dashboards: install ## regenerate the hub chart's Grafana dashboards from operator/dashboards
+dashboards: install ## regenerate the hub chart's Grafana dashboards (deeprad.operator.dashboards)
 	$(PYTHON) -m deeprad.operator.dashboards.gen --out helm/deeprad/files/dashboards
 
-bench: bench-fedavg bench-simulate bench-cluster bench-secagg bench-trainer bench-operator ## run every CPU benchmark (prints ratios)
+bench: bench-fedavg bench-simulate bench-cluster bench-secagg bench-trainer bench-operator bench-footprint ## run every CPU benchmark (prints ratios)
 
 bench-fedavg: install ## streaming FedAvg vs a plain torch weighted sum: time and peak memory
 	$(PYTHON) benchmarks/bench_fedavg.py
@@ -82,6 +83,9 @@ bench-trainer: install ## the trainer's step time vs a bare PyTorch loop (CPU)
 
 bench-operator: install tools ## the hub operator with 1000 HospitalSites and one round over all (kwok)
 	$(PYTHON) benchmarks/bench_operator_scale.py
+
+bench-footprint: install ## each component's installed size and the light commands' start time
+	$(PYTHON) benchmarks/bench_footprint.py
 
 bench-gpu: install ## every GPU measurement in one run (needs a GPU; --cpu-smoke is unit-tested)
 	$(PYTHON) benchmarks/bench_gpu.py

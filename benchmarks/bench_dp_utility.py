@@ -31,7 +31,8 @@ from deeprad.simulate.config import DP_RECIPE
 
 def final_auroc(out: Path, seed: int, *args: str) -> float:
     """Run one study; its final federated test AUROC."""
-    cmd = ["deeprad", "simulate", "--no-baselines", "--seed", str(seed), "--output", str(out),
+    deeprad = str(Path(sys.executable).parent / "deeprad")  # the command beside this Python
+    cmd = [deeprad, "simulate", "--no-baselines", "--seed", str(seed), "--output", str(out),
            *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:

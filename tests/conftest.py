@@ -3,6 +3,8 @@ the shared real-component fixtures, and a sweep of leftover processes around the
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,10 @@ from real_components import (  # noqa: F401 (fixtures)
 from deeprad.devenv.processes import stop_all, sweep_orphans
 
 _KINDS = ("unit", "integration", "e2e")
+
+# Tests that run the `deeprad` command run the one installed beside this interpreter (.venv/bin
+# under `make test`), whatever PATH says.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

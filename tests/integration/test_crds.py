@@ -154,6 +154,36 @@ BAD_INPUT: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("robust strategy with secure aggregation",
      _edit(_study(), {"spec.roundTemplate.strategy.name": "krum"}),
      ("spec.roundTemplate.strategy.name", "secureAggregation: false")),
+    ("trimmed mean trimming 90% at each end",
+     _edit(_study(), {"spec.roundTemplate.strategy": {"name": "trimmedmean",
+                                                      "params": {"beta": 0.9}},
+                      "spec.roundTemplate.privacy": {"secureAggregation": False}}),
+     ("spec.roundTemplate.strategy.params[beta]",
+      "strategy trimmedmean: beta must be in [0, 0.5)")),
+    ("krum resisting -3 poisoned updates",
+     _edit(_study(), {"spec.roundTemplate.strategy": {"name": "krum",
+                                                      "params": {"byzantine": -3}},
+                      "spec.roundTemplate.privacy": {"secureAggregation": False}}),
+     ("spec.roundTemplate.strategy.params[byzantine]",
+      "strategy krum: byzantine must be an integer >= 0")),
+    ("krum selecting half an update",
+     _edit(_round(), {"spec.strategy": {"name": "krum", "params": {"select": 1.5}},
+                      "spec.privacy": {"secureAggregation": False}}),
+     ("spec.strategy.params[select]", "strategy krum: select must be an integer >= 1")),
+    ("negative server learning rate",
+     _edit(_study(), {"spec.roundTemplate.strategy": {"name": "fedavg",
+                                                      "params": {"server_lr": -1}}}),
+     ("spec.roundTemplate.strategy.params[server_lr]",
+      "strategy fedavg: server_lr must be > 0")),
+    ("server optimizer with secure aggregation (on by default)",
+     _edit(_study(), {"spec.roundTemplate.strategy.name": "fedadam"}),
+     ("spec.roundTemplate.strategy.name", "fedadam does not run on the sum",
+      "set privacy.secureAggregation: false, or use a strategy that runs on a secure sum: "
+      "fedavg")),
+    ("fedadagrad given a beta2 it has no use for",
+     _edit(_round(), {"spec.strategy": {"name": "fedadagrad", "params": {"beta2": 0.9}},
+                      "spec.privacy": {"secureAggregation": False}}),
+     ("spec.strategy.params", "fedadagrad: server_lr, beta1, tau")),
     ("minSites above the number of sites",
      _edit(_study(), {"spec.sites": ["st-marys", "charite"], "spec.roundTemplate.minSites": 3}),
      ("spec.roundTemplate.minSites", "must not exceed the number of sites")),
@@ -276,6 +306,19 @@ def test_bad_input_is_refused_naming_the_field(hub: Cluster, ns: str, what: str,
     assert code != 0, f"{what}: accepted"
     for text in expected:
         assert text in out, f"{what}: {text!r} not in {out!r}"
+
+
+def test_strategy_settings_in_range_are_accepted(hub: Cluster, ns: str) -> None:
+    clear = {"secureAggregation": False}
+    for strategy, privacy in (
+            ({"name": "fedavg", "params": {"server_lr": 0.5}}, {}),
+            ({"name": "fedadam", "params": {"server_lr": 0.1, "beta1": 0, "beta2": 0.999,
+                                            "tau": 1e-9}}, clear),
+            ({"name": "trimmedmean", "params": {"beta": 0.0}}, clear),
+            ({"name": "krum", "params": {"byzantine": 1, "select": 3}}, clear)):
+        study = _edit(_study(f"ok-{strategy['name']}"), {
+            "spec.roundTemplate.strategy": strategy, "spec.roundTemplate.privacy": privacy})
+        hub.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=json.dumps(study))
 
 
 def test_at_least_fifteen_bad_inputs() -> None:

@@ -6,16 +6,28 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from deeprad.aggregator.job import QuorumNotMet, run_aggregation_task
 from deeprad.core.checkpoint import read_checkpoint, sha256_bytes, to_bytes
-from deeprad.core.protocol import StrategySpec, UpdateManifest
+from deeprad.core.errors import ConfigError
+from deeprad.core.protocol import SecAggSpec, SecAggUpload, StrategySpec, UpdateManifest
+from deeprad.core.secagg import (
+    AdvertiseKeys,
+    ConsistencySignature,
+    EncryptedShare,
+    SiteSession,
+    SurvivorSet,
+)
+from deeprad.core.secagg.quantize import Quantizer, flatten, pack
+from deeprad.core.secagg.relay import StoreRelay, round_config
 
 G = {"w": torch.tensor([1.0, 2.0]), "k": torch.ones(2, 2)}
 
@@ -165,3 +177,62 @@ def test_cli_entrypoint(s: Any, tmp_path: Path) -> None:
                           '{"namespace": "ns", "study": "study", "round": 0}'],
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "invalid task" in bad.stderr and "round" in bad.stderr
+
+
+def _secure_site(s: Any, site: str, delta: dict[str, torch.Tensor], n: int,
+                 spec: SecAggSpec) -> None:
+    """One site's side of secure aggregation, as the trainer runs it (without training)."""
+    relay = StoreRelay(s.store, s.layout, 1, spec.timeout_s, spec.poll_s)
+    vector, _ = flatten(delta)
+    weight = n / spec.weight_normalizer
+    x = Quantizer(spec.clip, max_sites=len(spec.roster)).encode(
+        np.append(vector.astype(np.float64) * weight, weight))
+    config = round_config("ns", "study", 1, spec, vector.size)
+    session = SiteSession(config, s.sites[site], s.keys.registry)
+    relay.post("advertise", session.advertise_keys(), site)
+    relay.post("shares", session.share_keys(relay.wait_hub("advertised", list[AdvertiseKeys])),
+               site)
+    masked = session.masked_input(relay.wait_hub("routed", list[EncryptedShare], site), x)
+    s.put_update(site, delta, n=n, payload=pack(masked), secagg=SecAggUpload(
+        vector_length=config.vector_length, clip=spec.clip, max_sites=len(spec.roster)))
+    relay.post("consistency", session.consistency_signature(
+        relay.wait_hub("survivors", SurvivorSet)), site)
+    relay.post("unmask", session.unmask(relay.wait_hub("confirmed",
+                                                       list[ConsistencySignature])), site)
+
+
+def test_secure_round_aggregates_the_weighted_mean_of_the_survivors(s: Any) -> None:
+    # weighted values (n / 60) * delta stay inside the default clip of 1
+    sites = {"a": (good(0.5), 10), "b": (good(1.0), 30), "c": (good(-0.5), 20)}
+    spec = SecAggSpec(roster=sorted(sites), weight_normalizer=60.0, timeout_s=60.0, poll_s=0.01)
+    threads = [threading.Thread(target=_secure_site, args=(s, site, delta, n, spec))
+               for site, (delta, n) in sites.items()]
+    for t in threads:
+        t.start()
+    report = run_aggregation_task(s.task(secagg=spec), s.store)
+    for t in threads:
+        t.join(timeout=60)
+    assert report.secagg is not None and report.secagg.survivors == ["a", "b", "c"]
+    assert sorted(c.site for c in report.contributors) == ["a", "b", "c"]
+    assert report.rejected == [] and report.missing == []
+    weights, manifest = read_checkpoint(s.store, s.layout, 1, hub=s.hub.public())
+    mean = (10 * 0.5 + 30 * 1.0 - 20 * 0.5) / 60
+    bound = report.secagg.quantization_bound
+    torch.testing.assert_close(weights["w"], G["w"] + mean, rtol=0, atol=bound)
+    torch.testing.assert_close(weights["k"], G["k"], rtol=0, atol=bound)
+    assert manifest.secagg == report.secagg
+
+
+def test_secure_round_refuses_a_strategy_that_needs_more_than_the_sum(s: Any) -> None:
+    spec = SecAggSpec(roster=["a", "b"], weight_normalizer=20.0, timeout_s=1.0, poll_s=0.01)
+    for name in ("fedadam", "krum"):
+        with pytest.raises(ConfigError, match=rf"strategy {name} .*secure aggregation.*fedavg"):
+            run_aggregation_task(s.task(strategy=StrategySpec(name=name), secagg=spec), s.store)
+    assert not s.store.exists(s.layout.global_manifest(1))
+
+
+def test_strategy_parameters_out_of_range_are_refused_before_anything_is_read(s: Any) -> None:
+    with pytest.raises(ConfigError, match=r"strategy krum: byzantine must be an integer >= 0, "
+                                          r"got -3"):
+        run_aggregation_task(s.task(strategy=StrategySpec(name="krum",
+                                                          params={"byzantine": -3})), s.store)

@@ -29,3 +29,12 @@ def test_trainer_benchmark_quick_does_the_same_work_as_the_bare_loop() -> None:
     out = _run("bench_trainer.py", "--quick")
     assert "step-time ratio trainer / bare" in out
     assert "identical final weights: yes" in out
+
+
+def test_footprint_benchmark_finds_the_operator_a_tenth_of_the_trainer() -> None:
+    """Sizes come from the installed distributions' metadata, not from timing: the goal is
+    judged here (the script exits 1 when the operator's environment passes 1/10)."""
+    out = _run("bench_footprint.py", "--sizes-only")
+    assert "operator / trainer =" in out and "goal met" in out
+    operator_line = next(line for line in out.splitlines() if line.startswith("operator "))
+    assert "no torch" in operator_line

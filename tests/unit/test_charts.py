@@ -202,7 +202,7 @@ def _args(objs: list[Obj]) -> tuple[list[str], Obj]:
 
 def _flags(args: list[str]) -> dict[str, list[str]]:
     flags: dict[str, list[str]] = {}
-    for flag, value in zip(args[1::2], args[2::2], strict=False):
+    for flag, value in zip(args[::2], args[1::2], strict=False):
         flags.setdefault(flag, []).append(value)
     return flags
 

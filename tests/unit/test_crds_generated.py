@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from deeprad.core.strategies import CATALOGUE, secure_sum_strategies
 from deeprad.operator.api import (
     FEDERATED_ROUND,
     GROUP,
@@ -23,7 +24,6 @@ from deeprad.operator.api import (
 )
 from deeprad.operator.api.common import (
     MODEL_NAMES,
-    STRATEGY_PARAMS,
     LocalTraining,
     StrategyName,
 )
@@ -140,16 +140,50 @@ def test_local_training_matches_the_trainer_config() -> None:
 def test_strategies_and_their_parameters_match_the_aggregator() -> None:
     from deeprad.aggregator.strategies import STRATEGIES
 
-    assert [s.value for s in StrategyName] == list(STRATEGIES)
+    assert [s.value for s in StrategyName] == list(CATALOGUE) == list(STRATEGIES)
     for name, cls in STRATEGIES.items():
         params = tuple(p for p in inspect.signature(cls.__init__).parameters if p != "self")
-        assert STRATEGY_PARAMS[StrategyName(name)] == params, name
+        assert tuple(p.name for p in CATALOGUE[name].params) == params, name
+
+
+def _strategy_nodes() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(file, the round settings node, its strategy node) wherever a CRD has a strategy."""
+    for file, schema in _schemas():
+        for _, node in _nodes(schema):
+            strategy = node.get("properties", {}).get("strategy")
+            if strategy is not None:
+                yield file, node, strategy
+
+
+def test_crd_strategy_enum_and_rules_derive_from_the_catalogue() -> None:
+    found = list(_strategy_nodes())
+    assert {f for f, _, _ in found} == {"deeprad.io_federatedrounds.yaml",
+                                        "deeprad.io_federatedstudies.yaml"}
+    for file, settings, strategy in found:
+        assert strategy["properties"]["name"]["enum"] == list(CATALOGUE), file
+        rules = {r.get("fieldPath"): r for r in strategy["x-kubernetes-validations"]}
+        names_rule = rules[".params"]["rule"]
+        for info in CATALOGUE.values():
+            taken = ", ".join(f"'{p.name}'" for p in info.params)
+            assert f"'{info.name}': [{taken}]" in names_rule, (file, info.name)
+            for param in info.params:  # one range rule per parameter, naming its takers
+                rule = rules[f".params.{param.name}"]
+                assert f"'{info.name}'" in rule["rule"], (file, info.name, param.name)
+                assert f"{param.name} must be {param.valid_range}" in rule["messageExpression"]
+        assert set(rules) == {".params", *(f".params.{p.name}" for info in CATALOGUE.values()
+                                            for p in info.params)}
+        (secure,) = [r for r in settings["x-kubernetes-validations"]
+                     if r.get("fieldPath") == ".strategy.name"]
+        listed = ", ".join(f"'{n}'" for n in secure_sum_strategies())
+        assert secure["rule"] == ("!self.privacy.secureAggregation || self.strategy.name in "
+                                  f"[{listed}]"), file
+        assert "set privacy.secureAggregation: false" in secure["messageExpression"]
 
 
 def test_model_names_match_the_registry() -> None:
-    from deeprad.core.models import REGISTRY
+    from deeprad.core.model_catalogue import MODELS
 
-    assert set(MODEL_NAMES) == set(REGISTRY)
+    assert set(MODEL_NAMES) == set(MODELS)
 
 
 def test_examples_validate_against_the_python_models() -> None:

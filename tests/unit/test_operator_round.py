@@ -35,6 +35,8 @@ from deeprad.operator.api.sitetask import PublicKeys, RoundRef, SiteTaskSpec, Ta
 from deeprad.operator.decide import round as rules
 from deeprad.operator.decide.conditions import Desired, set_condition
 from deeprad.operator.decide.sites import READY, SiteView
+from deeprad.operator.hub.round_pass import TaskFacts
+from deeprad.operator.hub.rounds import running_tasks
 from deeprad.operator.render.tasks import site_task
 from deeprad.operator.site.config import AgentConfig
 from deeprad.operator.site.training import task_result, training_task
@@ -58,8 +60,8 @@ def _view(name: str, ready: bool = True, **spec: Any) -> SiteView:
     site = HospitalSiteSpec.model_validate({
         "identity": {"signingKey": ident.signing_key, "keyAgreementKey": ident.key_agreement_key},
         "data": {"modality": "mri", "sampleCount": 100}, **spec})
-    c = Desired.true(READY, "AgentReady") if ready else Desired.false(READY, "NoHeartbeat")
-    return SiteView(name, site, tuple(set_condition(None, c, 1, T0)))
+    readiness = Desired.true(READY, "AgentReady") if ready else Desired.false(READY, "NoHeartbeat")
+    return SiteView(name, site, tuple(set_condition(None, readiness, 1, T0)))
 
 
 def _world(now: datetime = T0, **kw: Any) -> rules.RoundWorld:
@@ -74,25 +76,25 @@ def _decide(spec: FederatedRoundSpec, status: FederatedRoundStatus, world: rules
 
 
 def _cond(status: FederatedRoundStatus, type_: str) -> tuple[ConditionStatus, str, str]:
-    c = next(c for c in status.conditions or () if c.type == type_)
-    return c.status, c.reason, c.message
+    found = next(c for c in status.conditions or () if c.type == type_)
+    return found.status, found.reason, found.message
 
 
 def _admitted(spec: FederatedRoundSpec | None = None) -> FederatedRoundStatus:
-    d = _decide(spec or _spec(), FederatedRoundStatus(), _world())
-    return d.status
+    decision = _decide(spec or _spec(), FederatedRoundStatus(), _world())
+    return decision.status
 
 
 def test_a_round_without_its_input_runs_the_prepare_job_once() -> None:
-    d = _decide(_spec(), FederatedRoundStatus(), _world(store=rules.StoreView()))
-    assert d.actions == [rules.PrepareInput()]
-    assert d.status.start_time == "2030-07-08T09:00:00Z"
-    assert d.status.deadline_time == "2030-07-08T10:00:00Z"
-    assert d.status.state == RoundState.SCHEDULING
-    again = _decide(_spec(), d.status, _world(store=rules.StoreView(),
+    decision = _decide(_spec(), FederatedRoundStatus(), _world(store=rules.StoreView()))
+    assert decision.actions == [rules.PrepareInput()]
+    assert decision.status.start_time == "2030-07-08T09:00:00Z"
+    assert decision.status.deadline_time == "2030-07-08T10:00:00Z"
+    assert decision.status.state == RoundState.SCHEDULING
+    again = _decide(_spec(), decision.status, _world(store=rules.StoreView(),
                                               prepare=rules.JobView("Running")))
-    assert again.actions == [] and again.status.start_time == d.status.start_time
-    failed = _decide(_spec(), d.status, _world(store=rules.StoreView(),
+    assert again.actions == [] and again.status.start_time == decision.status.start_time
+    failed = _decide(_spec(), decision.status, _world(store=rules.StoreView(),
                                                prepare=rules.JobView("Failed", "bad digest")))
     assert failed.status.state == RoundState.FAILED and failed.finished
     assert _cond(failed.status, "Failed")[1:] == (
@@ -102,36 +104,38 @@ def test_a_round_without_its_input_runs_the_prepare_job_once() -> None:
 
 def test_admission_once_with_reasons_and_tasks_for_the_admitted() -> None:
     world = _world(candidates=[_view("a"), _view("b", ready=False), _view("c", suspend=True)])
-    d = _decide(_spec(sites=["a", "b", "c", "ghost"], minSites=1), FederatedRoundStatus(), world)
-    sites = {s.site: (s.state, s.reason) for s in d.status.sites or ()}
+    decision = _decide(_spec(sites=["a", "b", "c", "ghost"], minSites=1), FederatedRoundStatus(),
+                       world)
+    sites = {s.site: (s.state, s.reason) for s in decision.status.sites or ()}
     assert sites == {"a": (SiteState.PENDING, "Admitted"), "b": (SiteState.EXCLUDED, "NotReady"),
                      "c": (SiteState.EXCLUDED, "Suspended"),
                      "ghost": (SiteState.EXCLUDED, "NotFound")}
-    assert d.actions == [rules.CreateTasks(("a",), "1" * 64, ("a",))]
-    assert d.status.admitted_sites == 1
+    assert decision.actions == [rules.CreateTasks(("a",), "1" * 64, ("a",))]
+    assert decision.status.admitted_sites == 1
     # A later pass keeps the admission even if another site became Ready meanwhile.
-    later = _decide(_spec(sites=["a", "b", "c", "ghost"], minSites=1), d.status,
+    later = _decide(_spec(sites=["a", "b", "c", "ghost"], minSites=1), decision.status,
                     _world(T0 + timedelta(minutes=1), tasks={"a": rules.TaskView("r1-a")}))
     assert later.actions == [] and later.status.admitted_sites == 1
 
 
 def test_too_few_admitted_sites_fail_the_round_naming_each_reason() -> None:
     world = _world(candidates=[_view("a"), _view("b", ready=False), _view("c", ready=False)])
-    d = _decide(_spec(), FederatedRoundStatus(), world)
-    status, reason, message = _cond(d.status, "Failed")
-    assert (d.status.state, status, reason) == (RoundState.FAILED, "True", "InsufficientSites")
+    decision = _decide(_spec(), FederatedRoundStatus(), world)
+    status, reason, message = _cond(decision.status, "Failed")
+    assert (decision.status.state, status, reason) == (RoundState.FAILED, "True",
+                                                        "InsufficientSites")
     assert message.startswith("FederatedRound r1: 1 site(s) admitted, spec.minSites is 2 "
                               "(b: NotReady; c: NotReady)")
-    assert d.actions == [] and any(e.reason == "InsufficientSites" for e in d.events)
+    assert decision.actions == [] and any(e.reason == "InsufficientSites" for e in decision.events)
 
 
 def test_secure_aggregation_needs_declared_sample_counts() -> None:
     world = _world(candidates=[_view("a"), _view("b"), _view("c", data=None)])
     spec = _spec(privacy={"secureAggregation": True})
-    d = _decide(spec, FederatedRoundStatus(), world)
-    c = next(s for s in d.status.sites or () if s.site == "c")
-    assert (c.state, c.reason) == (SiteState.EXCLUDED, "SampleCountUnknown")
-    assert d.actions == [rules.CreateTasks(("a", "b"), "1" * 64, ("a", "b"))]
+    decision = _decide(spec, FederatedRoundStatus(), world)
+    site_c = next(s for s in decision.status.sites or () if s.site == "c")
+    assert (site_c.state, site_c.reason) == (SiteState.EXCLUDED, "SampleCountUnknown")
+    assert decision.actions == [rules.CreateTasks(("a", "b"), "1" * 64, ("a", "b"))]
 
 
 def _result(site: str) -> TaskResult:
@@ -139,32 +143,32 @@ def _result(site: str) -> TaskResult:
 
 
 def test_sites_follow_their_tasks_and_aggregation_starts_when_all_finished() -> None:
-    st = _admitted()
+    admitted = _admitted()
     tasks = {"a": rules.TaskView("r1-a", TaskState.SUCCEEDED, result=_result("a")),
              "b": rules.TaskView("r1-b", TaskState.RUNNING),
              "c": rules.TaskView("r1-c", TaskState.FAILED, "CUDA out of memory")}
-    d = _decide(_spec(), st, _world(T0 + timedelta(minutes=5), tasks=tasks))
-    states = {s.site: s.state for s in d.status.sites or ()}
+    decision = _decide(_spec(), admitted, _world(T0 + timedelta(minutes=5), tasks=tasks))
+    states = {s.site: s.state for s in decision.status.sites or ()}
     assert states == {"a": SiteState.REPORTED, "b": SiteState.TRAINING, "c": SiteState.FAILED}
-    assert d.actions == [] and d.status.state == RoundState.TRAINING
-    assert d.status.reported_sites == 1
+    assert decision.actions == [] and decision.status.state == RoundState.TRAINING
+    assert decision.status.reported_sites == 1
     tasks["b"] = rules.TaskView("r1-b", TaskState.SUCCEEDED, result=_result("b"))
-    d2 = _decide(_spec(), d.status, _world(T0 + timedelta(minutes=6), tasks=tasks))
-    assert d2.actions == [rules.Aggregate(("a", "b"), ("a", "b", "c"))]
-    assert d2.status.aggregation_start_time == "2030-07-08T09:06:00Z"
+    all_finished = _decide(_spec(), decision.status, _world(T0 + timedelta(minutes=6), tasks=tasks))
+    assert all_finished.actions == [rules.Aggregate(("a", "b"), ("a", "b", "c"))]
+    assert all_finished.status.aggregation_start_time == "2030-07-08T09:06:00Z"
 
 
 def test_the_deadline_drops_silent_sites_and_enforces_the_quorum() -> None:
-    st = _admitted()
+    admitted = _admitted()
     late = T0 + timedelta(hours=1, seconds=1)
     tasks = {"a": rules.TaskView("r1-a", TaskState.SUCCEEDED, result=_result("a")),
              "b": rules.TaskView("r1-b", TaskState.RUNNING)}
-    d = _decide(_spec(minSites=1), st, _world(late, tasks=tasks))
-    states = {s.site: (s.state, s.reason) for s in d.status.sites or ()}
+    decision = _decide(_spec(minSites=1), admitted, _world(late, tasks=tasks))
+    states = {s.site: (s.state, s.reason) for s in decision.status.sites or ()}
     assert states["b"] == (SiteState.DROPPED, "DeadlineExceeded")
     assert states["c"] == (SiteState.DROPPED, "DeadlineExceeded")
-    assert d.actions == [rules.Aggregate(("a",), ("a", "b", "c"))]
-    quorum = _decide(_spec(), st, _world(late, tasks=tasks))
+    assert decision.actions == [rules.Aggregate(("a",), ("a", "b", "c"))]
+    quorum = _decide(_spec(), admitted, _world(late, tasks=tasks))
     status, reason, message = _cond(quorum.status, "Failed")
     assert (status, reason) == ("True", "QuorumNotMet")
     assert message == ("FederatedRound r1: 1 site(s) reported, spec.minSites is 2; b: Dropped "
@@ -174,11 +178,11 @@ def test_the_deadline_drops_silent_sites_and_enforces_the_quorum() -> None:
 
 
 def test_stray_tasks_are_deleted_and_missing_ones_created_before_the_deadline() -> None:
-    st = _admitted(_spec(sites=["a", "b"]))
-    d = _decide(_spec(sites=["a", "b"]), st,
+    admitted = _admitted(_spec(sites=["a", "b"]))
+    decision = _decide(_spec(sites=["a", "b"]), admitted,
                 _world(tasks={"a": rules.TaskView("r1-a"), "x": rules.TaskView("r1-x")}))
-    assert rules.DeleteTasks((("x", "r1-x"),)) in d.actions
-    assert rules.CreateTasks(("b",), "1" * 64, ("a", "b")) in d.actions
+    assert rules.DeleteTasks((("x", "r1-x"),)) in decision.actions
+    assert rules.CreateTasks(("b",), "1" * 64, ("a", "b")) in decision.actions
 
 
 def _report(*sites: str, rejected: tuple[str, ...] = ()) -> AggregateReport:
@@ -193,41 +197,42 @@ def _report(*sites: str, rejected: tuple[str, ...] = ()) -> AggregateReport:
 
 
 def test_the_outcome_comes_from_the_aggregators_report() -> None:
-    st = _admitted()
+    admitted = _admitted()
     tasks = {s: rules.TaskView(f"r1-{s}", TaskState.SUCCEEDED, result=_result(s))
              for s in "abc"}
-    t = T0 + timedelta(minutes=10)
-    running = _decide(_spec(), st, _world(t, tasks=tasks, aggregator=rules.JobView("Running")))
+    aggregating_at = T0 + timedelta(minutes=10)
+    running = _decide(_spec(), admitted, _world(aggregating_at, tasks=tasks,
+                                                aggregator=rules.JobView("Running")))
     assert running.status.state == RoundState.AGGREGATING and not running.finished
     output = PARENT.model_copy(update={"round": 1, "payload_sha256": "3" * 64})
     done = _decide(_spec(), running.status, _world(
-        t + timedelta(seconds=30), tasks=tasks, aggregator=rules.JobView("Succeeded"),
+        aggregating_at + timedelta(seconds=30), tasks=tasks, aggregator=rules.JobView("Succeeded"),
         store=rules.StoreView(PARENT, output, _report("a", "b", rejected=("c",)))))
-    s = done.status
-    assert s.state == RoundState.SUCCEEDED and done.finished
-    assert {x.site: x.state for x in s.sites or ()} == {
+    status = done.status
+    assert status.state == RoundState.SUCCEEDED and done.finished
+    assert {x.site: x.state for x in status.sites or ()} == {
         "a": SiteState.REPORTED, "b": SiteState.REPORTED, "c": SiteState.REJECTED}
-    assert (s.reported_sites, s.rejected_sites) == (2, 1)
-    assert s.input_metrics is not None and s.input_metrics.auroc == 0.9
-    assert s.timings is not None and s.timings.aggregation_seconds == 30.0
-    assert s.timings.total_seconds == 630.0
-    assert _cond(s, "Succeeded")[1] == "RoundSucceeded"
+    assert (status.reported_sites, status.rejected_sites) == (2, 1)
+    assert status.input_metrics is not None and status.input_metrics.auroc == 0.9
+    assert status.timings is not None and status.timings.aggregation_seconds == 30.0
+    assert status.timings.total_seconds == 630.0
+    assert _cond(status, "Succeeded")[1] == "RoundSucceeded"
     assert any(e.reason == "UpdateRejected" for e in done.events)
-    # An ended round is left alone.
-    assert _decide(_spec(), s, _world(t + timedelta(hours=2))).actions == []
+    # An aggregating_at round is left alone.
+    assert _decide(_spec(), status, _world(aggregating_at + timedelta(hours=2))).actions == []
     failed = _decide(_spec(), running.status, _world(
-        t, tasks=tasks, aggregator=rules.JobView("Failed", "quorum not met")))
+        aggregating_at, tasks=tasks, aggregator=rules.JobView("Failed", "quorum not met")))
     assert _cond(failed.status, "Failed")[1:] == (
         "AggregationFailed", "FederatedRound r1: the aggregator Job failed: quorum not met")
 
 
 def test_with_secure_aggregation_the_aggregator_starts_with_the_tasks() -> None:
     spec = _spec(privacy={"secureAggregation": True})
-    st = _admitted(spec)
+    admitted = _admitted(spec)
     tasks = {s: rules.TaskView(f"r1-{s}") for s in "abc"}
-    d = _decide(spec, st, _world(tasks=tasks))
-    assert d.actions == [rules.Aggregate(("a", "b", "c"), ("a", "b", "c"))]
-    assert d.status.state == RoundState.TRAINING
+    decision = _decide(spec, admitted, _world(tasks=tasks))
+    assert decision.actions == [rules.Aggregate(("a", "b", "c"), ("a", "b", "c"))]
+    assert decision.status.state == RoundState.TRAINING
 
 
 # ---- the site agent's side --------------------------------------------------------------------
@@ -259,29 +264,30 @@ def _task(**over: Any) -> SiteTaskSpec:
 
 
 def test_grants_cover_exactly_what_a_site_reads_and_writes() -> None:
-    g = site_grants(StudyLayout("ns", "st"), 3, "a", secure_aggregation=False)
-    assert g == {"ns/st/rounds/2/global.json": "GET",
+    plain = site_grants(StudyLayout("ns", "st"), 3, "a", secure_aggregation=False)
+    assert plain == {"ns/st/rounds/2/global.json": "GET",
                  "ns/st/rounds/2/global.safetensors": "GET",
                  "ns/st/rounds/3/updates/a.bin": "PUT", "ns/st/rounds/3/updates/a.json": "PUT",
                  "ns/st/rounds/3/results/a.json": "PUT"}
-    s = site_grants(StudyLayout("ns", "st"), 3, "a", secure_aggregation=True)
-    assert s["ns/st/rounds/3/secagg/routed/a.json"] == "GET"
-    assert s["ns/st/rounds/3/secagg/advertise/a.json"] == "PUT"
-    assert not any(k.endswith("/b.json") for k in s)  # nothing of another site
+    secure = site_grants(StudyLayout("ns", "st"), 3, "a", secure_aggregation=True)
+    assert secure["ns/st/rounds/3/secagg/routed/a.json"] == "GET"
+    assert secure["ns/st/rounds/3/secagg/advertise/a.json"] == "PUT"
+    assert not any(k.endswith("/b.json") for k in secure)  # nothing of another site
 
 
 def test_the_agent_maps_a_task_onto_the_trainers_task() -> None:
-    cfg = AgentConfig.model_validate({"site": "a", "training": {
+    config = AgentConfig.model_validate({"site": "a", "training": {
         "dataset": {"kind": "folder", "path": "/data", "image_size": 64}}})
-    t = training_task(_task(), cfg)
-    assert (t.namespace, t.study, t.round, t.site) == ("research", "study", 2, "a")
-    assert (t.dataset.kind, t.dataset.path, t.dataset.image_size, t.dataset.val_fraction,
-            t.dataset.split_seed) == ("folder", "/data", 48, 0.25, 3)
-    assert (t.train.local_epochs, t.train.lr, t.train.optimizer) == (2, 0.01, "sgd")
-    assert t.privacy is not None and t.privacy.noise_multiplier == 1.1
-    assert t.secagg is not None and t.secagg.roster == ["a", "b", "c"]
-    assert t.secagg.threshold == 3 and t.secagg.weight_normalizer == 300.0
-    registry = KeyRegistry.from_json(t.registry_json)
+    task = training_task(_task(), config)
+    assert (task.namespace, task.study, task.round, task.site) == ("research", "study", 2, "a")
+    dataset = task.dataset
+    assert (dataset.kind, dataset.path, dataset.image_size, dataset.val_fraction,
+            dataset.split_seed) == ("folder", "/data", 48, 0.25, 3)
+    assert (task.train.local_epochs, task.train.lr, task.train.optimizer) == (2, 0.01, "sgd")
+    assert task.privacy is not None and task.privacy.noise_multiplier == 1.1
+    assert task.secagg is not None and task.secagg.roster == ["a", "b", "c"]
+    assert task.secagg.threshold == 3 and task.secagg.weight_normalizer == 300.0
+    registry = KeyRegistry.from_json(task.registry_json)
     assert registry.require_hub().signing_key == HUB.public().signing_key
     assert sorted(registry.sites) == ["a", "b", "c"]
 
@@ -301,19 +307,20 @@ def test_the_trainers_result_becomes_the_tasks_result_with_epsilon() -> None:
                         local_metrics=None, train_loss=0.3, update_sha256="4" * 64,
                         duration_s=12.5,
                         privacy=DPSteps(noise_multiplier=1.1, sample_rate=0.2, steps=10))
-    r = task_result(result, _task())
-    assert (r.samples, r.update_digest, r.duration_seconds) == (80, "4" * 64, 12.5)
-    assert r.epsilon is not None and 0 < r.epsilon < 10
+    reported = task_result(result, _task())
+    assert (reported.samples, reported.update_digest, reported.duration_seconds) == (
+        80, "4" * 64, 12.5)
+    assert reported.epsilon is not None and 0 < reported.epsilon < 10
 
 
 def test_secure_aggregation_is_told_when_a_site_will_send_nothing() -> None:
     spec = _spec(privacy={"secureAggregation": True})
-    st = _admitted(spec)
+    admitted = _admitted(spec)
     tasks = {"a": rules.TaskView("r1-a", TaskState.FAILED, "OOM"),
              "b": rules.TaskView("r1-b", TaskState.RUNNING), "c": rules.TaskView("r1-c")}
-    d = _decide(spec, st, _world(tasks=tasks, aggregator=rules.JobView("Running")))
-    assert rules.MarkGone(("a",)) in d.actions
-    again = _decide(spec, d.status, _world(tasks=tasks, aggregator=rules.JobView("Running")))
+    decision = _decide(spec, admitted, _world(tasks=tasks, aggregator=rules.JobView("Running")))
+    assert rules.MarkGone(("a",)) in decision.actions
+    again = _decide(spec, decision.status, _world(tasks=tasks, aggregator=rules.JobView("Running")))
     assert not any(isinstance(a, rules.MarkGone) for a in again.actions)  # once
     late = _decide(spec, again.status, _world(T0 + timedelta(hours=2), tasks=tasks,
                                               aggregator=rules.JobView("Running")))
@@ -336,8 +343,28 @@ def test_rounds_of_the_same_name_in_two_namespaces_get_distinct_work_items() -> 
 
 def test_an_input_checkpoint_outside_the_store_fails_the_round_naming_the_field() -> None:
     problem = "'s3://other/x.safetensors' is not in this object store"
-    d = _decide(_spec(), FederatedRoundStatus(),
+    decision = _decide(_spec(), FederatedRoundStatus(),
                 _world(store=rules.StoreView(), input_problem=problem))
-    assert d.status.state == RoundState.FAILED and d.actions == []
-    assert _cond(d.status, "Failed")[1:] == (
+    assert decision.status.state == RoundState.FAILED and decision.actions == []
+    assert _cond(decision.status, "Failed")[1:] == (
         "InvalidInputCheckpoint", f"FederatedRound r1: spec.inputCheckpoint: {problem}")
+
+
+def test_a_hub_without_store_or_keys_says_so_on_the_round() -> None:
+    status = rules.hub_not_configured(FederatedRoundStatus(), ["--store", "--hub-keys"], 1, T0)
+    assert _cond(status, "SitesScheduled") == (
+        "False", "HubNotConfigured",
+        "the hub operator runs without --store, --hub-keys; it cannot run rounds")
+    assert status.state is None and status.start_time is None  # the round has not started
+
+
+def test_admission_counts_unfinished_tasks_of_other_rounds_per_site() -> None:
+    def facts(round_uid: str, site: str, state: TaskState | None) -> TaskFacts:
+        return TaskFacts(round_uid, site, f"{round_uid}-{site}", f"deeprad-site-{site}", state,
+                         None, None, None)
+
+    by_round = {"this": [facts("this", "a", TaskState.RUNNING)],
+                "r1": [facts("r1", "a", None), facts("r1", "b", TaskState.SUCCEEDED)],
+                "r2": [facts("r2", "a", TaskState.ACCEPTED), facts("r2", "b", TaskState.FAILED),
+                       facts("r2", "c", TaskState.RUNNING)]}
+    assert running_tasks(by_round, exclude_round="this") == {"a": 2, "c": 1}

@@ -25,6 +25,7 @@ from deeprad.core.privacy import (
     epsilon_of,
     noise_for_target_epsilon,
     plan_round,
+    round_steps,
 )
 from deeprad.core.protocol import ModelSpec
 from deeprad.trainer.dp_sgd import make_private
@@ -146,6 +147,21 @@ def test_dp_sgd_with_opacus_counts_its_steps(clipping: str) -> None:
     assert private.epsilon(1e-5) == epsilon(1.0, 0.25, 4, 1e-5)
     after = list(private.model._module.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+@pytest.mark.parametrize(("records", "batch_size"), [(48, 12), (50, 12), (5, 16), (999, 7)])
+def test_round_steps_are_the_steps_opacus_takes(records: int, batch_size: int) -> None:
+    """The accountant's rule (operator and simulator both plan with it) against the loader
+    Opacus builds: same sampling rate, same batches per epoch."""
+    data = TensorDataset(torch.zeros(records, 2), torch.zeros(records))
+    model = nn.Linear(2, 1)
+    private = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                           DataLoader(data, batch_size=batch_size),
+                           DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+    batches_per_epoch = sum(1 for _ in private.data_loader)
+    assert round_steps(records, batch_size=batch_size, local_epochs=3,
+                       noise_multiplier=1.0) == DPSteps(
+        noise_multiplier=1.0, sample_rate=private.sample_rate, steps=3 * batches_per_epoch)
 
 
 def test_batchnorm_models_are_refused_for_dp_sgd() -> None:

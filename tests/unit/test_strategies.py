@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deeprad.aggregator import STRATEGIES, aggregate, make_strategy
+from deeprad.aggregator.strategies import FedAvg, FedMedian
 from deeprad.core.errors import ConfigError
 from deeprad.core.protocol import StrategySpec
 
@@ -56,8 +57,9 @@ def test_fedavgm_carries_momentum_between_rounds() -> None:
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
 def test_fedopt_family_first_round(name: str) -> None:
     lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
-    new, state = aggregate(name, G, [(U1, 1), (U2, 1)], server_lr=lr, beta1=b1, beta2=b2,
-                           tau=tau)
+    decay = {} if name == "fedadagrad" else {"beta2": b2}  # Adagrad keeps every square
+    new, state = aggregate(name, G, [(U1, 1), (U2, 1)], server_lr=lr, beta1=b1, tau=tau,
+                           **decay)
     d = torch.tensor([2.0, 1.0, 0.0])
     m = (1 - b1) * d
     v = {"fedadam": (1 - b2) * d * d,
@@ -140,17 +142,58 @@ def test_integer_tensors_stay_integers() -> None:
 def test_unknown_strategy_and_bad_parameters_are_named() -> None:
     with pytest.raises(ConfigError, match=r"unknown strategy 'fedbest'.*fedavg"):
         make_strategy(StrategySpec(name="fedbest"))
-    with pytest.raises(ConfigError, match="strategy 'fedavg': bad parameters"):
+    with pytest.raises(ConfigError, match="strategy fedavg: unknown parameter 'momentum'; it "
+                                          "takes server_lr"):
         make_strategy(StrategySpec(name="fedavg", params={"momentum": 0.9}))
-    with pytest.raises(ConfigError, match="beta must be in"):
+    with pytest.raises(ConfigError, match=r"beta must be in \[0, 0.5\), got 0.7"):
         make_strategy(StrategySpec(name="trimmedmean", params={"beta": 0.7}))
+    with pytest.raises(ConfigError, match="strategy krum: select must be an integer >= 1, "
+                                          "got 0"):
+        aggregate("krum", G, [(U1, 1)], select=0)
+
+
+def test_make_strategy_fills_defaults_and_records_checked_parameters() -> None:
+    krum = make_strategy(StrategySpec(name="krum", params={"byzantine": 1.0}))
+    assert krum.params() == {"byzantine": 1, "select": 1}
+    assert isinstance(krum.params()["byzantine"], int)  # as the API's float map gives it
+    fedadam = make_strategy(StrategySpec(name="fedadam", params={"server_lr": 0.5}))
+    assert fedadam.params() == {"server_lr": 0.5, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+    assert make_strategy(StrategySpec(name="fedmedian")).params() == {}
 
 
 def test_every_strategy_is_registered_and_documented() -> None:
     assert set(STRATEGIES) == {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
                                "fedmedian", "trimmedmean", "krum"}
     for cls in STRATEGIES.values():
-        assert cls.summary and cls.__doc__
+        assert cls.info.summary and cls.__doc__
         # the streaming flag matches the documented memory behaviour
         assert cls.streaming == (cls.name in {"fedavg", "fedavgm", "fedadam", "fedyogi",
                                                "fedadagrad"})
+
+
+def test_a_class_that_disagrees_with_the_catalogue_is_refused_when_defined() -> None:
+    with pytest.raises(TypeError, match="'fedbest' has no entry"):
+        class FedBest(FedAvg):
+            name = "fedbest"
+    with pytest.raises(TypeError, match="differ from the catalogue"):
+        class PositionalFedAvg(FedAvg):
+            name = "fedavg"
+
+            def __init__(self, server_lr: float = 1.0) -> None:
+                super().__init__(server_lr=server_lr)
+    with pytest.raises(TypeError, match="differ from the catalogue"):
+        class OtherDefault(FedAvg):
+            name = "fedavg"
+
+            def __init__(self, *, server_lr: float = 2.0) -> None:
+                super().__init__(server_lr=server_lr)
+    with pytest.raises(TypeError, match="streaming is False"):
+        class BufferedAvg(FedMedian):
+            name = "fedavg"
+
+            def __init__(self, *, server_lr: float = 1.0) -> None:
+                super().__init__()
+    with pytest.raises(TypeError, match="already FedAvg"):
+        class SecondFedAvg(FedAvg):
+            name = "fedavg"
+    assert STRATEGIES["fedavg"] is FedAvg

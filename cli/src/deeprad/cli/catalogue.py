@@ -6,19 +6,33 @@ import argparse
 
 
 def _models(args: argparse.Namespace) -> int:
-    from deeprad.core.models import REGISTRY
+    from deeprad.core.model_catalogue import MODELS
 
-    for name, entry in REGISTRY.items():
-        print(f"{name:<14} {entry.summary}")
+    for name, summary in MODELS.items():
+        print(f"{name:<14} {summary}")
     print("or bring your own: --model package.module:factory")
     return 0
 
 
 def _strategies(args: argparse.Namespace) -> int:
-    from deeprad.aggregator.strategies import STRATEGIES
+    # The core's catalogue, not the aggregator's classes: no torch, so this prints at once.
+    from deeprad.core.strategies import CATALOGUE, number_text
 
-    for name, cls in STRATEGIES.items():
-        print(f"{name:<12} {cls.summary}")
+    for i, info in enumerate(CATALOGUE.values()):
+        memory = ("streaming (memory independent of the number of sites)" if info.streaming
+                  else "holds every update (memory grows with the number of sites)")
+        secure = ("runs on a secure sum" if info.runs_on_secure_sum else
+                  "needs updates in the clear" if info.needs_clear_updates else
+                  "no secure sum")
+        print(("\n" if i else "") + f"{info.name:<12} {info.summary}")
+        print(f"{'':<12} {memory}; {secure}")
+        for p in info.params:
+            print(f"{'':<12} {p.name:<10} {number_text(p.default):<6} {p.valid_range:<16} "
+                  f"{p.help}")
+    print("\nParameters: name, default, valid values. Set them with --strategy-params "
+          "(deeprad simulate)\nor spec.strategy.params (FederatedRound, a FederatedStudy's "
+          "roundTemplate). Secure aggregation\n(on by default in the cluster) needs a "
+          "strategy that runs on a secure sum.")
     return 0
 
 

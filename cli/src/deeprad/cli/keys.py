@@ -11,13 +11,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from deeprad.core.errors import ConfigError
-from deeprad.core.identity import NAME_FILE, Identity
 from deeprad.core.layout import check_name
+
+if TYPE_CHECKING:  # cryptography and pydantic load when a command runs, not for --help
+    from deeprad.core.identity import Identity
 
 API_VERSION = "deeprad.io/v1alpha1"
 DEFAULT_NAMESPACE = "deeprad"
@@ -59,6 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     """Create a key folder and print the public half."""
+    from deeprad.core.identity import Identity
+
     name = args.name or Path(args.out).resolve().name
     identity = Identity.generate(check_name("identity", name), args.role)
     identity.save(args.out, overwrite=args.force)
@@ -102,6 +104,10 @@ def site_manifests(identity: Identity, namespace: str = DEFAULT_NAMESPACE,
 
 def cmd_site_register(args: argparse.Namespace) -> int:
     """Print or write the site's Secret and HospitalSite."""
+    import yaml
+
+    from deeprad.core.identity import NAME_FILE, Identity
+
     name = check_name("site", args.name)
     has_name = (Path(args.keys) / NAME_FILE).is_file()
     identity = Identity.load(args.keys, name=None if has_name else name)

@@ -29,9 +29,10 @@ def apply_recipe(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the whole configuration (strategy parameters included) before torch loads, then
+    run the study."""
     from deeprad.core.protocol import ModelSpec, StrategySpec, TrainConfig
     from deeprad.simulate.config import SimulationConfig
-    from deeprad.simulate.runner import run_simulation
 
     apply_recipe(args)
     cfg = SimulationConfig(
@@ -48,11 +49,10 @@ def run(args: argparse.Namespace) -> int:
         dp_noise_multiplier=args.dp_noise_multiplier, max_grad_norm=args.max_grad_norm,
         secure_aggregation=args.secure_aggregation, secagg_clip=args.secagg_clip,
     )
-    # Fail fast on names before starting workers.
-    from deeprad.aggregator.strategies import make_strategy
+    # The model's name and kwargs, before any worker starts.
     from deeprad.core.models import build_model
+    from deeprad.simulate.runner import run_simulation
 
-    make_strategy(cfg.strategy)
     build_model(cfg.model)
     run_simulation(cfg)
     return 0

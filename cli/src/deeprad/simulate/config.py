@@ -8,6 +8,7 @@ from pathlib import Path
 
 from deeprad.core.errors import ConfigError
 from deeprad.core.protocol import ModelSpec, StrategySpec, TrainConfig
+from deeprad.core.strategies import secure_sum_strategies, strategy_info
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class SimulationConfig:
     dp_accountant: str = "rdp"
     dp_noise_multiplier: float | None = None  # None: calibrated to spend the budget
     max_grad_norm: float = 1.0
-    # secure aggregation (FedAvg): the hub sees only the sum
+    # secure aggregation: the hub sees only the sum (strategies that run on a secure sum)
     secure_aggregation: bool = False
     secagg_clip: float = 1.0
     secagg_timeout_s: float = 300.0
@@ -68,9 +69,12 @@ class SimulationConfig:
             raise ConfigError("--dp-noise-multiplier needs a budget: pass --dp-epsilon too")
         if self.dp_accountant not in ("rdp", "pld"):
             raise ConfigError(f"--dp-accountant must be rdp or pld, got {self.dp_accountant!r}")
-        if self.secure_aggregation and self.strategy.name != "fedavg":
-            raise ConfigError(f"--secure-aggregation works with --strategy fedavg only (the hub "
-                              f"sees only the sum), got {self.strategy.name!r}")
+        # Strategy name and parameters checked by the catalogue: fails fast, before any worker.
+        strategy_info(self.strategy.name).validate(self.strategy.params)
+        if self.secure_aggregation and not strategy_info(self.strategy.name).runs_on_secure_sum:
+            raise ConfigError(f"--secure-aggregation needs a strategy that runs on a secure sum "
+                              f"({', '.join(secure_sum_strategies())}): the hub sees only the "
+                              f"sum of the updates; got --strategy {self.strategy.name}")
 
     @property
     def worker_count(self) -> int:

@@ -2,16 +2,15 @@
 that is checked before each round starts.
 
 Each site's noise multiplier is the smallest that keeps its ε at or below the study budget
-after all planned rounds (its own sampling rate and step count: Opacus takes len(loader) steps
-per epoch at sample rate 1/len(loader)). A study's ε is the largest site's (parallel
-composition: every record lives at one site). Before a round, `check_round` composes each
-site's past steps with the planned ones and refuses a round that would pass the budget.
+after all planned rounds (its own sampling rate and step count per round: the core's
+`round_steps`). A study's ε is the largest site's (parallel composition: every record lives at
+one site). Before a round, `check_round` composes each site's past steps with the planned ones
+and refuses a round that would pass the budget.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -22,6 +21,7 @@ from deeprad.core.privacy import (
     RoundPrivacy,
     noise_for_target_epsilon,
     plan_round,
+    round_steps,
 )
 from deeprad.core.protocol import RoundEpsilon
 
@@ -47,12 +47,14 @@ class PrivacyPlan:
         `noise_multiplier` is given (then the budget may stop the study early)."""
         configs, per_round = {}, {}
         for site, n in train_sizes.items():
-            batches = max(1, math.ceil(n / batch_size))
-            steps = local_epochs * batches
+            # the sampling rate and step count of a round; the noise is what is being chosen
+            shape = round_steps(n, batch_size=batch_size, local_epochs=local_epochs,
+                                noise_multiplier=0.0)
             z = noise_multiplier if noise_multiplier is not None else noise_for_target_epsilon(
-                budget.epsilon, 1.0 / batches, rounds * steps, budget.delta, budget.accountant)
+                budget.epsilon, shape.sample_rate, rounds * shape.steps, budget.delta,
+                budget.accountant)
             configs[site] = DPConfig(noise_multiplier=z, max_grad_norm=max_grad_norm)
-            per_round[site] = DPSteps(noise_multiplier=z, sample_rate=1.0 / batches, steps=steps)
+            per_round[site] = shape.model_copy(update={"noise_multiplier": z})
         return cls(budget=budget, configs=configs, per_round=per_round)
 
     def check_round(self) -> RoundPrivacy:

@@ -29,7 +29,6 @@ from deeprad.core.errors import CheckpointError, ObjectNotFound, UpdateRejected
 from deeprad.core.identity import Identity, PublicIdentity
 from deeprad.core.layout import StudyLayout
 from deeprad.core.manifests import (
-    checkpoint_statement,
     read_manifest,
     verify_checkpoint_manifest,
 )
@@ -138,7 +137,7 @@ def write_checkpoint(
          "payload_sha256": payload_sha, "strategy_state_sha256": state_sha}
     )
     if hub is not None:
-        signature = sign_statement(hub, checkpoint_statement(manifest, hub.name))
+        signature = sign_statement(hub, manifest.statement(hub.name))
         manifest = manifest.model_copy(update={"signature": signature})
     store.put_text(layout.global_manifest(round_no), manifest.model_dump_json(indent=2))
     return manifest

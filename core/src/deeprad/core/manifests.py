@@ -10,23 +10,8 @@ from deeprad.core.errors import CheckpointError, ObjectNotFound
 from deeprad.core.identity import PublicIdentity
 from deeprad.core.layout import StudyLayout
 from deeprad.core.protocol import CheckpointManifest
-from deeprad.core.signing import Statement, verify_checkpoint
+from deeprad.core.signing import verify_checkpoint
 from deeprad.core.store import ObjectStore
-
-
-def checkpoint_statement(manifest: CheckpointManifest, signer: str) -> Statement:
-    """The statement the hub signs for a checkpoint manifest."""
-    if manifest.namespace is None or manifest.nonce is None:
-        raise CheckpointError(f"checkpoint {manifest.study} round {manifest.round}: manifest has "
-                              "no namespace or nonce, so it cannot carry the hub's signature")
-    try:
-        return Statement(kind="checkpoint", namespace=manifest.namespace, study=manifest.study,
-                         round=manifest.round, site=signer, nonce=manifest.nonce,
-                         parent_sha256=manifest.parent_sha256,
-                         payload_sha256=manifest.payload_sha256)
-    except ValueError as exc:
-        raise CheckpointError(f"checkpoint {manifest.study} round {manifest.round}: manifest "
-                              f"fields cannot form a signed statement: {exc}") from None
 
 
 def read_manifest(store: ObjectStore, layout: StudyLayout, round_no: int) -> CheckpointManifest:
@@ -43,7 +28,6 @@ def read_manifest(store: ObjectStore, layout: StudyLayout, round_no: int) -> Che
 def verify_checkpoint_manifest(manifest: CheckpointManifest, hub: PublicIdentity,
                                layout: StudyLayout, round_no: int) -> None:
     """Raise CheckpointError unless `hub` signed `manifest` for this study and round."""
-    statement = checkpoint_statement(manifest, hub.name)
-    verify_checkpoint(statement, manifest.signature, hub, namespace=layout.namespace,
-                      study=layout.study, round_no=round_no,
+    verify_checkpoint(manifest.statement(hub.name), manifest.signature, hub,
+                      namespace=layout.namespace, study=layout.study, round_no=round_no,
                       payload_sha256=manifest.payload_sha256)

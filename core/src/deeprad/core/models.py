@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from torch.nn import functional as F
 
 from deeprad.core.errors import ConfigError
 from deeprad.core.importing import is_import_path, load_object
+from deeprad.core.model_catalogue import MODELS
 from deeprad.core.protocol import ModelSpec
 
 
@@ -169,19 +169,15 @@ def _resnet18(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
     return fixed
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    factory: Callable[..., nn.Module]
-    summary: str
-
-
-REGISTRY: dict[str, ModelEntry] = {
-    "tumor-cnn": ModelEntry(_tumor_cnn, "small 2D max-pooling CNN (23.6k params); the CPU demo"),
-    "tumor-jet": ModelEntry(_tumor_jet, "fixed Gaussian-jet filters + 209 trained params; for "
-                            "DP-SGD"),
-    "densenet121": ModelEntry(_densenet121, "MONAI DenseNet121, GroupNorm (6.9M params); GPUs"),
-    "resnet18": ModelEntry(_resnet18, "MONAI ResNet-18, GroupNorm (11.2M params); GPUs"),
+# The builder of every network in the catalogue (deeprad.core.model_catalogue), by name.
+FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    "tumor-cnn": _tumor_cnn,
+    "tumor-jet": _tumor_jet,
+    "densenet121": _densenet121,
+    "resnet18": _resnet18,
 }
+if set(FACTORIES) != set(MODELS):  # a catalogue entry without a builder, or the reverse
+    raise RuntimeError(f"model builders {sorted(FACTORIES)} != catalogue {sorted(MODELS)}")
 
 
 def build_model(spec: ModelSpec, in_channels: int = 1, num_classes: int = 1) -> nn.Module:
@@ -190,13 +186,13 @@ def build_model(spec: ModelSpec, in_channels: int = 1, num_classes: int = 1) -> 
     if is_import_path(spec.name):
         factory = load_object(spec.name, "model")
         model = factory(**kwargs)
-    elif spec.name in REGISTRY:
+    elif spec.name in FACTORIES:
         try:
-            model = REGISTRY[spec.name].factory(in_channels, num_classes, **kwargs)
+            model = FACTORIES[spec.name](in_channels, num_classes, **kwargs)
         except TypeError as exc:
             raise ConfigError(f"model {spec.name!r}: bad kwargs {kwargs}: {exc}") from exc
     else:
-        known = ", ".join(sorted(REGISTRY))
+        known = ", ".join(sorted(MODELS))
         raise ConfigError(
             f"unknown model {spec.name!r}: use one of {known}, or 'package.module:factory'"
         )

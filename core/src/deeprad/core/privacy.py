@@ -61,6 +61,16 @@ class DPSteps(BaseModel):
             self.steps)
 
 
+def round_steps(records: int, *, batch_size: int, local_epochs: int,
+                noise_multiplier: float) -> DPSteps:
+    """The DP-SGD steps one round of local training costs a site with `records` training
+    records: Opacus takes len(loader) = ceil(records / batch_size) batches per epoch, each at
+    sample rate 1/len(loader), for `local_epochs` epochs."""
+    batches = max(1, math.ceil(records / batch_size))
+    return DPSteps(noise_multiplier=noise_multiplier, sample_rate=1.0 / batches,
+                   steps=local_epochs * batches)
+
+
 def make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
     """A fresh dp-accounting accountant: RDP (default orders) or PLD (default discretization)."""
     from dp_accounting.pld import pld_privacy_accountant

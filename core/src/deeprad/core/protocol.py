@@ -11,7 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deeprad.core.errors import CheckpointError
 from deeprad.core.privacy import AccountantName, DPConfig, DPSteps
+from deeprad.core.signing import STATEMENT_FIELDS, Statement
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -137,7 +139,22 @@ class SecAggUpload(Message):
     max_sites: int
 
 
-class UpdateManifest(Message):
+class SignedManifest(Message):
+    """A manifest that carries the fields of its signed `Statement` flat, beside the signature.
+
+    Which fields a signature covers, and what makes them valid, is declared once, on
+    `Statement`; a manifest derives its statement with `statement()`, never by copying fields
+    by hand. The manifests keep their own field order and types (a checkpoint's signer is not
+    stored; old checkpoints may lack a namespace and nonce), so the JSON in the store is what
+    it always was."""
+
+    def statement_fields(self) -> dict[str, Any]:
+        """This manifest's values of the fields its signature covers (untrusted until
+        validated: `deeprad.core.signing.parse_statement`)."""
+        return self.model_dump(include=set(STATEMENT_FIELDS))
+
+
+class UpdateManifest(SignedManifest):
     """Describes one site's update payload; the aggregator checks every field."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -154,6 +171,11 @@ class UpdateManifest(Message):
     producer: str
     secagg: SecAggUpload | None = None  # set when the payload is a packed masked vector
     created_at: str = Field(default_factory=utc_now)
+
+    def statement(self) -> Statement:
+        """What the site signs for this update (its `site` is the signer); ValueError when the
+        fields cannot form a statement."""
+        return Statement.model_validate(self.statement_fields())
 
 
 class SiteResult(Message):
@@ -190,10 +212,10 @@ class SecAggOutcome(Message):
     quantization_bound: float  # worst-case absolute error per value of the decoded mean
 
 
-class CheckpointManifest(Message):
-    """Lineage and digests of a global model checkpoint, signed by the hub over (namespace,
-    study, round, hub, nonce, parent digest, payload digest). The strategy state's digest is
-    also inside the signed payload's safetensors metadata."""
+class CheckpointManifest(SignedManifest):
+    """Lineage and digests of a global model checkpoint, signed by the hub over its
+    `statement()`. The strategy state's digest is also inside the signed payload's safetensors
+    metadata."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     kind: Literal["checkpoint"] = "checkpoint"
@@ -213,6 +235,19 @@ class CheckpointManifest(Message):
     epsilon_spent: float | None = None
     secagg: SecAggOutcome | None = None
     created_at: str = Field(default_factory=utc_now)
+
+    def statement(self, signer: str) -> Statement:
+        """What the hub, whose identity is named `signer`, signs for this checkpoint;
+        CheckpointError when the manifest cannot carry a signature."""
+        where = f"checkpoint {self.study} round {self.round}"
+        if self.namespace is None or self.nonce is None:
+            raise CheckpointError(f"{where}: manifest has no namespace or nonce, so it cannot "
+                                  "carry the hub's signature")
+        try:
+            return Statement.model_validate({**self.statement_fields(), "site": signer})
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: manifest fields cannot form a signed statement: "
+                                  f"{exc}") from None
 
 
 class AggregationTask(Message):

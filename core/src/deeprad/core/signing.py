@@ -75,6 +75,11 @@ class Statement(BaseModel):
         return _STATEMENT_DOMAIN + canonical_json(self.model_dump(mode="json"))
 
 
+# The fields a statement takes from the manifest it covers (`version` is the statement
+# format's own); `deeprad.core.protocol.SignedManifest` reads them from here.
+STATEMENT_FIELDS: frozenset[str] = frozenset(Statement.model_fields) - {"version"}
+
+
 def sign_statement(identity: Identity, statement: Statement) -> str:
     """Base64 Ed25519 signature of `statement` by `identity`, who must be its signer."""
     if statement.site != identity.name:

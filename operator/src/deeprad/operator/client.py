@@ -60,6 +60,14 @@ class Kube:
     def __init__(self, cfg: kubernetes.client.Configuration) -> None:
         self._dyn = DynamicClient(kubernetes.client.ApiClient(cfg))
 
+    @classmethod
+    def of(cls, api: kubernetes.client.ApiClient) -> Kube:
+        """A Kube on an existing API client (its configuration and connections). Like the
+        constructor, it reads the server's discovery documents, so the server must answer."""
+        kube = cls.__new__(cls)
+        kube._dyn = DynamicClient(api)
+        return kube
+
     def _resource(self, manifest: Manifest) -> Any:
         return self._dyn.resources.get(api_version=manifest["apiVersion"],
                                        kind=manifest["kind"])
@@ -100,6 +108,52 @@ class Kube:
         res = self._dyn.resources.get(api_version=api_version, kind=kind).subresources["status"]
         self._dyn.patch(res, body={"status": status}, name=name, namespace=namespace,
                         content_type="application/merge-patch+json")
+
+    def list_objects(self, api_version: str, kind: str, namespace: str | None = None,
+                     label_selector: str | None = None) -> list[dict[str, Any]]:
+        """The objects of a kind (in `namespace`, matching `label_selector`, when given)."""
+        res = self._dyn.resources.get(api_version=api_version, kind=kind)
+        out = self._dyn.get(res, namespace=namespace, label_selector=label_selector)
+        return [dict(item) for item in out.to_dict().get("items") or ()]
+
+    def create(self, manifest: Manifest) -> bool:
+        """Create the object; False when its name is taken (the existing one is left alone)."""
+        meta = manifest["metadata"]
+        try:
+            self._dyn.create(self._resource(manifest), body=manifest,
+                             namespace=meta.get("namespace"), field_manager=FIELD_MANAGER)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            return False
+        return True
+
+    def replace(self, manifest: Manifest) -> dict[str, Any]:
+        """Write the object back whole; the server refuses it (409) when its resourceVersion
+        is no longer current. For Roles that grant `update` but not `patch`."""
+        meta = manifest["metadata"]
+        out = self._dyn.replace(self._resource(manifest), body=manifest, name=meta["name"],
+                                namespace=meta.get("namespace"), field_manager=FIELD_MANAGER)
+        return dict(out.to_dict())
+
+    def job_log(self, namespace: str, job: str, phase: str | None = None,
+                tail_lines: int = 40) -> str:
+        """The log tail of a Job's newest pod (in `phase`, when one is); a note when
+        unreadable. What `job_pod_log` reads, through this client."""
+        try:
+            pods = self.list_objects("v1", "Pod", namespace,
+                                     label_selector=f"batch.kubernetes.io/job-name={job}")
+            if not pods:
+                return "(no pod)"
+            chosen = [p for p in pods if (p.get("status") or {}).get("phase") == phase] or pods
+            newest = max(chosen, key=lambda p: str(p["metadata"].get("creationTimestamp") or ""))
+            # serialize=False: a log that happens to be one JSON document stays text.
+            out = self._dyn.request(
+                "GET", f"/api/v1/namespaces/{namespace}/pods/{newest['metadata']['name']}/log",
+                query_params=[("tailLines", tail_lines)], serialize=False)
+            return bytes(out.data).decode("utf-8", errors="replace")
+        except ApiException as exc:
+            return f"(log unavailable: {exc.status} {exc.reason})"
 
     def create_or_get(self, manifest: Manifest) -> tuple[dict[str, Any], bool]:
         """Create the object; if the name is taken, the existing one. True when created."""

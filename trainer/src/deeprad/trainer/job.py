@@ -42,7 +42,7 @@ from deeprad.core.secagg.quantize import (
     pack,
 )
 from deeprad.core.secagg.relay import StoreRelay, round_config
-from deeprad.core.signing import Statement, new_nonce, sign_statement
+from deeprad.core.signing import new_nonce, sign_statement
 from deeprad.core.store import ObjectStore
 from deeprad.trainer.local_training import SiteTraining, train_site
 
@@ -101,17 +101,14 @@ def _upload(store: ObjectStore, layout: StudyLayout, task: TrainingTask, identit
     hub = KeyRegistry.from_json(task.registry_json).require_hub()
     context = EnvelopeContext(task.namespace, task.study, task.round, task.site)
     envelope = seal(hub, context, payload)
-    statement = Statement(kind="update", namespace=task.namespace, study=task.study,
-                          round=task.round, site=task.site, nonce=new_nonce(),
-                          parent_sha256=parent.payload_sha256,
-                          payload_sha256=sha256_bytes(envelope))
-    manifest = UpdateManifest(
+    unsigned = UpdateManifest(
         namespace=task.namespace, study=task.study, round=task.round, site=task.site,
-        nonce=statement.nonce, parent_sha256=parent.payload_sha256,
-        payload_sha256=statement.payload_sha256,
-        signature=sign_statement(identity, statement), num_samples=out.num_samples,
+        nonce=new_nonce(), parent_sha256=parent.payload_sha256,
+        payload_sha256=sha256_bytes(envelope), num_samples=out.num_samples,
         producer=f"deeprad-trainer/{__version__}", secagg=secagg,
     )
+    signature = sign_statement(identity, unsigned.statement())
+    manifest = unsigned.model_copy(update={"signature": signature})
     write_update(store, layout, manifest, envelope)
     return manifest
 

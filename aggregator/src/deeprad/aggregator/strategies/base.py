@@ -3,36 +3,76 @@
 The aggregator calls `begin` with the global model of the previous round (and the strategy's
 saved state), `add` once per accepted update, then `finish`. Updates are deltas: trained weights
 minus the global weights they started from. Tensors may be read lazily, one at a time.
+
+What a strategy is called, takes and can do lives in its entry of the core's catalogue
+(deeprad.core.strategies); each concrete class names its entry and is checked against it when
+the class is defined: the same keyword-only parameters with the same defaults, and the same
+memory behaviour.
 """
 
 from __future__ import annotations
 
 import abc
+import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 
 from deeprad.core.errors import ConfigError
+from deeprad.core.strategies import CATALOGUE, StrategyInfo
 
 Tensors = Mapping[str, torch.Tensor]
+
+# Concrete strategy classes by catalogue name, filled as their modules are imported.
+_REGISTERED: dict[str, type[Strategy]] = {}
+
+
+def registered() -> dict[str, type[Strategy]]:
+    """Every concrete strategy class defined so far, by catalogue name."""
+    return dict(_REGISTERED)
 
 
 class Strategy(abc.ABC):
     """Combine site updates into the next global model."""
 
+    # Set by a concrete class: the name of its catalogue entry.
     name: ClassVar[str]
-    summary: ClassVar[str]
-    # True: memory independent of the number of sites (updates folded in one at a time).
+    # Its catalogue entry (summary, parameters, capabilities), filled in from `name`.
+    info: ClassVar[StrategyInfo]
+    # How the class combines updates: True folds each into running sums as it comes, so the
+    # update is not needed after `add`; False keeps them all until `finish`.
     streaming: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in vars(cls):
+            return  # a shared base, not a strategy of its own
+        info = CATALOGUE.get(cls.name)
+        if info is None:
+            raise TypeError(f"{cls.__name__}: strategy {cls.name!r} has no entry in "
+                            "deeprad.core.strategies.CATALOGUE; add one")
+        taken = [(p.name, p.default, p.kind) for p in inspect.signature(cls).parameters.values()]
+        listed = [(p.name, p.default, inspect.Parameter.KEYWORD_ONLY) for p in info.params]
+        if taken != listed:
+            raise TypeError(f"{cls.__name__}: parameters {taken} differ from the catalogue "
+                            f"entry's {listed} (keyword-only, same names, order and defaults)")
+        if cls.streaming != info.streaming:
+            raise TypeError(f"{cls.__name__}: streaming is {cls.streaming}, the catalogue "
+                            f"entry says {info.streaming}")
+        if cls.name in _REGISTERED:
+            raise TypeError(f"{cls.__name__}: strategy {cls.name!r} is already "
+                            f"{_REGISTERED[cls.name].__name__}")
+        cls.info = info
+        _REGISTERED[cls.name] = cls
 
     def __init__(self) -> None:
         self._global: Tensors = {}
         self._state: dict[str, torch.Tensor] = {}
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> dict[str, float]:
         """Hyper-parameters, as recorded in the checkpoint manifest."""
-        return {}
+        return {p.name: getattr(self, p.name) for p in self.info.params}
 
     def begin(self, global_weights: Tensors, state: Tensors | None = None) -> None:
         """Start a round from `global_weights`; `state` is what the last `finish` returned."""
@@ -109,7 +149,6 @@ class BufferedStrategy(Strategy):
     """
 
     streaming = False
-    min_updates: ClassVar[int] = 1
 
     def __init__(self) -> None:
         super().__init__()

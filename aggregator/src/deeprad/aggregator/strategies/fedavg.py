@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from deeprad.aggregator.strategies.base import MeanStrategy
@@ -13,14 +11,10 @@ class FedAvg(MeanStrategy):
     """x ← x + η · Σ nᵢ Δᵢ / Σ nᵢ  (η = server_lr, 1 by default). Streams: one model of memory."""
 
     name = "fedavg"
-    summary = "sample-weighted mean of updates (streaming)"
 
-    def __init__(self, server_lr: float = 1.0) -> None:
+    def __init__(self, *, server_lr: float = 1.0) -> None:
         super().__init__()
         self.server_lr = float(server_lr)
-
-    def params(self) -> dict[str, Any]:
-        return {"server_lr": self.server_lr}
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         mean = self._mean.mean()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from deeprad.aggregator.strategies.base import MeanStrategy
@@ -13,14 +11,10 @@ class FedAvgM(MeanStrategy):
     """Δ = weighted mean of updates; m ← β·m + Δ; x ← x + η·m. State: m."""
 
     name = "fedavgm"
-    summary = "FedAvg with server momentum (streaming; state: momentum)"
 
-    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
+    def __init__(self, *, server_lr: float = 1.0, momentum: float = 0.9) -> None:
         super().__init__()
         self.server_lr, self.momentum = float(server_lr), float(momentum)
-
-    def params(self) -> dict[str, Any]:
-        return {"server_lr": self.server_lr, "momentum": self.momentum}
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         new, state = {}, {}

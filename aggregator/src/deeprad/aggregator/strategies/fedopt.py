@@ -10,7 +10,6 @@ m and v start at zero and travel between rounds in the checkpoint's strategy sta
 from __future__ import annotations
 
 import abc
-from typing import Any
 
 import torch
 
@@ -20,15 +19,10 @@ from deeprad.aggregator.strategies.base import MeanStrategy
 class FedOpt(MeanStrategy, abc.ABC):
     """Shared first-moment and step logic; subclasses give the second-moment rule."""
 
-    def __init__(self, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99,
+    def __init__(self, *, server_lr: float = 1e-2, beta1: float = 0.9,
                  tau: float = 1e-3) -> None:
         super().__init__()
-        self.server_lr, self.beta1 = float(server_lr), float(beta1)
-        self.beta2, self.tau = float(beta2), float(tau)
-
-    def params(self) -> dict[str, Any]:
-        return {"server_lr": self.server_lr, "beta1": self.beta1, "beta2": self.beta2,
-                "tau": self.tau}
+        self.server_lr, self.beta1, self.tau = float(server_lr), float(beta1), float(tau)
 
     @abc.abstractmethod
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
@@ -48,30 +42,36 @@ class FedOpt(MeanStrategy, abc.ABC):
 
 
 class FedAdagrad(FedOpt):
-    """v ← v + Δ²."""
+    """v ← v + Δ² (no decay, so no β₂)."""
 
     name = "fedadagrad"
-    summary = "adaptive server optimizer, Adagrad rule (streaming; state: m, v)"
 
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
         return v.add_(d2)
 
 
-class FedAdam(FedOpt):
+class DecayingFedOpt(FedOpt, abc.ABC):
+    """The rules that forget old squares at rate β₂ (Adam, Yogi)."""
+
+    def __init__(self, *, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99,
+                 tau: float = 1e-3) -> None:
+        super().__init__(server_lr=server_lr, beta1=beta1, tau=tau)
+        self.beta2 = float(beta2)
+
+
+class FedAdam(DecayingFedOpt):
     """v ← β₂·v + (1 − β₂)·Δ²."""
 
     name = "fedadam"
-    summary = "adaptive server optimizer, Adam rule (streaming; state: m, v)"
 
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
         return v.mul_(self.beta2).add_(d2, alpha=1 - self.beta2)
 
 
-class FedYogi(FedOpt):
+class FedYogi(DecayingFedOpt):
     """v ← v − (1 − β₂)·Δ²·sign(v − Δ²)."""
 
     name = "fedyogi"
-    summary = "adaptive server optimizer, Yogi rule (streaming; state: m, v)"
 
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
         return v.sub_((1 - self.beta2) * d2 * torch.sign(v - d2))

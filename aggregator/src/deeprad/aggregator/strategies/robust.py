@@ -3,24 +3,23 @@ mean and (Multi-)Krum resist a minority of poisoned updates. Each weighs sites e
 
 Memory: they need every update at once (see BufferedStrategy): N x the largest tensor resident,
 with the updates themselves read from disk tensor by tensor. Krum also reads them twice.
+Their parameters' valid ranges are checked by the catalogue (deeprad.core.strategies) when
+make_strategy builds them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from deeprad.aggregator.strategies.base import BufferedStrategy
-from deeprad.core.errors import ConfigError
 
 
 class FedMedian(BufferedStrategy):
     """Coordinate-wise median of the updates (the mean of the two middle values for even N)."""
 
     name = "fedmedian"
-    summary = "coordinate-wise median (robust; holds all updates)"
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         self._require(1)
@@ -36,16 +35,10 @@ class TrimmedMean(BufferedStrategy):
     """Coordinate-wise mean after dropping the ⌊β·N⌋ largest and smallest values."""
 
     name = "trimmedmean"
-    summary = "coordinate-wise trimmed mean (robust; holds all updates)"
 
-    def __init__(self, beta: float = 0.1) -> None:
+    def __init__(self, *, beta: float = 0.1) -> None:
         super().__init__()
-        if not 0 <= beta < 0.5:
-            raise ConfigError(f"strategy trimmedmean: beta must be in [0, 0.5), got {beta}")
         self.beta = float(beta)
-
-    def params(self) -> dict[str, Any]:
-        return {"beta": self.beta}
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         self._require(1)
@@ -63,17 +56,10 @@ class Krum(BufferedStrategy):
     distance to its N − f − 2 nearest others, keep the `select` lowest-scoring, average them."""
 
     name = "krum"
-    summary = "(Multi-)Krum selection of updates (robust; holds all updates, two passes)"
 
-    def __init__(self, byzantine: int = 0, select: int = 1) -> None:
+    def __init__(self, *, byzantine: int = 0, select: int = 1) -> None:
         super().__init__()
-        if byzantine < 0 or select < 1:
-            raise ConfigError(f"strategy krum: byzantine must be >= 0 and select >= 1, "
-                              f"got {byzantine} and {select}")
         self.byzantine, self.select = int(byzantine), int(select)
-
-    def params(self) -> dict[str, Any]:
-        return {"byzantine": self.byzantine, "select": self.select}
 
     def scores(self) -> torch.Tensor:
         """Krum score of every update, in the order they were added."""

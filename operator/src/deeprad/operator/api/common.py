@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
+from deeprad.core.strategies import CATALOGUE, Parameter, number_text, secure_sum_strategies
 from deeprad.operator.api.names import DNS_LABEL_PATTERN, SITE_NAME_MAX
 from deeprad.operator.api.schema import ApiModel, Kube, Rule
 
@@ -208,59 +210,83 @@ class LocalTraining(ApiModel):
         description="auto: bf16/fp16 autocast on GPUs, fp32 on CPUs; or force one.")
 
 
-class StrategyName(StrEnum):
-    FEDAVG = "fedavg"
-    FEDAVGM = "fedavgm"
-    FEDADAM = "fedadam"
-    FEDYOGI = "fedyogi"
-    FEDADAGRAD = "fedadagrad"
-    FEDMEDIAN = "fedmedian"
-    TRIMMEDMEAN = "trimmedmean"
-    KRUM = "krum"
+# ---- the aggregation strategy: everything below derives from the core's catalogue -------------
+
+# Members are the catalogue's names, so the CRD enum cannot drift from what the aggregator runs.
+StrategyName = StrEnum(  # type: ignore[misc]
+    "StrategyName", {name.upper(): name for name in CATALOGUE})
 
 
-# Hyper-parameters each strategy takes (keyword arguments of its aggregator class).
-_FEDOPT = ("server_lr", "beta1", "beta2", "tau")
-STRATEGY_PARAMS: dict[StrategyName, tuple[str, ...]] = {
-    StrategyName.FEDAVG: ("server_lr",),
-    StrategyName.FEDAVGM: ("server_lr", "momentum"),
-    StrategyName.FEDADAM: _FEDOPT,
-    StrategyName.FEDYOGI: _FEDOPT,
-    StrategyName.FEDADAGRAD: _FEDOPT,
-    StrategyName.FEDMEDIAN: (),
-    StrategyName.TRIMMEDMEAN: ("beta",),
-    StrategyName.KRUM: ("byzantine", "select"),
-}
-# They need every update in the clear, so secure aggregation must be off (see RoundPrivacy).
-ROBUST_STRATEGIES = (StrategyName.FEDMEDIAN, StrategyName.TRIMMEDMEAN, StrategyName.KRUM)
+def _cel_list(items: Iterable[str]) -> str:
+    return "[" + ", ".join(f"'{item}'" for item in items) + "]"
 
 
-def _cel_map(table: dict[StrategyName, tuple[str, ...]]) -> str:
-    items = ", ".join(f"'{k.value}': [{', '.join(repr(p) for p in v)}]" for k, v in table.items())
-    return "{" + items + "}"
+def _cel_number(value: float) -> str:
+    """A CEL double literal (params are a map of numbers, which CEL sees as doubles)."""
+    return repr(float(value))
+
+
+def _range_rules() -> tuple[Rule, ...]:
+    """One rule per parameter name and range, for the strategies that take it: the value must
+    be in the catalogue's range. A parameter's presence alone is checked by the names rule."""
+    takers: dict[tuple[object, ...], tuple[Parameter, list[str]]] = {}
+    for info in CATALOGUE.values():
+        for param in info.params:  # same name and range (defaults may differ): one rule
+            key = (param.name, param.integer, param.gt, param.ge, param.lt, param.le)
+            takers.setdefault(key, (param, []))[1].append(info.name)
+    rules = []
+    for param, strategies in takers.values():
+        value = f"self.params['{param.name}']"
+        checks = [f"{value} {op} {_cel_number(bound)}" for op, bound in (
+            (">", param.gt), (">=", param.ge), ("<", param.lt), ("<=", param.le))
+            if bound is not None]
+        if param.integer:
+            checks.append(f"{value} == double(int({value}))")
+        text = f"{param.name} must be {param.valid_range}"
+        rules.append(Rule(
+            f"!has(self.params) || !('{param.name}' in self.params) || "
+            f"!(self.name in {_cel_list(strategies)}) || ({' && '.join(checks)})",
+            f"{text} ({', '.join(strategies)}); see `deeprad strategies`",
+            # Not the value itself: string(double) has no size bound, so the API server's cost
+            # estimate for it is too high; the strategy name is an enum, so it is cheap.
+            message_expression=f"'strategy ' + self.name + ': {text}'",
+            field_path=f".params.{param.name}"))
+    return tuple(rules)
+
+
+def _taken_params() -> str:
+    """CEL map: strategy name -> the parameter names it takes."""
+    return "{" + ", ".join(f"'{info.name}': {_cel_list(p.name for p in info.params)}"
+                           for info in CATALOGUE.values()) + "}"
+
+
+def _params_doc() -> str:
+    return "; ".join(
+        f"{info.name}: " + (", ".join(
+            f"{p.name} {p.valid_range} (default {number_text(p.default)})" for p in info.params)
+            or "none") for info in CATALOGUE.values())
 
 
 class StrategySpec(ApiModel):
     """How the aggregator combines the sites' updates (see `deeprad strategies`)."""
 
     kube_schema: ClassVar[Kube] = Kube(rules=(
-        Rule(f"!has(self.params) || self.params.all(p, p in {_cel_map(STRATEGY_PARAMS)}"
-             "[self.name])",
+        Rule(f"!has(self.params) || self.params.all(p, p in {_taken_params()}[self.name])",
              "params holds a name the strategy does not take: " + "; ".join(
-                 f"{k.value}: {', '.join(v) or 'none'}" for k, v in STRATEGY_PARAMS.items()),
+                 f"{info.name}: {', '.join(p.name for p in info.params) or 'none'}"
+                 for info in CATALOGUE.values()),
              field_path=".params"),
+        *_range_rules(),
     ))
 
     name: StrategyName = Field(
-        default=StrategyName.FEDAVG,
-        description="fedavg, fedavgm, fedadam, fedyogi, fedadagrad (streaming), or the robust "
-                    "fedmedian, trimmedmean, krum (they need secure aggregation off).")
+        default=StrategyName("fedavg"),
+        description="The strategy; see `deeprad strategies` for their parameters and "
+                    "capabilities. " + "; ".join(
+                        f"{info.name}: {info.summary}" for info in CATALOGUE.values()) + ".")
     params: Annotated[dict[str, float], Field(max_length=8)] | None = Field(
         default=None,
-        description="Hyper-parameters of the strategy, e.g. server_lr (fedavg, fedavgm, "
-                    "fedadam, fedyogi, fedadagrad), momentum (fedavgm), beta1, beta2, tau "
-                    "(fedadam, fedyogi, fedadagrad), beta (trimmedmean), byzantine and select "
-                    "(krum).")
+        description="Hyper-parameters of the strategy, each optional: " + _params_doc() + ".")
 
 
 class DifferentialPrivacy(ApiModel):
@@ -286,22 +312,32 @@ class RoundPrivacy(ApiModel):
     secure_aggregation: bool = Field(
         default=True,
         description="Mask every update so the aggregator learns only the sum; needs minSites "
-                    ">= 2 and a streaming strategy.")
+                    ">= 2 and a strategy that runs on a secure sum ("
+                    f"{', '.join(secure_sum_strategies())}).")
     differential_privacy: DifferentialPrivacy | None = Field(
         default=None, description="DP-SGD settings; empty trains without differential privacy.")
 
 
-def _robust_list() -> str:
-    return "[" + ", ".join(f"'{s.value}'" for s in ROBUST_STRATEGIES) + "]"
+def _secure_sum_message() -> str:
+    """CEL: why the round's strategy cannot run under secure aggregation, and the fix."""
+    fix = ("set privacy.secureAggregation: false, or use a strategy that runs on a secure sum: "
+           + " or ".join(secure_sum_strategies()))
+    robust = [s.name for s in CATALOGUE.values() if s.needs_clear_updates]
+    return (f"'strategy.name ' + self.strategy.name + (self.strategy.name in {_cel_list(robust)}"
+            " ? ' needs every update in the clear, but secure aggregation shows the hub only"
+            " their sum' : ' does not run on the sum that secure aggregation shows the hub')"
+            f" + ': {fix}'")
 
 
 # Cross-field rules of a round's settings (FederatedStudy spec.roundTemplate and
 # FederatedRound spec); privacy and strategy always exist there because they default to {}.
 ROUND_SETTINGS_RULES = (
-    Rule(f"!(self.strategy.name in {_robust_list()}) || !self.privacy.secureAggregation",
-         "strategy.name fedmedian, trimmedmean and krum need every update in the clear: set "
-         "privacy.secureAggregation: false, or use a streaming strategy such as fedavg",
-         field_path=".strategy.name"),
+    Rule(f"!self.privacy.secureAggregation || self.strategy.name in "
+         f"{_cel_list(secure_sum_strategies())}",
+         "with privacy.secureAggregation the hub sees only the sum of the updates: use a "
+         f"strategy that runs on it ({', '.join(secure_sum_strategies())}), or set "
+         "privacy.secureAggregation: false",
+         message_expression=_secure_sum_message(), field_path=".strategy.name"),
     Rule("!self.privacy.secureAggregation || self.minSites >= 2",
          "minSites must be at least 2 with privacy.secureAggregation: the sum of one update "
          "is that update", field_path=".minSites"),

@@ -160,141 +160,269 @@ class RoundDecision:
 
 def decide_round(name: str, generation: int | None, spec: FederatedRoundSpec,
                  status: FederatedRoundStatus, world: RoundWorld) -> RoundDecision:
-    """This pass's status, actions and events for round `name`."""
-    st = status.model_copy(deep=True)
-    out = RoundDecision(st)
-    if st.state and st.state.terminal:
-        return out
-    now = world.now
-    if st.start_time is None:
-        st.start_time = rfc3339(now)
-        st.deadline_time = rfc3339(now + parse_duration(
-            spec.deadline, f"FederatedRound {name}: spec.deadline"))
-    deadline = parse_time(st.deadline_time or st.start_time)
-    past_deadline = now >= deadline
-    secagg = spec.privacy.secure_aggregation
-
-    def fail(reason: str, message: str) -> RoundDecision:
-        st.state = RoundState.FAILED
-        st.completion_time = rfc3339(now)
-        st.conditions = merge(st.conditions, [
-            Desired.false(TRAINING, reason, ""), Desired.false(AGGREGATING, reason, ""),
-            Desired.false(SUCCEEDED, reason, ""), Desired.true(FAILED, reason, message)],
-            generation, now)
-        _finish_timings(st, world.created, now)
-        out.events.append(Event("Warning", reason, message))
-        out.finished = True
-        return out
-
-    # 2. input checkpoint
+    """This pass's status, actions and events for round `name`: the phases in order, each
+    either ending the pass or handing on to the next."""
+    decision = RoundDecision(status.model_copy(deep=True))
+    if decision.status.state and decision.status.state.terminal:
+        return decision
+    current = _start(name, generation, spec, world, decision)
     parent = world.store.input_manifest
     if parent is None:
-        if world.input_problem:
-            return fail("InvalidInputCheckpoint", f"FederatedRound {name}: "
-                                                  f"spec.inputCheckpoint: {world.input_problem}")
-        if world.prepare is not None and world.prepare.state == "Failed":
-            return fail("InputCheckpointFailed", f"FederatedRound {name}: preparing the input "
-                                                 f"checkpoint failed: {world.prepare.message}")
-        if past_deadline:
-            return fail("DeadlineExceeded", f"FederatedRound {name}: the input checkpoint was "
-                                            "not ready by the deadline")
-        if world.prepare is None:
-            out.actions.append(PrepareInput())
-        st.state = RoundState.SCHEDULING
-        st.conditions = merge(st.conditions, [Desired.false(
-            SITES_SCHEDULED, "PreparingInput", "writing the input checkpoint")], generation, now)
-        return out
+        return _await_input(current)
+    if not current.status.sites:
+        refused = _admit_sites(current)
+        if refused is not None:
+            return refused
+    progress = _follow_sites(current, parent.payload_sha256)
+    if world.aggregator is None:
+        return _await_sites(current, progress)
+    if current.secure and not (progress.all_done or current.past_deadline):
+        return _training(current, f"{progress.summary}; the aggregator relays the "
+                                  "secure-aggregation exchange")
+    return _await_aggregate(current, progress, world.aggregator)
 
-    # 3. admission, once
-    if not st.sites:
-        admitted, excluded = _admit(spec, world)
-        st.sites = [SiteRoundStatus(site=s, state=SiteState.PENDING, reason="Admitted")
+
+def hub_not_configured(status: FederatedRoundStatus, missing: Sequence[str],
+                       generation: int | None, now: datetime) -> FederatedRoundStatus:
+    """The status of a round this hub cannot run, naming the flags it was started without."""
+    new = status.model_copy(deep=True)
+    new.conditions = merge(status.conditions, [Desired.false(
+        SITES_SCHEDULED, "HubNotConfigured",
+        f"the hub operator runs without {', '.join(missing)}; it cannot run rounds")],
+        generation, now)
+    return new
+
+
+@dataclass
+class _Pass:
+    """One pass over round `name`: what it looks at and the decision it builds."""
+
+    name: str
+    generation: int | None
+    spec: FederatedRoundSpec
+    world: RoundWorld
+    decision: RoundDecision
+    past_deadline: bool
+    secure: bool  # secure aggregation: the aggregator runs from the start and relays
+
+    @property
+    def status(self) -> FederatedRoundStatus:
+        return self.decision.status
+
+    @property
+    def now(self) -> datetime:
+        return self.world.now
+
+    def act(self, action: Action) -> None:
+        self.decision.actions.append(action)
+
+    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self.decision.events.append(Event(type_, reason, message))
+
+    def set_conditions(self, *desired: Desired) -> None:
+        self.status.conditions = merge(self.status.conditions, desired, self.generation,
+                                       self.now)
+
+    def fail(self, reason: str, message: str) -> RoundDecision:
+        """End the round Failed for `reason`; `message` names the cause and the fix."""
+        status = self.status
+        status.state = RoundState.FAILED
+        status.completion_time = rfc3339(self.now)
+        self.set_conditions(
+            Desired.false(TRAINING, reason, ""), Desired.false(AGGREGATING, reason, ""),
+            Desired.false(SUCCEEDED, reason, ""), Desired.true(FAILED, reason, message))
+        _finish_timings(status, self.world.created, self.now)
+        self.event("Warning", reason, message)
+        self.decision.finished = True
+        return self.decision
+
+
+@dataclass(frozen=True)
+class _Progress:
+    """Where the admitted sites stand once each has followed its task."""
+
+    by_site: dict[str, SiteRoundStatus]  # every site of status.sites, admitted or not
+    roster: tuple[str, ...]  # the admitted sites, sorted
+    missing: tuple[str, ...]  # admitted sites that have no task yet
+    reported: tuple[str, ...]
+    all_done: bool  # every admitted site is in a final state
+
+    @property
+    def summary(self) -> str:
+        return f"{len(self.reported)} of {len(self.roster)} site(s) reported"
+
+
+def _start(name: str, generation: int | None, spec: FederatedRoundSpec, world: RoundWorld,
+           decision: RoundDecision) -> _Pass:
+    """Phase 1: the first pass fixes startTime and deadlineTime (the spec is immutable from
+    then on)."""
+    status = decision.status
+    if status.start_time is None:
+        status.start_time = rfc3339(world.now)
+        status.deadline_time = rfc3339(world.now + parse_duration(
+            spec.deadline, f"FederatedRound {name}: spec.deadline"))
+    deadline = parse_time(status.deadline_time or status.start_time)
+    return _Pass(name, generation, spec, world, decision, past_deadline=world.now >= deadline,
+                 secure=spec.privacy.secure_aggregation)
+
+
+def _await_input(current: _Pass) -> RoundDecision:
+    """Phase 2: round n-1's checkpoint is not in the store yet. Run the prepare Job once; fail
+    when the input cannot be used, the Job failed or the deadline passed."""
+    world, name = current.world, current.name
+    if world.input_problem:
+        return current.fail("InvalidInputCheckpoint",
+                            f"FederatedRound {name}: spec.inputCheckpoint: {world.input_problem}")
+    if world.prepare is not None and world.prepare.state == "Failed":
+        return current.fail("InputCheckpointFailed",
+                            f"FederatedRound {name}: preparing the input checkpoint failed: "
+                            f"{world.prepare.message}")
+    if current.past_deadline:
+        return current.fail("DeadlineExceeded", f"FederatedRound {name}: the input checkpoint "
+                                                 "was not ready by the deadline")
+    if world.prepare is None:
+        current.act(PrepareInput())
+    current.status.state = RoundState.SCHEDULING
+    current.set_conditions(Desired.false(SITES_SCHEDULED, "PreparingInput",
+                                         "writing the input checkpoint"))
+    return current.decision
+
+
+def _admit_sites(current: _Pass) -> RoundDecision | None:
+    """Phase 3, once: admit or exclude each candidate, with the reason. The failed round when
+    too few (or, with secure aggregation, too many) sites were admitted; else None."""
+    admitted, excluded = _admit(current.spec, current.world)
+    status, name, spec = current.status, current.name, current.spec
+    status.sites = [SiteRoundStatus(site=s, state=SiteState.PENDING, reason="Admitted")
                     for s in admitted] + excluded
-        st.admitted_sites = len(admitted)
-        st.timings = RoundTimings(scheduling_seconds=_seconds(world.created, now))
-        if len(admitted) < spec.min_sites:
-            why = "; ".join(f"{e.site}: {e.reason}" for e in excluded) or "no candidate sites"
-            return fail("InsufficientSites",
-                        f"FederatedRound {name}: {len(admitted)} site(s) admitted, spec.minSites "
-                        f"is {spec.min_sites} ({why}); make more sites Ready or lower minSites")
-        if secagg and len(admitted) > MAX_SECAGG_SITES:
-            return fail("TooManySites", f"FederatedRound {name}: secure aggregation supports at "
-                                        f"most {MAX_SECAGG_SITES} sites, {len(admitted)} were "
-                                        "admitted; list fewer sites or turn it off")
-        st.conditions = merge(st.conditions, [Desired.true(
-            SITES_SCHEDULED, "SitesAdmitted",
-            f"{len(admitted)} site(s) admitted, {len(excluded)} excluded")], generation, now)
-        out.events.append(Event("Normal", "SitesScheduled",
-                                f"admitted {', '.join(admitted)}" + (
-                                    f"; excluded {', '.join(e.site for e in excluded)}"
-                                    if excluded else "")))
-    by_site = {s.site: s for s in st.sites}
-    roster = tuple(sorted(s.site for s in st.sites if s.state != SiteState.EXCLUDED))
+    status.admitted_sites = len(admitted)
+    status.timings = RoundTimings(scheduling_seconds=_seconds(current.world.created,
+                                                              current.now))
+    if len(admitted) < spec.min_sites:
+        why = "; ".join(f"{e.site}: {e.reason}" for e in excluded) or "no candidate sites"
+        return current.fail(
+            "InsufficientSites",
+            f"FederatedRound {name}: {len(admitted)} site(s) admitted, spec.minSites is "
+            f"{spec.min_sites} ({why}); make more sites Ready or lower minSites")
+    if current.secure and len(admitted) > MAX_SECAGG_SITES:
+        return current.fail("TooManySites",
+                            f"FederatedRound {name}: secure aggregation supports at most "
+                            f"{MAX_SECAGG_SITES} sites, {len(admitted)} were admitted; list "
+                            "fewer sites or turn it off")
+    current.set_conditions(Desired.true(
+        SITES_SCHEDULED, "SitesAdmitted",
+        f"{len(admitted)} site(s) admitted, {len(excluded)} excluded"))
+    current.event("Normal", "SitesScheduled",
+                  f"admitted {', '.join(admitted)}"
+                  + (f"; excluded {', '.join(e.site for e in excluded)}" if excluded else ""))
+    return None
 
-    # 4. tasks: exactly one per admitted site
-    missing = tuple(s for s in roster if s not in world.tasks)
-    if missing and not past_deadline:
-        out.actions.append(CreateTasks(missing, parent.payload_sha256, roster))
-    stray = tuple((site, t.name) for site, t in sorted(world.tasks.items())
+
+def _follow_sites(current: _Pass, parent_digest: str) -> _Progress:
+    """Phase 4: exactly one task per admitted site (missing ones created before the deadline,
+    strays deleted), each site's entry following its task; with secure aggregation the
+    aggregator is told which sites just failed or dropped out."""
+    status, tasks = current.status, current.world.tasks
+    sites = status.sites or []
+    by_site = {s.site: s for s in sites}
+    roster = tuple(sorted(s.site for s in sites if s.state != SiteState.EXCLUDED))
+    missing = tuple(s for s in roster if s not in tasks)
+    if missing and not current.past_deadline:
+        current.act(CreateTasks(missing, parent_digest, roster))
+    stray = tuple((site, task.name) for site, task in sorted(tasks.items())
                   if site not in roster)
     if stray:
-        out.actions.append(DeleteTasks(stray))
+        current.act(DeleteTasks(stray))
     before = {site: by_site[site].state for site in roster}
     for site in roster:
-        _follow_task(by_site[site], world.tasks.get(site), past_deadline, now, out)
+        _follow_task(current, by_site[site], tasks.get(site))
     gone = tuple(s for s in roster if by_site[s].state in (SiteState.FAILED, SiteState.DROPPED)
                  and before[s] != by_site[s].state)
-    if secagg and gone:
-        out.actions.append(MarkGone(gone))
-    st.sites = [by_site[s.site] for s in st.sites]
+    if current.secure and gone:
+        current.act(MarkGone(gone))
+    status.sites = [by_site[s.site] for s in sites]
     reported = tuple(s for s in roster if by_site[s].state == SiteState.REPORTED)
-    st.reported_sites = len(reported)
-    all_done = all(by_site[s].state in SITE_DONE for s in roster)
+    status.reported_sites = len(reported)
+    return _Progress(by_site, roster, missing, reported,
+                     all_done=all(by_site[s].state in SITE_DONE for s in roster))
 
-    # 5. aggregation
-    agg = world.aggregator
-    if agg is None:
-        if secagg and not missing:
-            out.actions.append(Aggregate(roster, roster))
-        elif not secagg and (all_done or past_deadline):
-            if len(reported) < spec.min_sites:
-                return fail("QuorumNotMet", _quorum_message(name, spec, by_site, roster))
-            out.actions.append(Aggregate(reported, roster))
-            st.aggregation_start_time = rfc3339(now)
-            out.events.append(Event("Normal", "AggregationStarted",
-                                    f"aggregating {len(reported)} update(s)"))
-        st.state = RoundState.TRAINING
-        st.conditions = merge(st.conditions, [
-            Desired.true(TRAINING, "SitesTraining",
-                         f"{len(reported)} of {len(roster)} site(s) reported"),
-            Desired.false(AGGREGATING, "WaitingForSites", "")], generation, now)
-        return out
-    if secagg and not (all_done or past_deadline):
-        st.state = RoundState.TRAINING
-        st.conditions = merge(st.conditions, [
-            Desired.true(TRAINING, "SitesTraining",
-                         f"{len(reported)} of {len(roster)} site(s) reported; the aggregator "
-                         "relays the secure-aggregation exchange"),
-            Desired.false(AGGREGATING, "WaitingForSites", "")], generation, now)
-        return out
-    if st.aggregation_start_time is None:
-        st.aggregation_start_time = rfc3339(now)
-    if agg.state == "Failed":
-        return fail("AggregationFailed", f"FederatedRound {name}: the aggregator Job failed: "
-                                         f"{agg.message}")
-    report, output = world.store.aggregate, world.store.output_manifest
-    if agg.state == "Running" or report is None or output is None:
-        if agg.state == "Succeeded":
-            return fail("AggregationFailed", f"FederatedRound {name}: the aggregator Job "
-                                             "succeeded but wrote no aggregate.json/global.json")
-        st.state = RoundState.AGGREGATING
-        st.conditions = merge(st.conditions, [
-            Desired.false(TRAINING, "SitesDone",
-                          f"{len(reported)} of {len(roster)} site(s) reported"),
-            Desired.true(AGGREGATING, "AggregatorRunning", "the aggregator Job runs")],
-            generation, now)
-        return out
-    return _succeed(name, generation, spec, st, report, output, by_site, world, out)
+
+def _follow_task(current: _Pass, entry: SiteRoundStatus, task: TaskView | None) -> None:
+    """Update one admitted site's entry from its task; Dropped at the deadline."""
+    if entry.state in (SiteState.REPORTED, SiteState.FAILED, SiteState.DROPPED,
+                       SiteState.REJECTED):
+        return
+    if task is not None:
+        entry.task = task.name
+        if task.state == TaskState.SUCCEEDED and task.result is not None:
+            result = task.result
+            entry.state, entry.reason = SiteState.REPORTED, "UpdateUploaded"
+            entry.samples, entry.update_digest = result.samples, result.update_digest
+            entry.metrics, entry.epsilon = result.local_metrics, result.epsilon
+            entry.report_time = task.completion_time or rfc3339(current.now)
+            entry.message = None
+            return
+        if task.state == TaskState.FAILED:
+            entry.state, entry.reason = SiteState.FAILED, "TaskFailed"
+            entry.message = (task.message or "the site's training Job failed")[:4000]
+            current.event("Warning", "SiteFailed", f"site {entry.site}: {entry.message[:500]}")
+            return
+        if task.state in (TaskState.ACCEPTED, TaskState.RUNNING):
+            entry.state, entry.reason = SiteState.TRAINING, "JobRunning"
+    if current.past_deadline:
+        entry.state, entry.reason = SiteState.DROPPED, "DeadlineExceeded"
+        entry.message = "no report by the round's deadline"
+        current.event("Warning", "SiteDropped",
+                      f"site {entry.site} did not report by the deadline")
+
+
+def _await_sites(current: _Pass, progress: _Progress) -> RoundDecision:
+    """Phase 5, no aggregator yet: start it when every site finished or at the deadline (with
+    secure aggregation as soon as every task exists, since it relays the key exchange); fail
+    when fewer than minSites reported."""
+    reported, roster = progress.reported, progress.roster
+    if current.secure and not progress.missing:
+        current.act(Aggregate(roster, roster))
+    elif not current.secure and (progress.all_done or current.past_deadline):
+        if len(reported) < current.spec.min_sites:
+            return current.fail("QuorumNotMet", _quorum_message(
+                current.name, current.spec, progress.by_site, roster))
+        current.act(Aggregate(reported, roster))
+        current.status.aggregation_start_time = rfc3339(current.now)
+        current.event("Normal", "AggregationStarted", f"aggregating {len(reported)} update(s)")
+    return _training(current, progress.summary)
+
+
+def _training(current: _Pass, message: str) -> RoundDecision:
+    """The round trains: Training is True with `message`, Aggregating waits for the sites."""
+    current.status.state = RoundState.TRAINING
+    current.set_conditions(Desired.true(TRAINING, "SitesTraining", message),
+                           Desired.false(AGGREGATING, "WaitingForSites", ""))
+    return current.decision
+
+
+def _await_aggregate(current: _Pass, progress: _Progress, aggregator: JobView
+                     ) -> RoundDecision:
+    """Phase 5, the aggregator running: wait for its report and checkpoint; fail when the Job
+    failed or succeeded without writing them."""
+    status, name = current.status, current.name
+    if status.aggregation_start_time is None:
+        status.aggregation_start_time = rfc3339(current.now)
+    if aggregator.state == "Failed":
+        return current.fail("AggregationFailed", f"FederatedRound {name}: the aggregator Job "
+                                                  f"failed: {aggregator.message}")
+    report, output = current.world.store.aggregate, current.world.store.output_manifest
+    if aggregator.state == "Succeeded" and report is not None and output is not None:
+        return _succeed(current, progress.by_site, report, output)
+    if aggregator.state == "Succeeded":
+        return current.fail("AggregationFailed", f"FederatedRound {name}: the aggregator Job "
+                                                  "succeeded but wrote no "
+                                                  "aggregate.json/global.json")
+    status.state = RoundState.AGGREGATING
+    current.set_conditions(Desired.false(TRAINING, "SitesDone", progress.summary),
+                           Desired.true(AGGREGATING, "AggregatorRunning",
+                                        "the aggregator Job runs"))
+    return current.decision
 
 
 def _admit(spec: FederatedRoundSpec, world: RoundWorld
@@ -326,37 +454,6 @@ def _admit(spec: FederatedRoundSpec, world: RoundWorld
     return admitted, excluded
 
 
-def _follow_task(entry: SiteRoundStatus, task: TaskView | None, past_deadline: bool,
-                 now: datetime, out: RoundDecision) -> None:
-    """Update one admitted site's entry from its task; Dropped at the deadline."""
-    if entry.state in (SiteState.REPORTED, SiteState.FAILED, SiteState.DROPPED,
-                       SiteState.REJECTED):
-        return
-    if task is not None:
-        entry.task = task.name
-        if task.state == TaskState.SUCCEEDED and task.result is not None:
-            r = task.result
-            entry.state, entry.reason = SiteState.REPORTED, "UpdateUploaded"
-            entry.samples, entry.update_digest = r.samples, r.update_digest
-            entry.metrics, entry.epsilon = r.local_metrics, r.epsilon
-            entry.report_time = task.completion_time or rfc3339(now)
-            entry.message = None
-            return
-        if task.state == TaskState.FAILED:
-            entry.state, entry.reason = SiteState.FAILED, "TaskFailed"
-            entry.message = (task.message or "the site's training Job failed")[:4000]
-            out.events.append(Event("Warning", "SiteFailed",
-                                    f"site {entry.site}: {entry.message[:500]}"))
-            return
-        if task.state in (TaskState.ACCEPTED, TaskState.RUNNING):
-            entry.state, entry.reason = SiteState.TRAINING, "JobRunning"
-    if past_deadline:
-        entry.state, entry.reason = SiteState.DROPPED, "DeadlineExceeded"
-        entry.message = "no report by the round's deadline"
-        out.events.append(Event("Warning", "SiteDropped",
-                                f"site {entry.site} did not report by the deadline"))
-
-
 def _quorum_message(name: str, spec: FederatedRoundSpec, by_site: Mapping[str, SiteRoundStatus],
                     roster: Sequence[str]) -> str:
     parts = [f"{s}: {by_site[s].state.value}" + (f" ({by_site[s].message})"
@@ -367,60 +464,68 @@ def _quorum_message(name: str, spec: FederatedRoundSpec, by_site: Mapping[str, S
             f"{spec.min_sites}; " + "; ".join(parts))[:4000]
 
 
-def _succeed(name: str, generation: int | None, spec: FederatedRoundSpec,
-             st: FederatedRoundStatus, report: AggregateReport, output: CheckpointManifest,
-             by_site: dict[str, SiteRoundStatus], world: RoundWorld,
-             out: RoundDecision) -> RoundDecision:
-    now = world.now
-    contributors = {c.site for c in report.contributors}
-    for rej in report.rejected:
-        entry = by_site.get(rej.site)
+def _succeed(current: _Pass, by_site: dict[str, SiteRoundStatus], report: AggregateReport,
+             output: CheckpointManifest) -> RoundDecision:
+    """Phase 6: the aggregator's report and the new checkpoint's manifest fill the status."""
+    status, now = current.status, current.now
+    contributors = _apply_report(current, by_site, report)
+    status.sites = list(by_site.values())
+    status.reported_sites = len(contributors)
+    status.rejected_sites = len(report.rejected)
+    status.input_metrics = to_metrics(report.federated_metrics)
+    status.epsilon = (report.privacy.epsilon_round if report.privacy
+                      else _max_epsilon(status.sites))
+    status.state = RoundState.SUCCEEDED
+    status.completion_time = rfc3339(now)
+    _finish_timings(status, current.world.created, now)
+    message = (f"{len(contributors)} update(s) aggregated by {report.strategy.name}; "
+               f"checkpoint {output.payload_sha256[:12]}")
+    current.set_conditions(
+        Desired.false(TRAINING, "RoundSucceeded", ""),
+        Desired.false(AGGREGATING, "RoundSucceeded", ""),
+        Desired.true(SUCCEEDED, "RoundSucceeded", message),
+        Desired.false(FAILED, "RoundSucceeded", ""))
+    current.event("Normal", "RoundSucceeded", message)
+    current.decision.finished = True
+    return current.decision
+
+
+def _apply_report(current: _Pass, by_site: dict[str, SiteRoundStatus], report: AggregateReport
+                  ) -> set[str]:
+    """Each site's entry from the aggregator's verdict: rejected updates, secure-aggregation
+    dropouts, contributors. Returns the contributors."""
+    for rejection in report.rejected:
+        entry = by_site.get(rejection.site)
         if entry is not None:
             entry.state, entry.reason = SiteState.REJECTED, "UpdateRejected"
-            entry.message = rej.reason[:4000]
-            out.events.append(Event("Warning", "UpdateRejected",
-                                    f"site {rej.site}: {rej.reason[:500]}"))
+            entry.message = rejection.reason[:4000]
+            current.event("Warning", "UpdateRejected",
+                          f"site {rejection.site}: {rejection.reason[:500]}")
     if report.secagg is not None:
         for site in report.secagg.dropped + report.secagg.not_joined:
             entry = by_site.get(site)
             if entry is not None and entry.state not in (SiteState.FAILED, SiteState.REJECTED):
                 entry.state, entry.reason = SiteState.DROPPED, "SecureAggregationDropout"
                 entry.message = "no masked update in the secure-aggregation exchange"
+    contributors = {c.site for c in report.contributors}
     for site in contributors:
         entry = by_site.get(site)
         if entry is not None and entry.state != SiteState.REPORTED:
             entry.state, entry.reason = SiteState.REPORTED, "UpdateAggregated"
-    st.sites = list(by_site.values())
-    st.reported_sites = len(contributors)
-    st.rejected_sites = len(report.rejected)
-    st.input_metrics = to_metrics(report.federated_metrics)
-    st.epsilon = report.privacy.epsilon_round if report.privacy else _max_epsilon(st.sites)
-    st.state = RoundState.SUCCEEDED
-    st.completion_time = rfc3339(now)
-    _finish_timings(st, world.created, now)
-    message = (f"{len(contributors)} update(s) aggregated by {report.strategy.name}; "
-               f"checkpoint {output.payload_sha256[:12]}")
-    st.conditions = merge(st.conditions, [
-        Desired.false(TRAINING, "RoundSucceeded", ""),
-        Desired.false(AGGREGATING, "RoundSucceeded", ""),
-        Desired.true(SUCCEEDED, "RoundSucceeded", message),
-        Desired.false(FAILED, "RoundSucceeded", "")], generation, now)
-    out.events.append(Event("Normal", "RoundSucceeded", message))
-    out.finished = True
-    return out
+    return contributors
 
 
-def to_metrics(m: ClinicalMetrics | None) -> Metrics | None:
+def to_metrics(measured: ClinicalMetrics | None) -> Metrics | None:
     """The core's metrics as the API's (fractions clamped into [0, 1] against rounding)."""
-    if m is None:
+    if measured is None:
         return None
 
-    def frac(v: float | None) -> float | None:
-        return None if v is None else min(1.0, max(0.0, float(v)))
+    def frac(value: float | None) -> float | None:
+        return None if value is None else min(1.0, max(0.0, float(value)))
 
-    return Metrics(n=m.n, positives=m.positives, loss=m.loss, auroc=frac(m.auroc),
-                   sensitivity=frac(m.sensitivity), specificity=frac(m.specificity),
-                   accuracy=frac(m.accuracy))
+    return Metrics(n=measured.n, positives=measured.positives, loss=measured.loss,
+                   auroc=frac(measured.auroc), sensitivity=frac(measured.sensitivity),
+                   specificity=frac(measured.specificity), accuracy=frac(measured.accuracy))
 
 
 def _max_epsilon(sites: Sequence[SiteRoundStatus] | None) -> float | None:
@@ -432,12 +537,12 @@ def _seconds(start: datetime, end: datetime) -> float:
     return max(0.0, (end - start).total_seconds())
 
 
-def _finish_timings(st: FederatedRoundStatus, created: datetime, now: datetime) -> None:
-    t = st.timings or RoundTimings()
-    if st.aggregation_start_time:
-        agg_start = parse_time(st.aggregation_start_time)
-        t.aggregation_seconds = _seconds(agg_start, now)
-        sched = created + timedelta(seconds=t.scheduling_seconds or 0.0)
-        t.training_seconds = _seconds(sched, agg_start)
-    t.total_seconds = _seconds(created, now)
-    st.timings = t
+def _finish_timings(status: FederatedRoundStatus, created: datetime, now: datetime) -> None:
+    timings = status.timings or RoundTimings()
+    if status.aggregation_start_time:
+        aggregation_start = parse_time(status.aggregation_start_time)
+        timings.aggregation_seconds = _seconds(aggregation_start, now)
+        scheduled = created + timedelta(seconds=timings.scheduling_seconds or 0.0)
+        timings.training_seconds = _seconds(scheduled, aggregation_start)
+    timings.total_seconds = _seconds(created, now)
+    status.timings = timings

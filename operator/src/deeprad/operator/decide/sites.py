@@ -209,15 +209,16 @@ def matches_selector(labels: Mapping[str, str] | None, selector: LabelSelector |
     for key, value in (selector.match_labels or {}).items():
         if labels.get(key) != value:
             return False
-    for req in selector.match_expressions or ():
-        values = set(req.values or ())
-        if req.operator == "In" and labels.get(req.key) not in values:
+    for requirement in selector.match_expressions or ():
+        key, operator = requirement.key, requirement.operator
+        values = set(requirement.values or ())
+        if operator == "In" and labels.get(key) not in values:
             return False
-        if req.operator == "NotIn" and req.key in labels and labels[req.key] in values:
+        if operator == "NotIn" and key in labels and labels[key] in values:
             return False
-        if req.operator == "Exists" and req.key not in labels:
+        if operator == "Exists" and key not in labels:
             return False
-        if req.operator == "DoesNotExist" and req.key in labels:
+        if operator == "DoesNotExist" and key in labels:
             return False
     return True
 
@@ -276,18 +277,19 @@ def admit(site: SiteView, selector: DataSelector, now: datetime) -> Admission:
     if site.spec.suspend:
         return refuse("Suspended", "spec.suspend is true")
     if not is_true(site.conditions, READY):
-        cond = find(site.conditions, READY)
-        why = f"{cond.reason}: {cond.message}" if cond else "no Ready condition yet"
+        readiness = find(site.conditions, READY)
+        why = (f"{readiness.reason}: {readiness.message}" if readiness
+               else "no Ready condition yet")
         return refuse("NotReady", f"not Ready ({why})")
     try:
         hit = active_window(site.spec.maintenance_windows, now)
     except ValueError as exc:
         return refuse("InvalidMaintenanceWindow", str(exc))
     if hit is not None:
-        w = hit.window
+        window = hit.window
         return refuse("InMaintenanceWindow",
-                      f"in maintenance window {','.join(w.days)} {w.start} {w.time_zone} "
-                      f"for {w.duration}, until {rfc3339(hit.end)}")
+                      f"in maintenance window {','.join(window.days)} {window.start} "
+                      f"{window.time_zone} for {window.duration}, until {rfc3339(hit.end)}")
     short = gpu_shortfall(site.spec, site.status)
     if short:
         return refuse("InsufficientGPUs", short)

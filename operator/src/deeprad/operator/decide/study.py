@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, Literal
 
-from deeprad.core.privacy import DPSteps, PrivacyBudget, PrivacyBudgetExceeded, plan_round
+from deeprad.core.privacy import (
+    DPSteps,
+    PrivacyBudget,
+    PrivacyBudgetExceeded,
+    plan_round,
+    round_steps,
+)
 from deeprad.operator.api.common import (
     CheckpointRef,
     DataSelector,
@@ -132,11 +138,9 @@ def train_records(sample_count: int, val_fraction: float) -> int:
 
 
 def dp_steps(records: int, training: LocalTraining, noise_multiplier: float) -> DPSteps:
-    """The DP-SGD steps one round costs a site: Opacus takes len(loader) = ceil(records /
-    batch) steps per epoch at sample rate 1/len(loader)."""
-    batches = max(1, math.ceil(records / training.batch_size))
-    return DPSteps(noise_multiplier=noise_multiplier, sample_rate=1.0 / batches,
-                   steps=training.local_epochs * batches)
+    """The DP-SGD steps one round with `training` costs a site (the rule is the core's)."""
+    return round_steps(records, batch_size=training.batch_size,
+                       local_epochs=training.local_epochs, noise_multiplier=noise_multiplier)
 
 
 @dataclass(frozen=True)

@@ -164,13 +164,13 @@ def trainer_job(ctx: JobContext, site: str, placement: TrainingPlacement, task: 
     """A site's training Job: GPUs, placement, identity Secret and data volume as the site
     configured them, the round's deadline (capped by the site's maxTaskDuration), the data
     read-only at /data. `extra_env` carries the presigned URLs of a pull-mode task."""
-    gpu, res = placement.gpu, placement.resources
+    gpu, resources = placement.gpu, placement.resources
     if placement.max_task_duration:
         cap = parse_duration(placement.max_task_duration,
                              f"site {site}: training.maxTaskDuration")
         deadline_seconds = min(deadline_seconds, max(1, math.floor(cap.total_seconds())))
-    requests = {"cpu": res.cpu, "memory": res.memory}
-    resource_limits = {"memory": res.memory, gpu.resource_name: str(gpu.count)}
+    requests = {"cpu": resources.cpu, "memory": resources.memory}
+    resource_limits = {"memory": resources.memory, gpu.resource_name: str(gpu.count)}
     volumes, mounts = _volumes(placement.identity_secret, placement.data_claim)
     pod: Manifest = {"volumes": volumes}
     if placement.service_account:

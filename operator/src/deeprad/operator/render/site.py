@@ -15,12 +15,12 @@ POD_SECURITY = "restricted"
 
 def namespace(site: str, uid: str) -> Manifest:
     """The site's hub namespace; only its agent's Role reaches into it."""
-    pss = {f"pod-security.kubernetes.io/{mode}": POD_SECURITY
-           for mode in ("enforce", "audit", "warn")}
-    pss["pod-security.kubernetes.io/enforce-version"] = "latest"
+    pod_security = {f"pod-security.kubernetes.io/{mode}": POD_SECURITY
+                    for mode in ("enforce", "audit", "warn")}
+    pod_security["pod-security.kubernetes.io/enforce-version"] = "latest"
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {
         "name": site_namespace(site),
-        "labels": {**labels(COMPONENT, **{LABEL_SITE: site}), **pss},
+        "labels": {**labels(COMPONENT, **{LABEL_SITE: site}), **pod_security},
         "ownerReferences": [owner_reference("HospitalSite", site, uid)]}}
 
 

@@ -1,0 +1,31 @@
+"""The comparisons a local study reports beside the federated model: one model trained on the
+pooled data of every hospital (centralized) and one per hospital on its own data (local-only),
+each from the study's initial model for as many rounds' worth of epochs as the study ran."""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import Executor, as_completed
+
+from tqdm import tqdm
+
+from deeprad.core.protocol import ClinicalMetrics
+from deeprad.simulate.study import NAMESPACE, STUDY, LocalStudy
+from deeprad.simulate.workers import train_baseline
+
+
+def run_baselines(study: LocalStudy, pool: Executor, rounds_run: int
+                  ) -> dict[str, list[ClinicalMetrics]]:
+    """Test-set metrics after each round's worth of epochs, per baseline ("centralized",
+    "local:<site>"); none when no round ran."""
+    sites = study.sites
+    jobs = [("centralized", sites)] + [(f"local:{s.name}", [s]) for s in sites]
+    futures = [pool.submit(train_baseline, name, [s.dataset.model_dump_json() for s in group],
+                           study.cfg.train.model_dump_json(), study.store.url, NAMESPACE, STUDY,
+                           rounds_run) for name, group in jobs] if rounds_run else []
+    curves: dict[str, list[ClinicalMetrics]] = {}
+    for fut in tqdm(as_completed(futures), total=len(futures), desc="baselines", unit="model",
+                    file=sys.stderr):
+        name, curve = fut.result()
+        curves[name] = curve
+    return curves

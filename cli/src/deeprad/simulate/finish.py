@@ -1,0 +1,41 @@
+"""The end of a local study: the last global model copied out (`final.safetensors` and its
+manifest `final.json`), then the report — printed, plotted and written as JSON."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+
+from deeprad.core.checkpoint import read_checkpoint
+from deeprad.core.protocol import ClinicalMetrics
+from deeprad.simulate.report import build_report
+from deeprad.simulate.scoring import metrics_json, score_weights
+from deeprad.simulate.study import LocalStudy
+
+
+def finish(study: LocalStudy, rounds: list[dict[str, Any]],
+           curves: dict[str, list[ClinicalMetrics]], stopped: str | None, started: float
+           ) -> dict[str, Any]:
+    """Write the final model and the report of `rounds` (one line per round run); `stopped`
+    says why the study ended early, `started` is the study's perf_counter start."""
+    cfg, store, layout = study.cfg, study.store, study.layout
+    last = len(rounds)
+    _, manifest = read_checkpoint(store, layout, last, hub=study.hub.public())
+    shutil.copyfile(store.root / layout.global_weights(last), cfg.output / "final.safetensors")
+    (cfg.output / "final.json").write_text(manifest.model_dump_json(indent=2))
+    extra = {"privacy": _privacy_summary(study), "stopped": stopped, "final_round": last,
+             "initial_metrics": metrics_json(score_weights(study.initial_weights, cfg,
+                                                           study.test_set))}
+    return build_report(cfg, study.sites, rounds, curves, time.perf_counter() - started, extra)
+
+
+def _privacy_summary(study: LocalStudy) -> dict[str, Any] | None:
+    cfg, plan = study.cfg, study.plan
+    if plan is None:
+        return None
+    return {"epsilon_budget": cfg.dp_epsilon, "delta": cfg.dp_delta,
+            "accountant": cfg.dp_accountant, "max_grad_norm": cfg.max_grad_norm,
+            "noise_multiplier": {s: c.noise_multiplier for s, c in plan.configs.items()},
+            "sample_rate": {s: r.sample_rate for s, r in plan.per_round.items()},
+            "steps_per_round": {s: r.steps for s, r in plan.per_round.items()}}

@@ -1,0 +1,146 @@
+"""One round of a local study: check the privacy budget, train every hospital in the worker
+pool (the trainer Job's code path), aggregate at the hub (the aggregator Job's code path), then
+score the new global model for the report.
+
+A failed hospital drops out and the round goes on; a round the budget refuses, or an
+aggregation that fails, stops the study (`Stop`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import Executor, Future, as_completed
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from deeprad.aggregator.job import run_aggregation_task
+from deeprad.core.checkpoint import read_checkpoint
+from deeprad.core.data import load_dataset
+from deeprad.core.errors import DeepRadError
+from deeprad.core.privacy import PrivacyBudgetExceeded
+from deeprad.core.protocol import (
+    AggregateReport,
+    AggregationTask,
+    RoundEpsilon,
+    SiteResult,
+    TrainingTask,
+)
+from deeprad.simulate.scoring import metrics_json, score_weights
+from deeprad.simulate.sites import Site
+from deeprad.simulate.study import NAMESPACE, STUDY, LocalStudy
+from deeprad.simulate.workers import train_site_round
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The study stops before or during this round; `reason` goes into the report."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Trained:
+    results: dict[str, SiteResult]
+    failed: dict[str, str]  # site -> the error that dropped it
+
+
+def run_round(study: LocalStudy, round_no: int, pool: Executor, hub_thread: Executor
+              ) -> dict[str, Any] | Stop:
+    """Run round `round_no`; returns its line of the report, or Stop."""
+    started = time.perf_counter()
+    epsilon = _check_budget(study, round_no)
+    if isinstance(epsilon, Stop):
+        return epsilon
+    task = AggregationTask(
+        namespace=NAMESPACE, study=STUDY, round=round_no, strategy=study.cfg.strategy,
+        sites=[s.name for s in study.sites], registry_json=study.keys.registry.to_json(),
+        identity_dir=str(study.keys.hub_dir), privacy=epsilon, secagg=study.secagg)
+    # With secure aggregation the hub relays the exchange while the sites run.
+    hub_future = hub_thread.submit(run_aggregation_task, task, study.store) \
+        if study.secagg else None
+    trained = _train_sites(study, round_no, pool)
+    if study.plan is not None:
+        for name, res in trained.results.items():
+            study.plan.record(name, res.privacy)
+    try:
+        report = hub_future.result() if hub_future else run_aggregation_task(task, study.store)
+    except DeepRadError as exc:
+        stop = Stop(f"round {round_no} failed: {exc}")
+        print(f"study stopped: {stop.reason}", file=sys.stderr)
+        return stop
+    return _round_row(study, round_no, report, trained, started)
+
+
+def _check_budget(study: LocalStudy, round_no: int) -> RoundEpsilon | Stop | None:
+    """The round's planned ε, or Stop when it would pass the budget (None without one)."""
+    if study.plan is None:
+        return None
+    try:
+        return study.plan.round_epsilon(study.plan.check_round())
+    except PrivacyBudgetExceeded as exc:
+        stop = Stop(f"privacy budget: before round {round_no}: {exc}")
+        print(f"study stopped {stop.reason}", file=sys.stderr)
+        return stop
+
+
+def _site_task(study: LocalStudy, site: Site, index: int, round_no: int) -> TrainingTask:
+    cfg = study.cfg
+    seed = cfg.train.seed + 100_003 * round_no + 1009 * index
+    return TrainingTask(namespace=NAMESPACE, study=STUDY, round=round_no, site=site.name,
+                        model=cfg.model, dataset=site.dataset,
+                        train=cfg.train.model_copy(update={"seed": seed}),
+                        registry_json=study.keys.registry.to_json(),
+                        identity_dir=str(study.keys.site_dirs[site.name]),
+                        privacy=study.plan.configs[site.name] if study.plan else None,
+                        secagg=study.secagg)
+
+
+def _train_sites(study: LocalStudy, round_no: int, pool: Executor) -> _Trained:
+    """Every hospital's local training, in parallel in the worker pool."""
+    futures: dict[Future[str], Site] = {
+        pool.submit(train_site_round,
+                    _site_task(study, s, i, round_no).model_dump_json(), study.store.url): s
+        for i, s in enumerate(study.sites)
+    }
+    results: dict[str, SiteResult] = {}
+    failed: dict[str, str] = {}
+    for fut in tqdm(as_completed(futures), total=len(futures), desc=f"round {round_no} sites",
+                    unit="site", leave=False, file=sys.stderr):
+        site = futures[fut]
+        try:
+            results[site.name] = SiteResult.model_validate_json(fut.result())
+        except Exception as exc:  # a failed site drops out; the round goes on
+            failed[site.name] = f"{type(exc).__name__}: {exc}"
+            print(f"round {round_no}: {site.name} failed: {failed[site.name]}", file=sys.stderr)
+    return _Trained(results=results, failed=failed)
+
+
+def _round_row(study: LocalStudy, round_no: int, report: AggregateReport, trained: _Trained,
+               started: float) -> dict[str, Any]:
+    """One line of the report: the new global model's metrics and what each site did."""
+    weights, _ = read_checkpoint(study.store, study.layout, round_no)
+    results = trained.results
+    return {
+        "round": round_no,
+        "global": metrics_json(score_weights(weights, study.cfg, study.test_set)),
+        "federated_evaluation": metrics_json(report.federated_metrics),
+        "sites": {
+            s.name: {
+                "validation": metrics_json(score_weights(weights, study.cfg,
+                                                         load_dataset(s.dataset)[1])),
+                **({"num_samples": results[s.name].num_samples,
+                    "train_loss": results[s.name].train_loss,
+                    "train_seconds": results[s.name].duration_s}
+                   if s.name in results else {"failed": trained.failed.get(s.name)}),
+            }
+            for s in study.sites
+        },
+        "rejected": [x.model_dump() for x in report.rejected],
+        "epsilon_round": report.privacy.epsilon_round if report.privacy else None,
+        "epsilon_spent": report.privacy.epsilon_spent if report.privacy else None,
+        "secure_aggregation": report.secagg.model_dump() if report.secagg else None,
+        "seconds": time.perf_counter() - started,
+    }

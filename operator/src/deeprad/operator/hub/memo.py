@@ -1,0 +1,51 @@
+"""What every hub handler shares (kopf's `memo`): the options, the API client and, when the
+hub is configured for rounds, what round passes need."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kopf
+import kubernetes
+
+from deeprad.core.errors import ConfigError
+from deeprad.core.identity import PublicIdentity
+from deeprad.core.store import open_store
+from deeprad.operator.client import Kube, connection_info, load_configuration
+from deeprad.operator.hub.round_children import RoundHub
+from deeprad.operator.options import HubOptions
+
+
+@dataclass
+class HubMemo:
+    """The options, the chosen client configuration and its API client."""
+
+    options: HubOptions
+    configuration: kubernetes.client.Configuration
+    kube: Kube
+    rounds: RoundHub | None = None  # None until the hub is configured for rounds
+
+
+def make_memo(options: HubOptions, kubeconfig: str | None, context: str | None) -> HubMemo:
+    """The shared memo: options, the chosen client configuration, its API client, and (when
+    the store and the hub's keys are configured) what round passes need."""
+    configuration = load_configuration(kubeconfig, context)
+    kube = Kube(configuration)
+    rounds = None
+    if not options.missing_for_rounds():
+        assert options.store_url is not None and options.hub_keys_dir is not None
+        identity = PublicIdentity.load(Path(options.hub_keys_dir))
+        if identity.role != "hub":
+            raise ConfigError(f"--hub-keys {options.hub_keys_dir}: role is {identity.role!r}, "
+                              "expected 'hub' (pass the hub's public key folder)")
+        core = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(configuration))
+        rounds = RoundHub(options=options, kube=kube, core=core,
+                          store=open_store(options.store_url), hub=identity)
+    return HubMemo(options=options, configuration=configuration, kube=kube, rounds=rounds)
+
+
+def login(memo: HubMemo, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's credentials: those of the configuration the hub chose."""
+    return connection_info(memo.configuration)

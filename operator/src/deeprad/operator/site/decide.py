@@ -1,0 +1,300 @@
+"""What the site agent should do next: pure functions from (config, observed state, now) to
+typed actions. No I/O; `site.observe` reads the world and `site.agent` applies the actions.
+
+For each SiteTask in its hub namespace, with the trainer Job of the same name (if any):
+
+- a finished task (Succeeded or Failed) is left alone;
+- a task whose spec this agent cannot read fails, saying so;
+- a Job labelled with another task's uid (an earlier task of that name) is deleted first;
+- a task without a Job gets one (name = task name, labelled with the task's uid), unless the
+  round's deadline passed, its Job existed and is gone (never train twice: an update may be
+  uploaded already), or the task asks for something the site refuses;
+- a running Job reports Running; a finished Job reports Succeeded with the trainer's result
+  (the last JSON line of its log) or Failed with the log's tail; a long Job's task gets a
+  heartbeat every `TASK_HEARTBEAT_SECONDS`.
+
+A Job whose task is gone (round deleted) is deleted. Every `heartbeatSeconds` the agent renews
+its Lease on the hub with its version and the GPUs its cluster offers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from pydantic import ValidationError
+
+from deeprad.core import __version__
+from deeprad.core.errors import DeepRadError
+from deeprad.core.protocol import SiteResult
+from deeprad.operator.api.hospitalsite import GpuCapacity
+from deeprad.operator.api.sitetask import SiteTaskSpec, SiteTaskStatus, TaskState
+from deeprad.operator.decide.sites import AGENT_VERSION_ANNOTATION, OBSERVED_GPUS_ANNOTATION
+from deeprad.operator.decide.timeutil import parse_time, rfc3339
+from deeprad.operator.render.jobs import (
+    JobContext,
+    StoreAccess,
+    active_deadline_seconds,
+    trainer_job,
+)
+from deeprad.operator.render.meta import Manifest
+from deeprad.operator.site.config import AgentConfig
+from deeprad.operator.site.training import presigned_env, task_result, training_task
+
+LABEL_TASK_UID = "deeprad.io/task-uid"
+PRESIGNED_STORE = "presigned:"
+TASK_HEARTBEAT_SECONDS = 30.0
+LOG_TAIL_SHOWN = 15  # lines of a trainer's log quoted in a task's message
+MESSAGE_LIMIT = 4000  # characters of a task's message (its end is kept)
+
+
+# ---- the observed world -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """A SiteTask on the hub: its spec (None with `spec_error` when this agent cannot read it)
+    and the status the agent last reported."""
+
+    name: str
+    uid: str
+    status: SiteTaskStatus
+    spec: SiteTaskSpec | None = None
+    spec_error: str | None = None
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A trainer Job on the site's cluster. `outcome` is its true Complete or Failed condition,
+    `failure` that Failed condition's message; `log` is its pod's log tail, read only when the
+    outcome is to be reported (see `needs_log`)."""
+
+    name: str
+    task_uid: str | None
+    active: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    outcome: Literal["Complete", "Failed"] | None = None
+    failure: str = "failed"
+    log: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A node of the site's cluster, as far as the GPU report goes (the configured resource)."""
+
+    ready: bool
+    gpus: int
+    allocatable_gpus: int
+    product: str | None = None
+
+
+# ---- actions ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreateJob:
+    """Create the task's trainer Job; a Job of that name that exists already is adopted."""
+
+    name: str
+    namespace: str
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    """Delete a trainer Job (its pods in the background); `reason` is for the agent's log."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReportTask:
+    """Merge-patch the task's status with `status` (state, message, heartbeat and the rest)."""
+
+    name: str
+    status: SiteTaskStatus
+
+
+@dataclass(frozen=True)
+class RenewLease:
+    """Write the agent's Lease back whole (the site's Role grants `update`, not `patch`)."""
+
+    lease: Manifest
+
+
+Action = CreateJob | DeleteJob | ReportTask
+
+
+# ---- tasks ------------------------------------------------------------------------------------
+
+
+def decide_task(config: AgentConfig, task: TaskView, job: JobView | None, now: datetime
+                ) -> list[Action]:
+    """The actions for one task and its Job, in order; act stops at the first API error."""
+    if task.status.state and task.status.state.terminal:
+        return []
+    if task.spec is None:
+        return [report(task.name, task.status, TaskState.FAILED, "the task's spec is invalid "
+                       f"for agent {__version__}: {task.spec_error}", now, terminal=True)]
+    if job is not None and job.task_uid != task.uid:
+        return [DeleteJob(job.name, "it belongs to an earlier task of that name")]
+    if job is None:
+        return _start(config, task, task.spec, now)
+    return _follow(task, task.spec, job, now)
+
+
+def needs_log(task: TaskView, job: JobView) -> bool:
+    """Whether `decide_task` reports this Job's outcome, and so needs its pod's log."""
+    return (job.outcome is not None and job.task_uid == task.uid and task.spec is not None
+            and not (task.status.state and task.status.state.terminal))
+
+
+def orphan_jobs(tasks: Iterable[TaskView], jobs: Mapping[str, JobView]) -> list[DeleteJob]:
+    """Jobs whose task is gone (the round was deleted)."""
+    uids = {t.uid for t in tasks}
+    return [DeleteJob(name, "its task is gone") for name, job in jobs.items()
+            if job.task_uid not in uids]
+
+
+def agent_failure(task: TaskView, exc: Exception, now: datetime) -> ReportTask:
+    """The report when handling a task raised something other than an API error: retrying
+    cannot help, so the task fails and says why."""
+    return report(task.name, task.status, TaskState.FAILED, f"site agent {__version__} failed "
+                  f"on this task: {type(exc).__name__}: {exc}", now, terminal=True)
+
+
+def report(name: str, status: SiteTaskStatus, state: TaskState, message: str, now: datetime,
+           terminal: bool = False) -> ReportTask:
+    """The task's new status: `status` with state, message, heartbeat, agent version and, for
+    a terminal state, the completion time."""
+    t = rfc3339(now)
+    new = status.model_copy(deep=True, update={
+        "state": state, "message": message[-MESSAGE_LIMIT:], "heartbeat_time": t,
+        "agent_version": __version__})
+    if terminal:
+        new.completion_time = new.completion_time or t
+    return ReportTask(name, new)
+
+
+def _start(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, now: datetime
+           ) -> list[Action]:
+    """Create the trainer Job for a task, or refuse the task with a reason."""
+    name, status = task.name, task.status
+    deadline = parse_time(spec.deadline)
+    if now >= deadline:
+        return [report(name, status, TaskState.FAILED, "the round's deadline passed before "
+                       "the site could start training", now, terminal=True)]
+    if status.state in (TaskState.ACCEPTED, TaskState.RUNNING) and status.job_name:
+        # The Job existed and is gone (deleted by hand or collected): never run it twice,
+        # an update may already be uploaded.
+        return [report(name, status, TaskState.FAILED, f"training Job {status.job_name} "
+                       "disappeared before it finished", now, terminal=True)]
+    try:
+        training = training_task(spec, config)
+    except (DeepRadError, ValidationError) as exc:
+        return [report(name, status, TaskState.FAILED, f"refused by site {config.site}: {exc}",
+                       now, terminal=True)]
+    placement = config.training
+    ctx = JobContext(name=name, namespace=placement.namespace, study=spec.study,
+                     round_name=spec.round_ref.name, image=placement.image,
+                     image_pull_policy=placement.image_pull_policy)
+    manifest = trainer_job(ctx, config.site, placement, training,
+                           active_deadline_seconds(deadline, now),
+                           store=StoreAccess(PRESIGNED_STORE), extra_env=presigned_env(spec))
+    manifest["metadata"]["labels"][LABEL_TASK_UID] = task.uid
+    accepted = status.model_copy(update={"job_name": name,
+                                         "start_time": status.start_time or rfc3339(now)})
+    return [CreateJob(name, placement.namespace, manifest),
+            report(name, accepted, TaskState.ACCEPTED,
+                   f"training Job {placement.namespace}/{name} created", now)]
+
+
+def _follow(task: TaskView, spec: SiteTaskSpec, job: JobView, now: datetime) -> list[Action]:
+    """Report a Job's progress and outcome."""
+    name = task.name
+    status = task.status.model_copy(update={
+        "job_name": name, "attempts": job.active + job.succeeded + job.failed})
+    if job.outcome == "Complete":
+        text = job.log or ""
+        result = last_result(text)
+        if result is None:
+            return [report(name, status, TaskState.FAILED, "the trainer finished but printed "
+                           "no result; log tail:\n" + tail(text), now, terminal=True)]
+        status.result = task_result(result, spec)
+        return [report(name, status, TaskState.SUCCEEDED, f"update uploaded "
+                       f"({result.num_samples} samples, {result.duration_s:.0f}s)", now,
+                       terminal=True)]
+    if job.outcome == "Failed":
+        return [report(name, status, TaskState.FAILED, f"training Job failed ({job.failure}); "
+                       "log tail:\n" + tail(job.log or ""), now, terminal=True)]
+    if job.active and status.state != TaskState.RUNNING:
+        return [report(name, status, TaskState.RUNNING, "training", now)]
+    if _age(status.heartbeat_time, now) > TASK_HEARTBEAT_SECONDS:
+        # The task's heartbeat tells the hub the agent still follows a long Job.
+        return [report(name, status, status.state or TaskState.ACCEPTED,
+                       status.message or "training", now)]
+    return []
+
+
+def last_result(text: str) -> SiteResult | None:
+    """The trainer's result: the last line of its log that parses as a SiteResult."""
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return SiteResult.model_validate_json(line)
+            except ValidationError:
+                continue
+    return None
+
+
+def tail(text: str, lines: int = LOG_TAIL_SHOWN) -> str:
+    """The last `lines` lines of a log."""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _age(stamp: str | None, now: datetime) -> float:
+    """Seconds since an RFC 3339 time (infinite when unset)."""
+    return float("inf") if not stamp else (now - parse_time(stamp)).total_seconds()
+
+
+# ---- heartbeat --------------------------------------------------------------------------------
+
+
+def heartbeat_due(config: AgentConfig, seconds_since_last: float) -> bool:
+    """Whether the Lease is to be renewed now."""
+    return seconds_since_last >= config.heartbeat_seconds
+
+
+def gpu_capacity(resource: str, nodes: Sequence[NodeView]) -> GpuCapacity:
+    """The GPUs (of `resource`) on Ready nodes that have any."""
+    counted = [n for n in nodes if n.ready and n.gpus]
+    products = sorted({n.product for n in counted if n.product})
+    return GpuCapacity(resource_name=resource, capacity=sum(n.gpus for n in counted),
+                       allocatable=sum(n.allocatable_gpus for n in counted), nodes=len(counted),
+                       product=",".join(products)[:256] or None)
+
+
+def renew_lease(config: AgentConfig, lease: Manifest | None, gpus: GpuCapacity | None,
+                now: datetime) -> RenewLease | None:
+    """The Lease renewed by this agent: holder, duration (three heartbeats), renew time, and
+    annotations with its version and GPU report (left out when nodes may not be read). None
+    when there is no Lease yet: the hub creates it when it registers the site."""
+    if lease is None:
+        return None
+    body = copy.deepcopy(lease)
+    notes = {AGENT_VERSION_ANNOTATION: __version__}
+    if gpus is not None:
+        notes[OBSERVED_GPUS_ANNOTATION] = gpus.model_dump_json(exclude_none=True)
+    meta = body.setdefault("metadata", {})
+    meta["annotations"] = {**(meta.get("annotations") or {}), **notes}
+    body["spec"] = {**(body.get("spec") or {}),
+                    "holderIdentity": f"{config.site}-agent",
+                    "leaseDurationSeconds": max(1, round(3 * config.heartbeat_seconds)),
+                    "renewTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+    return RenewLease(body)

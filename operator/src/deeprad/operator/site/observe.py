@@ -1,0 +1,105 @@
+"""What the site agent reads: its SiteTasks and Lease on the hub, its trainer Jobs, their
+pods' logs and the nodes on its own cluster, as the plain typed views `site.decide` takes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from deeprad.operator.api import API_VERSION
+from deeprad.operator.api.sitetask import SiteTaskSpec, SiteTaskStatus
+from deeprad.operator.client import Kube
+from deeprad.operator.render.meta import LABEL_SITE, Manifest
+from deeprad.operator.render.site import AGENT
+from deeprad.operator.site.config import AgentConfig
+from deeprad.operator.site.decide import LABEL_TASK_UID, JobView, NodeView, TaskView
+
+log = logging.getLogger("deeprad.agent")
+
+LABEL_COMPONENT = "app.kubernetes.io/component"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+LOG_TAIL_LINES = 40
+
+
+def tasks(hub: Kube, namespace: str) -> list[TaskView]:
+    """The SiteTasks in the site's hub namespace."""
+    return [task_view(obj) for obj in hub.list_objects(API_VERSION, "SiteTask", namespace)]
+
+
+def jobs(local: Kube, config: AgentConfig) -> dict[str, JobView]:
+    """The agent's trainer Jobs, by name."""
+    selector = f"{LABEL_SITE}={config.site},{LABEL_COMPONENT}=trainer"
+    found = local.list_objects("batch/v1", "Job", config.training.namespace,
+                               label_selector=selector)
+    return {view.name: view for view in map(job_view, found)}
+
+
+def job_log(local: Kube, config: AgentConfig, job: JobView) -> str:
+    """The log tail of the Job's newest pod that ended as the Job did."""
+    phase = "Succeeded" if job.outcome == "Complete" else "Failed"
+    return local.job_log(config.training.namespace, job.name, phase, LOG_TAIL_LINES)
+
+
+def nodes(local: Kube, resource: str) -> list[NodeView] | None:
+    """The cluster's nodes; None when they may not be read (403). An unreachable cluster
+    raises, so no heartbeat claims otherwise."""
+    try:
+        found = local.list_objects("v1", "Node")
+    except ApiException as exc:
+        log.warning("cannot list nodes (%s %s); GPU capacity not reported", exc.status,
+                    exc.reason)
+        return None
+    return [node_view(obj, resource) for obj in found]
+
+
+def lease(hub: Kube, namespace: str) -> Manifest | None:
+    """The agent's Lease in its hub namespace, None while the hub has not created it."""
+    return hub.get("coordination.k8s.io/v1", "Lease", AGENT, namespace)
+
+
+# ---- from API objects to views ----------------------------------------------------------------
+
+
+def task_view(obj: Manifest) -> TaskView:
+    """A SiteTask object as a view; a spec this agent cannot parse is kept as its first error."""
+    meta = obj["metadata"]
+    status = SiteTaskStatus.model_validate(obj.get("status") or {})
+    try:
+        spec = SiteTaskSpec.model_validate(obj.get("spec") or {})
+    except ValidationError as exc:
+        return TaskView(meta["name"], meta["uid"], status,
+                        spec_error=str(exc.errors()[0]["msg"]))
+    return TaskView(meta["name"], meta["uid"], status, spec)
+
+
+def job_view(obj: Manifest) -> JobView:
+    """A Job object as a view: its pod counts and its true Complete or Failed condition."""
+    status = obj.get("status") or {}
+    conditions = {c["type"]: c for c in status.get("conditions") or ()
+                  if c.get("status") == "True"}
+    failed = conditions.get("Failed")
+    return JobView(
+        name=obj["metadata"]["name"], task_uid=_labels(obj).get(LABEL_TASK_UID),
+        active=int(status.get("active") or 0), succeeded=int(status.get("succeeded") or 0),
+        failed=int(status.get("failed") or 0),
+        outcome="Complete" if "Complete" in conditions else "Failed" if failed else None,
+        failure=(failed.get("message") or failed.get("reason") or "failed") if failed
+        else "failed")
+
+
+def node_view(obj: Manifest, resource: str) -> NodeView:
+    """A Node object as a view of `resource` (e.g. nvidia.com/gpu)."""
+    status = obj.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or ())
+    return NodeView(ready=ready, gpus=int((status.get("capacity") or {}).get(resource, 0) or 0),
+                    allocatable_gpus=int((status.get("allocatable") or {}).get(resource, 0)
+                                         or 0),
+                    product=_labels(obj).get(GPU_PRODUCT_LABEL) or None)
+
+
+def _labels(obj: dict[str, Any]) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("labels") or {})
