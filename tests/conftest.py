@@ -18,6 +18,7 @@ from real_components import (  # noqa: F401 (fixtures)
     prometheus,
     s3_server,
 )
+from redteam import table as redteam_table
 
 from deeprad.devenv.processes import stop_all, sweep_orphans
 
@@ -42,3 +43,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     stop_all()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = redteam_table()
+    if lines:
+        terminalreporter.section("red team: every attack refused")
+        for line in lines:
+            terminalreporter.write_line(line)

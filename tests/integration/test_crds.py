@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from redteam import refused
 
 from deeprad.devenv.cluster import Cluster
 
@@ -306,6 +307,32 @@ def test_bad_input_is_refused_naming_the_field(hub: Cluster, ns: str, what: str,
     assert code != 0, f"{what}: accepted"
     for text in expected:
         assert text in out, f"{what}: {text!r} not in {out!r}"
+
+
+MODEL_CODE_ATTACKS = {
+    "subprocess-run": {"name": "subprocess:run", "kwargs": {"args": ["sh", "-c", "env"]}},
+    "os-system": {"name": "os:system", "kwargs": {"command": "env"}},
+    "builtins-exec": {"name": "builtins:exec", "kwargs": {"source": "print(1)"}},
+    "image-module": {"name": "deeprad.cli:main", "kwargs": {"argv": ["keys", "generate"]}},
+}
+
+
+@pytest.mark.parametrize("kind", ["FederatedStudy", "FederatedRound", "SiteTask"])
+@pytest.mark.parametrize("attack", list(MODEL_CODE_ATTACKS))
+def test_redteam_model_code_is_refused_at_admission(hub: Cluster, ns: str, kind: str,
+                                                    attack: str) -> None:
+    """An import path as the model's name is code that would run at the hub and at every
+    hospital: the API server refuses it before any object exists."""
+    obj = {"FederatedStudy": _study, "FederatedRound": _round, "SiteTask": _task}[kind](
+        f"redteam-{attack}")
+    obj["spec"]["model"] = MODEL_CODE_ATTACKS[attack]
+    code, out = _apply(hub, obj, "-n", ns)
+    assert code != 0, f"{kind} with model {obj['spec']['model']['name']} was admitted"
+    assert "spec.model.name" in out and "Unsupported value" in out and "tumor-cnn" in out, out
+    gone = hub.kubectl("get", kind.lower(), obj["metadata"]["name"], "-n", ns, check=False)
+    assert gone.returncode != 0 and "NotFound" in gone.stderr  # nothing was written
+    refused(f"model name {obj['spec']['model']['name']} in a {kind}", "API server admission",
+            next(ln for ln in out.splitlines() if "spec.model.name" in ln))
 
 
 def test_strategy_settings_in_range_are_accepted(hub: Cluster, ns: str) -> None:

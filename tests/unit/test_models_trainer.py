@@ -71,14 +71,14 @@ def test_tumor_jet_trains_only_its_mixing_and_head() -> None:
 
 
 def test_bring_your_own_model_and_errors() -> None:
-    model = build_model(ModelSpec(name=f"{__name__}:tiny_net"))
+    model = build_model(ModelSpec(name=f"{__name__}:tiny_net"), allow_code=True)
     assert isinstance(model[1], nn.Linear)
     with pytest.raises(ConfigError, match=r"unknown model 'unet9000'.*tumor-cnn"):
         build_model(ModelSpec(name="unet9000"))
     with pytest.raises(ConfigError, match=r"cannot import 'no_such_pkg\.mod'"):
-        build_model(ModelSpec(name="no_such_pkg.mod:f"))
+        build_model(ModelSpec(name="no_such_pkg.mod:f"), allow_code=True)
     with pytest.raises(ConfigError, match="has no 'missing'"):
-        build_model(ModelSpec(name=f"{__name__}:missing"))
+        build_model(ModelSpec(name=f"{__name__}:missing"), allow_code=True)
     with pytest.raises(ConfigError, match="bad kwargs"):
         build_model(ModelSpec(name="tumor-cnn", kwargs={"depth": 3}))
 
@@ -106,8 +106,9 @@ def _data(n: int = 32, seed: int = 0) -> ImageSet:
 def test_train_site_returns_delta_and_metrics() -> None:
     spec = ModelSpec(name=f"{__name__}:tiny_net")
     torch.manual_seed(0)
-    glob = model_weights(build_model(spec))
-    out = train_site(spec, glob, _data(), _data(8, 1), TrainConfig(local_epochs=5, lr=0.05))
+    glob = model_weights(build_model(spec, allow_code=True))  # this test's own factory
+    out = train_site(spec, glob, _data(), _data(8, 1), TrainConfig(local_epochs=5, lr=0.05),
+                     allow_model_code=True)
     assert set(out.delta) == set(glob) and out.num_samples == 32
     assert all(torch.isfinite(d).all() for d in out.delta.values())
     assert any(d.abs().sum() > 0 for d in out.delta.values())
@@ -118,11 +119,11 @@ def test_train_site_returns_delta_and_metrics() -> None:
 def test_fedprox_keeps_the_model_closer_to_the_global_one() -> None:
     spec = ModelSpec(name=f"{__name__}:tiny_net")
     torch.manual_seed(0)
-    glob = model_weights(build_model(spec))
+    glob = model_weights(build_model(spec, allow_code=True))  # this test's own factory
     drift = {}
     for mu in (0.0, 10.0):
         cfg = TrainConfig(local_epochs=5, lr=0.05, optimizer="sgd", fedprox_mu=mu)
-        out = train_site(spec, glob, _data(), _data(8, 1), cfg)
+        out = train_site(spec, glob, _data(), _data(8, 1), cfg, allow_model_code=True)
         drift[mu] = sum(float(d.pow(2).sum()) for d in out.delta.values())
     assert drift[10.0] < 0.5 * drift[0.0]
 

@@ -10,7 +10,8 @@ def _models(args: argparse.Namespace) -> int:
 
     for name, summary in MODELS.items():
         print(f"{name:<14} {summary}")
-    print("or bring your own: --model package.module:factory")
+    print("deeprad simulate also runs your own: --model package.module:factory (on your "
+          "machine only: studies name the networks above)")
     return 0
 
 

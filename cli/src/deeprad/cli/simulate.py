@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from deeprad.core.models import build_model
     from deeprad.simulate.runner import run_simulation
 
-    build_model(cfg.model)
+    build_model(cfg.model, allow_code=True)
     run_simulation(cfg)
     return 0
 

@@ -22,6 +22,6 @@ def metrics_json(metrics: ClinicalMetrics | None) -> dict[str, Any] | None:
 def score_weights(weights: dict[str, torch.Tensor], cfg: SimulationConfig, data: ImageSet
                   ) -> ClinicalMetrics | None:
     """The study's model with `weights`, scored on `data` on the CPU."""
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, allow_code=True)
     model.load_state_dict(weights)
     return evaluate(model, data, torch.device("cpu"))

@@ -61,7 +61,7 @@ def set_up(cfg: SimulationConfig) -> LocalStudy:
     keys = make_study_keys(cfg.output / "keys", [s.name for s in sites])
     hub = Identity.load(keys.hub_dir)
     torch.manual_seed(cfg.seed)
-    initial_weights = model_weights(build_model(cfg.model))
+    initial_weights = model_weights(build_model(cfg.model, allow_code=True))
     write_checkpoint(store, layout, {"study": STUDY, "round": 0, "model": cfg.model,
                                      "producer": f"deeprad-simulate/{__version__}",
                                      "parent_sha256": None}, initial_weights, hub=hub)

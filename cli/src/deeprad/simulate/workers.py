@@ -36,7 +36,9 @@ def start_pool(workers: int, threads: int, test_set: ImageSet) -> ProcessPoolExe
 def train_site_round(task_json: str, store_url: str) -> str:
     """One hospital, one round: the trainer Job's code path, through the local store."""
     task = TrainingTask.model_validate_json(task_json)
-    return run_training_task(task, open_store(store_url)).model_dump_json()
+    # The user's own machine and config: a --model package.module:factory may run here.
+    return run_training_task(task, open_store(store_url),
+                             allow_model_code=True).model_dump_json()
 
 
 def train_baseline(name: str, datasets: list[str], cfg_json: str, store_url: str, namespace: str,
@@ -47,7 +49,7 @@ def train_baseline(name: str, datasets: list[str], cfg_json: str, store_url: str
     assert _TEST_SET is not None, "worker not initialised"
     cfg = TrainConfig.model_validate_json(cfg_json)
     weights, manifest = read_checkpoint(open_store(store_url), StudyLayout(namespace, study), 0)
-    model = build_model(manifest.model)
+    model = build_model(manifest.model, allow_code=True)
     model.load_state_dict(weights)
     device = select_device(cfg.device)
     model.to(device)

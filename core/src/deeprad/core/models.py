@@ -180,10 +180,17 @@ if set(FACTORIES) != set(MODELS):  # a catalogue entry without a builder, or the
     raise RuntimeError(f"model builders {sorted(FACTORIES)} != catalogue {sorted(MODELS)}")
 
 
-def build_model(spec: ModelSpec, in_channels: int = 1, num_classes: int = 1) -> nn.Module:
-    """Instantiate a registered network or a `package.module:factory` with the spec's kwargs."""
+def build_model(spec: ModelSpec, in_channels: int = 1, num_classes: int = 1, *,
+                allow_code: bool = False) -> nn.Module:
+    """Instantiate a catalogue network with the spec's kwargs. A `package.module:factory` is
+    code: it runs only with `allow_code` (`deeprad simulate` on the user's own machine), never
+    in a Job, whatever a study, a task or a checkpoint manifest names."""
     kwargs = dict(spec.kwargs)
     if is_import_path(spec.name):
+        if not allow_code:
+            raise ConfigError(
+                f"model {spec.name!r}: an import path is code, and only `deeprad simulate` runs "
+                f"your own code; name a catalogue network ({', '.join(MODELS)})")
         factory = load_object(spec.name, "model")
         model = factory(**kwargs)
     elif spec.name in FACTORIES:

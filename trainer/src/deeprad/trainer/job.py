@@ -49,8 +49,10 @@ from deeprad.trainer.local_training import SiteTraining, train_site
 log = logging.getLogger("deeprad.trainer")
 
 
-def run_training_task(task: TrainingTask, store: ObjectStore) -> SiteResult:
-    """Train one site for one round and write its update, manifest and result to the store."""
+def run_training_task(task: TrainingTask, store: ObjectStore, *,
+                      allow_model_code: bool = False) -> SiteResult:
+    """Train one site for one round and write its update, manifest and result to the store.
+    The Job never allows model code; `deeprad simulate` does, for the user's own factory."""
     identity = load_job_identity(task.identity_dir, "site")
     if identity.name != task.site:
         raise ConfigError(f"task is for site {task.site} but the mounted identity is "
@@ -66,7 +68,8 @@ def run_training_task(task: TrainingTask, store: ObjectStore) -> SiteResult:
             f"the checkpoint's {parent.model.name!r}; the checkpoint decides the architecture"
         )
     train, val = load_dataset(task.dataset)
-    out = train_site(parent.model, weights, train, val, task.train, dp=task.privacy)
+    out = train_site(parent.model, weights, train, val, task.train, dp=task.privacy,
+                     allow_model_code=allow_model_code)
     relay = session = None
     if task.secagg is None:
         payload, upload = update_bytes(out.delta, out.num_samples), None

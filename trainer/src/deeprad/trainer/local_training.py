@@ -379,17 +379,18 @@ class SiteTraining:
 
 
 def train_site(model_spec: ModelSpec, global_weights: dict[str, torch.Tensor], train: ImageSet,
-               val: ImageSet, cfg: TrainConfig, dp: DPConfig | None = None) -> SiteTraining:
+               val: ImageSet, cfg: TrainConfig, dp: DPConfig | None = None, *,
+               allow_model_code: bool = False) -> SiteTraining:
     """Evaluate the received global model on the site's validation split, train locally (with
     DP-SGD when `dp` is given), and return the update (delta) with its metrics. The library
-    function behind every trainer."""
+    function behind every trainer. `allow_model_code`: see `build_model` (simulate only)."""
     start = time.perf_counter()
     limit_threads()
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(cfg.seed)
     device = select_device(cfg.device)
-    model = build_model(model_spec)
+    model = build_model(model_spec, allow_code=allow_model_code)
     model.load_state_dict(global_weights)
     model.to(device)
     global_metrics = evaluate(model, val, device)

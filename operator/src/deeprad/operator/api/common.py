@@ -8,6 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
+from deeprad.core.model_catalogue import MODEL_NAMES, MODELS
 from deeprad.core.strategies import CATALOGUE, Parameter, number_text, secure_sum_strategies
 from deeprad.operator.api.names import DNS_LABEL_PATTERN, SITE_NAME_MAX
 from deeprad.operator.api.schema import ApiModel, Kube, Rule
@@ -131,19 +132,20 @@ class SecretKeyRef(ApiModel):
 # ---- what is trained, on what, how ------------------------------------------------------------
 
 
-MODEL_NAMES = ("tumor-cnn", "tumor-jet", "densenet121", "resnet18")
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-MODEL_NAME_PATTERN = rf"^({'|'.join(MODEL_NAMES)}|{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*)$"
+# Only catalogue networks: a study author never supplies code that runs at the hub or at a
+# hospital, and an import path (`os:system`, `subprocess:run`) would be exactly that.
+ModelName = StrEnum(  # type: ignore[misc]
+    "ModelName", {name.upper().replace("-", "_"): name for name in MODEL_NAMES})
 
 
 class ModelSpec(ApiModel):
-    """The network every site trains: a registered name or your own factory, with keyword
+    """The network every site trains: a catalogue name (see `deeprad models`) with keyword
     arguments."""
 
-    name: Annotated[str, Field(
-        max_length=256, pattern=MODEL_NAME_PATTERN,
-        description=f"A registered network ({', '.join(MODEL_NAMES)}; see `deeprad models`) or "
-                    "`package.module:factory` importable in the trainer image.")]
+    name: ModelName = Field(
+        description="A catalogue network (see `deeprad models`): " + "; ".join(
+            f"{name}: {summary}" for name, summary in MODELS.items()) + ". Never an import "
+            "path: code runs only in a trainer image the hospital pins.")
     kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = Field(
         default=None, description="Keyword arguments for the network's factory.")
 
