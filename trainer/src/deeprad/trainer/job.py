@@ -10,6 +10,7 @@ on: the update leaves the process only as an envelope sealed to the hub's key, b
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -132,7 +133,10 @@ def _secagg_setup(task: TrainingTask, spec: SecAggSpec, identity: Identity,
     if clipped:
         log.warning("site %s: %d of %d weighted update values exceed the secure-aggregation "
                     "clip %g and were clipped", task.site, clipped, weighted.size, spec.clip)
-    x = quantizer.encode(weighted)
+    # Stochastic rounding needs unbiased randomness, not secrecy (the masks come from the
+    # cryptographic PRG): drawn from the task's seed, a seeded study is reproducible.
+    site_key = int.from_bytes(hashlib.sha256(task.site.encode()).digest()[:8], "big")
+    x = quantizer.encode(weighted, np.random.default_rng([task.train.seed, task.round, site_key]))
     config = round_config(task.namespace, task.study, task.round, spec, vector.size)
     session = SiteSession(config, identity, registry)
     relay.post("advertise", session.advertise_keys(), task.site)
