@@ -15,7 +15,7 @@ INSTALL_STAMP := $(VENV)/.deeprad-installed
 .PHONY: help install demo test test-unit test-integration test-e2e lint bench bench-fedavg \
         bench-simulate bench-cluster bench-secagg bench-trainer bench-operator bench-gpu bench-dp \
         bench-footprint crds \
-        dashboards dev-up dev-down clean
+        admission dashboards dev-up dev-down clean
 
 include tools/tools.mk
 
@@ -48,15 +48,19 @@ test-integration: install tools ## integration tests: real control planes, node 
 test-e2e: install tools ## run only the end-to-end studies
 	$(PYTEST) -m e2e tests
 
-lint: install ## ruff, mypy, import contracts, and checks that crds/ and dashboards match their sources
+lint: install ## ruff, mypy, import contracts, and checks that crds/, admission policies and dashboards match their sources
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy
 	$(VENV)/bin/lint-imports
 	$(PYTHON) -m deeprad.operator.api.crdgen --check
+	$(PYTHON) -m deeprad.operator.render.admission --check
 	$(PYTHON) -m deeprad.operator.dashboards.gen --check
 
 crds: install ## regenerate crds/ from the typed source (deeprad.operator.api)
 	$(PYTHON) -m deeprad.operator.api.crdgen --out crds
+
+admission: install ## regenerate the hub chart's ValidatingAdmissionPolicies (deeprad.operator.render.admission)
+	$(PYTHON) -m deeprad.operator.render.admission --out helm/deeprad/files/admission
 
 dashboards: install ## regenerate the hub chart's Grafana dashboards (deeprad.operator.dashboards)
 	$(PYTHON) -m deeprad.operator.dashboards.gen --out helm/deeprad/files/dashboards

@@ -280,7 +280,7 @@ def test_push_mode_lab_cluster(fed: Federation, clusters: dict[str, Cluster]) ->
     fed.sites[lab.name] = lab
     kubeconfig = lab.cluster.kubeconfig.read_text()
     fed.hub.kubectl("apply", "-f", "-", input=json.dumps(
-        _push_secret("lab-kubeconfig", kubeconfig, agent_config(lab, hub_signing))))
+        _push_secret("lab-kubeconfig", kubeconfig, agent_config(lab, hub_signing, fed.s3))))
     ref = {"name": "lab-kubeconfig", "namespace": JOBS_NAMESPACE, "key": "kubeconfig"}
     register_site(fed, lab, keys, {"mode": "push", "kubeconfigSecretRef": ref,
                                    "heartbeatTimeout": "30s"})

@@ -4,7 +4,12 @@ round, and survives kill -9 without duplicating anything."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import errno
 import json
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from deeprad_processes import OperatorProcess, wait
+from redteam import refused
 
 from deeprad.devenv.cluster import Cluster
 
@@ -208,3 +215,67 @@ def test_study_creates_rounds_in_sequence_and_survives_kill_9(
     assert {"RoundCreated", "TargetReached"} <= reasons
     text = operator.metrics()
     assert f'deeprad_study_rounds_completed{{namespace="{ns}",study="{STUDY}"}} 2.0' in text
+
+
+def test_redteam_push_kubeconfig_naming_a_hub_file_is_refused_before_it_is_read(
+        hub: Cluster, operator: OperatorProcess, tmp_path: Path) -> None:
+    """A push Secret whose kubeconfig has the hub read a token from a file of its own
+    (`tokenFile`, e.g. its ServiceAccount token) and send it to a server of the Secret author's
+    choosing. The hub refuses it with a PushConfigInvalid Event naming the field and the fix;
+    the file is never opened (a FIFO: the hub's open() would still be waiting for a writer),
+    the server it names is never contacted, and the site's agent never starts."""
+    site, secret = "evil-files", "evil-files-kubeconfig"
+    token = tmp_path / "token"
+    os.mkfifo(token)
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setblocking(False)
+    kubeconfig = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "lab",
+        "clusters": [{"name": "lab", "cluster": {
+            "server": f"https://127.0.0.1:{server.getsockname()[1]}",
+            "certificate-authority-data": base64.b64encode(b"not a CA").decode()}}],
+        "users": [{"name": "lab", "user": {"tokenFile": str(token)}}],
+        "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": "lab"}}]}
+    example = yaml.safe_load((ROOT / "examples" / "hospitalsite-charite.yaml").read_text())
+    example["metadata"] = {"name": site}  # no labels: no study selects it
+    example["spec"]["connection"]["kubeconfigSecretRef"]["name"] = secret
+    hub.kubectl("create", "namespace", "deeprad-system", check=False)
+    try:
+        hub.kubectl("apply", "-f", "-", input=json.dumps({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": secret, "namespace": "deeprad-system"},
+            "stringData": {"kubeconfig": yaml.safe_dump(kubeconfig)}}))
+        hub.kubectl("apply", "-f", "-", input=json.dumps(example))
+        events = _wait("a PushConfigInvalid event for evil-files", lambda: [
+            e for e in (_get(hub, "events", "-A") or {}).get("items", ())
+            if e["reason"] == "PushConfigInvalid" and e["involvedObject"]["name"] == site],
+            operator=operator)
+        message = events[0]["message"]
+        assert message == (
+            f"HospitalSite {site}: the push kubeconfig's user 'lab' names a file in "
+            f"`tokenFile` ('{token}'), which the hub would read from its own disk and present "
+            "to the server; put the content inline in `token` instead")
+        assert events[0]["type"] == "Warning"
+        # Nobody holds the FIFO open for reading, nor waits to: a writer finds no reader.
+        with pytest.raises(OSError) as probe:
+            os.close(os.open(token, os.O_WRONLY | os.O_NONBLOCK))
+        assert probe.value.errno == errno.ENXIO, "the hub opened the token file"
+        with pytest.raises(BlockingIOError):  # nothing ever connected to the named server
+            server.accept()
+        # The agent never ran: its Lease was never renewed, and the site says where to look.
+        lease = _wait("the site's Lease", lambda: _get(
+            hub, "lease", AGENT, "-n", f"deeprad-site-{site}"), operator=operator)
+        assert not (lease.get("spec") or {}).get("renewTime")
+        reachable = _condition(_wait("evil-files Reachable=False", lambda: (
+            s := _get(hub, "hospitalsite", site)) and _condition(s, "Reachable") and s,
+            operator=operator), "Reachable")
+        assert reachable["status"] == "False" and reachable["reason"] == "NoHeartbeat"
+        assert "see this site's Events" in reachable["message"]
+        refused("push kubeconfig tokenFile naming a hub file (real hub)",
+                "hub operator: push daemon Event", message)
+    finally:
+        with contextlib.suppress(OSError):  # release a reader, were one waiting
+            os.close(os.open(token, os.O_WRONLY | os.O_NONBLOCK))
+        server.close()
+        hub.kubectl("delete", "hospitalsite", site, "--ignore-not-found", "--wait=false")
+        hub.kubectl("delete", "secret", secret, "-n", "deeprad-system", "--ignore-not-found")

@@ -119,7 +119,7 @@ def test_presigned_urls_reach_exactly_the_granted_objects(s3_store: S3Store,
     s3_store.put_bytes(LAYOUT.global_manifest(0), b'{"hello": 1}')
     grants = site_grants(LAYOUT, 1, "st-marys", secure_aggregation=False)
     site = PresignedStore({k: s3_store.presign(k, m, timedelta(minutes=5))
-                           for k, m in grants.items()})
+                           for k, m in grants.items()}, s3_store.endpoint_url)
     assert site.get_bytes(LAYOUT.global_manifest(0)) == b'{"hello": 1}'
     assert site.size(LAYOUT.global_manifest(0)) == 12
     with pytest.raises(ObjectNotFound):
@@ -137,13 +137,14 @@ def test_presigned_urls_reach_exactly_the_granted_objects(s3_store: S3Store,
         site.list(LAYOUT.root)
     # Editing a URL to reach another site's object breaks its signature.
     url = s3_store.presign(LAYOUT.result(1, "st-marys"), "PUT", timedelta(minutes=5))
-    forged = PresignedStore({LAYOUT.result(1, "charite"): url.replace("st-marys", "charite")})
+    forged = PresignedStore({LAYOUT.result(1, "charite"): url.replace("st-marys", "charite")},
+                            s3_store.endpoint_url)
     with pytest.raises(StoreError, match="refused"):
         forged.put_bytes(LAYOUT.result(1, "charite"), b"{}")
     assert not s3_store.exists(LAYOUT.result(1, "charite"))
     # Expired URLs are refused.
     short = PresignedStore({LAYOUT.global_manifest(0): s3_store.presign(
-        LAYOUT.global_manifest(0), "GET", timedelta(seconds=1))})
+        LAYOUT.global_manifest(0), "GET", timedelta(seconds=1))}, s3_store.endpoint_url)
     time.sleep(2.5)
     with pytest.raises(StoreError, match="expired"):
         short.get_bytes(LAYOUT.global_manifest(0))

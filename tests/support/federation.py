@@ -3,7 +3,8 @@ per hospital, each on a hospital cluster, with a real S3 server, real keys and r
 
 Setup follows the README's steps: generate keys, `deeprad site register` each hospital (the
 Secret goes to its own cluster, the HospitalSite to the hub), give the hub its store and key
-Secrets, start the operator, hand each agent a token-based kubeconfig for its hub namespace.
+Secrets and the hub chart's admission policies, start the operator, hand each agent a
+token-based kubeconfig for its hub namespace.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from deeprad.core.identity import Identity
 from deeprad.devenv.cluster import Cluster
 from deeprad.devenv.kubeconfig import kubeconfig_dict, write_kubeconfig
 from deeprad.devenv.s3_server import S3Server
+from deeprad.operator.render.admission import ADMISSION_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 PLURALS = ("hospitalsites", "federatedstudies", "federatedrounds", "sitetasks")
@@ -93,8 +95,11 @@ def _deeprad(*args: str) -> str:
 
 def start_federation(hub: Cluster, sites: list[SitePlan], s3: S3Server, workdir: Path,
                      owner_token: str) -> Federation:
-    """CRDs, keys, Secrets, HospitalSites, the hub operator and every site agent, all Ready."""
+    """CRDs, the hub chart's admission policies, keys, Secrets, HospitalSites, the hub operator
+    and every site agent, all Ready."""
     hub.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    # The chart's files, not a copy: the agents here renew their Leases under the same policy.
+    hub.kubectl("apply", "--server-side", "-f", str(ADMISSION_DIR))
     hub.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                 *(f"crd/{p}.deeprad.io" for p in PLURALS))
     s3.create_bucket(BUCKET)
@@ -148,11 +153,13 @@ def register_site(fed: Federation, site: SitePlan, keys: Path,
     site.cluster.kubectl("apply", "-f", "-", input=json.dumps(secret))
 
 
-def agent_config(site: SitePlan, hub_signing: str) -> dict[str, Any]:
-    """The agent configuration the site chart would render: phantom data of its profile."""
+def agent_config(site: SitePlan, hub_signing: str, s3: S3Server) -> dict[str, Any]:
+    """The agent configuration the site chart would render: phantom data of its profile, and
+    the loopback S3 server as the one store its presigned URLs may lead to."""
     profile = DEFAULT_PROFILES[site.profile % len(DEFAULT_PROFILES)]
     return {
         "site": site.name, "hubSigningKey": hub_signing,
+        "store": {"endpoint": s3.url},
         "training": {
             "namespace": site.namespace, "image": "deeprad:test",
             "identitySecret": "deeprad-site-identity",
@@ -178,7 +185,7 @@ def add_site(fed: Federation, site: SitePlan, keys: Path, hub_signing: str,
     hub_kubeconfig = write_kubeconfig(fed.workdir / site.name / "hub.kubeconfig", kubeconfig_dict(
         f"hub-{site.name}", fed.hub.server, ca, token=token))
     config_path = fed.workdir / site.name / "agent.yaml"
-    config_path.write_text(yaml.safe_dump(agent_config(site, hub_signing)))
+    config_path.write_text(yaml.safe_dump(agent_config(site, hub_signing, fed.s3)))
     agent = OperatorProcess(f"agent-{site.name}", "site", [
         "--config", str(config_path), "--hub-kubeconfig", str(hub_kubeconfig),
         "--kubeconfig", str(site.cluster.kubeconfig)], fed.workdir / site.name,

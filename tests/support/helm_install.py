@@ -302,6 +302,7 @@ def install_site(fed: HelmFederation, site: str, index: int) -> None:
                   "-f", str(_site_values(fed, index)),
                   "--set", f"site={site}",
                   "--set-string", f"hubSigningKey={fed.hub_public['signing.pub']}",
+                  "--set", f"store.endpoint={fed.s3.url}",
                   "--set", f"agent.healthPort={fed.ports.agent_health[site]}",
                   "--set", f"agent.metricsPort={fed.ports.agent_metrics[site]}",
                   # Speed: 2 s heartbeats and 1 s polls instead of 15 s / 5 s.

@@ -18,7 +18,9 @@ from deeprad.devenv.binaries import ToolsMissing, tool
 from deeprad.operator.api.crdgen import render_all as render_crds
 from deeprad.operator.dashboards import ALERTS_FILE
 from deeprad.operator.dashboards.gen import render_all as render_dashboards
+from deeprad.operator.render import admission
 from deeprad.operator.render.jobs import OPERATOR_COMMAND
+from deeprad.operator.render.site import AGENT, site_objects
 from deeprad.operator.site.config import AgentConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +30,7 @@ HUB_EXAMPLE = HUB / "examples" / "values-lab.yaml"
 SITE_EXAMPLE = SITE / "examples" / "values-st-marys.yaml"
 CASES = [(HUB, None), (HUB, HUB_EXAMPLE), (SITE, None), (SITE, SITE_EXAMPLE)]
 IDS = ["hub-defaults", "hub-lab", "site-defaults", "site-st-marys"]
+POLICY_KINDS = ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
 Obj = dict[str, Any]
 
 
@@ -94,6 +97,7 @@ def test_site_agent_config_is_an_agent_config(values: Path | None) -> None:
         assert config.training.max_task_duration == "2h"
         assert config.training.dataset.image_size == 128
         assert config.hub_signing_key
+        assert config.store.endpoint == "https://minio.hub.example.org"
         (pvc,) = by_kind(objs, "PersistentVolumeClaim")
         assert pvc["metadata"]["namespace"] == "deeprad-training"
         assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
@@ -111,6 +115,7 @@ def test_site_agent_config_is_an_agent_config(values: Path | None) -> None:
     (SITE, ["rbac.readNodes=maybe"], "/rbac/readNodes"),
     (SITE, ["heartbeatSeconds=0"], "/heartbeatSeconds"),
     (SITE, ["training.dataset.kind=dicom-server"], "/training/dataset/kind"),
+    (SITE, ["store.endpoint=ftp://minio.hub.example.org"], "/store/endpoint"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_schema_refuses_wrong_values(chart: Path, sets: list[str], message: str) -> None:
     args = ["template", "x", str(chart)]
@@ -315,7 +320,13 @@ def test_hub_rbac_grants_what_the_site_roles_need_and_aggregates() -> None:
     assert not {r for _, r, _ in held} & {"secrets", "jobs"}  # only in the jobs namespace
     (jobs_role,) = by_kind(objs, "Role")
     assert jobs_role["metadata"]["namespace"] == "deeprad"
-    assert ("", "secrets", "get") in _rules(jobs_role)
+    # Secrets: `get` on the push-mode kubeconfigs the values name, and on nothing else.
+    assert not [r for r in _rules(jobs_role) if r[1] == "secrets"]
+    (named,) = by_kind(render(HUB, None, "rbac.pushKubeconfigSecrets={lab-a,lab-b}"), "Role")
+    assert ("", "secrets", "get") in _rules(named)
+    assert [r for r in named["rules"] if "secrets" in r["resources"]] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["lab-a", "lab-b"],
+         "verbs": ["get"]}]
     aggregated = {o["metadata"]["name"].rsplit("-", 1)[-1]: o for o in by_kind(objs, "ClusterRole")
                   if any(k.startswith("rbac.authorization.k8s.io/aggregate-to-")
                          for k in o["metadata"]["labels"])}
@@ -324,6 +335,62 @@ def test_hub_rbac_grants_what_the_site_roles_need_and_aggregates() -> None:
     assert ("deeprad.io", "hospitalsites", "create") in _rules(aggregated["admin"])
     assert "rbac.authorization.k8s.io/aggregate-to-edit" not in aggregated["admin"][
         "metadata"]["labels"]
+
+
+def test_chart_ships_the_generated_policy_with_its_labels() -> None:
+    objs = render(HUB)
+    rendered = [o for o in objs if o["kind"] in POLICY_KINDS]
+    source = admission.policies()
+    assert [o["kind"] for o in rendered] == [o["kind"] for o in source]
+    for got, want in zip(rendered, source, strict=True):
+        assert got["spec"] == want["spec"], got["metadata"]["name"]
+        assert got["metadata"]["name"] == want["metadata"]["name"]
+        assert got["metadata"]["labels"]["app.kubernetes.io/instance"] == "st-marys"
+        assert got["metadata"]["labels"]["app.kubernetes.io/part-of"] == "deeprad"
+    binding = rendered[1]["spec"]
+    assert binding["policyName"] == rendered[0]["metadata"]["name"]
+    assert binding["validationActions"] == ["Deny"]
+    assert "matchResources" not in binding  # every namespace: the match is on the user
+    off = render(HUB, None, "admissionPolicies.siteLease=false")
+    assert not [o for o in off if o["kind"] in POLICY_KINDS]
+
+
+def test_hub_rbac_reaches_only_the_site_objects_by_name() -> None:
+    """The operator's cluster-wide writes to ServiceAccounts, Roles, RoleBindings and Leases
+    carry resourceNames: the names render.site gives every object it reserves."""
+    named = {m["kind"]: m["metadata"]["name"] for m in site_objects("st-marys", "uid-1")}
+    assert {named[k] for k in ("ServiceAccount", "Role", "RoleBinding", "Lease")} == {AGENT}
+    operator = next(o for o in by_kind(render(HUB), "ClusterRole")
+                    if o["metadata"]["name"].endswith("-operator"))
+    for rule in operator["rules"]:
+        if set(rule["resources"]) & {"serviceaccounts", "roles", "rolebindings", "leases"}:
+            assert rule["resourceNames"] == [AGENT], rule
+    leases = [r for r in operator["rules"] if "leases" in r["resources"]]
+    assert [sorted(r["verbs"]) for r in leases] == [["create", "get", "patch", "update"]]
+
+
+def _documented_rbac() -> set[tuple[str, str, str, str]]:
+    """(where, apiGroup, resource, verb) from the table in the hub README's RBAC section."""
+    text = (HUB / "README.md").read_text().split("\n## RBAC\n", 1)[1].split("\n## ", 1)[0]
+    out = set()
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 5 or cells[0] not in ("cluster", "release namespace"):
+            continue
+        group, resources, verbs = ([w.strip("`") for w in c.split(", ")] for c in cells[1:4])
+        out |= {(cells[0], "" if g == '""' else g, r, v)
+                for g in group for r in resources for v in verbs}
+    return out
+
+
+def test_every_verb_the_hub_chart_grants_is_justified_in_the_readme() -> None:
+    objs = render(HUB, None, "rbac.pushKubeconfigSecrets={lab-a}")
+    operator = next(o for o in by_kind(objs, "ClusterRole")
+                    if o["metadata"]["name"].endswith("-operator"))
+    (jobs_role,) = by_kind(objs, "Role")
+    granted = {("cluster", *rule) for rule in _rules(operator)} | {
+        ("release namespace", *rule) for rule in _rules(jobs_role)}
+    assert granted == _documented_rbac()
 
 
 @pytest.mark.parametrize(("chart", "values"), CASES, ids=IDS)

@@ -21,6 +21,7 @@ from deeprad.core.checkpoint import write_checkpoint
 from deeprad.core.data.loaders import read_image
 from deeprad.core.data.phantoms import ScannerProfile, generate_phantoms
 from deeprad.core.errors import CheckpointError, ConfigError, DataError, DeepRadError
+from deeprad.core.identity import Identity
 from deeprad.core.layout import StudyLayout
 from deeprad.core.models import build_model, model_weights
 from deeprad.core.protocol import ModelSpec
@@ -58,12 +59,15 @@ def write_images(root: Path, n: int, seed: int, by_class: bool = False) -> list[
 
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
-    """A round-0 checkpoint written the way the simulator writes one: its global.json."""
+    """A round-0 checkpoint written the way the simulator writes one: its global.json, signed
+    by the run's hub, whose key folder lies in the run's keys/hub."""
     store, layout = LocalStore(tmp_path / "store"), StudyLayout("ns", "study")
+    hub = Identity.generate("hub", "hub")
+    hub.save(tmp_path / "keys" / "hub")
     torch.manual_seed(0)
     write_checkpoint(store, layout, {"study": "study", "round": 0, "producer": "test",
                                      "model": SPEC, "parent_sha256": None},
-                     model_weights(build_model(SPEC)))
+                     model_weights(build_model(SPEC)), hub=hub)
     return store.root / layout.global_manifest(0)
 
 

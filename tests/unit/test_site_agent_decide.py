@@ -19,7 +19,7 @@ from deeprad.operator.api.sitetask import SiteTaskSpec, SiteTaskStatus, TaskStat
 from deeprad.operator.decide.sites import AGENT_VERSION_ANNOTATION, OBSERVED_GPUS_ANNOTATION
 from deeprad.operator.decide.timeutil import rfc3339
 from deeprad.operator.render.meta import LABEL_SITE
-from deeprad.operator.site.config import AgentConfig
+from deeprad.operator.site.config import AgentConfig, AllowedStore
 from deeprad.operator.site.decide import (
     LABEL_TASK_UID,
     CreateJob,
@@ -42,7 +42,8 @@ from deeprad.operator.site.observe import job_view, node_view, task_view
 T0 = datetime(2030, 7, 8, 9, 0, tzinfo=UTC)
 DEADLINE = "2030-07-08T10:00:00Z"
 HUB = Identity.generate("hub", "hub").public()
-CONFIG = AgentConfig(site="a")
+STORE = AllowedStore(endpoint="https://s3.example")  # where the tasks' presigned URLs lead
+CONFIG = AgentConfig(site="a", store=STORE)
 NAME, UID = "study-r2-a", "uid-2a"
 
 
@@ -145,7 +146,7 @@ def test_a_task_from_an_unknown_hub_is_refused() -> None:
                                   T0))
     assert st.state == TaskState.FAILED
     assert st.message is not None and "refusing work from an unknown hub" in st.message
-    pinned = AgentConfig(site="a", hub_signing_key=HUB.signing_key)
+    pinned = AgentConfig(site="a", hub_signing_key=HUB.signing_key, store=STORE)
     assert isinstance(decide_task(pinned, _task(), None, T0)[0], CreateJob)
 
 

@@ -57,8 +57,15 @@ app.kubernetes.io/component: site-agent
 {{- end -}}
 {{- end -}}
 
+{{/* repository:tag (tag default: appVersion), or repository[:tag]@digest exactly as given when a
+digest pins it. Each part matches deeprad.operator.api.images (values.schema.json). */}}
 {{- define "deeprad-site.image" -}}
-{{- printf "%s:%s" .image.repository (.image.tag | default .appVersion) -}}
+{{- $i := .image -}}
+{{- if $i.digest -}}
+{{- $i.repository }}{{ with $i.tag }}:{{ . }}{{ end }}@{{ $i.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $i.repository ($i.tag | default .appVersion) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The agent's config.yaml, in the exact shape of AgentConfig (camelCase keys). */}}
@@ -85,6 +92,7 @@ app.kubernetes.io/component: site-agent
       "pollSeconds" .Values.pollSeconds
       "training" $training -}}
 {{- with .Values.hubSigningKey }}{{ $_ := set $config "hubSigningKey" . }}{{ end -}}
+{{- with (.Values.store | default dict).endpoint }}{{ $_ := set $config "store" (dict "endpoint" .) }}{{ end -}}
 {{- toYaml $config -}}
 {{- end -}}
 

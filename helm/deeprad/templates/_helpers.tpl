@@ -37,12 +37,23 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{- end -}}
 
+{{/* repository:tag (tag default: appVersion), or repository[:tag]@digest exactly as given when a
+digest pins it. Each part matches deeprad.operator.api.images (values.schema.json). */}}
+{{- define "deeprad.image" -}}
+{{- $i := .image -}}
+{{- if $i.digest -}}
+{{- $i.repository }}{{ with $i.tag }}:{{ . }}{{ end }}@{{ $i.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $i.repository ($i.tag | default .appVersion) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "deeprad.operatorImage" -}}
-{{- printf "%s:%s" .Values.operator.image.repository (.Values.operator.image.tag | default .Chart.AppVersion) -}}
+{{- include "deeprad.image" (dict "image" .Values.operator.image "appVersion" .Chart.AppVersion) -}}
 {{- end -}}
 
 {{- define "deeprad.aggregatorImage" -}}
-{{- printf "%s:%s" .Values.aggregator.image.repository (.Values.aggregator.image.tag | default .Chart.AppVersion) -}}
+{{- include "deeprad.image" (dict "image" .Values.aggregator.image "appVersion" .Chart.AppVersion) -}}
 {{- end -}}
 
 {{/* s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=BOOL, as deeprad.core.store parses it. */}}

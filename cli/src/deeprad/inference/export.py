@@ -24,6 +24,7 @@ from torch import nn
 from deeprad.core.errors import ConfigError
 from deeprad.inference.checkpoint_file import CheckpointFile, checkpoint_paths
 from deeprad.inference.errors import ExportMismatch, MissingBackend
+from deeprad.inference.hub_key import HubTrust, PinnedHub
 from deeprad.inference.runtimes import (
     META_FILE,
     OnnxRunner,
@@ -51,6 +52,7 @@ class ExportResult:
     max_abs_diff: float  # logits, on a seeded batch of CHECK_BATCH images
     checked_with: str
     metadata: dict[str, str]
+    signed_by: PinnedHub | None = None  # the hub whose signature was checked; None: skipped
 
 
 def export_metadata(ckpt: CheckpointFile, image_size: int, fmt: str) -> dict[str, str]:
@@ -164,16 +166,19 @@ def _check(runner: Runner, model: nn.Module, image_size: int, fmt: str) -> float
 
 
 def export_checkpoint(checkpoint: Path, fmt: str, output: Path | None = None,
-                      image_size: int = 64, opset: int = 17) -> ExportResult:
-    """Verify `checkpoint`'s digest, export it as `fmt`, check the export's outputs against
-    PyTorch, and only then move it to `output` (default: beside the checkpoint)."""
+                      image_size: int = 64, opset: int = 17, trust: HubTrust | None = None
+                      ) -> ExportResult:
+    """Verify `checkpoint`'s digest and hub signature (`trust`, default: the run's hub key
+    beside it), export it as `fmt`, check the export's outputs against PyTorch, and only then
+    move it to `output` (default: beside the checkpoint)."""
     from deeprad.inference.checkpoint_file import load_checkpoint_model
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     if not 8 <= image_size <= 1024:
         raise ConfigError(f"--image-size {image_size}: must be 8..1024, the training image size")
-    model, ckpt = load_checkpoint_model(checkpoint)  # refuses a tampered payload first
+    # refuses a tampered payload or a manifest the pinned hub did not sign first
+    model, ckpt = load_checkpoint_model(checkpoint, trust)
     target = output or default_output(checkpoint, fmt)
     meta = export_metadata(ckpt, image_size, fmt)
     example = torch.rand(EXPORT_BATCH, 1, image_size, image_size,
@@ -193,4 +198,4 @@ def export_checkpoint(checkpoint: Path, fmt: str, output: Path | None = None,
             runner = TorchScriptRunner(tmp, torch.device("cuda"))
             checked = "torch-tensorrt (CUDA)"
         diff = _check(runner, model, image_size, fmt)
-    return ExportResult(target, fmt, image_size, diff, checked, meta)
+    return ExportResult(target, fmt, image_size, diff, checked, meta, ckpt.signed_by)

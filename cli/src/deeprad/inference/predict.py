@@ -18,6 +18,7 @@ from torch import nn
 from deeprad.core.data.loaders import IMAGE_SUFFIXES, load_folder, read_image
 from deeprad.core.errors import ConfigError, DataError
 from deeprad.core.protocol import DatasetSpec
+from deeprad.inference.hub_key import HubTrust
 from deeprad.inference.runtimes import Runner, open_runner
 from deeprad.inference.saliency import default_layer, gradcam, save_overlay
 from deeprad.inference.thresholds import (
@@ -122,16 +123,18 @@ def predict_paths(model: Path, inputs: Sequence[Path], *, image_size: int | None
                   threshold: float | None = None, calibrate_folder: Path | None = None,
                   target_sensitivity: float = 0.9, positive_class: str | None = None,
                   device: str = "auto", batch_size: int = 32,
-                  runner: Runner | None = None) -> PredictionReport:
-    """Score every image under `inputs` with `model` (a checkpoint, digest verified, or an
-    exported file); the threshold is `threshold`, or calibrated on `calibrate_folder`, or 0.5."""
+                  runner: Runner | None = None, trust: HubTrust | None = None
+                  ) -> PredictionReport:
+    """Score every image under `inputs` with `model` (a checkpoint, digest and hub signature
+    verified against `trust` as in `open_runner`, or an exported file); the threshold is
+    `threshold`, or calibrated on `calibrate_folder`, or 0.5."""
     if threshold is not None and calibrate_folder is not None:
         raise ConfigError("give either --threshold or --calibrate, not both")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"--threshold {threshold}: a probability in [0, 1]")
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
-    runner = runner or open_runner(model, device)
+    runner = runner or open_runner(model, device, trust)
     size = resolve_image_size(runner, image_size)
     files = find_images(inputs) if inputs else []
     choice = None

@@ -22,6 +22,7 @@ from deeprad.inference.checkpoint_file import (
     load_checkpoint_model,
 )
 from deeprad.inference.errors import MissingBackend
+from deeprad.inference.hub_key import HubTrust
 
 ONNX_SUFFIXES = (".onnx",)
 TORCHSCRIPT_SUFFIXES = (".ts", ".pt", ".torchscript")
@@ -153,15 +154,16 @@ def _one_logit(out: torch.Tensor, source: Path) -> torch.Tensor:
     return out.reshape(-1)
 
 
-def open_runner(path: Path, device: str = "auto") -> Runner:
-    """A runner for a checkpoint (`.json` / `.safetensors`, digest verified), an `.onnx` file or
-    a TorchScript file (`.ts`, `.pt`, `.torchscript`)."""
+def open_runner(path: Path, device: str = "auto", trust: HubTrust | None = None) -> Runner:
+    """A runner for a checkpoint (`.json` / `.safetensors`, digest and hub signature verified
+    against `trust`, as in `load_checkpoint_file`), an `.onnx` file or a TorchScript file
+    (`.ts`, `.pt`, `.torchscript`)."""
     if not path.is_file():
         raise ConfigError(f"model {path} does not exist")
     dev = pick_device(device)
     name = path.name.lower()
     if path.suffix in CHECKPOINT_SUFFIXES:
-        model, ckpt = load_checkpoint_model(path)
+        model, ckpt = load_checkpoint_model(path, trust)
         return TorchRunner(model, path, dev, ckpt)
     if name.endswith(ONNX_SUFFIXES):
         return OnnxRunner(path, dev)

@@ -9,6 +9,11 @@ class ConfigError(DeepRadError):
     """A user-supplied option, spec or name is invalid."""
 
 
+class PolicyViolation(ConfigError):
+    """Something another party sent goes beyond what this party's own configuration allows,
+    e.g. a presigned URL to another host than the store endpoint the site configured."""
+
+
 class StoreError(DeepRadError):
     """An object is missing or unreadable in the object store."""
 

@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="namespace of prepare and aggregator Jobs and of the Secrets below "
                           "(default: $POD_NAMESPACE, else %(default)s)")
     hub.add_argument("--job-image", default=HubOptions.job_image, metavar="IMAGE",
-                     help="image of the hub's Jobs (default: %(default)s)")
+                     type=image_reference,
+                     help="image of the hub's Jobs, [registry/]path[:tag][@sha256:<digest>] "
+                          "(default: %(default)s)")
     hub.add_argument("--image-pull-policy", default=HubOptions.image_pull_policy,
                      choices=("Always", "IfNotPresent", "Never"))
     hub.add_argument("--store-credentials-secret", metavar="NAME",
@@ -79,6 +81,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     site.add_argument("--hub-kubeconfig", metavar="FILE",
                       help="kubeconfig for this site's namespace on the hub")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def image_reference(value: str) -> str:
+    """argparse type: an image reference, by the rule of deeprad.operator.api.images."""
+    # Imported here: the API types load pydantic, and `deeprad --help` stays fast.
+    from deeprad.operator.api.images import image_reference_problem
+
+    problem = image_reference_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

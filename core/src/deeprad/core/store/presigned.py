@@ -3,7 +3,9 @@
 The hub presigns (GET or PUT, valid until the round's deadline) each object a site's trainer
 reads or writes in one round — `site_grants` lists them — and hands the URLs over in the site's
 work item. The trainer then runs against `PresignedStore` like against any other store, with no
-storage credentials: any other key is refused before a request is made.
+storage credentials: any other key is refused before a request is made, and so is every URL
+that does not lead to the store endpoint the site allows (`deeprad.core.store.endpoint`; the
+site agent passes it in $DEEPRAD_STORE_ENDPOINT). Redirects are never followed.
 """
 
 from __future__ import annotations
@@ -15,18 +17,21 @@ import shutil
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from deeprad.core.errors import ConfigError, ObjectNotFound, StoreError
+from deeprad.core.errors import ConfigError, ObjectNotFound, PolicyViolation, StoreError
 from deeprad.core.layout import StudyLayout
 from deeprad.core.secagg.relay import HUB_BROADCASTS, HUB_ROUTED, SITE_POSTS
 from deeprad.core.store.base import ObjectStore, check_key
+from deeprad.core.store.endpoint import StoreEndpoint
 
 Method = Literal["GET", "PUT"]
 URLS_ENV = "DEEPRAD_PRESIGNED_URLS"
+ENDPOINT_ENV = "DEEPRAD_STORE_ENDPOINT"
 _CHUNK = 1 << 20
 _RETRIES = 4  # transient network errors (connection reset, 5xx) are retried with backoff
 
@@ -54,30 +59,59 @@ def site_grants(layout: StudyLayout, round_no: int, site: str, secure_aggregatio
     return grants
 
 
-class PresignedStore(ObjectStore):
-    """Reads and writes only the keys in `urls` (key -> presigned URL)."""
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is a request to wherever the answer says: never follow one."""
 
-    def __init__(self, urls: Mapping[str, str], timeout_s: float = 120.0) -> None:
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> None:
+        fp.close()
+        target = urllib.parse.urlsplit(newurl)
+        raise PolicyViolation(f"presigned store: the store answered {req.get_method()} with a "
+                              f"{code} redirect to {target.scheme}://{target.netloc}; redirects "
+                              "are never followed, requests go to the store endpoint only")
+
+
+class PresignedStore(ObjectStore):
+    """Reads and writes only the keys in `urls` (key -> presigned URL), and only when every
+    URL leads to `endpoint` (the store the site allows); PolicyViolation before any request
+    otherwise."""
+
+    def __init__(self, urls: Mapping[str, str], endpoint: str, timeout_s: float = 120.0
+                 ) -> None:
+        self.endpoint = StoreEndpoint.parse(endpoint, ENDPOINT_ENV)
+        for key, url in urls.items():
+            try:
+                self.endpoint.check(url)
+            except PolicyViolation as exc:
+                raise PolicyViolation(f"presigned store: refusing the URL of {key!r}: {exc}; "
+                                      "no request was sent") from None
         self.urls = {check_key(k): v for k, v in urls.items()}
         self.timeout_s = timeout_s
-        self.url = f"presigned:({len(self.urls)} objects)"
+        self.url = f"presigned:({len(self.urls)} objects at {self.endpoint.text})"
         self.uri_prefix = "presigned:/"
+        self._opener = urllib.request.build_opener(_RefuseRedirects())
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> PresignedStore:
-        """From $DEEPRAD_PRESIGNED_URLS: a JSON object key -> URL."""
+        """From $DEEPRAD_PRESIGNED_URLS (a JSON object key -> URL) and $DEEPRAD_STORE_ENDPOINT
+        (the store endpoint the site allows)."""
         env = os.environ if environ is None else environ
         text = env.get(URLS_ENV)
         if not text:
             raise ConfigError(f"store 'presigned:' needs {URLS_ENV} (a JSON object of object "
                               "key -> presigned URL); the site agent sets it")
+        endpoint = env.get(ENDPOINT_ENV)
+        if not endpoint:
+            raise PolicyViolation(f"store 'presigned:' needs {ENDPOINT_ENV}, the store endpoint "
+                                  "this site allows (the site agent sets it from its "
+                                  "store.endpoint); no presigned URL is followed without it")
         try:
             urls = json.loads(text)
         except ValueError as exc:
             raise ConfigError(f"{URLS_ENV} is not JSON: {exc}") from None
         if not isinstance(urls, dict) or not all(isinstance(v, str) for v in urls.values()):
             raise ConfigError(f"{URLS_ENV} must be a JSON object of key -> URL strings")
-        return cls(urls)
+        return cls(urls, endpoint)
 
     def _url(self, key: str) -> str:
         try:
@@ -99,7 +133,7 @@ class PresignedStore(ObjectStore):
             req = urllib.request.Request(url, data=body, method=method,
                                          headers=hdrs)
             try:
-                return urllib.request.urlopen(req, timeout=self.timeout_s)
+                return self._opener.open(req, timeout=self.timeout_s)
             except urllib.error.HTTPError as exc:
                 if exc.code == 404:
                     raise ObjectNotFound(f"presigned store: no object {key!r}") from None

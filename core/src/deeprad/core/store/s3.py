@@ -54,6 +54,10 @@ class S3Store(ObjectStore):
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def presigned_endpoint(self, public_endpoint: str | None = None) -> str:
+        """Where this store's presigned URLs lead (scheme://HOST:PORT), as a site allows it."""
+        return f"{'https' if self.secure else 'http'}://{public_endpoint or self.endpoint}"
+
     def presign(self, key: str, method: Literal["GET", "PUT"], expires: timedelta,
                 public_endpoint: str | None = None) -> str:
         """A presigned URL for one object, valid for `expires` (1 s .. 7 days); signed for

@@ -62,7 +62,8 @@ class Connection(ApiModel):
     mode: ConnectionMode = Field(default=ConnectionMode.PULL, description="pull or push.")
     kubeconfig_secret_ref: SecretKeyRef | None = Field(
         default=None, description="push only: the hub Secret key holding the site cluster's "
-                                  "kubeconfig.")
+                                  "kubeconfig, credentials inline (token, *-data); exec, "
+                                  "auth-provider and file paths are refused.")
     heartbeat_timeout: Duration = Field(
         default="2m", description="The site is marked Reachable=False when its agent's "
                                   "heartbeat Lease is older than this.")

@@ -224,6 +224,11 @@ class RoundHub:
                            message=f"SiteTask {where} belongs to another round ({owner}); "
                                    f"site {site} cannot join until it is deleted")
 
+    def presigned_endpoint(self) -> str | None:
+        """Where the sites' presigned URLs lead (scheme://HOST:PORT), if the store presigns."""
+        endpoint = getattr(self.store, "presigned_endpoint", None)
+        return None if endpoint is None else str(endpoint(self.options.public_store_endpoint))
+
     def presign(self, key: str, method: str, expires: timedelta) -> str:
         presign = getattr(self.store, "presign", None)
         if presign is None:

@@ -61,7 +61,8 @@ def push_daemon(name: str, spec: kopf.Spec, body: kopf.Body, memo: HubMemo,
     while not stopped:
         if agent is None or time.monotonic() - built > PUSH_RELOAD_SECONDS:
             try:
-                agent = push_agent(name, parse(HospitalSiteSpec, spec), hub_client)
+                endpoint = memo.rounds.presigned_endpoint() if memo.rounds else None
+                agent = push_agent(name, parse(HospitalSiteSpec, spec), hub_client, endpoint)
                 built, problem = time.monotonic(), ""
             except ConfigError as exc:
                 agent = None

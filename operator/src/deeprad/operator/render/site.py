@@ -37,7 +37,9 @@ def service_account(site: str, uid: str) -> Manifest:
 
 
 def role(site: str, uid: str) -> Manifest:
-    """Read its SiteTasks, patch their status, get and update its Lease; nothing else."""
+    """Read its SiteTasks, patch their status, get and update its Lease; nothing else. RBAC
+    cannot limit an update to some fields: the `deeprad-site-lease` admission policy
+    (render/admission.py) lets the agent change only its heartbeat and report there."""
     return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": _meta(site, uid), "rules": [
                 {"apiGroups": ["deeprad.io"], "resources": ["sitetasks"],

@@ -59,6 +59,9 @@ class SiteAgent:
         self.last_pass: float = 0.0
         self.last_heartbeat: float = 0.0
         self._hub_api, self._local_api = hub, local
+        if config.store.endpoint is None:
+            log.warning("store.endpoint is not set: every task will be refused, since its "
+                        "presigned URLs could lead anywhere; set it to the hub's object store")
 
     # Built on first use, not in the constructor: `Kube` reads discovery documents, and an
     # agent whose clusters do not answer yet must still start (and retry on every step).

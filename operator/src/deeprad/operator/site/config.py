@@ -8,14 +8,17 @@ The hub never chooses any of these; it only says what to train and where to uplo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from deeprad.core.errors import ConfigError
 from deeprad.core.protocol import DatasetSpec
+from deeprad.core.store.endpoint import ENDPOINT_FORM, StoreEndpoint
 from deeprad.operator.api.common import Duration, ObjectName, Quantity, SiteName
 from deeprad.operator.api.hospitalsite import PUBLIC_KEY_PATTERN, GpuDefaults
+from deeprad.operator.api.images import ImageReference
 from deeprad.operator.api.schema import ApiModel
 
 
@@ -32,8 +35,9 @@ class TrainingPlacement(ApiModel):
     namespace: ObjectName = Field(default="deeprad-training",
                                   description="Namespace of the trainer Jobs (the agent's "
                                               "local Role reaches only this namespace).")
-    image: str = Field(default="ghcr.io/deeprad/trainer:latest", min_length=1,
-                       description="Trainer image.")
+    image: ImageReference = Field(
+        default="ghcr.io/deeprad/trainer:latest",
+        description="Trainer image, [registry/]path[:tag][@sha256:<digest>]; a digest pins it.")
     image_pull_policy: str = Field(default="IfNotPresent", pattern="^(Always|IfNotPresent|Never)$",
                                    description="imagePullPolicy of the trainer container.")
     identity_secret: ObjectName = Field(
@@ -57,6 +61,27 @@ class TrainingPlacement(ApiModel):
         default=None, description="ServiceAccount of trainer pods (no token is mounted).")
 
 
+class AllowedStore(ApiModel):
+    """The one object store this site's trainers may reach through presigned URLs."""
+
+    endpoint: str | None = Field(
+        default=None, max_length=2048,
+        description=f"The hub's object store as this site reaches it, {ENDPOINT_FORM}. Every "
+                    "presigned URL of a task must lead there (same scheme, host and port, "
+                    "under PATH), otherwise the task is refused; plain http only when this is "
+                    "http. Unset: every task is refused.")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                StoreEndpoint.parse(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
 class AgentConfig(ApiModel):
     """Everything the site agent needs besides its two kubeconfigs."""
 
@@ -67,6 +92,8 @@ class AgentConfig(ApiModel):
                     "registry names another hub key are refused.")
     training: TrainingPlacement = Field(default_factory=TrainingPlacement,
                                         description="Trainer Job placement.")
+    store: AllowedStore = Field(default_factory=AllowedStore,
+                                description="The store presigned URLs may lead to.")
     heartbeat_seconds: float = Field(default=10.0, gt=0, le=300,
                                      description="How often the agent renews its Lease.")
     poll_seconds: float = Field(default=5.0, gt=0, le=300,
@@ -79,12 +106,18 @@ def load_agent_config(path: Path) -> AgentConfig:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"site agent config {path}: cannot read it ({exc})") from None
+    return parse_agent_config(data, f"site agent config {path}")
+
+
+def parse_agent_config(data: Any, where: str) -> AgentConfig:
+    """The configuration in `data`; ConfigError naming `where` and each bad field on one line."""
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
                              for e in exc.errors())
-        raise ConfigError(f"site agent config {path}: {problems}") from None
+        raise ConfigError(f"{where}: {problems}") from None
 
 
-__all__ = ["AgentConfig", "TrainingPlacement", "TrainingResources", "load_agent_config"]
+__all__ = ["AgentConfig", "AllowedStore", "TrainingPlacement", "TrainingResources",
+           "load_agent_config", "parse_agent_config"]

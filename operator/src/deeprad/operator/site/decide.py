@@ -8,7 +8,8 @@ For each SiteTask in its hub namespace, with the trainer Job of the same name (i
 - a Job labelled with another task's uid (an earlier task of that name) is deleted first;
 - a task without a Job gets one (name = task name, labelled with the task's uid), unless the
   round's deadline passed, its Job existed and is gone (never train twice: an update may be
-  uploaded already), or the task asks for something the site refuses;
+  uploaded already), or the task asks for something the site refuses (another site, another
+  hub key, a presigned URL that leads anywhere but the site's store endpoint);
 - a running Job reports Running; a finished Job reports Succeeded with the trainer's result
   (the last JSON line of its log) or Failed with the log's tail; a long Job's task gets a
   heartbeat every `TASK_HEARTBEAT_SECONDS`.
@@ -196,6 +197,7 @@ def _start(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, now: datetim
                        "disappeared before it finished", now, terminal=True)]
     try:
         training = training_task(spec, config)
+        urls = presigned_env(spec, config)  # only the store endpoint the site allows
     except (DeepRadError, ValidationError) as exc:
         return [report(name, status, TaskState.FAILED, f"refused by site {config.site}: {exc}",
                        now, terminal=True)]
@@ -205,7 +207,7 @@ def _start(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, now: datetim
                      image_pull_policy=placement.image_pull_policy)
     manifest = trainer_job(ctx, config.site, placement, training,
                            active_deadline_seconds(deadline, now),
-                           store=StoreAccess(PRESIGNED_STORE), extra_env=presigned_env(spec))
+                           store=StoreAccess(PRESIGNED_STORE), extra_env=urls)
     manifest["metadata"]["labels"][LABEL_TASK_UID] = task.uid
     accepted = status.model_copy(update={"job_name": name,
                                          "start_time": status.start_time or rfc3339(now)})

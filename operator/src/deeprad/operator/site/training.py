@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 
-from deeprad.core.errors import ConfigError
+from deeprad.core.errors import ConfigError, PolicyViolation
 from deeprad.core.identity import KeyRegistry, PublicIdentity
 from deeprad.core.privacy import DPConfig, epsilon_of
 from deeprad.core.protocol import (
@@ -17,7 +17,8 @@ from deeprad.core.protocol import (
     TrainConfig,
     TrainingTask,
 )
-from deeprad.core.store.presigned import URLS_ENV
+from deeprad.core.store.endpoint import StoreEndpoint
+from deeprad.core.store.presigned import ENDPOINT_ENV, URLS_ENV
 from deeprad.operator.api.sitetask import SiteTaskSpec, TaskResult
 from deeprad.operator.decide.round import to_metrics
 from deeprad.operator.site.config import AgentConfig
@@ -64,9 +65,23 @@ def training_task(task: SiteTaskSpec, config: AgentConfig) -> TrainingTask:
         secagg=secagg)
 
 
-def presigned_env(task: SiteTaskSpec) -> dict[str, str]:
-    """The trainer Job's view of its granted objects: key -> URL as JSON."""
-    return {URLS_ENV: json.dumps({o.key: o.url for o in task.objects}, sort_keys=True)}
+def presigned_env(task: SiteTaskSpec, config: AgentConfig) -> dict[str, str]:
+    """The trainer Job's view of its granted objects (key -> URL as JSON) and of the store
+    endpoint the site allows, which the trainer checks again; PolicyViolation when the site
+    allows no endpoint or a URL leads anywhere else."""
+    if config.store.endpoint is None:
+        raise PolicyViolation(
+            "this site allows no store endpoint, so no presigned URL is followed: set "
+            "store.endpoint in the agent config (the site chart's value store.endpoint) to the "
+            "hub's object store, e.g. https://minio.hub.example.org")
+    endpoint = StoreEndpoint.parse(config.store.endpoint, "store.endpoint")
+    for obj in task.objects:
+        try:
+            endpoint.check(obj.url)
+        except PolicyViolation as exc:
+            raise PolicyViolation(f"object {obj.key}: {exc}") from None
+    return {URLS_ENV: json.dumps({o.key: o.url for o in task.objects}, sort_keys=True),
+            ENDPOINT_ENV: endpoint.text}
 
 
 def task_result(result: SiteResult, task: SiteTaskSpec) -> TaskResult:
