@@ -8,16 +8,14 @@ compare with what is committed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 
 from deeprad.operator.dashboards import DASHBOARDS, DASHBOARDS_DIR
 from deeprad.operator.dashboards.panels import numbered
-from deeprad.operator.generated import sync
+from deeprad.operator.generated import generator_main
 
 
 def render(stem: str) -> str:
@@ -33,14 +31,9 @@ def render_all() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Write the dashboards, or with --check report any that differ from the source."""
-    parser = argparse.ArgumentParser(prog="dashboards", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DASHBOARDS_DIR,
-                        help="folder (default: the hub chart's files/dashboards)")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if a file is missing, extra or differs")
-    args = parser.parse_args(argv)
-    return sync(args.out, render_all(), "*.json", args.check, "dashboards")
-
+    return generator_main(argv, prog="dashboards", description=__doc__.splitlines()[0],
+                          default_out=DASHBOARDS_DIR, render_all=render_all, pattern="*.json",
+                          make_target="dashboards")
 
 if __name__ == "__main__":
     sys.exit(main())

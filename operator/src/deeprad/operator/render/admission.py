@@ -14,7 +14,6 @@ anyone else (the hub operator, push-mode agents inside the hub, admins) are not 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import yaml
 
 from deeprad.operator.api.names import SITE_NAMESPACE_PREFIX
 from deeprad.operator.decide.sites import AGENT_VERSION_ANNOTATION, OBSERVED_GPUS_ANNOTATION
-from deeprad.operator.generated import sync
+from deeprad.operator.generated import generator_main
 from deeprad.operator.render.meta import Manifest
 from deeprad.operator.render.site import AGENT
 
@@ -131,14 +130,9 @@ def render_all() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Write the policies into the hub chart, or with --check report any that differ."""
-    parser = argparse.ArgumentParser(prog="admission", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ADMISSION_DIR,
-                        help="folder (default: the hub chart's files/admission)")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if a file is missing, extra or differs")
-    args = parser.parse_args(argv)
-    return sync(args.out, render_all(), "*.yaml", args.check, "admission")
-
+    return generator_main(argv, prog="admission", description=__doc__.splitlines()[0],
+                          default_out=ADMISSION_DIR, render_all=render_all, pattern="*.yaml",
+                          make_target="admission")
 
 if __name__ == "__main__":
     sys.exit(main())
