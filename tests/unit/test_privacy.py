@@ -170,3 +170,27 @@ def test_batchnorm_models_are_refused_for_dp_sgd() -> None:
     with pytest.raises(ConfigError, match=r"BatchNorm|GroupNorm"):
         make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), data,
                      DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+
+
+def test_rdp_epsilon_loads_no_pld_code_and_the_full_package_still_works() -> None:
+    """`deeprad privacy epsilon` (RDP) imports dp-accounting's RDP modules only (not its PLD
+    and calibration code, nor scipy.signal/stats with them); a later `import dp_accounting`
+    gets the real package, with the same modules, and the same ε."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from deeprad.core.privacy import epsilon\n"
+        "light = epsilon(1.1, 0.01, 1000, 1e-5)\n"
+        "heavy = [m for m in ('scipy.signal', 'scipy.stats', 'dp_accounting.pld') "
+        "if m in sys.modules]\n"
+        "import dp_accounting\n"
+        "from dp_accounting.rdp import rdp_privacy_accountant as rdp\n"
+        "acc = rdp.RdpAccountant()\n"
+        "acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(\n"
+        "    0.01, dp_accounting.GaussianDpEvent(1.1)), 1000))\n"
+        "print(heavy, light == acc.get_epsilon(1e-5), hasattr(dp_accounting, 'pld'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[] True True", out
