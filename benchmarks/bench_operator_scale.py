@@ -92,7 +92,8 @@ def _site(name: str, keys: Identity) -> dict[str, Any]:
             "spec": {"identity": {"signingKey": pub.signing_key,
                                   "keyAgreementKey": pub.key_agreement_key},
                      "connection": {"heartbeatTimeout": "30m"},
-                     "data": {"modality": "mri", "sampleCount": 100}}}
+                     "data": {"modality": "mri", "sampleCount": 100},
+                     "studyNamespaces": [NS]}}
 
 
 def _renew(client: KubeClient, site: str) -> None:
@@ -146,15 +147,12 @@ def main() -> int:
                     "crd/sitetasks.deeprad.io")
         hub.kubectl("create", "namespace", NS)
         hub.kubectl("create", "namespace", "deeprad-system")
-        # The round's input, signed by the hub (what its prepare Job would write).
         hub_id = Identity.generate("hub", "hub")
         keys = work / "hub-keys"
         hub_id.save(keys)
         store = S3Store("deeprad", "", s3.endpoint, s3.root.access_key, s3.root.secret_key,
                         secure=False)
-        write_checkpoint(store, StudyLayout(NS, ROUND), {
-            "study": ROUND, "round": 0, "model": ModelSpec(), "producer": "bench",
-            "parent_sha256": None}, model_weights(build_model(ModelSpec())), hub=hub_id)
+        initial = model_weights(build_model(ModelSpec()))
 
         argv = [sys.executable, "-m", "deeprad.operator.cli", "--mode", "hub",
                 "--kubeconfig", str(hub.kubeconfig), "--liveness", "",
@@ -209,6 +207,11 @@ def main() -> int:
         before = _requests(hub)
         rnd = client.create(f"{API}/namespaces/{NS}/federatedrounds", round_manifest)
         uid = rnd["metadata"]["uid"]
+        # The round's input, signed by the hub (what its prepare Job would write), under the
+        # keys of this round's uid (a hand-made round owns its store keys).
+        write_checkpoint(store, StudyLayout(NS, ROUND, uid), {
+            "study": ROUND, "round": 0, "model": ModelSpec(), "producer": "bench",
+            "parent_sha256": None}, initial, hub=hub_id)
 
         def tasks() -> list[dict[str, Any]]:
             return list(client.get(f"{API}/sitetasks",

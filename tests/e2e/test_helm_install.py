@@ -177,7 +177,7 @@ def test_study_runs_on_the_installed_charts(helm_fed: HelmFederation,
     assert study["status"]["completedRounds"] == len(rounds) >= 2
     if len(rounds) < 3:
         assert condition(study, "Succeeded")["reason"] == "TargetReached"
-    layout = StudyLayout(STUDY_NAMESPACE, STUDY)
+    layout = StudyLayout(STUDY_NAMESPACE, STUDY, study["metadata"]["uid"])
     for r in rounds:
         n, st = r["spec"]["round"], r["status"]
         assert st["state"] == "Succeeded", st

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -25,6 +28,7 @@ from typing import Any
 import pytest
 import yaml
 from federation import (
+    BUCKET,
     JOBS_NAMESPACE,
     Federation,
     SitePlan,
@@ -117,7 +121,7 @@ def _check_study(fed: Federation, ns: str, study: dict[str, Any]) -> list[dict[s
     if done < 3:
         assert condition(study, "Succeeded")["reason"] == "TargetReached"
     hub_keys = PublicIdentity.load(fed.workdir / "keys" / "hub-public")
-    layout = StudyLayout(ns, STUDY)
+    layout = StudyLayout(ns, STUDY, study["metadata"]["uid"])  # keys carry the study's uid
     for r in rounds:
         n, st = r["spec"]["round"], r["status"]
         assert st["state"] == "Succeeded", _round_report(fed, ns)
@@ -158,10 +162,31 @@ def _check_study(fed: Federation, ns: str, study: dict[str, Any]) -> list[dict[s
     return rounds
 
 
+def _check_audit_trail(fed: Federation, ns: str, rounds: int) -> None:
+    """`deeprad audit` verifies every round x hospital record against the pinned hub key, and
+    names who created the study (the admin, as the creator admission policy recorded it)."""
+    creator = json.loads(fed.hub.kubectl("auth", "whoami", "-o", "json").stdout)
+    admin = creator["status"]["userInfo"]["username"]
+    out = subprocess.run(
+        [sys.executable, "-m", "deeprad.cli", "audit", STUDY, "-n", ns,
+         "--store", f"s3://{BUCKET}?endpoint={fed.s3.endpoint}&secure=false",
+         "--hub-key", str(fed.workdir / "keys" / "hub-public")],
+        capture_output=True, text=True, timeout=120, cwd="/",
+        env={**os.environ, "DEEPRAD_S3_ACCESS_KEY": fed.s3.root.access_key,
+             "DEEPRAD_S3_SECRET_KEY": fed.s3.root.secret_key})
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[1:-1]]
+    assert sorted((int(r[0]), r[1]) for r in rows) == [
+        (n, site) for n in range(1, rounds + 1) for site in sorted(HOSPITALS)], out.stdout
+    assert all(r[2] == admin and r[-1] == "✓" for r in rows), out.stdout
+    assert f"{len(rows)} of {len(rows)} records verified" in out.stdout
+
+
 def test_example_study_trains_across_hospital_clusters(fed: Federation) -> None:
     ns = f"research-{uuid.uuid4().hex[:6]}"
     _apply_study(fed, ns)
     study = _wait_study(fed, ns, "the study to succeed")
+    _check_audit_trail(fed, ns, study["status"]["completedRounds"])
     rounds = _check_study(fed, ns, study)
     # The first round started from a hub-initialised model (prepare Job), the next from
     # the previous round's output.
@@ -211,7 +236,7 @@ def test_study_survives_operator_and_agent_kill_9(fed: Federation) -> None:
                  if t["spec"]["roundRef"]["namespace"] == ns]
         assert len(tasks) == len(rounds), [t["metadata"]["name"] for t in tasks]
     # Every accepted nonce once: no update counted twice.
-    nonces = fed.store_json(StudyLayout(ns, STUDY).seen_nonces())
+    nonces = fed.store_json(StudyLayout(ns, STUDY, study["metadata"]["uid"]).seen_nonces())
     assert len(nonces) == 2 * len(rounds), nonces
 
 
@@ -251,7 +276,8 @@ def test_dropout_at_the_deadline(fed: Federation, clusters: dict[str, Cluster]) 
     assert ok["status"]["state"] == "Succeeded", _round_report(fed, ns)
     assert sites["uclh"]["state"] == "Dropped" and sites["uclh"]["reason"] == "DeadlineExceeded"
     assert {sites[h]["state"] for h in HOSPITALS} == {"Reported"}
-    report = AggregateReport.model_validate(fed.store_json(StudyLayout(ns, "quorum").aggregate(1)))
+    report = AggregateReport.model_validate(fed.store_json(
+        StudyLayout(ns, "quorum", ok["metadata"]["uid"]).aggregate(1)))  # its own uid: by hand
     assert sorted(c.site for c in report.contributors) == sorted(HOSPITALS)
     failed = condition(bad, "Failed")
     assert bad["status"]["state"] == "Failed" and failed["status"] == "True"

@@ -83,15 +83,16 @@ def _round(name: str = "bad-round") -> dict[str, Any]:
 
 
 def _task(name: str = "bad-task") -> dict[str, Any]:
-    url = "https://s3.example.org/deeprad/ns/study/rounds/1/"
+    url = "https://s3.example.org/deeprad/ns/study/s-uid/rounds/1/"
     return {"apiVersion": API, "kind": "SiteTask", "metadata": {"name": name}, "spec": {
         "roundRef": {"namespace": "default", "name": "study-r1", "uid": "u-1"},
-        "study": "study", "round": 1, "site": "st-marys", "model": {"name": "tumor-cnn"},
+        "study": "study", "studyUid": "s-uid", "round": 1, "site": "st-marys",
+        "model": {"name": "tumor-cnn"},
         "parentDigest": "0" * 64,
         "hub": {"name": "hub", "signingKey": KEY_A, "keyAgreementKey": KEY_B},
-        "objects": [{"key": "ns/study/rounds/0/global.json", "method": "GET",
+        "objects": [{"key": "ns/study/s-uid/rounds/0/global.json", "method": "GET",
                      "url": url + "../0/global.json"},
-                    {"key": "ns/study/rounds/1/updates/st-marys.bin", "method": "PUT",
+                    {"key": "ns/study/s-uid/rounds/1/updates/st-marys.bin", "method": "PUT",
                      "url": url + "updates/st-marys.bin"}],
         "deadline": "2030-01-01T00:00:00Z"}}
 
@@ -227,6 +228,18 @@ BAD_INPUT: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("task object method not GET/PUT", _edit(_task(), {"spec.objects": [
         {"key": "a/b", "method": "DELETE", "url": "https://x/a/b"}]}),
      ("spec.objects[0].method", "Unsupported value")),
+    ("task without the study's uid", _edit(_task(), {"spec.studyUid": DELETE}),
+     ("spec.studyUid", "Required value")),
+    ("site serving '*' and a namespace", _edit(_site(), {
+        "spec.studyNamespaces": ["*", "research"]}),
+     ("spec.studyNamespaces", "'*' already allows every namespace")),
+    ("site namespace not a DNS label", _edit(_site(), {"spec.studyNamespaces": ["Research"]}),
+     ("spec.studyNamespaces[0]",)),
+    ("a study's round sharing checkpoints itself", _edit(_round(), {
+        "spec.studyRef": {"name": "tumor"}, "spec.shareCheckpointsWith": ["friends"]}),
+     ("spec.shareCheckpointsWith", "a study's rounds share what the FederatedStudy")),
+    ("sharing checkpoints with every namespace", _edit(_study(), {
+        "spec.shareCheckpointsWith": ["*"]}), ("spec.shareCheckpointsWith[0]",)),
 ]
 
 
@@ -249,6 +262,7 @@ def test_examples_apply_and_are_defaulted(hub: Cluster, ns: str) -> None:
     assert template["training"]["fedproxMu"] == 0 and study["spec"]["rounds"] == 3
     sites = hub.kubectl("get", "hospitalsites", "st-marys", "charite").stdout
     assert "pull" in sites and "push" in sites
+    assert sites.splitlines()[0].split()[6] == "NAMESPACES" and '["research"]' in sites
     st_marys = json.loads(hub.kubectl("get", "hsite", "st-marys", "-o", "json").stdout)
     assert st_marys["spec"]["gpu"]["resourceName"] == "nvidia.com/gpu"
 

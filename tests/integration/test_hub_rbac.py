@@ -13,6 +13,7 @@ re-read the Lease to show nothing changed.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import subprocess
@@ -32,7 +33,6 @@ from redteam import refused
 
 from deeprad.devenv.binaries import tool, tool_env
 from deeprad.devenv.cluster import Cluster
-from deeprad.devenv.kubeconfig import kubeconfig_dict, write_kubeconfig
 from deeprad.operator.api.hospitalsite import GpuCapacity
 from deeprad.operator.api.names import site_namespace
 from deeprad.operator.client import Kube
@@ -124,6 +124,18 @@ def _register(cluster: Cluster, site: str, keys: Path) -> str:
     return str(site_obj["metadata"]["uid"])
 
 
+def _deeprad(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real `deeprad` command with the hub admin's kubeconfig."""
+    return subprocess.run(["deeprad", *args], capture_output=True, text=True, cwd="/",
+                          timeout=120, env=tool_env() | {"KUBECONFIG": str(cluster.kubeconfig)})
+
+
+def _site_token(cluster: Cluster, site: str, out: Path, *extra: str) -> Path:
+    done = _deeprad(cluster, "site", "token", site, "-o", str(out), "--duration", "1h", *extra)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
 def _policy_enforced(hub: Hub) -> bool:
     """A dry run of a forbidden change is refused: the policy has reached the admission chain."""
     probe = hub.lease(SITES[0])
@@ -153,7 +165,6 @@ def hub(hub_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
                         "--from-literal=key=not-for-the-operator", check=False)
     wait("the operator's ClusterRoleBinding in the RBAC cache", lambda: _as(
         cluster, hub.operator, "auth", "can-i", "create", "namespaces").returncode == 0)
-    ca = (cluster.dir / "pki" / "ca.crt").read_bytes()
     for site in SITES:
         uid = _register(cluster, site, work / "keys")
         # What HospitalSite reserve() applies, sent with the operator's identity.
@@ -161,12 +172,9 @@ def hub(hub_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
         out = _as(cluster, hub.operator, "apply", "--server-side",
                   "--field-manager=deeprad-operator", "-f", "-", input=stream)
         assert out.returncode == 0, f"the chart's RBAC cannot reserve {site}:\n{out.stderr}"
-        token = cluster.kubectl("create", "token", AGENT, "-n", site_namespace(site),
-                                "--duration", "1h").stdout.strip()
-        hub.site_kubeconfigs[site] = write_kubeconfig(work / f"{site}.kubeconfig",
-                                                      kubeconfig_dict(f"hub-{site}",
-                                                                      cluster.server, ca,
-                                                                      token=token))
+        # The site's hub kubeconfig as the hub admin issues it (bounded, revocable token).
+        hub.site_kubeconfigs[site] = work / f"{site}.kubeconfig"
+        _site_token(cluster, site, hub.site_kubeconfigs[site])
     wait("the deeprad-site-lease policy in the admission chain", lambda: _policy_enforced(hub))
     yield hub
     # The sites go (their namespaces with them, by ownerReference); the policy stays, as a
@@ -442,3 +450,73 @@ def test_rbac_can_i_matrix(hub: Hub) -> None:
              f"{'yes' if got else 'no'}, expected {'yes' if want else 'no'}"
              for (user, check, want), got in zip(cases, answers, strict=True) if got != want]
     assert not wrong, "\n".join(wrong)
+
+
+# ---- the site's hub token: bounded lifetime, rotation, revocation ---------------------------
+
+
+def _claims(kubeconfig: Path) -> dict[str, Any]:
+    token = yaml.safe_load(kubeconfig.read_text())["users"][0]["user"]["token"]
+    payload = token.split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
+
+
+def _anchors(hub: Hub, site: str) -> set[str]:
+    found = get(hub.cluster, "secrets", "-n", site_namespace(site), "-l",
+                f"deeprad.io/agent-token={site}")
+    return {item["metadata"]["name"] for item in (found or {}).get("items", [])}
+
+
+def _list_tasks(kubeconfig: Path, site: str) -> int:
+    """The HTTP status of a site listing its SiteTasks with this kubeconfig's token."""
+    try:
+        Kube.of(kubernetes.config.new_client_from_config(str(kubeconfig))).list_objects(
+            "deeprad.io/v1alpha1", "SiteTask", site_namespace(site))
+    except ApiException as exc:
+        return int(exc.status)
+    return 200
+
+
+def test_site_token_has_a_bounded_lifetime_and_a_revocation_anchor(hub: Hub) -> None:
+    site = SITES[0]
+    claims = _claims(hub.site_kubeconfigs[site])
+    assert claims["exp"] - claims["iat"] == 3600  # --duration 1h, as the API server granted
+    anchor = claims["kubernetes.io"]["secret"]["name"]
+    assert anchor in _anchors(hub, site)
+    assert claims["sub"] == _agent(site)
+    config = yaml.safe_load(hub.site_kubeconfigs[site].read_text())
+    assert "certificate-authority-data" in config["clusters"][0]["cluster"]  # inline only
+    assert oct(hub.site_kubeconfigs[site].stat().st_mode & 0o777) == "0o600"
+
+
+def test_site_token_over_90_days_is_refused_before_anything_is_created(hub: Hub,
+                                                                       tmp_path: Path) -> None:
+    site, out = SITES[0], tmp_path / "long.kubeconfig"
+    before = _anchors(hub, site)
+    done = _deeprad(hub.cluster, "site", "token", site, "-o", str(out), "--duration", "91d")
+    assert done.returncode == 2
+    assert "between 10m and 90d" in done.stderr and "rotate it" in done.stderr
+    assert _anchors(hub, site) == before and not out.exists()
+
+
+def test_redteam_site_keeps_using_its_token_after_rotation(hub: Hub, tmp_path: Path) -> None:
+    site = SITES[1]
+    old = hub.site_kubeconfigs[site]
+    assert _list_tasks(old, site) == 200
+    lease_before = hub.lease(site)
+    new = _site_token(hub.cluster, site, tmp_path / "rotated.kubeconfig", "--revoke-others")
+    hub.site_kubeconfigs[site] = new  # later tests act as the site with its current token
+    assert _anchors(hub, site) == {_claims(new)["kubernetes.io"]["secret"]["name"]}
+    # The API server caches a token's review for a few seconds; then the old one is refused.
+    wait("the rotated-out token to be refused", lambda: _list_tasks(old, site) == 401,
+         timeout=60)
+    renewal = renew_lease(AgentConfig(site=site), lease_before, None, datetime.now(UTC))
+    assert renewal is not None
+    with pytest.raises(ApiException) as caught:
+        Kube.of(kubernetes.config.new_client_from_config(str(old))).replace(renewal.lease)
+    assert caught.value.status == 401
+    assert hub.lease(site)["spec"] == lease_before["spec"]  # nothing written with the old token
+    assert _list_tasks(new, site) == 200
+    refused("site keeps using its hub token after rotation",
+            "kube-apiserver (token bound to a deleted anchor Secret)",
+            f"{caught.value.status} {caught.value.reason}")

@@ -170,6 +170,17 @@ def test_study_creates_rounds_in_sequence_and_survives_kill_9(
     hub.kubectl("apply", "-n", ns, "-f", str(ROOT / "examples" / "federatedstudy-tumor-cnn.yaml"))
     study = _get(hub, "federatedstudy", STUDY, "-n", ns)
     assert study is not None
+    # The example sites serve namespace research only: the study waits and says why, until
+    # their admin adds this namespace.
+    waiting = _wait("study blocked: the sites do not serve its namespace", lambda: (
+        c := _condition(_get(hub, "federatedstudy", STUDY, "-n", ns), "Progressing")) and
+        c.get("reason") == "NotEnoughSites" and c, operator=operator)
+    assert (f"charite, st-marys match but do not allow namespace {ns}: add it to their "
+            "spec.studyNamespaces") in waiting["message"]
+    assert _rounds(hub, ns) == []
+    for site in SITES:
+        hub.kubectl("patch", "hospitalsite", site, "--type=json", "-p", json.dumps(
+            [{"op": "add", "path": "/spec/studyNamespaces/-", "value": ns}]))
     r1 = _wait(f"FederatedRound {STUDY}-r1", lambda: _get(
         hub, "federatedround", f"{STUDY}-r1", "-n", ns), operator=operator)
     (owner,) = r1["metadata"]["ownerReferences"]

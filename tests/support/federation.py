@@ -97,6 +97,19 @@ def start_federation(hub: Cluster, sites: list[SitePlan], s3: S3Server, workdir:
                      owner_token: str) -> Federation:
     """CRDs, the hub chart's admission policies, keys, Secrets, HospitalSites, the hub operator
     and every site agent, all Ready."""
+    fed = start_hub(hub, s3, workdir, owner_token)
+    hub_signing = (workdir / "keys" / "hub" / "signing.pub").read_text().strip()
+    for site in sites:
+        fed.sites[site.name] = site
+        add_site(fed, site, workdir / "keys", hub_signing)
+    for site in sites:
+        fed.wait(f"HospitalSite {site.name} Ready", lambda s=site.name: site_ready(fed, s))
+    return fed
+
+
+def start_hub(hub: Cluster, s3: S3Server, workdir: Path, owner_token: str) -> Federation:
+    """A hub without sites: CRDs, the hub chart's admission policies, fresh hub keys, their and
+    the store's Secrets, and the hub operator running rounds against the S3 server."""
     hub.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
     # The chart's files, not a copy: the agents here renew their Leases under the same policy.
     hub.kubectl("apply", "--server-side", "-f", str(ADMISSION_DIR))
@@ -110,6 +123,8 @@ def start_federation(hub: Cluster, sites: list[SitePlan], s3: S3Server, workdir:
     for name in ("signing.pub", "key-agreement.pub", "name", "role"):
         shutil.copy(keys / "hub" / name, public / name)
     hub.kubectl("create", "namespace", JOBS_NAMESPACE, check=False)
+    for secret in (HUB_IDENTITY_SECRET, STORE_SECRET):  # a shared hub's, from an earlier hub
+        hub.kubectl("-n", JOBS_NAMESPACE, "delete", "secret", secret, "--ignore-not-found")
     hub.kubectl("-n", JOBS_NAMESPACE, "create", "secret", "generic", HUB_IDENTITY_SECRET,
                 *(f"--from-file={keys / 'hub' / f}" for f in
                   ("signing.key", "key-agreement.key", "name", "role")), check=False)
@@ -125,23 +140,23 @@ def start_federation(hub: Cluster, sites: list[SitePlan], s3: S3Server, workdir:
         workdir / "hub-operator", owner_token,
         env={"DEEPRAD_S3_ACCESS_KEY": s3.root.access_key,
              "DEEPRAD_S3_SECRET_KEY": s3.root.secret_key})
-    fed = Federation(hub, s3, workdir, owner_token, operator, {s.name: s for s in sites})
+    fed = Federation(hub, s3, workdir, owner_token, operator, {})
     operator.start()
-    hub_signing = (keys / "hub" / "signing.pub").read_text().strip()
-    for site in sites:
-        add_site(fed, site, keys, hub_signing)
-    for site in sites:
-        fed.wait(f"HospitalSite {site.name} Ready", lambda s=site.name: site_ready(fed, s))
     return fed
 
 
 def register_site(fed: Federation, site: SitePlan, keys: Path,
-                  connection: dict[str, Any] | None = None) -> None:
-    """Keys, `deeprad site register`, the HospitalSite on the hub, the Secret on its cluster."""
+                  connection: dict[str, Any] | None = None,
+                  study_namespaces: tuple[str, ...] = ("*",)) -> None:
+    """Keys, `deeprad site register`, the HospitalSite on the hub, the Secret on its cluster.
+    The site serves `study_namespaces` (every namespace by default: the tests make theirs on
+    the fly)."""
     folder = keys / site.name
     _deeprad("keys", "generate", "--out", str(folder), "--name", site.name)
+    served = [arg for ns in study_namespaces for arg in ("--study-namespace", ns)]
     docs = list(yaml.safe_load_all(_deeprad("site", "register", site.name, "--keys",
-                                            str(folder), "--namespace", site.namespace)))
+                                            str(folder), "--namespace", site.namespace,
+                                            *served)))
     secret = next(d for d in docs if d["kind"] == "Secret")
     hsite = next(d for d in docs if d["kind"] == "HospitalSite")
     hsite["spec"]["data"] = {"modality": "mri", "labels": ["normal", "tumor"],

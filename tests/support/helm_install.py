@@ -272,8 +272,9 @@ def install_site(fed: HelmFederation, site: str, index: int) -> None:
     example = yaml.safe_load(SITE_VALUES.read_text())
     folder = fed.workdir / "keys" / site
     deeprad("keys", "generate", "--out", str(folder), "--name", site)
+    served = [arg for ns in fed.study_namespaces for arg in ("--study-namespace", ns)]
     docs = list(yaml.safe_load_all(deeprad("site", "register", site, "--keys", str(folder),
-                                           "--namespace", fed.training_namespace)))
+                                           "--namespace", fed.training_namespace, *served)))
     secret = next(d for d in docs if d["kind"] == "Secret")
     hsite = next(d for d in docs if d["kind"] == "HospitalSite")
     hsite["spec"]["data"] = {"modality": "mri", "labels": ["normal", "tumor"],

@@ -30,7 +30,8 @@ HUB_EXAMPLE = HUB / "examples" / "values-lab.yaml"
 SITE_EXAMPLE = SITE / "examples" / "values-st-marys.yaml"
 CASES = [(HUB, None), (HUB, HUB_EXAMPLE), (SITE, None), (SITE, SITE_EXAMPLE)]
 IDS = ["hub-defaults", "hub-lab", "site-defaults", "site-st-marys"]
-POLICY_KINDS = ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+POLICY_KINDS = ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
+                "MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding")
 Obj = dict[str, Any]
 
 
@@ -300,7 +301,12 @@ def test_site_rbac_is_limited_to_the_training_namespace() -> None:
     assert role["metadata"]["namespace"] == "deeprad-training"
     assert _rules(role) == {
         *(("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete")),
-        *(("", "pods", v) for v in ("get", "list", "watch")), ("", "pods/log", "get")}
+        *(("", "pods", v) for v in ("get", "list", "watch")), ("", "pods/log", "get"),
+        ("", "configmaps", "create"), ("", "configmaps", "get"), ("", "configmaps", "update")}
+    # The privacy ledger is read and rewritten by name only (create cannot be limited so).
+    by_name = [r for r in role["rules"] if r.get("resourceNames")]
+    assert by_name == [{"apiGroups": [""], "resources": ["configmaps"],
+                        "resourceNames": ["deeprad-privacy-ledger"], "verbs": ["get", "update"]}]
     (cluster_role,) = by_kind(objs, "ClusterRole")
     assert _rules(cluster_role) == {("", "nodes", "get"), ("", "nodes", "list")}
     assert not by_kind(render(SITE, None, "rbac.readNodes=false"), "ClusterRole")
@@ -337,22 +343,33 @@ def test_hub_rbac_grants_what_the_site_roles_need_and_aggregates() -> None:
         "metadata"]["labels"]
 
 
+def _policies(objs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objs if o["kind"] in POLICY_KINDS}
+
+
 def test_chart_ships_the_generated_policy_with_its_labels() -> None:
-    objs = render(HUB)
-    rendered = [o for o in objs if o["kind"] in POLICY_KINDS]
-    source = admission.policies()
-    assert [o["kind"] for o in rendered] == [o["kind"] for o in source]
-    for got, want in zip(rendered, source, strict=True):
-        assert got["spec"] == want["spec"], got["metadata"]["name"]
-        assert got["metadata"]["name"] == want["metadata"]["name"]
+    rendered = _policies(render(HUB))
+    source = _policies(admission.policies())
+    assert rendered.keys() == source.keys()
+    for key, want in source.items():
+        got = rendered[key]
+        assert got["spec"] == want["spec"], key
         assert got["metadata"]["labels"]["app.kubernetes.io/instance"] == "st-marys"
         assert got["metadata"]["labels"]["app.kubernetes.io/part-of"] == "deeprad"
-    binding = rendered[1]["spec"]
-    assert binding["policyName"] == rendered[0]["metadata"]["name"]
-    assert binding["validationActions"] == ["Deny"]
-    assert "matchResources" not in binding  # every namespace: the match is on the user
-    off = render(HUB, None, "admissionPolicies.siteLease=false")
-    assert not [o for o in off if o["kind"] in POLICY_KINDS]
+    for kind in ("ValidatingAdmissionPolicyBinding", "MutatingAdmissionPolicyBinding"):
+        for (k, name), binding in rendered.items():
+            if k == kind:
+                assert binding["spec"]["policyName"] == name
+                assert (kind.removesuffix("Binding"), name) in rendered
+                assert "matchResources" not in binding["spec"]  # every namespace
+    for (kind, _), binding in rendered.items():
+        if kind == "ValidatingAdmissionPolicyBinding":
+            assert binding["spec"]["validationActions"] == ["Deny"]
+    for value, policy in (("siteLease", admission.SITE_LEASE_POLICY),
+                          ("studyCreator", admission.STUDY_CREATOR_POLICY)):
+        names = {name for _, name in _policies(render(HUB, None,
+                                                      f"admissionPolicies.{value}=false"))}
+        assert policy not in names and names, value  # only that value's policies go
 
 
 def test_hub_rbac_reaches_only_the_site_objects_by_name() -> None:

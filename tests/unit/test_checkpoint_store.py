@@ -107,3 +107,52 @@ def test_store_urls() -> None:
         open_store("gs://bucket")
     with pytest.raises(ConfigError, match="missing \\?endpoint"):
         open_store("s3://bucket")
+
+
+def test_redteam_manifest_model_swapped_under_a_valid_hub_signature(tmp_path: Path) -> None:
+    """The hub signs (study, round, nonce, parent, payload digest); the model the weights belong
+    to is inside the signed payload, so rewriting the manifest's model (here: the same network
+    with other arguments) leaves the signature valid but is still refused."""
+    from redteam import refused
+
+    from deeprad.core.identity import Identity
+
+    hub = Identity.generate("hub", role="hub")
+    store = LocalStore(tmp_path)
+    write_checkpoint(store, LAYOUT, {"study": "study", "round": 0, "producer": "test",
+                                     "model": ModelSpec(), "parent_sha256": None}, W, hub=hub)
+    read_checkpoint(store, LAYOUT, 0, hub.public())  # as written: accepted
+    key = LAYOUT.global_manifest(0)
+    manifest = store.get_text(key).replace('"kwargs": {}', '"kwargs": {"width": 64}')
+    assert '"width": 64' in manifest
+    store.put_text(key, manifest)
+    with pytest.raises(CheckpointError, match="not the one the hub signed") as caught:
+        read_checkpoint(store, LAYOUT, 0, hub.public())
+    refused("checkpoint manifest names other model kwargs under the hub's signature",
+            "checkpoint reader (model digest in the signed payload)", str(caught.value))
+
+
+def test_redteam_checkpoint_carried_to_a_recreated_study(tmp_path: Path) -> None:
+    """A study re-created under its old name (new uid) starting from the same seed writes the
+    same weights, yet its checkpoints have other digests (the uid is inside the signed payload),
+    so an update signed for the predecessor names a stale parent; and the predecessor's signed
+    checkpoint copied under the new uid's keys is refused."""
+    from redteam import refused
+
+    from deeprad.core.identity import Identity
+
+    hub = Identity.generate("hub", role="hub")
+    store = LocalStore(tmp_path)
+    old, new = StudyLayout("ns", "study", uid="uid-old"), StudyLayout("ns", "study", uid="uid-new")
+    fields = {"study": "study", "round": 0, "producer": "test", "model": ModelSpec(),
+              "parent_sha256": None}
+    a = write_checkpoint(store, old, fields, W, hub=hub)
+    b = write_checkpoint(store, new, fields, W, hub=hub)
+    assert a.payload_sha256 != b.payload_sha256
+    for suffix in ("global.safetensors", "global.json"):
+        src, dst = f"{old.round_prefix(0)}/{suffix}", f"{new.round_prefix(0)}/{suffix}"
+        (tmp_path / dst).write_bytes((tmp_path / src).read_bytes())
+    with pytest.raises(CheckpointError, match="not uid-new") as caught:
+        read_checkpoint(store, new, 0, hub.public())
+    refused("predecessor's signed checkpoint copied under a re-created study's keys",
+            "checkpoint reader (study uid in the signed payload)", str(caught.value))

@@ -183,7 +183,13 @@ def _decide(spec: FederatedStudySpec, rounds: list[study.RoundView],
             candidates: list[study.Candidate] | None = None,
             status: FederatedStudyStatus | None = None) -> study.StudyDecision:
     return study.decide_study("s", 3, spec, status or FederatedStudyStatus(), rounds,
-                              candidates or [], T0)
+                              candidates or [], T0, namespace="ns")
+
+
+def _candidate(name: str, sample_count: int | None = None, *namespaces: str
+               ) -> study.Candidate:
+    """A HospitalSite serving the study's namespace (or only `namespaces`, when given)."""
+    return study.Candidate(name, sample_count, namespaces or ("ns",))
 
 
 def test_first_round_starts_from_the_initial_checkpoint_then_carries_forward() -> None:
@@ -238,10 +244,11 @@ def test_a_failed_round_fails_the_study_and_says_how_to_retry() -> None:
 
 def test_selector_is_resolved_and_quorum_checked() -> None:
     spec = _study(siteSelector={"matchLabels": {"x": "y"}}, roundTemplate={"minSites": 2})
-    blocked = _decide(spec, [], [study.Candidate("a")]).action
+    blocked = _decide(spec, [], [_candidate("a")]).action
     assert isinstance(blocked, study.Blocked) and blocked.reason == "NotEnoughSites"
-    assert "matches 1 HospitalSite(s) (a), below roundTemplate.minSites 2" in blocked.message
-    ok = _decide(spec, [], [study.Candidate("b"), study.Candidate("a")]).action
+    assert "matches 1 HospitalSite(s) that allow namespace ns (a), below roundTemplate.minSites" \
+        " 2" in blocked.message
+    ok = _decide(spec, [], [_candidate("b"), _candidate("a")]).action
     assert isinstance(ok, study.CreateRound) and ok.sites == ("a", "b")
     listed = _decide(_study(sites=["c", "a"], roundTemplate={"minSites": 2}), []).action
     assert isinstance(listed, study.CreateRound) and listed.sites == ("c", "a")
@@ -251,7 +258,7 @@ def test_conditions_keep_their_transition_time_across_passes() -> None:
     first = _decide(_study(), [])
     later = study.decide_study("s", 3, _study(), first.status,
                                [study.RoundView(1, RoundState.TRAINING)], [],
-                               T0 + timedelta(minutes=1))
+                               T0 + timedelta(minutes=1), namespace="ns")
     progressing = cond.find(later.status.conditions, "Progressing")
     assert progressing is not None and progressing.reason == "RoundRunning"
     assert progressing.last_transition_time == "2030-07-07T12:00:00Z"
@@ -276,7 +283,7 @@ def test_dp_steps_match_opacus_batches() -> None:
 
 
 def test_privacy_budget_stops_the_study_before_it_would_be_exceeded() -> None:
-    sites_ = [study.Candidate("a", 1000), study.Candidate("b", 400)]
+    sites_ = [_candidate("a", 1000), _candidate("b", 400)]
     spec = _dp_study(epsilon=1.5)
     trained = {"a": SiteState.REPORTED, "b": SiteState.REPORTED}
     history: list[study.RoundView] = []
@@ -302,7 +309,7 @@ def test_privacy_budget_stops_the_study_before_it_would_be_exceeded() -> None:
 
 
 def test_privacy_needs_every_sites_sample_count() -> None:
-    d = _decide(_dp_study(5.0), [], [study.Candidate("a", 1000), study.Candidate("b")])
+    d = _decide(_dp_study(5.0), [], [_candidate("a", 1000), _candidate("b")])
     assert isinstance(d.action, study.Blocked) and d.action.reason == "PrivacyNotAccountable"
     assert "HospitalSite b: its spec.data.sampleCount is not set" in d.action.message
     progressing = cond.find(d.status.conditions, "Progressing")

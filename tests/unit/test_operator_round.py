@@ -59,7 +59,8 @@ def _view(name: str, ready: bool = True, **spec: Any) -> SiteView:
     ident = KEYS[name].public() if name in KEYS else KEYS["a"].public()
     site = HospitalSiteSpec.model_validate({
         "identity": {"signingKey": ident.signing_key, "keyAgreementKey": ident.key_agreement_key},
-        "data": {"modality": "mri", "sampleCount": 100}, **spec})
+        "data": {"modality": "mri", "sampleCount": 100}, "studyNamespaces": ["research"],
+        **spec})
     readiness = Desired.true(READY, "AgentReady") if ready else Desired.false(READY, "NoHeartbeat")
     return SiteView(name, site, tuple(set_condition(None, readiness, 1, T0)))
 
@@ -67,6 +68,7 @@ def _view(name: str, ready: bool = True, **spec: Any) -> SiteView:
 def _world(now: datetime = T0, **kw: Any) -> rules.RoundWorld:
     kw.setdefault("candidates", [_view("a"), _view("b"), _view("c")])
     kw.setdefault("store", rules.StoreView(input_manifest=PARENT))
+    kw.setdefault("namespace", "research")
     return rules.RoundWorld(now=now, created=T0, **kw)
 
 
@@ -239,14 +241,15 @@ def test_with_secure_aggregation_the_aggregator_starts_with_the_tasks() -> None:
 
 
 def _task(**over: Any) -> SiteTaskSpec:
-    layout = StudyLayout("research", "study")
+    layout = StudyLayout("research", "study", "s-uid")
     grants = site_grants(layout, 2, "a", secure_aggregation=True)
     hub = HUB.public()
     roster = [{"name": n, "signingKey": KEYS[n].public().signing_key,
                "keyAgreementKey": KEYS[n].public().key_agreement_key} for n in ("a", "b", "c")]
     base: dict[str, Any] = {
         "roundRef": {"namespace": "research", "name": "study-r2", "uid": "u-2"},
-        "study": "study", "round": 2, "site": "a", "model": {"name": "tumor-cnn"},
+        "study": "study", "studyUid": "s-uid", "round": 2, "site": "a",
+        "model": {"name": "tumor-cnn"},
         "data": {"imageSize": 48, "valFraction": 0.25, "splitSeed": 3},
         "training": {"localEpochs": 2, "lr": 0.01, "optimizer": "sgd"},
         "privacy": {"secureAggregation": True,
@@ -268,7 +271,8 @@ def test_grants_cover_exactly_what_a_site_reads_and_writes() -> None:
     assert plain == {"ns/st/rounds/2/global.json": "GET",
                  "ns/st/rounds/2/global.safetensors": "GET",
                  "ns/st/rounds/3/updates/a.bin": "PUT", "ns/st/rounds/3/updates/a.json": "PUT",
-                 "ns/st/rounds/3/results/a.json": "PUT"}
+                 "ns/st/rounds/3/results/a.json": "PUT",
+                 "ns/st/rounds/3/audit/sites/a.json": "PUT"}
     secure = site_grants(StudyLayout("ns", "st"), 3, "a", secure_aggregation=True)
     assert secure["ns/st/rounds/3/secagg/routed/a.json"] == "GET"
     assert secure["ns/st/rounds/3/secagg/advertise/a.json"] == "PUT"
@@ -279,7 +283,8 @@ def test_the_agent_maps_a_task_onto_the_trainers_task() -> None:
     config = AgentConfig.model_validate({"site": "a", "training": {
         "dataset": {"kind": "folder", "path": "/data", "image_size": 64}}})
     task = training_task(_task(), config)
-    assert (task.namespace, task.study, task.round, task.site) == ("research", "study", 2, "a")
+    assert (task.namespace, task.study, task.study_uid, task.round, task.site) == (
+        "research", "study", "s-uid", 2, "a")
     dataset = task.dataset
     assert (dataset.kind, dataset.path, dataset.image_size, dataset.val_fraction,
             dataset.split_seed) == ("folder", "/data", 48, 0.25, 3)
@@ -333,8 +338,8 @@ def test_rounds_of_the_same_name_in_two_namespaces_get_distinct_work_items() -> 
     hub = PublicKeys(name="hub", signing_key=HUB.public().signing_key,
                      key_agreement_key=HUB.public().key_agreement_key)
     grants = _task().objects
-    a, b = (site_task(RoundRef(namespace=ns, name="study-r1", uid=uid), "study", _spec(), "a",
-                      "1" * 64, hub, grants, None, "2030-07-08T10:00:00Z")
+    a, b = (site_task(RoundRef(namespace=ns, name="study-r1", uid=uid), "study", "s-uid",
+                      _spec(), "a", "1" * 64, hub, grants, None, "2030-07-08T10:00:00Z")
             for ns, uid in (("team-a", "aaaa1111-x"), ("team-b", "bbbb2222-y")))
     assert a["metadata"]["namespace"] == b["metadata"]["namespace"] == "deeprad-site-a"
     assert (a["metadata"]["name"], b["metadata"]["name"]) == ("study-r1-aaaa1111",

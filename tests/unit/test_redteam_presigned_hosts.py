@@ -138,7 +138,8 @@ def _task_object(urls: dict[str, str]) -> dict[str, Any]:
     """The SiteTask a hostile hub writes into the site's hub namespace."""
     return {"metadata": {"name": "study-r2-a", "uid": "uid-2a"}, "spec": {
         "roundRef": {"namespace": "research", "name": "study-r2", "uid": "u-2"},
-        "study": "study", "round": 2, "site": "a", "model": {"name": "tumor-cnn"},
+        "study": "study", "studyUid": "s-uid", "round": 2, "site": "a",
+        "model": {"name": "tumor-cnn"},
         "parentDigest": "1" * 64,
         "hub": {"name": "hub", "signingKey": HUB.signing_key,
                 "keyAgreementKey": HUB.key_agreement_key},
@@ -225,6 +226,10 @@ class _FakeKube:
     def list_objects(self, api_version: str, kind: str, namespace: str | None = None,
                      label_selector: str | None = None) -> list[dict[str, Any]]:
         return list(self.objects) if kind == "SiteTask" else []
+
+    def get(self, api_version: str, kind: str, name: str, namespace: str | None = None
+            ) -> dict[str, Any] | None:
+        return None  # no privacy ledger yet
 
     def create(self, manifest: dict[str, Any]) -> bool:
         self.created.append(manifest)

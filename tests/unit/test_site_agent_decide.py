@@ -13,10 +13,15 @@ from deeprad.core.identity import Identity
 from deeprad.core.layout import StudyLayout
 from deeprad.core.privacy import DPSteps
 from deeprad.core.protocol import SiteResult
+from deeprad.core.site_policy import policy_digest
 from deeprad.core.store.presigned import URLS_ENV, site_grants
 from deeprad.operator.api.hospitalsite import GpuCapacity
 from deeprad.operator.api.sitetask import SiteTaskSpec, SiteTaskStatus, TaskState
-from deeprad.operator.decide.sites import AGENT_VERSION_ANNOTATION, OBSERVED_GPUS_ANNOTATION
+from deeprad.operator.decide.sites import (
+    AGENT_VERSION_ANNOTATION,
+    OBSERVED_GPUS_ANNOTATION,
+    POLICY_DIGEST_ANNOTATION,
+)
 from deeprad.operator.decide.timeutil import rfc3339
 from deeprad.operator.render.meta import LABEL_SITE
 from deeprad.operator.site.config import AgentConfig, AllowedStore
@@ -26,6 +31,7 @@ from deeprad.operator.site.decide import (
     DeleteJob,
     JobView,
     NodeView,
+    RecordPrivacy,
     ReportTask,
     TaskView,
     agent_failure,
@@ -48,10 +54,12 @@ NAME, UID = "study-r2-a", "uid-2a"
 
 
 def _spec(**over: Any) -> dict[str, Any]:
-    grants = site_grants(StudyLayout("research", "study"), 2, "a", secure_aggregation=False)
+    grants = site_grants(StudyLayout("research", "study", "s-uid"), 2, "a",
+                         secure_aggregation=False)
     return {
         "roundRef": {"namespace": "research", "name": "study-r2", "uid": "u-2"},
-        "study": "study", "round": 2, "site": "a", "model": {"name": "tumor-cnn"},
+        "study": "study", "studyUid": "s-uid", "round": 2, "site": "a",
+        "model": {"name": "tumor-cnn"},
         "privacy": {"differentialPrivacy": {"noiseMultiplier": 1.1, "maxGradNorm": 2.0,
                                             "delta": 1e-5}},
         "parentDigest": "1" * 64,
@@ -102,7 +110,7 @@ def test_a_new_task_gets_a_trainer_job_and_is_accepted() -> None:
     assert create.manifest["spec"]["activeDeadlineSeconds"] <= 3600
     env = {e["name"]: e.get("value") for e in
            create.manifest["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert json.loads(env[URLS_ENV])["research/study/rounds/2/updates/a.bin"].startswith(
+    assert json.loads(env[URLS_ENV])["research/study/s-uid/rounds/2/updates/a.bin"].startswith(
         "https://s3.example/")
     st = accepted.status
     assert st.state == TaskState.ACCEPTED
@@ -221,7 +229,9 @@ def test_a_completed_job_reports_the_trainers_result() -> None:
     job = _job(succeeded=1, outcome="Complete", log=log)
     assert needs_log(_task(running), job)
     done = T0 + timedelta(minutes=3)
-    st = _only_report(decide_task(CONFIG, _task(running), job, done))
+    record, *reports = decide_task(CONFIG, _task(running), job, done)
+    assert isinstance(record, RecordPrivacy) and record.entry.task == UID  # the site's ledger
+    st = _only_report(reports)
     assert st.state == TaskState.SUCCEEDED
     assert st.message == "update uploaded (80 samples, 12s)"
     assert st.result is not None and (st.result.samples, st.result.update_digest) == (80, "4" * 64)
@@ -315,7 +325,8 @@ def test_the_lease_is_renewed_with_version_and_gpus() -> None:
     assert body["metadata"]["resourceVersion"] == "41"  # an update, not a blind overwrite
     assert body["metadata"]["annotations"] == {
         "keep": "me", AGENT_VERSION_ANNOTATION: __version__,
-        OBSERVED_GPUS_ANNOTATION: gpus.model_dump_json(exclude_none=True)}
+        OBSERVED_GPUS_ANNOTATION: gpus.model_dump_json(exclude_none=True),
+        POLICY_DIGEST_ANNOTATION: policy_digest(CONFIG.policy)}
     assert body["spec"] == {"leaseTransitions": 2, "holderIdentity": "a-agent",
                             "leaseDurationSeconds": 30,
                             "renewTime": "2030-07-08T09:00:00.123456Z"}
@@ -326,7 +337,9 @@ def test_the_lease_without_a_gpu_report_or_yet_to_exist() -> None:
     bare = {"metadata": {"name": "deeprad-agent", "namespace": "deeprad-site-a"}}
     renewal = renew_lease(AgentConfig(site="a", heartbeat_seconds=0.1), bare, None, T0)
     assert renewal is not None
-    assert renewal.lease["metadata"]["annotations"] == {AGENT_VERSION_ANNOTATION: __version__}
+    assert renewal.lease["metadata"]["annotations"] == {
+        AGENT_VERSION_ANNOTATION: __version__,
+        POLICY_DIGEST_ANNOTATION: policy_digest(CONFIG.policy)}
     assert renewal.lease["spec"]["leaseDurationSeconds"] == 1
     assert renew_lease(CONFIG, None, None, T0) is None
 

@@ -93,6 +93,15 @@ digest pins it. Each part matches deeprad.operator.api.images (values.schema.jso
       "training" $training -}}
 {{- with .Values.hubSigningKey }}{{ $_ := set $config "hubSigningKey" . }}{{ end -}}
 {{- with (.Values.store | default dict).endpoint }}{{ $_ := set $config "store" (dict "endpoint" .) }}{{ end -}}
+{{- $p := .Values.policy | default dict -}}
+{{- $policy := dict "requireDifferentialPrivacy" ($p.requireDifferentialPrivacy | default false) "requireSecureAggregation" ($p.requireSecureAggregation | default false) -}}
+{{- /* A null `studies` (Helm drops the key) allows no study: the policy fails closed. */ -}}
+{{- $_ := set $policy "studies" (ternary $p.studies list (hasKey $p "studies")) -}}
+{{- with $p.models }}{{ $_ := set $policy "models" . }}{{ end -}}
+{{- with $p.maxLocalEpochs }}{{ $_ := set $policy "maxLocalEpochs" (int .) }}{{ end -}}
+{{- with $p.maxEpsilonPerStudy }}{{ $_ := set $policy "maxEpsilonPerStudy" . }}{{ end -}}
+{{- with $p.delta }}{{ $_ := set $policy "delta" . }}{{ end -}}
+{{- $_ := set $config "policy" $policy -}}
 {{- toYaml $config -}}
 {{- end -}}
 

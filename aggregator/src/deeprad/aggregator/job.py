@@ -5,7 +5,8 @@ checkpoint. Bad updates are rejected and recorded; the round goes on.
 `run_aggregation_task` is what `python -m deeprad.aggregator` runs in the hub and what
 `deeprad simulate` runs after each round. This module orchestrates; each step has its own:
 verification.py (trust in one update), replay_ledger.py (nonces across rounds), plain.py and
-secure.py (the two ways updates reach the strategy), report.py (aggregate.json).
+secure.py (the two ways updates reach the strategy), audit.py (the hub's signed audit record),
+report.py (aggregate.json).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+from deeprad.aggregator.audit import write_hub_record
 from deeprad.aggregator.plain import aggregate_plain
 from deeprad.aggregator.replay_ledger import ReplayLedger
 from deeprad.aggregator.report import finished_report, write_report
@@ -47,7 +49,7 @@ class QuorumNotMet(DeepRadError):
 def run_aggregation_task(task: AggregationTask, store: ObjectStore) -> AggregateReport:
     """Aggregate round `task.round`'s updates into the round's global checkpoint."""
     start = time.perf_counter()
-    layout = StudyLayout(task.namespace, task.study)
+    layout = StudyLayout(task.namespace, task.study, task.study_uid)
     done = finished_report(store, layout, task.round)
     if done is not None:  # already aggregated: idempotent
         return done
@@ -107,6 +109,8 @@ def run_aggregation_task(task: AggregationTask, store: ObjectStore) -> Aggregate
             new_weights, new_state, hub=hub,
         )
     ledger.record(task.round, replay)
+    write_hub_record(store, layout, task, hub, registry, parent, checkpoint, contributors,
+                     [*expected, *present])
     return write_report(store, layout, task, strategy=spec, contributors=contributors,
                         rejected=rejected, missing=missing,
                         checkpoint_sha256=checkpoint.payload_sha256, secagg=outcome,

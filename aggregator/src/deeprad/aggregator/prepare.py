@@ -36,7 +36,7 @@ def run_prepare_task(task: PrepareTask, store: ObjectStore) -> CheckpointManifes
     if hub.signing_key != hub_identity.public().signing_key:
         raise ConfigError("the mounted hub identity does not match the hub key in the task's "
                           "registry; mount the hub's key Secret that the operator was given")
-    layout = StudyLayout(task.namespace, task.study)
+    layout = StudyLayout(task.namespace, task.study, task.study_uid)
     if store.exists(layout.global_manifest(task.round)):
         existing = read_manifest(store, layout, task.round)
         verify_checkpoint_manifest(existing, hub, layout, task.round)
@@ -50,7 +50,7 @@ def run_prepare_task(task: PrepareTask, store: ObjectStore) -> CheckpointManifes
         log.info("initialised %s with seed %d", task.model.name, task.seed)
     else:
         src = task.source
-        weights, manifest = read_checkpoint(store, StudyLayout(src.namespace, src.study),
+        weights, manifest = read_checkpoint(store, StudyLayout(src.namespace, src.study, src.uid),
                                             src.round, hub=hub)
         if src.sha256 is not None and manifest.payload_sha256 != src.sha256:
             raise CheckpointError(

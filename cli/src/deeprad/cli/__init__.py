@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deeprad.cli import catalogue, inference, keys, privacy, simulate
+from deeprad.cli import audit, catalogue, inference, keys, privacy, simulate
 from deeprad.cli.simulate import apply_recipe
 from deeprad.core import __version__
 from deeprad.core.errors import DeepRadError
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_operator(sub)
     keys.register(sub)
     privacy.register(sub)
+    audit.register(sub)
     _register_dev(sub)
     return parser
 

@@ -3,15 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
 
 
 def _models(args: argparse.Namespace) -> int:
-    from deeprad.core.model_catalogue import MODELS
+    from deeprad.core.model_catalogue import MODELS, model_digest
 
+    if args.digest:
+        return _digest(args.digest, args.kwargs, MODELS, model_digest)
     for name, summary in MODELS.items():
         print(f"{name:<14} {summary}")
     print("deeprad simulate also runs your own: --model package.module:factory (on your "
           "machine only: studies name the networks above)")
+    return 0
+
+
+def _digest(name: str, kwargs_json: str, models: dict[str, str], digest: Any) -> int:
+    """Print the digest a site policy's `models` list uses to allow exactly this network with
+    exactly these arguments (the same `spec.model` a study names)."""
+    from deeprad.core.errors import ConfigError
+
+    if name not in models:
+        raise ConfigError(f"--digest {name!r}: not a catalogue network; one of "
+                          f"{', '.join(models)}")
+    try:
+        kwargs = json.loads(kwargs_json)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--kwargs: not JSON ({exc.msg}); e.g. --kwargs '{{\"width\": 32}}'"
+                          ) from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError("--kwargs: a JSON object of the model's arguments, e.g. "
+                          "'{\"width\": 32}'")
+    print(digest(name, kwargs))
     return 0
 
 
@@ -39,5 +63,14 @@ def _strategies(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `models` and `strategies` to the `deeprad` command."""
-    sub.add_parser("models", help="list registered networks").set_defaults(func=_models)
+    models = sub.add_parser(
+        "models", help="list registered networks, or print one's digest for a site policy",
+        description="Lists the catalogue networks a study may name. With --digest NAME "
+                    "[--kwargs JSON] prints sha256:<hex> of that network with exactly those "
+                    "arguments: the entry a hospital's site policy (policy.models) uses to "
+                    "allow it and nothing else.")
+    models.add_argument("--digest", metavar="NAME", help="a catalogue network's name")
+    models.add_argument("--kwargs", default="{}", metavar="JSON",
+                        help="its arguments as in the study's spec.model.kwargs (default {})")
+    models.set_defaults(func=_models)
     sub.add_parser("strategies", help="list aggregation strategies").set_defaults(func=_strategies)

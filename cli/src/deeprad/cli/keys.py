@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deeprad.cli import site_token
 from deeprad.core.errors import ConfigError
 from deeprad.core.layout import check_name
 
@@ -52,9 +54,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           f"(default {DEFAULT_NAMESPACE})")
     reg.add_argument("--secret-name", default=DEFAULT_SECRET_NAME,
                      help=f"name of the Secret (default {DEFAULT_SECRET_NAME})")
+    reg.add_argument("--study-namespace", action="append", default=[], metavar="NS",
+                     dest="study_namespaces",
+                     help="a hub namespace whose studies and rounds may use the site (repeat "
+                          "for more; '*' for every namespace); none: no namespace may until "
+                          "the HospitalSite's spec.studyNamespaces lists some")
     reg.add_argument("-o", "--output", type=Path,
                      help="write the YAML to this file (mode 0600) instead of stdout")
     reg.set_defaults(func=cmd_site_register)
+    site_token.register(ssub)
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -73,13 +81,22 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def site_manifests(identity: Identity, namespace: str = DEFAULT_NAMESPACE,
-                   secret_name: str = DEFAULT_SECRET_NAME) -> list[dict[str, Any]]:
-    """[Secret for the site's cluster, HospitalSite for the hub] of a site identity."""
+                   secret_name: str = DEFAULT_SECRET_NAME,
+                   study_namespaces: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """[Secret for the site's cluster, HospitalSite for the hub] of a site identity; the
+    HospitalSite serves `study_namespaces` (hub namespaces, or "*"), none when empty."""
     if identity.role != "site":
         raise ConfigError(f"{identity.name} holds hub keys; register a site with keys made by "
                           "`deeprad keys generate --role site`")
     check_name("namespace", namespace)
     check_name("secret", secret_name)
+    served = sorted(set(study_namespaces))
+    for ns in served:
+        if ns != "*":
+            check_name("study namespace", ns)
+    if "*" in served and len(served) > 1:
+        raise ConfigError("--study-namespace '*' already allows every namespace: give it "
+                          "alone, or name the namespaces")
     pub = identity.public()
     labels = {"app.kubernetes.io/part-of": "deeprad", "deeprad.io/site": identity.name}
     secret = {
@@ -97,7 +114,8 @@ def site_manifests(identity: Identity, namespace: str = DEFAULT_NAMESPACE,
         "metadata": {"name": identity.name, "labels": labels,
                      "annotations": {"deeprad.io/fingerprint": pub.fingerprint}},
         "spec": {"identity": {"signingKey": pub.signing_key,
-                              "keyAgreementKey": pub.key_agreement_key}},
+                              "keyAgreementKey": pub.key_agreement_key},
+                 **({"studyNamespaces": served} if served else {})},
     }
     return [secret, site]
 
@@ -113,12 +131,18 @@ def cmd_site_register(args: argparse.Namespace) -> int:
     identity = Identity.load(args.keys, name=None if has_name else name)
     if identity.name != name:
         raise ConfigError(f"key folder {args.keys} belongs to {identity.name!r}, not {name!r}")
-    secret, site = site_manifests(identity, args.namespace, args.secret_name)
+    secret, site = site_manifests(identity, args.namespace, args.secret_name,
+                                  args.study_namespaces)
     fingerprint = identity.public().fingerprint
+    served = site["spec"].get("studyNamespaces")
+    serves = (f"# It serves the studies of hub namespace(s): {', '.join(served)}.\n" if served
+              else "# spec.studyNamespaces is empty: NO hub namespace may use this site until "
+                   "you list some\n# (`--study-namespace NS`, or edit the field).\n")
     text = (
         f"# Secret: apply on the cluster of hospital {name} ONLY; it holds private keys.\n"
         + yaml.safe_dump(secret, sort_keys=False)
         + f"---\n# HospitalSite: apply on the hub; public keys only ({fingerprint}).\n"
+        + serves
         + yaml.safe_dump(site, sort_keys=False)
     )
     if args.output:

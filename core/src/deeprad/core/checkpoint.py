@@ -3,8 +3,8 @@
 Global models, server-optimizer state and site updates are all safetensors; nothing is pickled.
 Global checkpoints are signed by the hub (`write_checkpoint(..., hub=)`) and verified against
 its public key by every reader that trains or aggregates from them (`open_checkpoint(...,
-hub=)`). The strategy state's digest is written into the signed weights file's metadata, so the
-signature covers it too.
+hub=)`). The strategy state's digest and the model's digest (network and arguments) are written
+into the signed weights file's metadata, so the signature covers them too.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from deeprad.core.manifests import (
     read_manifest,
     verify_checkpoint_manifest,
 )
-from deeprad.core.protocol import CheckpointManifest, UpdateManifest
+from deeprad.core.model_catalogue import model_digest
+from deeprad.core.protocol import CheckpointManifest, ModelSpec, UpdateManifest
 from deeprad.core.signing import new_nonce, sign_statement
 from deeprad.core.store import ObjectStore
 
@@ -41,6 +42,13 @@ Tensors = Mapping[str, torch.Tensor]
 
 NUM_SAMPLES_KEY = "num_samples"
 STATE_DIGEST_KEY = "strategy_state_sha256"
+# The model the weights are for (`model_catalogue.model_digest` of the manifest's model), inside
+# the signed payload: the hub's signature covers which network and arguments they belong to.
+MODEL_DIGEST_KEY = "model_sha256"
+# The uid of the object that owns the study (the layout's), inside the signed payload: a study
+# re-created under an old name gets checkpoints with other digests, so no update signed for its
+# predecessor (whose parent digest names the predecessor's checkpoint) is ever fresh in it.
+STUDY_UID_KEY = "study_uid"
 
 
 def to_bytes(tensors: Tensors, metadata: dict[str, str] | None = None) -> bytes:
@@ -130,8 +138,13 @@ def write_checkpoint(
     state_sha = None
     if strategy_state:
         state_sha = _put_tensors(store, layout.strategy_state(round_no), strategy_state)
-    payload_sha = _put_tensors(store, layout.global_weights(round_no), weights,
-                               {STATE_DIGEST_KEY: state_sha} if state_sha else None)
+    model = ModelSpec.model_validate(manifest_fields["model"])
+    metadata = {MODEL_DIGEST_KEY: model_digest(model.name, model.kwargs)}
+    if state_sha:
+        metadata[STATE_DIGEST_KEY] = state_sha
+    if layout.uid:
+        metadata[STUDY_UID_KEY] = layout.uid
+    payload_sha = _put_tensors(store, layout.global_weights(round_no), weights, metadata)
     manifest = CheckpointManifest.model_validate(
         {"namespace": layout.namespace, "nonce": new_nonce(), **manifest_fields,
          "payload_sha256": payload_sha, "strategy_state_sha256": state_sha}
@@ -187,6 +200,16 @@ def open_checkpoint(
         if weights.metadata.get(STATE_DIGEST_KEY) != manifest.strategy_state_sha256:
             raise CheckpointError(f"{store.url}/{key}: the manifest's strategy_state_sha256 "
                                   "differs from the one inside the signed payload")
+        if hub is not None and weights.metadata.get(MODEL_DIGEST_KEY) != model_digest(
+                manifest.model.name, manifest.model.kwargs):
+            raise CheckpointError(f"{store.url}/{key}: the manifest's model "
+                                  f"{manifest.model.name!r} (with its kwargs) is not the one "
+                                  "the hub signed inside the payload; the manifest was altered")
+        if hub is not None and layout.uid and weights.metadata.get(STUDY_UID_KEY) != layout.uid:
+            raise CheckpointError(f"{store.url}/{key}: the hub signed these weights for study "
+                                  f"uid {weights.metadata.get(STUDY_UID_KEY) or '(none)'}, not "
+                                  f"{layout.uid}; a checkpoint is never carried from one study "
+                                  "object to another (import it with spec.inputCheckpoint)")
         yield weights, manifest
 
 

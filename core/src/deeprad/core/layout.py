@@ -1,5 +1,12 @@
 """The one place that knows where objects live in the store.
 
+Every key starts at the study's root, `<namespace>/<study>/<uid>`: `<uid>` is the Kubernetes
+uid of the object that owns the study's store (the FederatedStudy, or a hand-made
+FederatedRound, whose store "study" is its own name). A study deleted and re-created under the
+same name gets a new uid, so it never reads (or is fed) its predecessor's objects. Runs without
+a cluster (`deeprad simulate`, local tools) have no uid: their root is `<namespace>/<study>`.
+Below the root (shown here without the uid):
+
     <namespace>/<study>/rounds/<n>/global.safetensors      model weights after round n (0: initial)
     <namespace>/<study>/rounds/<n>/global.json             its manifest (digests, lineage)
     <namespace>/<study>/rounds/<n>/strategy-state.safetensors  server-optimizer state, if any
@@ -7,6 +14,8 @@
     <namespace>/<study>/rounds/<n>/updates/<site>.json     the update's manifest
     <namespace>/<study>/rounds/<n>/results/<site>.json     the site's non-sensitive metrics
     <namespace>/<study>/rounds/<n>/aggregate.json          what the aggregator did in round n
+    <namespace>/<study>/rounds/<n>/audit/sites/<site>.json the site's signed audit record
+    <namespace>/<study>/rounds/<n>/audit/hub.json          the hub's signed audit record
     <namespace>/<study>/rounds/<n>/secagg/...              secure-aggregation messages, relayed
     <namespace>/<study>/nonces.json                        accepted update nonces (replay guard)
 
@@ -39,18 +48,23 @@ def check_name(kind: str, value: str) -> str:
 
 @dataclass(frozen=True)
 class StudyLayout:
-    """Keys of one study's objects."""
+    """Keys of one study's objects; `uid` is the owning object's Kubernetes uid (None: a run
+    without a cluster)."""
 
     namespace: str
     study: str
+    uid: str | None = None
 
     def __post_init__(self) -> None:
         check_name("namespace", self.namespace)
         check_name("study", self.study)
+        if self.uid is not None:
+            check_name("uid", self.uid)
 
     @property
     def root(self) -> str:
-        return f"{self.namespace}/{self.study}"
+        base = f"{self.namespace}/{self.study}"
+        return f"{base}/{self.uid}" if self.uid else base
 
     def round_prefix(self, round_no: int) -> str:
         if round_no < 0:
@@ -81,6 +95,19 @@ class StudyLayout:
     def aggregate(self, round_no: int) -> str:
         return f"{self.round_prefix(round_no)}/aggregate.json"
 
+    def site_audits_prefix(self, round_no: int) -> str:
+        """Round n's site audit records (`deeprad.core.audit`), under their own folder so that
+        no site name can reach the hub's record."""
+        return f"{self.round_prefix(round_no)}/audit/sites/"
+
+    def site_audit(self, round_no: int, site: str) -> str:
+        """A site's signed audit record of its task in round n."""
+        return f"{self.site_audits_prefix(round_no)}{check_name('site', site)}.json"
+
+    def hub_audit(self, round_no: int) -> str:
+        """The hub's signed audit record of round n."""
+        return f"{self.round_prefix(round_no)}/audit/hub.json"
+
     def seen_nonces(self) -> str:
         """Nonces of accepted updates, with the round that accepted each (replay protection
         across rounds)."""
@@ -97,13 +124,16 @@ class StudyLayout:
 
     @staticmethod
     def parse_global_weights(key: str) -> tuple[StudyLayout, int]:
-        """The study and round of a `<namespace>/<study>/rounds/<n>/global.safetensors` key."""
+        """The study (with its owner's uid, when the key has one) and round of a
+        `<namespace>/<study>[/<uid>]/rounds/<n>/global.safetensors` key."""
         parts = key.split("/")
-        if (len(parts) != 5 or parts[2] != "rounds" or not parts[3].isdigit()
-                or parts[4] != "global.safetensors"):
+        head, tail = parts[:-3], parts[-3:]
+        if (len(head) not in (2, 3) or tail[0] != "rounds" or not tail[1].isdigit()
+                or tail[2] != "global.safetensors"):
             raise ConfigError(f"{key!r} is not a global checkpoint key "
-                              "(<namespace>/<study>/rounds/<n>/global.safetensors)")
-        return StudyLayout(parts[0], parts[1]), int(parts[3])
+                              "(<namespace>/<study>/<uid>/rounds/<n>/global.safetensors)")
+        uid = head[2] if len(head) == 3 else None
+        return StudyLayout(head[0], head[1], uid), int(tail[1])
 
     def sites_with_updates(self, keys: list[str], round_no: int) -> list[str]:
         """Site names that have an update manifest among `keys` (a store listing)."""

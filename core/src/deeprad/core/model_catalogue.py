@@ -4,6 +4,12 @@ builds exactly these)."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+from deeprad.core.signing import canonical_json
+
 MODELS: dict[str, str] = {
     "tumor-cnn": "small 2D max-pooling CNN (23.6k params); the CPU demo",
     "tumor-jet": "fixed Gaussian-jet filters + 209 trained params; for DP-SGD",
@@ -11,3 +17,10 @@ MODELS: dict[str, str] = {
     "resnet18": "MONAI ResNet-18, GroupNorm (11.2M params); GPUs",
 }
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
+
+
+def model_digest(name: str, kwargs: Mapping[str, Any]) -> str:
+    """`sha256:<hex>` of the canonical JSON {name, kwargs}: one network with exactly these
+    arguments, as site policies allow it and audit records name it."""
+    body = canonical_json({"name": name, "kwargs": dict(kwargs)})
+    return f"sha256:{hashlib.sha256(body).hexdigest()}"

@@ -120,6 +120,9 @@ class TrainingTask(Message):
     schema_version: Literal[1] = SCHEMA_VERSION
     namespace: str
     study: str
+    # uid of the object that owns the study's store keys (`deeprad.core.layout`); None: a run
+    # without a cluster, whose keys have no uid
+    study_uid: str | None = None
     round: int = Field(ge=1)
     site: str
     model: ModelSpec = ModelSpec()
@@ -256,6 +259,9 @@ class AggregationTask(Message):
     schema_version: Literal[1] = SCHEMA_VERSION
     namespace: str
     study: str
+    # uid of the object that owns the study's store keys (`deeprad.core.layout`); None: a run
+    # without a cluster, whose keys have no uid
+    study_uid: str | None = None
     round: int = Field(ge=1)
     strategy: StrategySpec = StrategySpec()
     sites: list[str] | None = None  # the admitted sites; None takes every update present
@@ -264,6 +270,9 @@ class AggregationTask(Message):
     identity_dir: str | None = None  # the hub's key folder (else DEEPRAD_IDENTITY_DIR / env)
     privacy: RoundEpsilon | None = None
     secagg: SecAggSpec | None = None
+    # Who created the study (or the lone round): its deeprad.io/created-by annotation, which
+    # an admission policy sets from the API server's view of the requester; for the audit.
+    created_by: str | None = None
 
 
 class CheckpointSource(Message):
@@ -271,6 +280,7 @@ class CheckpointSource(Message):
 
     namespace: str
     study: str
+    uid: str | None = None  # the source's owner uid, when its keys carry one
     round: int = Field(ge=0)
     sha256: str | None = None  # the payload digest the caller expects
 
@@ -282,6 +292,9 @@ class PrepareTask(Message):
     schema_version: Literal[1] = SCHEMA_VERSION
     namespace: str
     study: str
+    # uid of the object that owns the study's store keys (`deeprad.core.layout`); None: a run
+    # without a cluster, whose keys have no uid
+    study_uid: str | None = None
     round: int = Field(ge=0)
     model: ModelSpec = ModelSpec()
     seed: int = 0

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -160,7 +161,7 @@ def run_site(args: argparse.Namespace) -> int:
     from deeprad.core.errors import ConfigError
     from deeprad.operator import metrics
     from deeprad.operator.api.names import SITE_NAMESPACE_PREFIX
-    from deeprad.operator.client import load_configuration
+    from deeprad.operator.client import load_configuration, token_expiry
     from deeprad.operator.site.agent import SiteAgent, serve_health
     from deeprad.operator.site.config import load_agent_config
 
@@ -173,7 +174,9 @@ def run_site(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"deeprad operator --mode site: {exc}", file=sys.stderr)
         return 2
-    hub = kubernetes.client.ApiClient(load_configuration(args.hub_kubeconfig))
+    hub_config = load_configuration(args.hub_kubeconfig)
+    _report_token_expiry(token_expiry(hub_config))
+    hub = kubernetes.client.ApiClient(hub_config)
     local = kubernetes.client.ApiClient(load_configuration(args.kubeconfig, args.context))
     agent = SiteAgent(config, hub, local)
     if args.liveness:
@@ -189,6 +192,26 @@ def run_site(args: argparse.Namespace) -> int:
         SITE_NAMESPACE_PREFIX, config.site, config.training.namespace)
     agent.run(stop)
     return 0
+
+
+TOKEN_WARNING = timedelta(days=7)
+
+
+def _report_token_expiry(expires: datetime | None) -> None:
+    """Say when the agent's hub token expires; warn when it is a week away or past (rotate it:
+    `deeprad site token SITE --revoke-others` on the hub, then `helm upgrade --set-file
+    hub.kubeconfig=FILE`)."""
+    log = logging.getLogger("deeprad.agent")
+    if expires is None:
+        return
+    left = expires - datetime.now(UTC)
+    if left < TOKEN_WARNING:
+        log.warning("the hub token expires %s (in %.1f days): ask the hub admin for a new one "
+                    "(deeprad site token) and helm upgrade --set-file hub.kubeconfig=FILE",
+                    expires.isoformat(), left.total_seconds() / 86400)
+    else:
+        log.info("the hub token expires %s (in %.0f days)", expires.isoformat(),
+                 left.total_seconds() / 86400)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,10 +3,13 @@ calls the hub makes, and the error handling every reconcile pass shares."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +41,19 @@ def load_configuration(kubeconfig: str | None = None, context: str | None = None
     else:
         kubernetes.config.load_incluster_config(client_configuration=cfg)
     return cfg
+
+
+def token_expiry(cfg: kubernetes.client.Configuration) -> datetime | None:
+    """When the configuration's bearer token expires: the JWT's `exp` claim, read but not
+    verified (the API server verifies; this is for warnings). None without a readable one."""
+    header = cfg.get_api_key_with_prefix("BearerToken") or \
+        cfg.get_api_key_with_prefix("authorization") or ""
+    try:
+        payload = header.split()[-1].split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return datetime.fromtimestamp(int(claims["exp"]), UTC)
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
 
 
 def connection_info(cfg: kubernetes.client.Configuration) -> kopf.ConnectionInfo:

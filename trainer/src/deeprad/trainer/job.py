@@ -45,6 +45,8 @@ from deeprad.core.secagg.quantize import (
 from deeprad.core.secagg.relay import StoreRelay, round_config
 from deeprad.core.signing import new_nonce, sign_statement
 from deeprad.core.store import ObjectStore
+from deeprad.trainer import site_checks
+from deeprad.trainer.audit_record import write_site_record
 from deeprad.trainer.local_training import SiteTraining, train_site
 
 log = logging.getLogger("deeprad.trainer")
@@ -54,13 +56,15 @@ def run_training_task(task: TrainingTask, store: ObjectStore, *,
                       allow_model_code: bool = False) -> SiteResult:
     """Train one site for one round and write its update, manifest and result to the store.
     The Job never allows model code; `deeprad simulate` does, for the user's own factory."""
+    # The hospital's policy first (a hospital Job only): nothing is read or built before it.
+    checks = site_checks.check_task(task)
     identity = load_job_identity(task.identity_dir, "site")
     if identity.name != task.site:
         raise ConfigError(f"task is for site {task.site} but the mounted identity is "
                           f"{identity.name}'s; mount site {task.site}'s key folder")
     registry = KeyRegistry.from_json(task.registry_json)
     hub = registry.require_hub()
-    layout = StudyLayout(task.namespace, task.study)
+    layout = StudyLayout(task.namespace, task.study, task.study_uid)
     # The hub's signature and the payload digest are checked before any byte is used.
     weights, parent = read_checkpoint(store, layout, task.round - 1, hub=hub)
     if parent.model != task.model:
@@ -69,6 +73,8 @@ def run_training_task(task: TrainingTask, store: ObjectStore, *,
             f"the checkpoint's {parent.model.name!r}; the checkpoint decides the architecture"
         )
     train, val = load_dataset(task.dataset)
+    if checks is not None:  # the ε ceiling, with the real record count, before any step
+        checks.check_records(task, len(train))
     out = train_site(parent.model, weights, train, val, task.train, dp=task.privacy,
                      allow_model_code=allow_model_code)
     relay = session = None
@@ -80,6 +86,7 @@ def run_training_task(task: TrainingTask, store: ObjectStore, *,
         shares = relay.wait_hub("routed", list[EncryptedShare], task.site)
         payload = pack(session.masked_input(shares, x))
     manifest = _upload(store, layout, task, identity, parent, out, payload, upload)
+    write_site_record(store, layout, task, identity, parent, manifest, out.privacy)
     result = SiteResult(
         study=task.study,
         round=task.round,

@@ -6,14 +6,23 @@ work item. The trainer then runs against `PresignedStore` like against any other
 storage credentials: any other key is refused before a request is made, and so is every URL
 that does not lead to the store endpoint the site allows (`deeprad.core.store.endpoint`; the
 site agent passes it in $DEEPRAD_STORE_ENDPOINT). Redirects are never followed.
+
+Every object a site writes is write-once: its PUT URL is signed with `If-None-Match: *`
+(`S3Store.presign`), this store sends that header, and the store refuses (412) to replace an
+object, so a site cannot swap its update after the round aggregated it. A retried upload whose
+first attempt may have landed (the answer was lost) counts as done when the retry hears 412:
+S3 writes are atomic, only this task holds the URL, and the signed manifest names the payload's
+digest, so bytes that were not this upload's would be refused by the aggregator, never used.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 import urllib.error
@@ -28,19 +37,22 @@ from deeprad.core.layout import StudyLayout
 from deeprad.core.secagg.relay import HUB_BROADCASTS, HUB_ROUTED, SITE_POSTS
 from deeprad.core.store.base import ObjectStore, check_key
 from deeprad.core.store.endpoint import StoreEndpoint
+from deeprad.core.store.sigv4 import WRITE_ONCE
 
 Method = Literal["GET", "PUT"]
 URLS_ENV = "DEEPRAD_PRESIGNED_URLS"
 ENDPOINT_ENV = "DEEPRAD_STORE_ENDPOINT"
 _CHUNK = 1 << 20
 _RETRIES = 4  # transient network errors (connection reset, 5xx) are retried with backoff
+_NOT_SENT = (ConnectionRefusedError, socket.gaierror)  # the request never reached the store
+log = logging.getLogger("deeprad.store")
 
 
 def site_grants(layout: StudyLayout, round_no: int, site: str, secure_aggregation: bool
                 ) -> dict[str, Method]:
     """Every object one site's trainer touches in round `round_no`, with the method it needs:
-    the global model it starts from, its update, manifest and result, and (with secure
-    aggregation) its messages and the hub's answers."""
+    the global model it starts from, its update, manifest, result and audit record, and (with
+    secure aggregation) its messages and the hub's answers."""
     prev = round_no - 1
     grants: dict[str, Method] = {
         layout.global_manifest(prev): "GET",
@@ -48,6 +60,7 @@ def site_grants(layout: StudyLayout, round_no: int, site: str, secure_aggregatio
         layout.update_payload(round_no, site): "PUT",
         layout.update_manifest(round_no, site): "PUT",
         layout.result(round_no, site): "PUT",
+        layout.site_audit(round_no, site): "PUT",
     }
     if secure_aggregation:
         for step in SITE_POSTS:
@@ -122,11 +135,16 @@ class PresignedStore(ObjectStore):
 
     def _open(self, key: str, method: Method, data: bytes | None = None,
               body_path: Path | None = None, headers: dict[str, str] | None = None
-              ) -> urllib.response.addinfourl:
+              ) -> urllib.response.addinfourl | None:
+        """Send one request, retrying transient faults; None only for a write-once PUT whose
+        retry found the object that an earlier attempt (whose answer was lost) stored."""
         url = self._url(key)
+        landed = False  # an earlier attempt may have reached the store
         for attempt in range(_RETRIES + 1):
             body: Any = data
             hdrs = dict(headers or {})
+            if method == "PUT":
+                hdrs.update(WRITE_ONCE)
             if body_path is not None:
                 hdrs["Content-Length"] = str(body_path.stat().st_size)
                 body = body_path.open("rb")
@@ -140,27 +158,49 @@ class PresignedStore(ObjectStore):
                 if exc.code == 403:
                     raise StoreError(f"presigned store: {method} {key!r} refused (403): the URL "
                                      "expired (round deadline passed) or was altered") from None
-                if exc.code < 500 or attempt == _RETRIES:
+                if exc.code == 412 and method == "PUT":
+                    if landed:
+                        log.info("presigned store: PUT %r: the earlier attempt stored it", key)
+                        return None
+                    raise StoreError(
+                        f"presigned store: PUT {key!r} refused (412 Precondition Failed): the "
+                        "object exists and objects a site writes are write-once, so the first "
+                        "upload stands; send a new update in a later round") from None
+                # 409: a concurrent conditional write to the key; S3 asks for a retry.
+                if (exc.code < 500 and exc.code != 409) or attempt == _RETRIES:
                     detail = exc.read(300).decode("utf-8", "replace")
                     raise StoreError(f"presigned store: {method} {key!r} failed: HTTP "
                                      f"{exc.code} {detail}") from None
+                landed = True
             except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
                 if attempt == _RETRIES:
                     raise StoreError(f"presigned store: {method} {key!r} failed: {exc}") from None
+                landed = landed or not isinstance(getattr(exc, "reason", exc), _NOT_SENT)
             finally:
                 if body_path is not None and hasattr(body, "close"):
                     body.close()
             time.sleep(0.5 * 2 ** attempt)
         raise AssertionError("unreachable")
 
+    def _get(self, key: str, headers: dict[str, str] | None = None
+             ) -> urllib.response.addinfourl:
+        resp = self._open(key, "GET", headers=headers)
+        assert resp is not None  # only a PUT answers None
+        return resp
+
+    def _put(self, key: str, data: bytes | None = None, body_path: Path | None = None) -> None:
+        resp = self._open(key, "PUT", data=data, body_path=body_path)
+        if resp is not None:
+            resp.close()
+
     def put_bytes(self, key: str, data: bytes) -> None:
-        self._open(key, "PUT", data=data).close()
+        self._put(key, data=data)
 
     def put_file(self, key: str, path: Path) -> None:
-        self._open(key, "PUT", body_path=Path(path)).close()
+        self._put(key, body_path=Path(path))
 
     def get_bytes(self, key: str) -> bytes:
-        with self._open(key, "GET") as resp:
+        with self._get(key) as resp:
             return bytes(resp.read())
 
     @contextlib.contextmanager
@@ -168,7 +208,7 @@ class PresignedStore(ObjectStore):
         fd, tmp = tempfile.mkstemp(prefix="deeprad-")
         path = Path(tmp)
         try:
-            with os.fdopen(fd, "wb") as out, self._open(key, "GET") as resp:
+            with os.fdopen(fd, "wb") as out, self._get(key) as resp:
                 shutil.copyfileobj(resp, out, _CHUNK)
             yield path
         finally:
@@ -176,13 +216,13 @@ class PresignedStore(ObjectStore):
 
     def exists(self, key: str) -> bool:
         try:
-            self._open(key, "GET", headers={"Range": "bytes=0-0"}).close()
+            self._get(key, headers={"Range": "bytes=0-0"}).close()
         except ObjectNotFound:
             return False
         return True
 
     def size(self, key: str) -> int:
-        with self._open(key, "GET", headers={"Range": "bytes=0-0"}) as resp:
+        with self._get(key, headers={"Range": "bytes=0-0"}) as resp:
             total = resp.headers.get("Content-Range", "").rpartition("/")[2]
             return int(total) if total.isdigit() else int(resp.headers.get("Content-Length", 0))
 

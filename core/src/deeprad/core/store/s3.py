@@ -16,11 +16,11 @@ from minio.error import S3Error
 
 from deeprad.core.errors import ObjectNotFound, StoreError
 from deeprad.core.store.base import ObjectStore, check_key
+from deeprad.core.store.sigv4 import MAX_EXPIRES, WRITE_ONCE, presign_url
 
 # fput_object switches to multipart above this size; S3 refuses single PUTs above 5 GiB.
 PART_SIZE = 64 * 1024 * 1024
 DEFAULT_REGION = "us-east-1"  # presigning needs the region; MinIO's default
-MAX_PRESIGN = timedelta(days=7)  # SigV4 presigned URLs live at most 7 days
 
 
 class S3Store(ObjectStore):
@@ -62,13 +62,18 @@ class S3Store(ObjectStore):
                 public_endpoint: str | None = None) -> str:
         """A presigned URL for one object, valid for `expires` (1 s .. 7 days); signed for
         `public_endpoint` (HOST:PORT as the sites reach the store) when given. Offline: no
-        request is made."""
-        expires = min(max(expires, timedelta(seconds=1)), MAX_PRESIGN)
-        # A client with the region set signs offline (no bucket-location request).
-        client = Minio(public_endpoint or self.endpoint, access_key=self._keys[0],
-                       secret_key=self._keys[1], secure=self.secure, region=self.region)
-        fn = client.presigned_get_object if method == "GET" else client.presigned_put_object
-        return str(fn(self.bucket, self._name(key), expires=expires))
+        request is made.
+
+        A PUT URL is write-once: it is signed with `If-None-Match: *`, so it can create the
+        object but never replace it (412), and a request without that header fails the
+        signature (403). The holder — a site — cannot overwrite what it wrote once the round
+        has read it."""
+        expires = min(max(expires, timedelta(seconds=1)), MAX_EXPIRES)
+        return presign_url(
+            method=method, endpoint_url=self.presigned_endpoint(public_endpoint),
+            path=f"{self.bucket}/{self._name(key)}", access_key=self._keys[0],
+            secret_key=self._keys[1], region=self.region, expires=expires,
+            headers=WRITE_ONCE if method == "PUT" else None)
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist yet."""

@@ -21,7 +21,7 @@ from deeprad.operator.api.common import (
     SiteName,
     Timestamp,
 )
-from deeprad.operator.api.federatedstudy import SiteNames
+from deeprad.operator.api.federatedstudy import SHARE_DESCRIPTION, SharedWith, SiteNames
 from deeprad.operator.api.names import MAX_ROUND_SITES, MAX_ROUNDS, ROUND_NAME_MAX
 from deeprad.operator.api.schema import AGE, ApiModel, Kind, Kube, PrinterColumn, Rule
 
@@ -40,6 +40,10 @@ class FederatedRoundSpec(RoundSettings):
         Rule("!has(self.sites) || self.minSites <= size(self.sites)",
              "minSites must not exceed the number of sites listed in sites",
              field_path=".minSites"),
+        Rule("!has(self.studyRef) || !has(self.shareCheckpointsWith)",
+             "shareCheckpointsWith is for rounds made by hand: a study's rounds share what the "
+             "FederatedStudy's spec.shareCheckpointsWith lists",
+             field_path=".shareCheckpointsWith", reason="FieldValueForbidden"),
     ))
 
     study_ref: StudyRef | None = Field(
@@ -51,10 +55,18 @@ class FederatedRoundSpec(RoundSettings):
                                description="Which site data to use and how to split it.")
     input_checkpoint: CheckpointRef | None = Field(
         default=None, description="Global model the sites start from; empty: a freshly "
-                                  "initialised model (round 0 of the study's store).")
+                                  "initialised model (round 0 of the study's store). One in "
+                                  "another namespace needs its owner's "
+                                  "spec.shareCheckpointsWith to list this namespace.")
     sites: SiteNames | None = Field(
-        default=None, description="HospitalSites asked to train; empty: every Ready site. "
-                                  "Sites not Ready at scheduling time are excluded.")
+        default=None, description="HospitalSites asked to train; empty: every Ready site "
+                                  "that allows this namespace (HospitalSite "
+                                  "spec.studyNamespaces). Sites not Ready at scheduling time, "
+                                  "or not allowing this namespace, are excluded.")
+    share_checkpoints_with: SharedWith | None = Field(
+        default=None, description=SHARE_DESCRIPTION + " Only for rounds made by hand (whose "
+                                                      "store study is their own name); fixed "
+                                                      "once the round starts.")
 
 
 class RoundState(StrEnum):
@@ -73,7 +85,7 @@ class RoundState(StrEnum):
 
 class SiteState(StrEnum):
     PENDING = "Pending"  # admitted, work item not yet picked up
-    EXCLUDED = "Excluded"  # not admitted: not Ready, suspended, maintenance, no GPUs, data
+    EXCLUDED = "Excluded"  # not admitted: namespace, not Ready, suspended, maintenance, GPUs, data
     TRAINING = "Training"  # the site's Job runs
     REPORTED = "Reported"  # update uploaded and result reported
     FAILED = "Failed"  # the site's Job failed

@@ -14,6 +14,7 @@ from deeprad.operator.api.common import (
     DataSelector,
     LabelSelector,
     ModelSpec,
+    ObjectName,
     RoundSettings,
     SiteName,
     Timestamp,
@@ -65,6 +66,13 @@ class PrivacyBudget(ApiModel):
 
 SiteNames = Annotated[list[SiteName], Field(min_length=1, max_length=256),
                       Kube(list_type="set")]
+# Namespaces a study (or a hand-made round) lets start from its checkpoints.
+SharedWith = Annotated[list[ObjectName], Field(max_length=64), Kube(list_type="set")]
+SHARE_DESCRIPTION = (
+    "Other hub namespaces whose rounds may start from this object's checkpoints "
+    "(spec.inputCheckpoint). Empty (the default): only rounds in its own namespace may. A grant "
+    "covers the checkpoints of this object only: a re-created object of the same name has a new "
+    "uid, and the keys of its predecessor stay unshared.")
 
 
 class FederatedStudySpec(ApiModel):
@@ -108,7 +116,11 @@ class FederatedStudySpec(ApiModel):
     privacy_budget: PrivacyBudget | None = Field(
         default=None, description="(ε, δ) budget; required with differential privacy.")
     initial_checkpoint: CheckpointRef | None = Field(
-        default=None, description="Start from this checkpoint instead of a fresh model.")
+        default=None, description="Start from this checkpoint instead of a fresh model; one in "
+                                  "another namespace needs that study's "
+                                  "spec.shareCheckpointsWith to list this namespace.")
+    share_checkpoints_with: SharedWith | None = Field(default=None,
+                                                      description=SHARE_DESCRIPTION)
 
 
 class StudyState(StrEnum):

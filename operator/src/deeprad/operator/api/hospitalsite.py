@@ -137,6 +137,15 @@ class MaintenanceWindow(ApiModel):
         default="UTC", description="IANA time zone of start, e.g. Europe/Berlin.")
 
 
+# Tenant isolation: which hub namespaces may give this site work. A name, or "*" alone.
+StudyNamespaces = Annotated[
+    list[Annotated[str, Field(max_length=63, pattern=r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$")]],
+    Field(max_length=256), Kube(list_type="set", rules=(
+        Rule("!('*' in self) || size(self) == 1",
+             "'*' already allows every namespace: list it alone, or list namespaces by name"),
+    ))]
+
+
 class HospitalSiteSpec(ApiModel):
     """Desired state of a hospital site, set by the consortium's administrators."""
 
@@ -157,6 +166,13 @@ class HospitalSiteSpec(ApiModel):
     suspend: bool = Field(
         default=False, description="true takes the site out of new rounds (running ones "
                                    "finish).")
+    study_namespaces: StudyNamespaces | None = Field(
+        default=None,
+        description="Hub namespaces whose FederatedStudies and FederatedRounds may use this "
+                    "site, or [\"*\"] for every namespace. Empty (the default): no namespace "
+                    "may, and the site gets no work until its administrators list some. A "
+                    "round from any other namespace excludes the site (reason "
+                    "NamespaceNotAllowed) and never creates its SiteTask.")
 
 
 class GpuCapacity(ApiModel):
@@ -212,6 +228,10 @@ class HospitalSiteStatus(ApiModel):
                                             description="Version the site agent reported.")
     observed_gpus: GpuCapacity | None = Field(default=None,
                                               description="GPU capacity the agent observed.")
+    policy_digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")] | None = Field(
+        default=None, description="sha256 of the site policy in force at the hospital (studies, "
+                                  "models, local epochs, DP, ε per study, secure aggregation), "
+                                  "as its agent reports it; the policy itself stays there.")
     participation: Participation | None = Field(
         default=None, description="What the site contributed so far.")
 
@@ -236,9 +256,13 @@ HOSPITAL_SITE = Kind(
                       '.status.conditions[?(@.type=="Reachable")].status',
                       "Whether the site's agent is heartbeating."),
         PrinterColumn("Heartbeat", "date", ".status.lastHeartbeat", "Last agent heartbeat."),
+        PrinterColumn("Namespaces", "string", ".spec.studyNamespaces",
+                      "Hub namespaces that may use the site (none: no namespace may)."),
         PrinterColumn("Modality", "string", ".spec.data.modality", "Data modality.", priority=1),
         PrinterColumn("Samples", "integer", ".spec.data.sampleCount", "Training records.",
                       priority=1),
+        PrinterColumn("Policy", "string", ".status.policyDigest",
+                      "Digest of the site policy in force.", priority=1),
         AGE,
     ),
 )

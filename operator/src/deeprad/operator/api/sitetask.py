@@ -27,6 +27,7 @@ from deeprad.operator.api.common import (
 )
 from deeprad.operator.api.hospitalsite import PUBLIC_KEY_PATTERN
 from deeprad.operator.api.names import (
+    DNS_LABEL_PATTERN,
     MAX_ROUNDS,
     MAX_SECAGG_SITES,
     SITE_NAMESPACE_PREFIX,
@@ -93,6 +94,11 @@ class SiteTaskSpec(ApiModel):
     round_ref: RoundRef = Field(description="The FederatedRound.")
     study: ObjectName = Field(description="The study's name in the object store (a hand-made "
                                           "round's own name).")
+    study_uid: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)] = (
+        Field(description="metadata.uid of the object that owns the study's store keys (the "
+                          "FederatedStudy, or a hand-made round itself): every key the site "
+                          "reads or writes is under <namespace>/<study>/<studyUid>/, so a "
+                          "re-created study never meets its predecessor's objects."))
     round: int = Field(ge=1, le=MAX_ROUNDS, description="Round number.")
     site: SiteName = Field(description="The HospitalSite doing the work.")
     model: ModelSpec = Field(description="The network.")
@@ -163,6 +169,10 @@ class SiteTaskStatus(ApiModel):
     completion_time: Timestamp | None = Field(default=None,
                                               description="When the task finished.")
     agent_version: ShortText | None = Field(default=None, description="Site agent version.")
+    reason: Annotated[str, Field(max_length=128, pattern=r"^[A-Z][A-Za-z0-9]*$")] | None = Field(
+        default=None, description="CamelCase reason of a failure, e.g. PolicyViolation (the "
+                                  "site's policy refused the task; the message names the "
+                                  "rule), Refused, JobFailed, DeadlineExceeded.")
     message: Message | None = Field(default=None, description="Details for humans, e.g. why "
                                                               "the Job failed.")
     result: TaskResult | None = Field(default=None, description="The site's report.")

@@ -38,6 +38,11 @@ from deeprad.operator.api.names import MAX_SECAGG_SITES
 from deeprad.operator.api.sitetask import TaskResult, TaskState
 from deeprad.operator.decide.conditions import Desired, merge
 from deeprad.operator.decide.sites import SiteView, admit
+from deeprad.operator.decide.tenancy import (
+    NAMESPACE_NOT_ALLOWED,
+    namespace_allowed,
+    namespace_refusal,
+)
 from deeprad.operator.decide.timeutil import parse_duration, parse_time, rfc3339
 
 SITES_SCHEDULED: Final = "SitesScheduled"
@@ -71,6 +76,7 @@ class TaskView:
     message: str | None = None
     result: TaskResult | None = None
     completion_time: str | None = None
+    reason: str | None = None  # the agent's CamelCase reason, e.g. PolicyViolation
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,7 @@ class RoundWorld:
     now: datetime
     created: datetime
     candidates: Sequence[SiteView]  # the HospitalSites this round may use
+    namespace: str  # the round's: a site admits it only if its spec.studyNamespaces allows it
     tasks: Mapping[str, TaskView] = field(default_factory=dict)  # by site
     prepare: JobView | None = None
     aggregator: JobView | None = None
@@ -299,7 +306,10 @@ def _admit_sites(current: _Pass) -> RoundDecision | None:
     status.timings = RoundTimings(scheduling_seconds=_seconds(current.world.created,
                                                               current.now))
     if len(admitted) < spec.min_sites:
-        why = "; ".join(f"{e.site}: {e.reason}" for e in excluded) or "no candidate sites"
+        why = "; ".join(f"{e.site}: {e.reason}" for e in excluded) or (
+            f"no HospitalSite allows namespace {current.world.namespace} in its "
+            "spec.studyNamespaces" if not spec.sites and current.world.candidates
+            else "no candidate sites")
         return current.fail(
             "InsufficientSites",
             f"FederatedRound {name}: {len(admitted)} site(s) admitted, spec.minSites is "
@@ -363,7 +373,7 @@ def _follow_task(current: _Pass, entry: SiteRoundStatus, task: TaskView | None) 
             entry.message = None
             return
         if task.state == TaskState.FAILED:
-            entry.state, entry.reason = SiteState.FAILED, "TaskFailed"
+            entry.state, entry.reason = SiteState.FAILED, task.reason or "TaskFailed"
             entry.message = (task.message or "the site's training Job failed")[:4000]
             current.event("Warning", "SiteFailed", f"site {entry.site}: {entry.message[:500]}")
             return
@@ -428,9 +438,12 @@ def _await_aggregate(current: _Pass, progress: _Progress, aggregator: JobView
 def _admit(spec: FederatedRoundSpec, world: RoundWorld
            ) -> tuple[list[str], list[SiteRoundStatus]]:
     """Admitted site names (sorted) and the excluded sites with their reasons. A site named in
-    spec.sites that does not exist is excluded too."""
+    spec.sites that does not exist, or does not allow the round's namespace, is excluded too;
+    without spec.sites, only the sites that allow the namespace are candidates at all."""
     views = {v.name: v for v in world.candidates}
-    names = sorted(spec.sites) if spec.sites else sorted(views)
+    names = sorted(spec.sites) if spec.sites else sorted(
+        name for name, view in views.items()
+        if namespace_allowed(view.spec.study_namespaces, world.namespace))
     admitted: list[str] = []
     excluded: list[SiteRoundStatus] = []
     for site in names:
@@ -439,6 +452,11 @@ def _admit(spec: FederatedRoundSpec, world: RoundWorld
             excluded.append(SiteRoundStatus(
                 site=site, state=SiteState.EXCLUDED, reason="NotFound",
                 message=f"HospitalSite {site} does not exist"))
+            continue
+        if not namespace_allowed(view.spec.study_namespaces, world.namespace):
+            excluded.append(SiteRoundStatus(
+                site=site, state=SiteState.EXCLUDED, reason=NAMESPACE_NOT_ALLOWED,
+                message=namespace_refusal(site, view.spec.study_namespaces, world.namespace)))
             continue
         verdict = admit(view, spec.data, world.now)
         if verdict.admitted and spec.privacy.secure_aggregation and view.spec.data is None:

@@ -8,6 +8,7 @@ the window's IANA time zone), free task slots, and whether the site's data fits 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,8 @@ REACHABLE = "Reachable"
 # status: renewTime is the heartbeat, these annotations its version and observed GPUs.
 AGENT_VERSION_ANNOTATION = "deeprad.io/agent-version"
 OBSERVED_GPUS_ANNOTATION = "deeprad.io/observed-gpus"  # GpuCapacity as JSON
+POLICY_DIGEST_ANNOTATION = "deeprad.io/policy-digest"  # sha256:<hex> of the site's policy
+_POLICY_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
@@ -42,12 +45,14 @@ _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 @dataclass(frozen=True)
 class AgentReport:
-    """What the site agent's Lease says: last heartbeat, version, GPUs, or what is malformed."""
+    """What the site agent's Lease says: last heartbeat, version, GPUs, the digest of the
+    site policy in force, or what is malformed."""
 
     heartbeat: datetime | None = None
     agent_version: str | None = None
     gpus: GpuCapacity | None = None
     problem: str | None = None
+    policy_digest: str | None = None
 
 
 def read_lease(site: str, lease: Mapping[str, Any] | None) -> AgentReport:
@@ -69,7 +74,12 @@ def read_lease(site: str, lease: Mapping[str, Any] | None) -> AgentReport:
         return AgentReport(heartbeat, version, None,
                            f"{where}: annotation {OBSERVED_GPUS_ANNOTATION} is not a GPU "
                            f"capacity report: {exc.errors()[0]['msg']}")
-    return AgentReport(heartbeat, version, gpus)
+    digest = notes.get(POLICY_DIGEST_ANNOTATION)
+    if digest is not None and not _POLICY_DIGEST.match(digest):
+        return AgentReport(heartbeat, version, gpus,
+                           f"{where}: annotation {POLICY_DIGEST_ANNOTATION} is not "
+                           "sha256:<64 hex>; the site agent writes it, check its version")
+    return AgentReport(heartbeat, version, gpus, policy_digest=digest)
 
 
 def observed_status(status: HospitalSiteStatus, report: AgentReport) -> HospitalSiteStatus:
@@ -78,7 +88,8 @@ def observed_status(status: HospitalSiteStatus, report: AgentReport) -> Hospital
         "last_heartbeat": rfc3339(report.heartbeat) if report.heartbeat else
         status.last_heartbeat,
         "agent_version": report.agent_version or status.agent_version,
-        "observed_gpus": report.gpus or status.observed_gpus})
+        "observed_gpus": report.gpus or status.observed_gpus,
+        "policy_digest": report.policy_digest or status.policy_digest})
 
 
 # ---- reachability and readiness ---------------------------------------------------------------

@@ -43,6 +43,11 @@ from deeprad.operator.api.federatedstudy import (
 )
 from deeprad.operator.api.names import round_name
 from deeprad.operator.decide.conditions import Desired, merge
+from deeprad.operator.decide.tenancy import (
+    NAMESPACE_NOT_ALLOWED,
+    namespace_allowed,
+    namespace_refusal,
+)
 from deeprad.operator.decide.timeutil import rfc3339
 
 PROGRESSING: Final = "Progressing"
@@ -75,10 +80,12 @@ class RoundView:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A HospitalSite the study may draw from, with its declared training records."""
+    """A HospitalSite the study may draw from, with its declared training records and the hub
+    namespaces it serves (spec.studyNamespaces; empty: none)."""
 
     name: str
     sample_count: int | None = None
+    study_namespaces: tuple[str, ...] = ()
 
 
 # ---- actions ----------------------------------------------------------------------------------
@@ -232,15 +239,17 @@ def _progress(spec: FederatedStudySpec, succeeded: Sequence[RoundView]) -> _Prog
 
 def decide_study(name: str, generation: int | None, spec: FederatedStudySpec,
                  status: FederatedStudyStatus, rounds: Sequence[RoundView],
-                 candidates: Sequence[Candidate], now: datetime) -> StudyDecision:
+                 candidates: Sequence[Candidate], now: datetime, *, namespace: str
+                 ) -> StudyDecision:
     """This pass's action and status. `rounds` are the study's FederatedRounds; `candidates`
     the HospitalSites matching spec.sites / spec.siteSelector (every site when both are
-    empty), with their sampleCount for privacy accounting."""
+    empty), with their sampleCount for privacy accounting; `namespace` the study's, which a
+    site must allow to be drawn."""
     ordered = sorted(rounds, key=lambda r: r.number)
     succeeded = [r for r in ordered if r.state == RoundState.SUCCEEDED]
     progress = _progress(spec, succeeded)
     latest = ordered[-1] if ordered else None
-    action = _action(name, spec, ordered, succeeded, progress, candidates)
+    action = _action(name, spec, ordered, succeeded, progress, candidates, namespace)
 
     spent = _spent(name, spec, ordered, candidates)
     checkpoint = next((r.output_checkpoint for r in reversed(succeeded) if r.output_checkpoint),
@@ -267,7 +276,7 @@ def decide_study(name: str, generation: int | None, spec: FederatedStudySpec,
 
 def _action(name: str, spec: FederatedStudySpec, ordered: Sequence[RoundView],
             succeeded: Sequence[RoundView], progress: _Progress,
-            candidates: Sequence[Candidate]) -> Action:
+            candidates: Sequence[Candidate], namespace: str) -> Action:
     failed = next((r for r in ordered if r.state == RoundState.FAILED), None)
     if failed is not None:
         return Stop(FAILED, "RoundFailed",
@@ -300,17 +309,27 @@ def _action(name: str, spec: FederatedStudySpec, ordered: Sequence[RoundView],
             return Blocked("MissingCheckpoint",
                            f"FederatedRound {round_name(name, latest.number)} succeeded but "
                            "has no status.outputCheckpoint to start the next round from")
-    sites = _round_sites(spec, candidates)
+    allowed = [c for c in candidates if namespace_allowed(c.study_namespaces, namespace)]
+    refusing = [c for c in candidates if c not in allowed]
+    sites = _round_sites(spec, allowed)
     min_sites = spec.round_template.min_sites
-    if sites is not None and len(sites) < min_sites:
+    if spec.sites and refusing and len(spec.sites) - len(refusing) < min_sites:
+        return Blocked(NAMESPACE_NOT_ALLOWED, "; ".join(
+            namespace_refusal(c.name, c.study_namespaces, namespace) for c in refusing)
+            + f"; spec.sites leaves {len(spec.sites) - len(refusing)}, below "
+              f"roundTemplate.minSites {min_sites}")
+    if not spec.sites and sites is not None and len(sites) < min_sites:
+        unserved = (f"; {', '.join(c.name for c in refusing)} match but do not allow namespace "
+                    f"{namespace}: add it to their spec.studyNamespaces" if refusing else "")
         return Blocked("NotEnoughSites",
-                       f"spec.siteSelector matches {len(sites)} HospitalSite(s) "
-                       f"({', '.join(sites) or 'none'}), below roundTemplate.minSites "
-                       f"{min_sites}; label more sites or lower minSites")
+                       f"spec.siteSelector matches {len(sites)} HospitalSite(s) that allow "
+                       f"namespace {namespace} ({', '.join(sites) or 'none'}), below "
+                       f"roundTemplate.minSites {min_sites}{unserved}; label more sites or "
+                       "lower minSites")
     epsilon_after = None
     budget = _budget(spec)
     if budget is not None:
-        ledger = _ledger(name, spec, ordered, _drawn(sites, candidates), candidates)
+        ledger = _ledger(name, spec, ordered, _drawn(sites, allowed), candidates)
         if isinstance(ledger, Blocked):
             return ledger
         try:
@@ -348,8 +367,10 @@ def _spent(name: str, spec: FederatedStudySpec, rounds: Sequence[RoundView],
 
 def _round_sites(spec: FederatedStudySpec, candidates: Sequence[Candidate]
                  ) -> tuple[str, ...] | None:
-    """The sites a new round names: spec.sites as listed, the selector's matches (resolved
-    now, since a round has no selector), or None for every Ready site."""
+    """The sites a new round names: spec.sites as listed (the round excludes, with the reason,
+    those that refuse its namespace), the selector's matches among `candidates` (the sites
+    that allow the study's namespace, resolved now, since a round has no selector), or None
+    for every Ready site that allows it."""
     if spec.sites:
         return tuple(spec.sites)
     if spec.site_selector is not None:

@@ -45,9 +45,11 @@ from deeprad.operator.api.sitetask import (
 )
 from deeprad.operator.client import Kube, job_pod_log
 from deeprad.operator.decide import round as rules
+from deeprad.operator.decide import tenancy
 from deeprad.operator.decide.sites import SiteView
 from deeprad.operator.decide.timeutil import now, parse_time, rfc3339
 from deeprad.operator.options import HubOptions
+from deeprad.operator.render import admission
 from deeprad.operator.render import jobs as job_render
 from deeprad.operator.render.tasks import site_task
 
@@ -58,12 +60,14 @@ LOG_TAIL_LINES = 20
 
 @dataclass(frozen=True)
 class RoundTarget:
-    """The round a pass works on: its identity and its (immutable once started) spec."""
+    """The round a pass works on: its identity, its (immutable once started) spec, and the uid
+    of the object that owns its store keys (its study's, or its own for a hand-made round)."""
 
     name: str
     namespace: str
     uid: str
     spec: FederatedRoundSpec
+    store_uid: str
 
     @property
     def study(self) -> str:
@@ -71,7 +75,7 @@ class RoundTarget:
 
     @property
     def layout(self) -> StudyLayout:
-        return StudyLayout(self.namespace, self.study)
+        return StudyLayout(self.namespace, self.study, self.store_uid)
 
     @property
     def ref(self) -> RoundRef:
@@ -152,7 +156,8 @@ class RoundHub:
         source = None
         if spec.input_checkpoint is not None:
             source = checkpoint_source(self.store, spec.input_checkpoint)
-        task = PrepareTask(namespace=target.namespace, study=target.study, round=spec.round - 1,
+        task = PrepareTask(namespace=target.namespace, study=target.study,
+                           study_uid=target.store_uid, round=spec.round - 1,
                            model=ModelSpec(name=spec.model.name,
                                            kwargs=dict(spec.model.kwargs or {})),
                            seed=spec.training.seed, source=source,
@@ -175,11 +180,12 @@ class RoundHub:
                            key_agreement_key=sites[s].spec.identity.key_agreement_key)
             for s in action.roster if s in sites)])
         task = AggregationTask(
-            namespace=target.namespace, study=target.study, round=spec.round,
+            namespace=target.namespace, study=target.study, study_uid=target.store_uid,
+            round=spec.round,
             strategy=StrategySpec(name=spec.strategy.name.value,
                                   params=dict(spec.strategy.params or {})),
             sites=None if secagg else list(action.sites), min_sites=spec.min_sites,
-            registry_json=registry.to_json(),
+            registry_json=registry.to_json(), created_by=self.created_by(target),
             secagg=None if secagg is None else SecAggSpec(
                 roster=sorted(action.roster), threshold=secagg.threshold, clip=secagg.clip,
                 weight_normalizer=secagg.weight_normalizer,
@@ -193,6 +199,13 @@ class RoundHub:
             self.options.hub_identity_secret, self.options.aggregator_cpu,
             self.options.aggregator_memory)
         self.kube.create_or_get(manifest)
+
+    def created_by(self, target: RoundTarget) -> str | None:
+        """Who created the round's study (or the lone round), for the hub's audit record: the
+        annotation the deeprad-study-creator admission policy sets."""
+        kind, name = (("FederatedStudy", target.spec.study_ref.name) if target.spec.study_ref
+                      else ("FederatedRound", target.name))
+        return admission.created_by(self.kube.get(API_VERSION, kind, name, target.namespace))
 
     def delete_jobs(self, name: str, uid: str) -> None:
         """Delete the round's hub Jobs (the round is being deleted)."""
@@ -214,8 +227,8 @@ class RoundHub:
             objects = [GrantedObject(key=key, method=method,
                                      url=self.presign(key, method, expires))
                        for key, method in grants.items()]
-            manifest = site_task(ref, target.study, spec, site, action.parent_digest, hub,
-                                 objects, secagg, rfc3339(deadline))
+            manifest = site_task(ref, target.study, target.store_uid, spec, site,
+                                 action.parent_digest, hub, objects, secagg, rfc3339(deadline))
             obj, _ = self.kube.create_or_get(manifest)
             owner = ((obj.get("spec") or {}).get("roundRef") or {}).get("uid")
             if owner != ref.uid:
@@ -274,8 +287,36 @@ class RoundHub:
 def checkpoint_source(store: ObjectStore, ref: CheckpointRef) -> CheckpointSource:
     """Where an input checkpoint URI points in the hub's store."""
     layout, number = StudyLayout.parse_global_weights(store.key_of(ref.uri))
-    return CheckpointSource(namespace=layout.namespace, study=layout.study, round=number,
-                            sha256=ref.digest)
+    return CheckpointSource(namespace=layout.namespace, study=layout.study, uid=layout.uid,
+                            round=number, sha256=ref.digest)
+
+
+def store_owner_uid(uid: str, spec: FederatedRoundSpec, meta: Mapping[str, Any]) -> str:
+    """The uid that keys a round's store objects: its FederatedStudy's (the ownerReference the
+    study set) or, for a round made by hand, its own. A round naming a study it is not owned
+    by gets keys of its own, never the study's."""
+    if spec.study_ref is not None:
+        for owner in meta.get("ownerReferences") or ():
+            if owner.get("kind") == "FederatedStudy" and owner.get("name") == \
+                    spec.study_ref.name and owner.get("uid"):
+                return str(owner["uid"])
+    return uid
+
+
+def checkpoint_owners(kube: Kube, source: StudyLayout) -> list[tenancy.CheckpointOwner]:
+    """The objects that may own `source`'s keys: the FederatedStudy named like its study, and a
+    FederatedRound of that name made by hand (a study's rounds keep their keys under the
+    study's name)."""
+    found = []
+    for kind in ("FederatedStudy", "FederatedRound"):
+        obj = kube.get(API_VERSION, kind, source.study, source.namespace)
+        spec = (obj or {}).get("spec") or {}
+        if obj is None or (kind == "FederatedRound" and spec.get("studyRef")):
+            continue
+        found.append(tenancy.CheckpointOwner(
+            kind, source.study, str(obj["metadata"]["uid"]),
+            tuple(spec.get("shareCheckpointsWith") or ())))
+    return found
 
 
 def api_time(value: Any) -> datetime | None:

@@ -13,6 +13,7 @@ from typing import Any
 import kopf
 
 from deeprad.core.errors import ConfigError, ObjectNotFound
+from deeprad.core.layout import StudyLayout
 from deeprad.core.protocol import AggregateReport
 from deeprad.operator import metrics
 from deeprad.operator.api.common import CheckpointRef
@@ -25,13 +26,15 @@ from deeprad.operator.api.federatedround import (
 from deeprad.operator.api.names import aggregator_job_name, prepare_job_name
 from deeprad.operator.api.sitetask import TaskResult, TaskState
 from deeprad.operator.decide import round as rules
+from deeprad.operator.decide import tenancy
 from deeprad.operator.decide.sites import SiteView
 from deeprad.operator.decide.timeutil import now, parse_time
 from deeprad.operator.hub.round_children import (
     RoundHub,
     RoundTarget,
     api_time,
-    checkpoint_source,
+    checkpoint_owners,
+    store_owner_uid,
 )
 
 
@@ -47,6 +50,7 @@ class TaskFacts:
     message: str | None
     result: TaskResult | None
     completion_time: str | None
+    reason: str | None = None
 
 
 def reconcile_round(hub: RoundHub, name: str, namespace: str, uid: str, meta: Mapping[str, Any],
@@ -54,7 +58,7 @@ def reconcile_round(hub: RoundHub, name: str, namespace: str, uid: str, meta: Ma
                     tasks: Sequence[TaskFacts], sites: Sequence[SiteView],
                     body: kopf.Body) -> FederatedRoundStatus:
     """One pass over a round: observe, decide, act; returns the status to write."""
-    target = RoundTarget(name, namespace, uid, spec)
+    target = RoundTarget(name, namespace, uid, spec, store_owner_uid(uid, spec, meta))
     mine = {f.site: f for f in tasks if f.round_uid == uid}
     if status.state and status.state.terminal:
         # An ended round keeps finished tasks as records and withdraws the rest, so their
@@ -86,21 +90,28 @@ def observe(hub: RoundHub, target: RoundTarget, meta: Mapping[str, Any],
                else hub.job_view(prepare_job_name(target.name, target.uid)))
     return rules.RoundWorld(
         now=observed_at, created=api_time(meta.get("creationTimestamp")) or observed_at,
-        candidates=sites,
-        tasks={site: rules.TaskView(f.name, f.state, f.message, f.result, f.completion_time)
+        candidates=sites, namespace=target.namespace,
+        tasks={site: rules.TaskView(f.name, f.state, f.message, f.result, f.completion_time,
+                                    f.reason)
                for site, f in tasks.items()},
         prepare=prepare, aggregator=aggregator, store=store,
-        input_problem=input_problem(hub, target.spec, store))
+        input_problem=input_problem(hub, target, store))
 
 
-def input_problem(hub: RoundHub, spec: FederatedRoundSpec, store: rules.StoreView) -> str | None:
-    """Why spec.inputCheckpoint cannot be imported, while round n-1's checkpoint is missing."""
-    if store.input_manifest is None and spec.input_checkpoint is not None:
-        try:
-            checkpoint_source(hub.store, spec.input_checkpoint)
-        except ConfigError as exc:
-            return str(exc)
-    return None
+def input_problem(hub: RoundHub, target: RoundTarget, store: rules.StoreView) -> str | None:
+    """Why spec.inputCheckpoint cannot be imported, while round n-1's checkpoint is missing:
+    a URI outside the store's checkpoint keys, or another namespace's checkpoint that its
+    owner does not share with this round's namespace (`decide.tenancy`)."""
+    ref = target.spec.input_checkpoint
+    if store.input_manifest is not None or ref is None:
+        return None
+    try:
+        source, _ = StudyLayout.parse_global_weights(hub.store.key_of(ref.uri))
+    except ConfigError as exc:
+        return str(exc)
+    owners = (checkpoint_owners(hub.kube, source) if source.namespace != target.namespace
+              else [])
+    return tenancy.checkpoint_refusal(target.namespace, ref.uri, source, owners)
 
 
 def act(hub: RoundHub, target: RoundTarget, decision: rules.RoundDecision,

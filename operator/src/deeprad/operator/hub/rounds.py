@@ -54,7 +54,7 @@ def round_tasks(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.
         task_status = SiteTaskStatus()
     return {uid: TaskFacts(uid, str(spec.get("site")), name, namespace, task_status.state,
                            task_status.message, task_status.result,
-                           task_status.completion_time)}
+                           task_status.completion_time, task_status.reason)}
 
 
 def reconcile(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.Spec,

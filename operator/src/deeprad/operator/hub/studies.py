@@ -34,11 +34,13 @@ from deeprad.operator.render import rounds as round_render
 
 @dataclass(frozen=True)
 class SiteFacts:
-    """Index entry of one HospitalSite: what studies select and account by."""
+    """Index entry of one HospitalSite: what studies select and account by, and the hub
+    namespaces it serves."""
 
     name: str
     labels: dict[str, str]
     sample_count: int | None
+    study_namespaces: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ def site_facts(name: str, labels: kopf.Labels, spec: kopf.Spec, **_: Any
                ) -> dict[None, SiteFacts]:
     """Index of HospitalSites: every site, for the studies' site selection."""
     count = (spec.get("data") or {}).get("sampleCount")
-    return {None: SiteFacts(name, dict(labels), count)}
+    return {None: SiteFacts(name, dict(labels), count,
+                            tuple(str(n) for n in spec.get("studyNamespaces") or ()))}
 
 
 def study_rounds(namespace: str | None, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta,
@@ -117,7 +120,7 @@ def candidates(spec: FederatedStudySpec, sites: list[SiteFacts]) -> list[study_r
         chosen = [s for s in sites if s.name in set(spec.sites)]
     else:
         chosen = [s for s in sites if site_rules.matches_selector(s.labels, spec.site_selector)]
-    return [study_rules.Candidate(s.name, s.sample_count)
+    return [study_rules.Candidate(s.name, s.sample_count, s.study_namespaces)
             for s in sorted(chosen, key=lambda s: s.name)]
 
 
@@ -128,7 +131,8 @@ def reconcile_study(kube: Kube, namespace: str, name: str, uid: str, generation:
     """One pass over a study: decide, create the next round if due, return the status."""
     decided_at = now()
     decision = study_rules.decide_study(name, generation, spec, status, rounds,
-                                        candidates(spec, sites), decided_at)
+                                        candidates(spec, sites), decided_at,
+                                        namespace=namespace)
     action, new = decision.action, decision.status
     if isinstance(action, study_rules.CreateRound):
         taken = create_round(kube, namespace, name, uid, spec, action, body)

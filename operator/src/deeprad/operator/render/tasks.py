@@ -29,12 +29,14 @@ LABEL_ROUND_UID = "deeprad.io/round-uid"
 LABEL_ROUND_NAMESPACE = "deeprad.io/round-namespace"
 
 
-def site_task(round_ref: RoundRef, study: str, spec: FederatedRoundSpec, site: str,
-              parent_digest: str, hub: PublicKeys, objects: list[GrantedObject],
+def site_task(round_ref: RoundRef, study: str, study_uid: str, spec: FederatedRoundSpec,
+              site: str, parent_digest: str, hub: PublicKeys, objects: list[GrantedObject],
               secure_aggregation: TaskSecureAggregation | None, deadline: str) -> Manifest:
-    """The SiteTask `<round>-<uid8>` in `deeprad-site-<site>`."""
+    """The SiteTask `<round>-<uid8>` in `deeprad-site-<site>`; `study_uid` keys the study's
+    store objects (`deeprad.core.layout`)."""
     task = SiteTaskSpec(
-        round_ref=round_ref, study=study, round=spec.round, site=site, model=spec.model,
+        round_ref=round_ref, study=study, study_uid=study_uid, round=spec.round, site=site,
+        model=spec.model,
         data=spec.data, training=spec.training, privacy=spec.privacy,
         parent_digest=parent_digest, hub=hub, objects=objects,
         secure_aggregation=secure_aggregation, deadline=deadline)

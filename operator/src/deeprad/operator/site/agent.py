@@ -35,6 +35,7 @@ from deeprad.operator.site.decide import (
     CreateJob,
     DeleteJob,
     JobView,
+    RecordPrivacy,
     ReportTask,
     TaskView,
     agent_failure,
@@ -45,6 +46,7 @@ from deeprad.operator.site.decide import (
     orphan_jobs,
     renew_lease,
 )
+from deeprad.operator.site.ledger import Ledger, with_entry
 
 log = logging.getLogger("deeprad.agent")
 
@@ -98,9 +100,10 @@ class SiteAgent:
         """One pass over every task and Job."""
         tasks = observe.tasks(self.hub, self.namespace)
         jobs = observe.jobs(self.local, self.config)
+        ledger = observe.ledger(self.local, self.config)
         for task in tasks:
             try:
-                self.apply(self.task_actions(task, jobs.get(task.name)))
+                self.apply(self.task_actions(task, jobs.get(task.name), ledger))
             except ApiException as exc:
                 log.warning("task %s: API call failed (%s %s); retrying next pass", task.name,
                             exc.status, exc.reason)
@@ -110,12 +113,13 @@ class SiteAgent:
         self.apply(orphan_jobs(tasks, jobs))
         self.last_pass = time.monotonic()
 
-    def task_actions(self, task: TaskView, job: JobView | None) -> list[Action]:
+    def task_actions(self, task: TaskView, job: JobView | None, ledger: Ledger
+                     ) -> list[Action]:
         """What `decide_task` says for one task; a finished Job's log is read first when its
         outcome is to be reported."""
         if job is not None and needs_log(task, job):
             job = dataclasses.replace(job, log=observe.job_log(self.local, self.config, job))
-        return decide_task(self.config, task, job, now())
+        return decide_task(self.config, task, job, now(), ledger)
 
     def apply(self, actions: Sequence[Action]) -> None:
         """Carry out actions in order; an API error stops the rest."""
@@ -123,6 +127,8 @@ class SiteAgent:
             if isinstance(action, CreateJob):
                 if self.local.create(action.manifest):
                     log.info("created training Job %s/%s", action.namespace, action.name)
+            elif isinstance(action, RecordPrivacy):
+                self.record_privacy(action)
             elif isinstance(action, DeleteJob):
                 log.info("deleting Job %s: %s", action.name, action.reason)
                 self.local.delete("batch/v1", "Job", action.name, self.config.training.namespace)
@@ -132,6 +138,19 @@ class SiteAgent:
                                       status.model_dump(mode="json", exclude_none=True))
                 log.info("task %s: %s — %s", action.name, status.state,
                          (status.message or "").partition("\n")[0][:200])
+
+    def record_privacy(self, action: RecordPrivacy) -> None:
+        """Add a DP run to the ledger, read afresh: create it, or replace it at the version
+        read, so a concurrent write (409) or a lost create race fails this pass, which then
+        retries before the task is reported."""
+        current = observe.ledger_configmap(self.local, self.config)
+        body = with_entry(current, self.config.training.namespace, action.key, action.entry)
+        if current is not None:
+            self.local.replace(body)
+        elif not self.local.create(body):
+            raise ApiException(status=409, reason="privacy ledger created concurrently")
+        log.info("privacy ledger: recorded task %s (round %d) of %s", action.entry.task,
+                 action.entry.round, action.key)
 
     # ---- the loop -----------------------------------------------------------------------------
 

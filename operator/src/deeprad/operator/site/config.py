@@ -1,8 +1,13 @@
 """The site agent's configuration file (`deeprad operator --mode site --config FILE`).
 
 The hospital owns it (the site chart renders it into a ConfigMap): which namespace of its own
-cluster trainer Jobs run in, with which image, identity Secret, data volume and GPU settings.
-The hub never chooses any of these; it only says what to train and where to upload.
+cluster trainer Jobs run in, with which image, identity Secret, data volume and GPU settings,
+and its site policy (`deeprad.core.site_policy`): which studies and models may run, how many
+local epochs, whether DP and secure aggregation are required, the largest ε per study. The hub
+never chooses any of these; it only says what to train and where to upload. The rest of what a
+hospital decides is here too: the hub it works for (hubSigningKey), the store its trainers may
+reach (store.endpoint), the GPUs per training pod (training.gpu: a task cannot ask for GPUs)
+and the longest a trainer Job may run (training.maxTaskDuration).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from deeprad.core.errors import ConfigError
 from deeprad.core.protocol import DatasetSpec
+from deeprad.core.site_policy import SitePolicy
 from deeprad.core.store.endpoint import ENDPOINT_FORM, StoreEndpoint
 from deeprad.operator.api.common import Duration, ObjectName, Quantity, SiteName
 from deeprad.operator.api.hospitalsite import PUBLIC_KEY_PATTERN, GpuDefaults
@@ -51,12 +57,16 @@ class TrainingPlacement(ApiModel):
                                  description="How the trainer reads the data; the round's "
                                              "image size and validation split override the "
                                              "matching fields.")
-    gpu: GpuDefaults = Field(default_factory=GpuDefaults, description="GPU resource, count, "
-                                                                      "placement.")
+    gpu: GpuDefaults = Field(default_factory=GpuDefaults,
+                             description="GPU resource, count and placement of every training "
+                                         "pod; the hospital's alone: a task cannot ask for "
+                                         "GPUs.")
     resources: TrainingResources = Field(default_factory=TrainingResources,
                                          description="CPU and memory per training pod.")
     max_task_duration: Duration | None = Field(
-        default=None, description="Upper bound of a trainer Job's activeDeadlineSeconds.")
+        default=None, description="Upper bound of a trainer Job's activeDeadlineSeconds (part of "
+                                  "the site's policy: no task runs longer, whatever its "
+                                  "deadline).")
     service_account: ObjectName | None = Field(
         default=None, description="ServiceAccount of trainer pods (no token is mounted).")
 
@@ -94,6 +104,9 @@ class AgentConfig(ApiModel):
                                         description="Trainer Job placement.")
     store: AllowedStore = Field(default_factory=AllowedStore,
                                 description="The store presigned URLs may lead to.")
+    policy: SitePolicy = Field(default_factory=SitePolicy,
+                               description="What studies may run here; every task is checked "
+                                           "against it by the agent and again by the trainer.")
     heartbeat_seconds: float = Field(default=10.0, gt=0, le=300,
                                      description="How often the agent renews its Lease.")
     poll_seconds: float = Field(default=5.0, gt=0, le=300,

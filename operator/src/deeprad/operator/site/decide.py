@@ -8,14 +8,19 @@ For each SiteTask in its hub namespace, with the trainer Job of the same name (i
 - a Job labelled with another task's uid (an earlier task of that name) is deleted first;
 - a task without a Job gets one (name = task name, labelled with the task's uid), unless the
   round's deadline passed, its Job existed and is gone (never train twice: an update may be
-  uploaded already), or the task asks for something the site refuses (another site, another
-  hub key, a presigned URL that leads anywhere but the site's store endpoint);
+  uploaded already), the task asks for something the site refuses (another site, another
+  hub key: reason Refused) or breaks the site's policy (a study or model it does not allow,
+  too many local epochs, no DP or secure aggregation where required, a study whose ε at this
+  site reached the ceiling, a presigned URL that leads anywhere but the site's store endpoint:
+  reason PolicyViolation, the one-line message naming the rule). The Job gets the policy, the
+  trainer image and the study's privacy ledger, so the trainer checks the task again;
 - a running Job reports Running; a finished Job reports Succeeded with the trainer's result
-  (the last JSON line of its log) or Failed with the log's tail; a long Job's task gets a
-  heartbeat every `TASK_HEARTBEAT_SECONDS`.
+  (the last JSON line of its log), after recording its DP-SGD steps in the site's privacy
+  ledger, or Failed with the log's tail; a long Job's task gets a heartbeat every
+  `TASK_HEARTBEAT_SECONDS`.
 
 A Job whose task is gone (round deleted) is deleted. Every `heartbeatSeconds` the agent renews
-its Lease on the hub with its version and the GPUs its cluster offers.
+its Lease on the hub with its version, the GPUs its cluster offers and its policy's digest.
 """
 
 from __future__ import annotations
@@ -29,11 +34,24 @@ from typing import Literal
 from pydantic import ValidationError
 
 from deeprad.core import __version__
-from deeprad.core.errors import DeepRadError
+from deeprad.core.errors import DeepRadError, PolicyViolation
 from deeprad.core.protocol import SiteResult
+from deeprad.core.site_policy import (
+    LEDGER_ENV,
+    POLICY_ENV,
+    TRAINER_IMAGE_ENV,
+    LedgerEntry,
+    ledger_json,
+    policy_digest,
+    policy_json,
+)
 from deeprad.operator.api.hospitalsite import GpuCapacity
 from deeprad.operator.api.sitetask import SiteTaskSpec, SiteTaskStatus, TaskState
-from deeprad.operator.decide.sites import AGENT_VERSION_ANNOTATION, OBSERVED_GPUS_ANNOTATION
+from deeprad.operator.decide.sites import (
+    AGENT_VERSION_ANNOTATION,
+    OBSERVED_GPUS_ANNOTATION,
+    POLICY_DIGEST_ANNOTATION,
+)
 from deeprad.operator.decide.timeutil import parse_time, rfc3339
 from deeprad.operator.render.jobs import (
     JobContext,
@@ -43,6 +61,7 @@ from deeprad.operator.render.jobs import (
 )
 from deeprad.operator.render.meta import Manifest
 from deeprad.operator.site.config import AgentConfig
+from deeprad.operator.site.ledger import Ledger, ledger_key
 from deeprad.operator.site.training import presigned_env, task_result, training_task
 
 LABEL_TASK_UID = "deeprad.io/task-uid"
@@ -122,31 +141,48 @@ class ReportTask:
 
 
 @dataclass(frozen=True)
+class RecordPrivacy:
+    """Add a finished task's DP-SGD run to the site's privacy ledger (under `key`), before
+    the task is reported Succeeded: a run is never left out of the study's ε here."""
+
+    key: str
+    entry: LedgerEntry
+
+
+@dataclass(frozen=True)
 class RenewLease:
     """Write the agent's Lease back whole (the site's Role grants `update`, not `patch`)."""
 
     lease: Manifest
 
 
-Action = CreateJob | DeleteJob | ReportTask
+Action = CreateJob | DeleteJob | RecordPrivacy | ReportTask
+# SiteTask status.reason of the agent's refusals: the hospital's policy, or a task this agent
+# cannot do at all (another site's, another hub's).
+POLICY_VIOLATION = "PolicyViolation"
+REFUSED = "Refused"
 
 
 # ---- tasks ------------------------------------------------------------------------------------
 
 
-def decide_task(config: AgentConfig, task: TaskView, job: JobView | None, now: datetime
-                ) -> list[Action]:
-    """The actions for one task and its Job, in order; act stops at the first API error."""
+def decide_task(config: AgentConfig, task: TaskView, job: JobView | None, now: datetime,
+                ledger: Ledger | None = None) -> list[Action]:
+    """The actions for one task and its Job, in order; act stops at the first API error.
+    `ledger` is the site's privacy ledger as read this pass (the agent always passes it; None
+    only where nothing was recorded, as in tests of other rules)."""
+    ledger = ledger or Ledger()
     if task.status.state and task.status.state.terminal:
         return []
     if task.spec is None:
         return [report(task.name, task.status, TaskState.FAILED, "the task's spec is invalid "
-                       f"for agent {__version__}: {task.spec_error}", now, terminal=True)]
+                       f"for agent {__version__}: {task.spec_error}", now, terminal=True,
+                       reason="InvalidSpec")]
     if job is not None and job.task_uid != task.uid:
         return [DeleteJob(job.name, "it belongs to an earlier task of that name")]
     if job is None:
-        return _start(config, task, task.spec, now)
-    return _follow(task, task.spec, job, now)
+        return _start(config, task, task.spec, now, ledger)
+    return _follow(task, task.spec, job, now, ledger)
 
 
 def needs_log(task: TaskView, job: JobView) -> bool:
@@ -166,48 +202,66 @@ def agent_failure(task: TaskView, exc: Exception, now: datetime) -> ReportTask:
     """The report when handling a task raised something other than an API error: retrying
     cannot help, so the task fails and says why."""
     return report(task.name, task.status, TaskState.FAILED, f"site agent {__version__} failed "
-                  f"on this task: {type(exc).__name__}: {exc}", now, terminal=True)
+                  f"on this task: {type(exc).__name__}: {exc}", now, terminal=True,
+                  reason="AgentError")
 
 
 def report(name: str, status: SiteTaskStatus, state: TaskState, message: str, now: datetime,
-           terminal: bool = False) -> ReportTask:
-    """The task's new status: `status` with state, message, heartbeat, agent version and, for
-    a terminal state, the completion time."""
+           terminal: bool = False, reason: str | None = None) -> ReportTask:
+    """The task's new status: `status` with state, message, heartbeat, agent version, the
+    CamelCase `reason` of a failure (the hub shows it per site) and, for a terminal state,
+    the completion time."""
     t = rfc3339(now)
     new = status.model_copy(deep=True, update={
         "state": state, "message": message[-MESSAGE_LIMIT:], "heartbeat_time": t,
-        "agent_version": __version__})
+        "agent_version": __version__, "reason": reason or status.reason})
     if terminal:
         new.completion_time = new.completion_time or t
     return ReportTask(name, new)
 
 
-def _start(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, now: datetime
-           ) -> list[Action]:
+def _start(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, now: datetime,
+           ledger: Ledger) -> list[Action]:
     """Create the trainer Job for a task, or refuse the task with a reason."""
     name, status = task.name, task.status
     deadline = parse_time(spec.deadline)
     if now >= deadline:
         return [report(name, status, TaskState.FAILED, "the round's deadline passed before "
-                       "the site could start training", now, terminal=True)]
+                       "the site could start training", now, terminal=True,
+                       reason="DeadlineExceeded")]
     if status.state in (TaskState.ACCEPTED, TaskState.RUNNING) and status.job_name:
         # The Job existed and is gone (deleted by hand or collected): never run it twice,
         # an update may already be uploaded.
         return [report(name, status, TaskState.FAILED, f"training Job {status.job_name} "
-                       "disappeared before it finished", now, terminal=True)]
+                       "disappeared before it finished", now, terminal=True,
+                       reason="JobDisappeared")]
+    namespace = spec.round_ref.namespace
+    spent = ledger.runs(namespace, spec.study)
     try:
         training = training_task(spec, config)
-        urls = presigned_env(spec, config)  # only the store endpoint the site allows
+        # The hospital's policy, before anything is created: the Job would check it again.
+        config.policy.check(training, spent=[e.steps for e in spent])
+    except PolicyViolation as exc:
+        return [report(name, status, TaskState.FAILED, str(exc), now, terminal=True,
+                       reason=POLICY_VIOLATION)]
     except (DeepRadError, ValidationError) as exc:
         return [report(name, status, TaskState.FAILED, f"refused by site {config.site}: {exc}",
-                       now, terminal=True)]
+                       now, terminal=True, reason=REFUSED)]
+    try:
+        urls = presigned_env(spec, config)  # only the store endpoint the site allows
+    except DeepRadError as exc:
+        return [report(name, status, TaskState.FAILED, f"refused by site {config.site}: {exc}",
+                       now, terminal=True,
+                       reason=POLICY_VIOLATION if isinstance(exc, PolicyViolation) else REFUSED)]
     placement = config.training
+    env = {**urls, POLICY_ENV: policy_json(config.policy), TRAINER_IMAGE_ENV: placement.image,
+           LEDGER_ENV: ledger_json(spent)}
     ctx = JobContext(name=name, namespace=placement.namespace, study=spec.study,
                      round_name=spec.round_ref.name, image=placement.image,
                      image_pull_policy=placement.image_pull_policy)
     manifest = trainer_job(ctx, config.site, placement, training,
                            active_deadline_seconds(deadline, now),
-                           store=StoreAccess(PRESIGNED_STORE), extra_env=urls)
+                           store=StoreAccess(PRESIGNED_STORE), extra_env=env)
     manifest["metadata"]["labels"][LABEL_TASK_UID] = task.uid
     accepted = status.model_copy(update={"job_name": name,
                                          "start_time": status.start_time or rfc3339(now)})
@@ -216,8 +270,9 @@ def _start(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, now: datetim
                    f"training Job {placement.namespace}/{name} created", now)]
 
 
-def _follow(task: TaskView, spec: SiteTaskSpec, job: JobView, now: datetime) -> list[Action]:
-    """Report a Job's progress and outcome."""
+def _follow(task: TaskView, spec: SiteTaskSpec, job: JobView, now: datetime, ledger: Ledger
+            ) -> list[Action]:
+    """Report a Job's progress and outcome; a DP run goes into the ledger first."""
     name = task.name
     status = task.status.model_copy(update={
         "job_name": name, "attempts": job.active + job.succeeded + job.failed})
@@ -226,14 +281,21 @@ def _follow(task: TaskView, spec: SiteTaskSpec, job: JobView, now: datetime) -> 
         result = last_result(text)
         if result is None:
             return [report(name, status, TaskState.FAILED, "the trainer finished but printed "
-                           "no result; log tail:\n" + tail(text), now, terminal=True)]
+                           "no result; log tail:\n" + tail(text), now, terminal=True,
+                           reason="NoResult")]
         status.result = task_result(result, spec)
-        return [report(name, status, TaskState.SUCCEEDED, f"update uploaded "
-                       f"({result.num_samples} samples, {result.duration_s:.0f}s)", now,
-                       terminal=True)]
+        done = report(name, status, TaskState.SUCCEEDED, f"update uploaded "
+                      f"({result.num_samples} samples, {result.duration_s:.0f}s)", now,
+                      terminal=True)
+        namespace = spec.round_ref.namespace
+        if result.privacy is None or ledger.has(namespace, spec.study, task.uid):
+            return [done]
+        entry = LedgerEntry(task=task.uid, round=spec.round, steps=result.privacy)
+        return [RecordPrivacy(ledger_key(namespace, spec.study), entry), done]
     if job.outcome == "Failed":
         return [report(name, status, TaskState.FAILED, f"training Job failed ({job.failure}); "
-                       "log tail:\n" + tail(job.log or ""), now, terminal=True)]
+                       "log tail:\n" + tail(job.log or ""), now, terminal=True,
+                       reason=_failure_reason(job.log or ""))]
     if job.active and status.state != TaskState.RUNNING:
         return [report(name, status, TaskState.RUNNING, "training", now)]
     if _age(status.heartbeat_time, now) > TASK_HEARTBEAT_SECONDS:
@@ -241,6 +303,12 @@ def _follow(task: TaskView, spec: SiteTaskSpec, job: JobView, now: datetime) -> 
         return [report(name, status, status.state or TaskState.ACCEPTED,
                        status.message or "training", now)]
     return []
+
+
+def _failure_reason(log: str) -> str:
+    """PolicyViolation when the trainer refused the task under the site's policy (its last
+    words name the rule), JobFailed otherwise."""
+    return POLICY_VIOLATION if "PolicyViolation: policy." in tail(log, 3) else "JobFailed"
 
 
 def last_result(text: str) -> SiteResult | None:
@@ -285,12 +353,14 @@ def gpu_capacity(resource: str, nodes: Sequence[NodeView]) -> GpuCapacity:
 def renew_lease(config: AgentConfig, lease: Manifest | None, gpus: GpuCapacity | None,
                 now: datetime) -> RenewLease | None:
     """The Lease renewed by this agent: holder, duration (three heartbeats), renew time, and
-    annotations with its version and GPU report (left out when nodes may not be read). None
-    when there is no Lease yet: the hub creates it when it registers the site."""
+    annotations with its version, policy digest and GPU report (left out when nodes may not
+    be read). None when there is no Lease yet: the hub creates it when it registers the
+    site."""
     if lease is None:
         return None
     body = copy.deepcopy(lease)
-    notes = {AGENT_VERSION_ANNOTATION: __version__}
+    notes = {AGENT_VERSION_ANNOTATION: __version__,
+             POLICY_DIGEST_ANNOTATION: policy_digest(config.policy)}
     if gpus is not None:
         notes[OBSERVED_GPUS_ANNOTATION] = gpus.model_dump_json(exclude_none=True)
     meta = body.setdefault("metadata", {})

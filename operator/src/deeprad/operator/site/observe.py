@@ -1,5 +1,6 @@
 """What the site agent reads: its SiteTasks and Lease on the hub, its trainer Jobs, their
-pods' logs and the nodes on its own cluster, as the plain typed views `site.decide` takes."""
+pods' logs, its privacy ledger and the nodes on its own cluster, as the plain typed views
+`site.decide` takes."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from deeprad.operator.render.meta import LABEL_SITE, Manifest
 from deeprad.operator.render.site import AGENT
 from deeprad.operator.site.config import AgentConfig
 from deeprad.operator.site.decide import LABEL_TASK_UID, JobView, NodeView, TaskView
+from deeprad.operator.site.ledger import LEDGER_CONFIGMAP, Ledger, read_ledger
 
 log = logging.getLogger("deeprad.agent")
 
@@ -41,6 +43,18 @@ def job_log(local: Kube, config: AgentConfig, job: JobView) -> str:
     """The log tail of the Job's newest pod that ended as the Job did."""
     phase = "Succeeded" if job.outcome == "Complete" else "Failed"
     return local.job_log(config.training.namespace, job.name, phase, LOG_TAIL_LINES)
+
+
+def ledger_configmap(local: Kube, config: AgentConfig) -> Manifest | None:
+    """The privacy ledger's ConfigMap in the training namespace (None before the first DP run
+    finished). An unreadable one raises: no task starts without knowing what was spent."""
+    return local.get("v1", "ConfigMap", LEDGER_CONFIGMAP, config.training.namespace)
+
+
+def ledger(local: Kube, config: AgentConfig) -> Ledger:
+    """The site's privacy ledger, every study's DP runs on this site's data."""
+    where = f"ConfigMap {config.training.namespace}/{LEDGER_CONFIGMAP}"
+    return read_ledger(ledger_configmap(local, config), where)
 
 
 def nodes(local: Kube, resource: str) -> list[NodeView] | None:

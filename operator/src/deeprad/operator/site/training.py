@@ -52,7 +52,8 @@ def training_task(task: SiteTaskSpec, config: AgentConfig) -> TrainingTask:
         "image_size": task.data.image_size, "val_fraction": task.data.val_fraction,
         "split_seed": task.data.split_seed})
     return TrainingTask(
-        namespace=task.round_ref.namespace, study=task.study, round=task.round, site=task.site,
+        namespace=task.round_ref.namespace, study=task.study, study_uid=task.study_uid,
+        round=task.round, site=task.site,
         model=ModelSpec(name=task.model.name, kwargs=dict(task.model.kwargs or {})),
         dataset=dataset,
         train=TrainConfig(local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
