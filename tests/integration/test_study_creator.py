@@ -72,7 +72,8 @@ def hub(hub_cluster: Cluster) -> Cluster:
     hub_cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
     hub_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                         *(f"crd/{p}.deeprad.io" for p in PLURALS))
-    hub_cluster.kubectl("apply", "--server-side", "-f", str(POLICY_FILE))
+    # --force-conflicts: tests share the hub, and an earlier one may have applied the chart.
+    hub_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(POLICY_FILE))
     return hub_cluster
 
 

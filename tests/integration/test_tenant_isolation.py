@@ -139,6 +139,14 @@ def _manifest(fed: Federation, layout: StudyLayout, n: int) -> CheckpointManifes
     return CheckpointManifest.model_validate(fed.store_json(layout.global_manifest(n)))
 
 
+def _weights(fed: Federation, layout: StudyLayout) -> dict[str, list[float]]:
+    """Round 0's tensors, as plain lists (the safetensors payload read from the real S3)."""
+    from safetensors.torch import load
+
+    data = fed.s3.client().get_object(BUCKET, layout.global_weights(0)).read()
+    return {k: v.flatten().tolist() for k, v in load(data).items()}
+
+
 def _job(fed: Federation, name: str) -> dict[str, Any] | None:
     return fed.get("job", name, "-n", JOBS_NAMESPACE)
 
@@ -288,4 +296,6 @@ def test_redteam_cross_namespace_input_checkpoint_without_a_grant(
     imported = fed.wait("the shared checkpoint imported", lambda: _keys(
         fed, mine.global_manifest(0)) and _manifest(fed, mine, 0), TIMEOUT)
     assert imported.parent_sha256 == new.parent.payload_sha256
-    assert imported.payload_sha256 == new.parent.payload_sha256  # the same weights
+    # The same weights, in a payload of its own (the importing round's uid is signed into it).
+    assert imported.payload_sha256 != new.parent.payload_sha256
+    assert _weights(fed, mine) == _weights(fed, new.layout)

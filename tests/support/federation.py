@@ -112,7 +112,9 @@ def start_hub(hub: Cluster, s3: S3Server, workdir: Path, owner_token: str) -> Fe
     the store's Secrets, and the hub operator running rounds against the S3 server."""
     hub.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
     # The chart's files, not a copy: the agents here renew their Leases under the same policy.
-    hub.kubectl("apply", "--server-side", "-f", str(ADMISSION_DIR))
+    # --force-conflicts: tests share the hub, and an earlier one may have applied the chart's
+    # rendering of the same policies under another field manager.
+    hub.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ADMISSION_DIR))
     hub.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                 *(f"crd/{p}.deeprad.io" for p in PLURALS))
     s3.create_bucket(BUCKET)
@@ -136,7 +138,8 @@ def start_hub(hub: Cluster, s3: S3Server, workdir: Path, owner_token: str) -> Fe
         "--kubeconfig", str(hub.kubeconfig), "--site-interval", "1", "--study-interval", "1",
         "--round-interval", "1", "--store", store, "--jobs-namespace", JOBS_NAMESPACE,
         "--job-image", "deeprad:test", "--store-credentials-secret", STORE_SECRET,
-        "--hub-identity-secret", HUB_IDENTITY_SECRET, "--hub-keys", str(public)],
+        "--hub-identity-secret", HUB_IDENTITY_SECRET, "--hub-keys", str(public),
+        "--record-study-creator"],  # the hub chart's policies are applied above
         workdir / "hub-operator", owner_token,
         env={"DEEPRAD_S3_ACCESS_KEY": s3.root.access_key,
              "DEEPRAD_S3_SECRET_KEY": s3.root.secret_key})

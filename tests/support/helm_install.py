@@ -307,7 +307,10 @@ def install_site(fed: HelmFederation, site: str, index: int) -> None:
                   "--set", f"agent.healthPort={fed.ports.agent_health[site]}",
                   "--set", f"agent.metricsPort={fed.ports.agent_metrics[site]}",
                   # Speed: 2 s heartbeats and 1 s polls instead of 15 s / 5 s.
-                  "--set", "heartbeatSeconds=2", "--set", "pollSeconds=1")
+                  "--set", "heartbeatSeconds=2", "--set", "pollSeconds=1",
+                  # the example's policy as it is, for this test's study namespaces
+                  "--set-json", "policy.studies=" + json.dumps(
+                      [f"{ns}/*" for ns in fed.study_namespaces]))
     # The training namespace exists now (the chart made it, labelled restricted).
     cluster.kubectl("apply", "-f", "-", input=json.dumps(secret))
 

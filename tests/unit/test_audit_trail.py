@@ -204,3 +204,26 @@ def test_several_studies_of_one_name_need_a_uid(tmp_path: Path,
     err = capsys.readouterr().err
     assert code == 2
     assert "holds 2 studies of that name (uids 0a1b, 2c3d)" in err and "pass --uid" in err
+
+
+def test_redteam_rounds_removed_from_the_middle_of_the_trail() -> None:
+    """Each aggregated round must continue the previous one: a round whose records were removed
+    (it reads as 'not aggregated yet') before an aggregated one, or a parent that is not the
+    previous round's checkpoint, fails the audit."""
+    from deeprad.cli.audit import _chain_rows
+    from deeprad.core.layout import StudyLayout
+
+    layout = StudyLayout("ns", "study", uid="u1")
+    r1 = HubRoundRecord.model_construct(round=1, parent_sha256="0" * 64,
+                                        checkpoint_sha256="1" * 64)
+    r2 = HubRoundRecord.model_construct(round=2, parent_sha256="1" * 64,
+                                        checkpoint_sha256="2" * 64)
+    r3 = HubRoundRecord.model_construct(round=3, parent_sha256="9" * 64,
+                                        checkpoint_sha256="3" * 64)
+    assert _chain_rows(layout, r2, r1, pending=[]) == []
+    (hole,) = _chain_rows(layout, r3, r1, pending=[2])
+    assert not hole.ok and "round(s) 2 before this aggregated round" in hole.problem
+    (broken,) = _chain_rows(layout, r3, r2, pending=[])
+    assert not broken.ok and "the chain of rounds is broken" in broken.problem
+    refused("hub and aggregate records of a middle round removed", "deeprad audit (round chain)",
+            str(hole.problem))

@@ -207,9 +207,14 @@ def _args(objs: list[Obj]) -> tuple[list[str], Obj]:
 
 
 def _flags(args: list[str]) -> dict[str, list[str]]:
+    """flag -> its values; a flag followed by another flag (or nothing) is a switch: [""]."""
     flags: dict[str, list[str]] = {}
-    for flag, value in zip(args[::2], args[1::2], strict=False):
-        flags.setdefault(flag, []).append(value)
+    i = 0
+    while i < len(args):
+        flag = args[i]
+        value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("-") else None
+        flags.setdefault(flag, []).append(value or "")
+        i += 1 if value is None else 2
     return flags
 
 
@@ -230,6 +235,9 @@ def test_hub_operator_follows_the_cli_contract() -> None:
     assert flags["--liveness"] == ["http://0.0.0.0:8080/healthz"]
     assert flags["--metrics-port"] == ["9090"]
     assert flags["-n"] == ["research", "research-*"]
+    assert flags["--record-study-creator"] == [""]  # the creator policies are installed
+    off = _flags(_args(render(HUB, HUB_EXAMPLE, "admissionPolicies.studyCreator=false"))[0])
+    assert "--record-study-creator" not in off  # unguarded annotations are never recorded
     mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     keys = volumes[mounts[flags["--hub-keys"][0]]]["configMap"]["name"]

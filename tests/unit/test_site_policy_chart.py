@@ -46,9 +46,8 @@ def test_the_default_values_render_the_default_policy() -> None:
 
 def test_the_example_renders_its_policy() -> None:
     assert _policy(SITE_EXAMPLE) == SitePolicy(
-        studies=["oncology/*"], models=["densenet121", model_digest("tumor-cnn", {})],
-        max_local_epochs=5, require_differential_privacy=True, max_epsilon_per_study=8,
-        require_secure_aggregation=True)
+        studies=["research/*"], models=["densenet121", model_digest("tumor-cnn", {})],
+        max_local_epochs=5, require_secure_aggregation=True)
 
 
 def test_an_empty_study_list_allows_no_study() -> None:
@@ -59,6 +58,14 @@ def test_an_empty_study_list_allows_no_study() -> None:
     assert policy.delta == 0.0001
     # `studies:` left empty in a values file is null, which Helm drops: still no study.
     assert _policy(None, "policy.studies=null").studies == []
+
+
+def test_an_empty_model_list_allows_no_model() -> None:
+    """Fail closed like `studies`: `models: []` or null is no model, not the catalogue; the
+    default lists the catalogue as it is today, so a network added later waits to be listed."""
+    assert _policy(None, "policy.models=[]").models == []
+    assert _policy(None, "policy.models=null").models == []
+    assert _policy().models == list(MODEL_NAMES)
 
 
 @pytest.mark.parametrize(("value", "says"), [
@@ -81,3 +88,32 @@ def test_the_schema_follows_the_catalogue_and_the_study_pattern() -> None:
                            ["pattern"].split("sha256")[0]))
     assert named == set(MODEL_NAMES)
     assert schema["properties"]["studies"]["items"]["pattern"] == STUDY_PATTERN.pattern
+
+
+def _notes(tmp_path: Path, values: Path | None = None) -> str:
+    """The site chart's NOTES.txt as `helm install` prints it (rendered as a plain template of a
+    copy of the chart: `helm template` skips NOTES.txt)."""
+    import shutil
+
+    chart = tmp_path / "deeprad-site"
+    shutil.copytree(SITE, chart)
+    (chart / "templates" / "NOTES.txt").rename(chart / "notes.txt")
+    (chart / "templates" / "notes.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n'
+        'data: {notes: {{ tpl (.Files.Get "notes.txt") . | quote }}}\n')
+    args = ["template", "st-marys", str(chart), "-n", "deeprad", "--show-only",
+            "templates/notes.yaml"]
+    out = helm(*args, *(["-f", str(values)] if values else [])).stdout
+    return str(yaml.safe_load(out)["data"]["notes"])
+
+
+def test_the_install_notes_name_every_open_door(tmp_path: Path) -> None:
+    """An unpinned hub key, no store endpoint, egress to any host, an unpinned trainer image and
+    `*/*` studies are each named after a default install; the example closes most of them."""
+    notes = _notes(tmp_path)
+    for setting in ("hubSigningKey is empty", "store.endpoint is empty",
+                    "networkPolicy.store.cidrs is 0.0.0.0/0", "training.image.digest is empty",
+                    "policy.studies allows */*"):
+        assert setting in notes, setting
+    example = _notes(tmp_path / "example", SITE_EXAMPLE)
+    assert "0.0.0.0/0" not in example and "policy.studies allows" not in example

@@ -97,7 +97,8 @@ digest pins it. Each part matches deeprad.operator.api.images (values.schema.jso
 {{- $policy := dict "requireDifferentialPrivacy" ($p.requireDifferentialPrivacy | default false) "requireSecureAggregation" ($p.requireSecureAggregation | default false) -}}
 {{- /* A null `studies` (Helm drops the key) allows no study: the policy fails closed. */ -}}
 {{- $_ := set $policy "studies" (ternary $p.studies list (hasKey $p "studies")) -}}
-{{- with $p.models }}{{ $_ := set $policy "models" . }}{{ end -}}
+{{- /* Likewise a null or empty `models` allows no model (the default lists the catalogue). */ -}}
+{{- $_ := set $policy "models" (ternary $p.models list (hasKey $p "models")) -}}
 {{- with $p.maxLocalEpochs }}{{ $_ := set $policy "maxLocalEpochs" (int .) }}{{ end -}}
 {{- with $p.maxEpsilonPerStudy }}{{ $_ := set $policy "maxEpsilonPerStudy" . }}{{ end -}}
 {{- with $p.delta }}{{ $_ := set $policy "delta" . }}{{ end -}}

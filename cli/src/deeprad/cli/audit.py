@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         rows += hub_rows
         if found is None and not hub_rows:
             pending.append(number)
+        if found is not None:
+            rows += _chain_rows(layout, found, last, pending)
         last = found or last
     _print(rows, pending, last)
     failed = [r for r in rows if not r.ok]
@@ -193,6 +195,25 @@ def _round_rows(store: ObjectStore, layout: StudyLayout, number: int, hub: Publi
                  problem="a site record the hub's round record does not name")
              for site in recorded_sites(store, layout, number) if site not in listed]
     return record, rows
+
+
+def _chain_rows(layout: StudyLayout, record: HubRoundRecord, previous: HubRoundRecord | None,
+                pending: list[int]) -> list[Row]:
+    """A failing row when an aggregated round does not continue the one before it: an earlier
+    round without a hub record (its records were removed), or a parent that is not the previous
+    round's checkpoint (a round removed or replaced in between)."""
+    key = layout.hub_audit(record.round)
+    gaps = [n for n in pending if n < record.round]
+    if gaps:
+        return [Row(record.round, "(hub)", ok=False, key=key,
+                    problem=f"round(s) {', '.join(map(str, gaps))} before this aggregated round "
+                            "have no hub record: the trail has a hole")]
+    if previous is not None and record.parent_sha256 != previous.checkpoint_sha256:
+        return [Row(record.round, "(hub)", ok=False, key=key,
+                    problem=f"its parent {str(record.parent_sha256)[:16]}… is not round "
+                            f"{previous.round}'s checkpoint {previous.checkpoint_sha256[:16]}…:"
+                            " the chain of rounds is broken")]
+    return []
 
 
 def _site_row(store: ObjectStore, layout: StudyLayout, hub_record: HubRoundRecord,

@@ -200,6 +200,11 @@ def open_checkpoint(
         if weights.metadata.get(STATE_DIGEST_KEY) != manifest.strategy_state_sha256:
             raise CheckpointError(f"{store.url}/{key}: the manifest's strategy_state_sha256 "
                                   "differs from the one inside the signed payload")
+        if hub is not None and MODEL_DIGEST_KEY not in weights.metadata:
+            raise CheckpointError(f"{store.url}/{key}: no model digest inside the signed "
+                                  "payload (an older Deep-Rad wrote it), so the hub's signature "
+                                  "does not say which model it is; re-create it with this "
+                                  "version")
         if hub is not None and weights.metadata.get(MODEL_DIGEST_KEY) != model_digest(
                 manifest.model.name, manifest.model.kwargs):
             raise CheckpointError(f"{store.url}/{key}: the manifest's model "

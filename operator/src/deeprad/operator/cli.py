@@ -77,6 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hub.add_argument("--aggregation-timeout", type=float,
                      default=HubOptions.aggregation_timeout, metavar="S",
                      help="seconds an aggregator Job may run (default: %(default)s)")
+    hub.add_argument("--record-study-creator", action="store_true",
+                     help="name each study's creator (annotation deeprad.io/created-by) in the "
+                          "hub's audit records; only with the deeprad-study-creator admission "
+                          "policies installed (the hub chart's admissionPolicies.studyCreator), "
+                          "which set it and make it unforgeable")
     site = parser.add_argument_group("site mode")
     site.add_argument("--config", metavar="FILE", help="the agent's configuration (YAML)")
     site.add_argument("--hub-kubeconfig", metavar="FILE",
@@ -134,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         store_credentials_secret=args.store_credentials_secret,
         hub_identity_secret=args.hub_identity_secret, hub_keys_dir=args.hub_keys,
         aggregator_cpu=args.aggregator_cpu, aggregator_memory=args.aggregator_memory,
-        aggregation_timeout=args.aggregation_timeout)
+        aggregation_timeout=args.aggregation_timeout,
+        record_study_creator=args.record_study_creator)
     missing = options.missing_for_rounds()
     if missing:
         logging.getLogger("deeprad.operator").warning(

@@ -24,6 +24,9 @@ class HubOptions:
     aggregator_cpu: str = "1"
     aggregator_memory: str = "4Gi"
     aggregation_timeout: float = 3600.0  # seconds an aggregator Job may run after training
+    # Trust deeprad.io/created-by (audit records name the study's creator) only when the
+    # deeprad-study-creator admission policies guard it; otherwise any author could forge it.
+    record_study_creator: bool = False
 
     def missing_for_rounds(self) -> list[str]:
         """The flags a hub needs before it can run rounds, if any are unset."""

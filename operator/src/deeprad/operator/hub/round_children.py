@@ -202,7 +202,10 @@ class RoundHub:
 
     def created_by(self, target: RoundTarget) -> str | None:
         """Who created the round's study (or the lone round), for the hub's audit record: the
-        annotation the deeprad-study-creator admission policy sets."""
+        annotation the deeprad-study-creator admission policy sets; None unless the hub was
+        told that policy guards it (without it, an author could write any name there)."""
+        if not self.options.record_study_creator:
+            return None
         kind, name = (("FederatedStudy", target.spec.study_ref.name) if target.spec.study_ref
                       else ("FederatedRound", target.name))
         return admission.created_by(self.kube.get(API_VERSION, kind, name, target.namespace))
