@@ -31,7 +31,6 @@ from deeprad.devenv.binaries import tool, tool_env
 from deeprad.devenv.cluster import Cluster
 from deeprad.devenv.kubeconfig import kubeconfig_dict, write_kubeconfig
 from deeprad.operator.api.names import site_namespace
-from deeprad.operator.api.sitetask import SiteTaskSpec
 from deeprad.operator.site.agent import SiteAgent
 from deeprad.operator.site.config import AgentConfig, AllowedStore, TrainingPlacement
 from deeprad.operator.site.decide import RecordPrivacy
@@ -93,7 +92,8 @@ def agent(hub_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def _task(name: str, namespace: str, study: str) -> dict[str, Any]:
-    grants = site_grants(StudyLayout(namespace, study), 3, SITE, secure_aggregation=False)
+    grants = site_grants(StudyLayout(namespace, study, f"uid-{study}"), 3, SITE,
+                         secure_aggregation=False)
     spec: dict[str, Any] = {
         "roundRef": {"namespace": namespace, "name": f"{study}-r3", "uid": f"u-{name}"},
         "study": study, "round": 3, "site": SITE, "model": {"name": "tumor-cnn"},
@@ -104,9 +104,7 @@ def _task(name: str, namespace: str, study: str) -> dict[str, Any]:
                 "keyAgreementKey": HUB.key_agreement_key},
         "objects": [{"key": k, "method": m, "url": f"{STORE}/deeprad/{k}?X-Amz-Signature=1"}
                     for k, m in grants.items()],
-        "deadline": "2099-01-01T00:00:00Z"}
-    if "study_uid" in SiteTaskSpec.model_fields:
-        spec["studyUid"] = f"uid-{study}"
+        "deadline": "2099-01-01T00:00:00Z", "studyUid": f"uid-{study}"}
     return {"apiVersion": "deeprad.io/v1alpha1", "kind": "SiteTask",
             "metadata": {"name": name, "namespace": site_namespace(SITE)}, "spec": spec}
 

@@ -92,7 +92,8 @@ IDS = [a[0] for a in ATTACKS]
 
 
 def _spec(namespace: str = "research", **over: Any) -> dict[str, Any]:
-    grants = site_grants(StudyLayout(namespace, "brain"), 2, "a", secure_aggregation=False)
+    grants = site_grants(StudyLayout(namespace, "brain", "s-uid-1"), 2, "a",
+                         secure_aggregation=False)
     spec: dict[str, Any] = {
         "roundRef": {"namespace": namespace, "name": "brain-r2", "uid": "u-2"},
         "study": "brain", "round": 2, "site": "a", "model": {"name": "tumor-cnn"},
@@ -103,9 +104,7 @@ def _spec(namespace: str = "research", **over: Any) -> dict[str, Any]:
                 "keyAgreementKey": HUB.key_agreement_key},
         "objects": [{"key": k, "method": m, "url": f"https://s3.example/{k}?sig=x"}
                     for k, m in grants.items()],
-        "deadline": "2030-07-08T10:00:00Z"}
-    if "study_uid" in SiteTaskSpec.model_fields:
-        spec["studyUid"] = "s-uid-1"
+        "deadline": "2030-07-08T10:00:00Z", "studyUid": "s-uid-1"}
     return {**spec, **over}
 
 

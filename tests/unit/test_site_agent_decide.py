@@ -38,6 +38,7 @@ from deeprad.operator.site.decide import (
     decide_task,
     gpu_capacity,
     heartbeat_due,
+    ledger_refusal,
     needs_log,
     orphan_jobs,
     renew_lease,
@@ -363,3 +364,14 @@ def test_jobs_and_nodes_as_the_api_returns_them() -> None:
                                  "allocatable": {"nvidia.com/gpu": "3"}}}, "nvidia.com/gpu")
     assert node == NodeView(True, 4, 3, "NVIDIA-H100")
     assert node_view({"metadata": {}, "status": {}}, "nvidia.com/gpu") == NodeView(False, 0, 0)
+
+
+def test_an_unreadable_privacy_ledger_starts_no_task_and_says_why() -> None:
+    problem = "ConfigMap deeprad-training/deeprad-privacy-ledger key research_brain: not JSON"
+    (refusal,) = ledger_refusal(_task(), None, problem, T0)
+    assert isinstance(refusal, ReportTask)
+    assert refusal.status.state == TaskState.FAILED
+    assert refusal.status.reason == "LedgerUnreadable" and problem in refusal.status.message
+    # A running Job, or a finished task, is left alone until the admin restores the ledger.
+    assert ledger_refusal(_task(), _job(active=1), problem, T0) == []
+    assert ledger_refusal(_task({"state": "Succeeded"}), None, problem, T0) == []

@@ -23,6 +23,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from deeprad.core.errors import ConfigError
 from deeprad.operator.api import API_VERSION
 from deeprad.operator.api.names import site_namespace
 from deeprad.operator.client import Kube
@@ -42,6 +43,7 @@ from deeprad.operator.site.decide import (
     decide_task,
     gpu_capacity,
     heartbeat_due,
+    ledger_refusal,
     needs_log,
     orphan_jobs,
     renew_lease,
@@ -100,9 +102,17 @@ class SiteAgent:
         """One pass over every task and Job."""
         tasks = observe.tasks(self.hub, self.namespace)
         jobs = observe.jobs(self.local, self.config)
-        ledger = observe.ledger(self.local, self.config)
+        try:
+            ledger: Ledger | None = observe.ledger(self.local, self.config)
+            unreadable = ""
+        except ConfigError as exc:  # a tampered ledger stops new work, and says so per task
+            log.error("privacy ledger: %s", exc)
+            ledger, unreadable = None, str(exc)
         for task in tasks:
             try:
+                if ledger is None:
+                    self.apply(ledger_refusal(task, jobs.get(task.name), unreadable, now()))
+                    continue
                 self.apply(self.task_actions(task, jobs.get(task.name), ledger))
             except ApiException as exc:
                 log.warning("task %s: API call failed (%s %s); retrying next pass", task.name,

@@ -206,6 +206,19 @@ def agent_failure(task: TaskView, exc: Exception, now: datetime) -> ReportTask:
                   reason="AgentError")
 
 
+def ledger_refusal(task: TaskView, job: JobView | None, problem: str, now: datetime
+                   ) -> list[Action]:
+    """While the privacy ledger cannot be read, no task starts: a task without a Job fails
+    (reason LedgerUnreadable) naming the problem; running and finished tasks are left alone
+    until the hospital admin repairs or restores the ConfigMap."""
+    if job is not None or (task.status.state and task.status.state.terminal):
+        return []
+    return [report(task.name, task.status, TaskState.FAILED, f"refused: this site's privacy "
+                   f"ledger cannot be read ({problem}); the hospital admin must restore it "
+                   "before any study trains here", now, terminal=True,
+                   reason="LedgerUnreadable")]
+
+
 def report(name: str, status: SiteTaskStatus, state: TaskState, message: str, now: datetime,
            terminal: bool = False, reason: str | None = None) -> ReportTask:
     """The task's new status: `status` with state, message, heartbeat, agent version, the
