@@ -1,6 +1,16 @@
 """The networks a study can name: name and one-line summary. No torch here: the operator's API
 and `deeprad models` read it; `deeprad.core.models` builds each one (and checks at import that it
-builds exactly these)."""
+builds exactly these).
+
+A model's identity is its digest (`model_digest`): what a hospital's site policy allows
+(`policy.models`), what the hub signs into every checkpoint's payload (`checkpoint.py`, so the
+signature covers which network the weights are for) and what each audit record names. Model
+packages are to fit the same three places (not built yet; MONAI bundles arrive with the
+workloads issue): a bundle is code, since its config instantiates `_target_` callables, so it
+will be named by the sha256 of its content rather than a catalogue name, checked against that
+digest where it is fetched, run only where a site policy lists the digest, and never resolved
+from an import path in the API.
+"""
 
 from __future__ import annotations
 
