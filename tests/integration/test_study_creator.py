@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from deeprad_processes import wait
 from redteam import refused
 
 from deeprad.devenv.cluster import Cluster
@@ -59,13 +58,6 @@ def _creator(hub: Cluster, ns: str, kind: str, name: str) -> str | None:
     return admission.created_by(_get(hub, ns, kind, name))
 
 
-def _wait(what: str, ready: Callable[[], bool], timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not ready():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def hub(hub_cluster: Cluster) -> Cluster:
     """The hub with the CRDs and the shipped deeprad-study-creator policies in force."""
@@ -95,7 +87,7 @@ def ns(hub: Cluster) -> str:
         return out.returncode == 0 and \
             admission.created_by(json.loads(out.stdout)) == "alice"
 
-    _wait("the deeprad-study-creator policies in the admission chain", enforced)
+    wait("the deeprad-study-creator policies in the admission chain", enforced)
     return name
 
 

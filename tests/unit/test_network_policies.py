@@ -15,6 +15,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from deeprad.operator.api.common import LabelSelector
+from deeprad.operator.decide.sites import matches_selector
 from deeprad.operator.render import jobs
 from deeprad.operator.site.config import AgentConfig
 from tests.unit.test_charts import HUB, SITE, SITE_EXAMPLE, by_kind, render
@@ -28,28 +30,12 @@ class _Task(BaseModel):
     round: int = 2
 
 
-def _selects(selector: Obj, labels: dict[str, str]) -> bool:
-    """Kubernetes label-selector semantics (matchLabels and matchExpressions)."""
-    if not (selector.get("matchLabels") or {}).items() <= labels.items():
-        return False
-    for expr in selector.get("matchExpressions") or ():
-        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
-        if op == "In" and labels.get(key) not in values:
-            return False
-        if op == "NotIn" and labels.get(key) in values:
-            return False
-        if op == "Exists" and key not in labels:
-            return False
-        if op == "DoesNotExist" and key in labels:
-            return False
-    return True
-
-
 def _policies_for(objs: list[Obj], job: Obj) -> list[Obj]:
     labels = job["spec"]["template"]["metadata"]["labels"]
     return [p for p in by_kind(objs, "NetworkPolicy")
             if p["metadata"]["namespace"] == job["metadata"]["namespace"]
-            and _selects(p["spec"]["podSelector"], labels)]
+            and matches_selector(labels, LabelSelector.model_validate(
+                p["spec"]["podSelector"]))]
 
 
 def _assert_store_and_dns_only(policy: Obj, store_port: int) -> None:

@@ -1,5 +1,12 @@
 """Errors that name the object, the field and the fix."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class DeepRadError(Exception):
     """Base class for every error Deep-Rad raises on purpose."""
@@ -37,3 +44,9 @@ class UpdateRejected(DeepRadError):
 
 class DataError(DeepRadError):
     """A dataset is empty, unreadable or malformed."""
+
+
+def field_problems(exc: ValidationError, prefix: str = "") -> str:
+    """A pydantic ValidationError as one line: `<prefix><field.path>: <msg>; ...`."""
+    return "; ".join(f"{prefix}{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                     for e in exc.errors())

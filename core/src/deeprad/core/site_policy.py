@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
-from deeprad.core.errors import ConfigError, PolicyViolation
+from deeprad.core.errors import ConfigError, PolicyViolation, field_problems
 from deeprad.core.model_catalogue import MODEL_NAMES, model_digest
 from deeprad.core.privacy import DPSteps, epsilon_of, round_steps
 from deeprad.core.protocol import TrainingTask
@@ -217,9 +217,7 @@ def parse_policy(text: str, where: str) -> SitePolicy:
     try:
         return SitePolicy.model_validate_json(text)
     except ValidationError as exc:
-        problems = "; ".join(f"policy.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                             for e in exc.errors())
-        raise ConfigError(f"{where}: {problems}") from None
+        raise ConfigError(f"{where}: {field_problems(exc, 'policy.')}") from None
 
 
 def ledger_json(entries: Sequence[LedgerEntry]) -> str:

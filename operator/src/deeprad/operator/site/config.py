@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from deeprad.core.errors import ConfigError
+from deeprad.core.errors import ConfigError, field_problems
 from deeprad.core.protocol import DatasetSpec
 from deeprad.core.site_policy import SitePolicy
 from deeprad.core.store.endpoint import ENDPOINT_FORM, StoreEndpoint
@@ -127,9 +127,7 @@ def parse_agent_config(data: Any, where: str) -> AgentConfig:
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                             for e in exc.errors())
-        raise ConfigError(f"{where}: {problems}") from None
+        raise ConfigError(f"{where}: {field_problems(exc)}") from None
 
 
 __all__ = ["AgentConfig", "AllowedStore", "TrainingPlacement", "TrainingResources",
