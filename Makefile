@@ -14,6 +14,7 @@ INSTALL_STAMP := $(VENV)/.deeprad-installed
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-unit test-integration test-e2e lint bench bench-fedavg \
         bench-simulate bench-cluster bench-secagg bench-trainer bench-operator bench-gpu bench-dp \
+        bench-ddp \
         bench-footprint crds \
         admission dashboards dev-up dev-down clean
 
@@ -78,6 +79,9 @@ bench-cluster: install tools ## one cluster's start time and three clusters' mem
 
 bench-dp: install ## DP-SGD at ε=8 vs the non-private demo, final AUROC over 5 seeds (~15 min)
 	$(PYTHON) benchmarks/bench_dp_utility.py
+
+bench-ddp: install ## distributed DP vs central DP-SGD vs no DP at ε=8, AUROC over 5 seeds, upload bits (~10 min)
+	$(PYTHON) benchmarks/bench_distributed_dp.py
 
 bench-secagg: install ## secure-aggregation CPU time and upload size vs plain updates
 	$(PYTHON) benchmarks/bench_secagg.py

@@ -64,9 +64,12 @@ MUST_BE_EMPTY = {
     "alert/deeprad.rounds/DeepRadRoundStalled",
     "alert/deeprad.sites/DeepRadSiteUnreachable",
     "alert/deeprad.privacy/DeepRadPrivacyBudgetNearlySpent",
-    # No privacy budget in the example study: deeprad_study_epsilon_budget is absent.
+    # No privacy budget in the example study: deeprad_study_epsilon_budget is absent, and so
+    # is ε spent per site (tests/integration/test_prometheus.py shows these with data).
     "deeprad-study-progress/Privacy budget used/A",
     "deeprad-study-progress/ε spent against budget/B",
+    "deeprad-study-progress/ε spent per site/A",
+    "deeprad-study-progress/ε spent per site/B",
     # Counters that only exist once something goes wrong: no site dropped, no update rejected.
     "deeprad-round-timeline/Dropouts/A",
     "deeprad-round-timeline/Rejected updates/A",

@@ -6,8 +6,10 @@ clusters (through the node agent), prepare and aggregator Jobs in the hub.
   final checkpoint's manifest names both hospitals and carries the hub's signature;
 - the same study survives the hub operator SIGKILLed five times and a site agent once, with
   no duplicate Jobs, work items or updates;
-- a hospital whose agent stops mid-round is dropped at the deadline; with quorum the round
-  succeeds, below minSites it fails with a condition that says why.
+- a hospital whose agent stops mid-round drops out of the secure-aggregation exchange; with
+  quorum the round succeeds before its deadline, below minSites it fails at once with a
+  condition that says why;
+- a FedAdam study with secure aggregation (the default) succeeds.
 """
 
 from __future__ import annotations
@@ -241,16 +243,20 @@ def test_study_survives_operator_and_agent_kill_9(fed: Federation) -> None:
 
 
 def _hand_round(name: str, sites: list[str], min_sites: int) -> dict[str, Any]:
+    """A round made by hand, with secure aggregation on (the default, semi-honest: 2 of 3
+    sites finish it). The deadline leaves the hospitals' training inside the hub's first wait
+    (the window less four step timeouts, deeprad.core.secagg.relay), with room for four
+    trainers on a busy machine; a site that never advertises its keys costs that wait."""
     return {"apiVersion": "deeprad.io/v1alpha1", "kind": "FederatedRound",
             "metadata": {"name": name},
             "spec": {"round": 1, "model": {"name": "tumor-cnn"}, "sites": sites,
-                     "minSites": min_sites, "deadline": "1m",
+                     "minSites": min_sites, "deadline": "5m",
                      "data": {"imageSize": 64},
-                     "training": {"localEpochs": 1},
-                     "privacy": {"secureAggregation": False}}}
+                     "training": {"localEpochs": 1}}}
 
 
-def test_dropout_at_the_deadline(fed: Federation, clusters: dict[str, Cluster]) -> None:
+def test_dropout_mid_round_under_secure_aggregation(fed: Federation,
+                                                    clusters: dict[str, Cluster]) -> None:
     keys = fed.workdir / "keys"
     hub_signing = (keys / "hub" / "signing.pub").read_text().strip()
     plan = SitePlan("uclh", clusters["site-2"], 2, namespace="deeprad-training-uclh")
@@ -270,23 +276,65 @@ def test_dropout_at_the_deadline(fed: Federation, clusters: dict[str, Cluster]) 
         r = fed.get("federatedround", name, "-n", ns) or {}
         return r if (r.get("status") or {}).get("state") in ("Succeeded", "Failed") else None
 
-    ok = fed.wait("round quorum to end", lambda: ended("quorum"), 300)
-    bad = fed.wait("round no-quorum to end", lambda: ended("no-quorum"), 300)
+    ok = fed.wait("round quorum to end", lambda: ended("quorum"), 420)
+    bad = fed.wait("round no-quorum to end", lambda: ended("no-quorum"), 420)
+    # Both ended before their deadline: a site missing from the exchange costs the hub's
+    # first wait, and the round does not wait on for it once the aggregate exists.
+    for r in (ok, bad):
+        assert r["status"]["completionTime"] < r["status"]["deadlineTime"], \
+            _round_report(fed, ns)
     sites = {s["site"]: s for s in ok["status"]["sites"]}
     assert ok["status"]["state"] == "Succeeded", _round_report(fed, ns)
-    assert sites["uclh"]["state"] == "Dropped" and sites["uclh"]["reason"] == "DeadlineExceeded"
+    assert sites["uclh"]["state"] == "Dropped", sites["uclh"]
+    assert sites["uclh"]["reason"] == "SecureAggregationDropout", sites["uclh"]
     assert {sites[h]["state"] for h in HOSPITALS} == {"Reported"}
     report = AggregateReport.model_validate(fed.store_json(
         StudyLayout(ns, "quorum", ok["metadata"]["uid"]).aggregate(1)))  # its own uid: by hand
     assert sorted(c.site for c in report.contributors) == sorted(HOSPITALS)
+    assert report.secagg is not None and report.secagg.threshold == 2
+    assert sorted(report.secagg.survivors) == sorted(HOSPITALS)
+    assert report.secagg.not_joined + report.secagg.dropped == ["uclh"]
+    # Below minSites the hub stops the exchange before any site reveals a share, and the
+    # round fails at once with the aggregator's reason in one line.
     failed = condition(bad, "Failed")
     assert bad["status"]["state"] == "Failed" and failed["status"] == "True"
-    assert failed["reason"] == "QuorumNotMet"
-    assert "2 site(s) reported, spec.minSites is 3" in failed["message"]
-    assert "uclh: Dropped" in failed["message"]
+    assert failed["reason"] == "AggregationFailed", failed
+    assert "2 of 3 site(s) advertised keys, minSites is 3 (missing: uclh)" in \
+        failed["message"], failed
+    assert "\n" not in failed["message"]
+    unmask = StudyLayout(ns, "no-quorum", bad["metadata"]["uid"]).secagg_prefix(1) + "unmask/"
+    revealed = list(fed.s3.client().list_objects(BUCKET, prefix=unmask, recursive=True))
+    assert not revealed, "a site revealed unmasking shares in a round that failed"
     # The dropped site's work item was withdrawn when the rounds ended.
     fed.wait("uclh's tasks withdrawn", lambda: not list(
         items(fed, "sitetasks", "-n", "deeprad-site-uclh")), 60)
+
+
+def test_fedadam_study_with_secure_aggregation(fed: Federation) -> None:
+    """The issue's case: a plain `strategy: fedadam` study, secure aggregation on by default,
+    trains at both hospitals and succeeds; the optimizer's state, built from the secure mean
+    alone, travels between rounds in the hub-signed checkpoints."""
+    ns = f"fedadam-{uuid.uuid4().hex[:6]}"
+    study = yaml.safe_load((ROOT / "examples" / "federatedstudy-tumor-cnn.yaml").read_text())
+    study["spec"]["rounds"] = 2
+    study["spec"]["roundTemplate"]["strategy"] = {"name": "fedadam"}
+    study["spec"]["roundTemplate"]["training"]["localEpochs"] = 1
+    fed.hub.kubectl("create", "namespace", ns)
+    fed.hub.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(study))
+    done = _wait_study(fed, ns, "the FedAdam study to succeed")
+    assert done["status"]["completedRounds"] == 2, _round_report(fed, ns)
+    hub_keys = PublicIdentity.load(fed.workdir / "keys" / "hub-public")
+    layout = StudyLayout(ns, STUDY, done["metadata"]["uid"])
+    for r in sorted(items(fed, "federatedrounds", "-n", ns), key=lambda r: r["spec"]["round"]):
+        n, st = r["spec"]["round"], r["status"]
+        assert st["state"] == "Succeeded", _round_report(fed, ns)
+        assert {s["site"]: s["state"] for s in st["sites"]} == dict.fromkeys(HOSPITALS,
+                                                                             "Reported")
+        manifest = CheckpointManifest.model_validate(fed.store_json(layout.global_manifest(n)))
+        verify_checkpoint_manifest(manifest, hub_keys, layout, n)
+        assert manifest.strategy is not None and manifest.strategy.name == "fedadam"
+        assert manifest.secagg is not None
+        assert sorted(manifest.secagg.survivors) == sorted(HOSPITALS)
 
 
 def _push_secret(name: str, kubeconfig: str, config: dict[str, Any] | None) -> dict[str, Any]:
@@ -337,3 +385,99 @@ def test_push_mode_lab_cluster(fed: Federation, clusters: dict[str, Cluster]) ->
     job = fed.get("job", f"with-lab-{done['metadata']['uid'][:8]}", "-n", lab.namespace,
                   cluster=lab.cluster)
     assert job is not None and job["status"].get("succeeded") == 1
+
+
+# ---- the privacy ledger -----------------------------------------------------------------------
+
+DP_STUDY = "tumor-dp"
+
+
+def _dp_status(fed: Federation, ns: str, name: str = DP_STUDY) -> dict[str, Any]:
+    return dict(((fed.get("federatedstudy", name, "-n", ns) or {}).get("status")) or {})
+
+
+def _ledger_keys(fed: Federation, ns: str, name: str) -> list[str]:
+    return sorted(o.object_name for o in fed.s3.client().list_objects(
+        BUCKET, prefix=f"{ns}/{name}/privacy-ledger/", recursive=True))
+
+
+def _apply_dp(fed: Federation, ns: str, name: str = DP_STUDY,
+              initial: dict[str, Any] | None = None) -> None:
+    study = yaml.safe_load((ROOT / "examples" / "federatedstudy-tumor-dp.yaml").read_text())
+    study["metadata"]["name"] = name
+    if initial is not None:
+        study["spec"]["initialCheckpoint"] = initial
+    fed.hub.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(study))
+
+
+def _settled(fed: Federation, ns: str, name: str, reason: str) -> dict[str, Any] | None:
+    st = _dp_status(fed, ns, name)
+    succeeded = next((c for c in st.get("conditions") or () if c["type"] == "Succeeded"), {})
+    return st if succeeded.get("reason") == reason else None
+
+
+def test_ledger_dp_study_spends_its_budget_and_no_edit_lowers_it(fed: Federation) -> None:
+    """The example DP study (noise calibrated by the operator) spends at most its budget; then
+    each way a study author could try to get its ε back — delete a round, raise a site's
+    sampleCount, start a new study from its checkpoint, re-create it — leaves ε where it is,
+    and a study that inherits it cannot train further."""
+    ns = f"dp-{uuid.uuid4().hex[:6]}"
+    fed.hub.kubectl("create", "namespace", ns)
+    _apply_dp(fed, ns)
+    study = fed.wait("the DP study to finish", lambda: _settled(
+        fed, ns, DP_STUDY, "RoundsCompleted") or _settled(fed, ns, DP_STUDY,
+                                                            "PrivacyBudgetExhausted"),
+        STUDY_TIMEOUT)
+    spent, privacy = study["epsilonSpent"], study["privacy"]
+    assert 4.0 <= spent <= 8.0, study  # calibrated to spend the budget (ε = 8) over 3 rounds
+    assert privacy["calibrated"] is True and privacy["noiseMultiplier"] > 0
+    rounds = study["completedRounds"]
+    assert rounds == 3, study
+    assert {s["site"]: s["runs"] for s in privacy["sites"]} == dict.fromkeys(HOSPITALS, rounds)
+    round_z = {r["spec"]["privacy"]["differentialPrivacy"]["noiseMultiplier"]
+               for r in items(fed, "federatedrounds", "-n", ns)}
+    assert round_z == {privacy["noiseMultiplier"]}
+    # The facts: one hub-signed entry per site record, each verified against the site's key.
+    keys = _ledger_keys(fed, ns, DP_STUDY)
+    assert len(keys) == 2 * rounds, keys
+    entries = [fed.store_json(k) for k in keys]
+    assert all(e["site_signature_verified"] for e in entries), entries[0]
+
+    # 1. Delete a round: the study re-derives its status (one round fewer), ε stays.
+    fed.hub.kubectl("delete", "federatedround", f"{DP_STUDY}-r1", "-n", ns)
+    after = fed.wait("the study to see the deleted round",
+                     lambda: (st := _dp_status(fed, ns)).get("completedRounds") == rounds - 1
+                     and st, 120)
+    assert after["epsilonSpent"] == pytest.approx(spent), after
+
+    # 2. Declare ten times the records at a site (a smaller sampling rate, less ε per step).
+    site = fed.get("hospitalsite", "charite") or {}
+    declared = site["spec"]["data"]["sampleCount"]
+    fed.hub.kubectl("patch", "hospitalsite", "charite", "--type", "merge", "-p",
+                    json.dumps({"spec": {"data": {"sampleCount": declared * 10}}}))
+    try:
+        fed.hub.kubectl("annotate", "federatedstudy", DP_STUDY, "-n", ns, "touch=1")
+        time.sleep(5)  # a few study passes
+        assert _dp_status(fed, ns)["epsilonSpent"] == pytest.approx(spent)
+    finally:
+        fed.hub.kubectl("patch", "hospitalsite", "charite", "--type", "merge", "-p",
+                        json.dumps({"spec": {"data": {"sampleCount": declared}}}))
+
+    # 3. A new study from its final checkpoint inherits its ε and cannot train on.
+    checkpoint = study["latestCheckpoint"]
+    _apply_dp(fed, ns, "tumor-dp-continued", initial=checkpoint)
+    heir = fed.wait("the continued study to stop", lambda: _settled(
+        fed, ns, "tumor-dp-continued", "PrivacyBudgetExhausted"), 120)
+    assert heir["epsilonSpent"] >= spent - 1e-9 and heir["privacy"]["inheritedFrom"] == [
+        f"{ns}/{DP_STUDY}"], heir
+    assert not [r for r in items(fed, "federatedrounds", "-n", ns)
+                if r["spec"].get("studyRef", {}).get("name") == "tumor-dp-continued"]
+
+    # 4. Delete and re-create the study: the new one starts where the old one ended.
+    fed.hub.kubectl("delete", "federatedstudy", DP_STUDY, "-n", ns, "--wait=true")
+    _apply_dp(fed, ns)
+    reborn = fed.wait("the re-created study to stop", lambda: _settled(
+        fed, ns, DP_STUDY, "PrivacyBudgetExhausted"), 120)
+    assert reborn["epsilonSpent"] >= spent - 1e-9, reborn
+    assert reborn.get("completedRounds", 0) == 0
+    assert "before round 1" in condition({"status": reborn}, "Succeeded")["message"]

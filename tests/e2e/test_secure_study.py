@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from deeprad.core.checkpoint import read_checkpoint
 from deeprad.core.data import load_dataset
+from deeprad.core.layout import StudyLayout
 from deeprad.core.privacy import DPSteps, epsilon_of
+from deeprad.core.store.local import LocalStore
 from deeprad.simulate.config import DP_RECIPE, SimulationConfig
 from deeprad.simulate.sites import make_sites
 
@@ -78,6 +81,35 @@ def test_secure_aggregation_with_dp_runs_a_study(tmp_path: Path) -> None:
     sealed = sorted((out / "store").rglob("rounds/1/updates/*.bin"))[0].stat().st_size
     params = sum(math.prod(s) for s in _shapes(out / "final.safetensors"))
     assert sealed <= 4 * (params + 1) + 200
+
+
+TINY = ["--sites", "3", "--rounds", "2", "--samples-per-site", "16", "--image-size", "32",
+        "--local-epochs", "1", "--no-baselines"]
+
+
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_server_optimizers_run_under_secure_aggregation(tmp_path: Path, strategy: str) -> None:
+    """`deeprad simulate --strategy fedadam --secure-aggregation` (and the other server
+    optimizers) completes: the hub sees only the masked sum, and the optimizer's state built
+    from the mean travels from round to round."""
+    out = tmp_path / "run"
+    proc = simulate(*TINY, "--strategy", strategy, "--secure-aggregation", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    _check_store_and_keys(out, proc)
+    report = json.loads((out / "report.json").read_text())
+    assert report["stopped"] is None and [r["round"] for r in report["rounds"]] == [1, 2]
+    for row in report["rounds"]:
+        sa = row["secure_aggregation"]
+        assert sa["survivors"] == ["hospital-1", "hospital-2", "hospital-3"]
+        assert sa["threshold"] == 2  # semi-honest by default: one of three may drop out
+        assert row["rejected"] == []
+    _, manifest = read_checkpoint(LocalStore(out / "store"),
+                                  StudyLayout("local", "simulated-study"), 2)
+    assert manifest.strategy is not None and manifest.strategy.name == strategy
+    assert manifest.secagg is not None and manifest.secagg.survivors == sa["survivors"]
+    for n in (1, 2):
+        assert (out / "store" / "local" / "simulated-study" / "rounds" / str(n) /
+                "strategy-state.safetensors").stat().st_size > 0
 
 
 def _shapes(path: Path) -> list[list[int]]:

@@ -177,11 +177,10 @@ BAD_INPUT: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
                                                       "params": {"server_lr": -1}}}),
      ("spec.roundTemplate.strategy.params[server_lr]",
       "strategy fedavg: server_lr must be > 0")),
-    ("server optimizer with secure aggregation (on by default)",
-     _edit(_study(), {"spec.roundTemplate.strategy.name": "fedadam"}),
-     ("spec.roundTemplate.strategy.name", "fedadam does not run on the sum",
-      "set privacy.secureAggregation: false, or use a strategy that runs on a secure sum: "
-      "fedavg")),
+    ("secure aggregation against an unknown threat model",
+     _edit(_study(), {"spec.roundTemplate.privacy.secureAggregationThreatModel": "paranoid"}),
+     ("spec.roundTemplate.privacy.secureAggregationThreatModel", "Unsupported value",
+      "semi-honest", "malicious")),
     ("fedadagrad given a beta2 it has no use for",
      _edit(_round(), {"spec.strategy": {"name": "fedadagrad", "params": {"beta2": 0.9}},
                       "spec.privacy": {"secureAggregation": False}}),
@@ -209,6 +208,14 @@ BAD_INPUT: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
      _edit(_study(), {"spec.roundTemplate.privacy.differentialPrivacy": {
          "noiseMultiplier": 1.0, "maxGradNorm": 1.0}}),
      ("spec.privacyBudget", "Required value")),
+    ("DP-SGD with a noise multiplier of 0 (no noise)",
+     _edit(_study(), {"spec.privacyBudget": {"epsilon": 3, "delta": 1e-5},
+                      "spec.roundTemplate.privacy.differentialPrivacy": {
+                          "noiseMultiplier": 0, "maxGradNorm": 1.0}}),
+     ("spec.roundTemplate.privacy.differentialPrivacy.noiseMultiplier", "greater than 0")),
+    ("a round with DP-SGD but no noise multiplier",
+     _edit(_round(), {"spec.privacy.differentialPrivacy": {"maxGradNorm": 1.0}}),
+     ("spec.privacy.differentialPrivacy.noiseMultiplier", "required in a round")),
     ("study name too long", _study("s" * 33), ("metadata.name", "Too long", "32")),
     ("study name not a DNS label", _study("Tumor.Study"), ("metadata.name",)),
     ("round minSites above its sites", _edit(_round(), {"spec.minSites": 3}),
@@ -258,7 +265,8 @@ def test_examples_apply_and_are_defaulted(hub: Cluster, ns: str) -> None:
                                    "-o", "json").stdout)
     template = study["spec"]["roundTemplate"]
     assert template["minSites"] == 2 and template["strategy"]["name"] == "fedavg"
-    assert template["privacy"] == {"secureAggregation": True}  # secure by default
+    assert template["privacy"] == {"secureAggregation": True,  # secure by default
+                                   "secureAggregationThreatModel": "semi-honest"}
     assert template["training"]["fedproxMu"] == 0 and study["spec"]["rounds"] == 3
     sites = hub.kubectl("get", "hospitalsites", "st-marys", "charite").stdout
     assert "pull" in sites and "push" in sites
@@ -353,6 +361,10 @@ def test_strategy_settings_in_range_are_accepted(hub: Cluster, ns: str) -> None:
     clear = {"secureAggregation": False}
     for strategy, privacy in (
             ({"name": "fedavg", "params": {"server_lr": 0.5}}, {}),
+            # every server optimizer runs on the secure-aggregation sum (on by default)
+            *(({"name": name}, {"secureAggregationThreatModel": model}) for name, model in (
+                ("fedavgm", "semi-honest"), ("fedadam", "malicious"), ("fedyogi", "semi-honest"),
+                ("fedadagrad", "semi-honest"))),
             ({"name": "fedadam", "params": {"server_lr": 0.1, "beta1": 0, "beta2": 0.999,
                                             "tau": 1e-9}}, clear),
             ({"name": "trimmedmean", "params": {"beta": 0.0}}, clear),

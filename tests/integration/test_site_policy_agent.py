@@ -22,19 +22,22 @@ import pytest
 import yaml
 from redteam import refused
 
+from deeprad.cli import main as deeprad_main
 from deeprad.core.identity import Identity
 from deeprad.core.layout import StudyLayout
 from deeprad.core.privacy import DPSteps, epsilon_of
-from deeprad.core.site_policy import LedgerEntry, SitePolicy
+from deeprad.core.site_policy import LedgerEntry, SitePolicy, planned_steps
 from deeprad.core.store.presigned import site_grants
 from deeprad.devenv.binaries import tool, tool_env
 from deeprad.devenv.cluster import Cluster
 from deeprad.devenv.kubeconfig import kubeconfig_dict, write_kubeconfig
 from deeprad.operator.api.names import site_namespace
+from deeprad.operator.api.sitetask import SiteTaskSpec
 from deeprad.operator.site.agent import SiteAgent
 from deeprad.operator.site.config import AgentConfig, AllowedStore, TrainingPlacement
 from deeprad.operator.site.decide import RecordPrivacy
 from deeprad.operator.site.ledger import LEDGER_CONFIGMAP, ledger_key, read_ledger
+from deeprad.operator.site.training import training_task
 
 pytestmark = pytest.mark.integration
 
@@ -53,10 +56,10 @@ def _get(cluster: Cluster, *args: str) -> dict[str, Any] | None:
     return json.loads(out.stdout) if out.returncode == 0 else None
 
 
-def _chart_rbac(home: Path) -> list[dict[str, Any]]:
+def _chart_rbac(home: Path, training: str = TRAINING) -> list[dict[str, Any]]:
     """The site chart's ServiceAccount, Role and RoleBinding, as `helm template` renders them."""
     out = subprocess.run([tool("helm"), "template", SITE, str(SITE_CHART), "-n", AGENT_NS,
-                          "--set", f"training.namespace={TRAINING}", "--set",
+                          "--set", f"training.namespace={training}", "--set",
                           "rbac.readNodes=false"], capture_output=True, text=True, timeout=120,
                          env=tool_env() | {"HOME": str(home)})
     assert out.returncode == 0, out.stderr
@@ -155,3 +158,95 @@ def test_redteam_the_running_agent_refuses_policy_violations_and_creates_no_job(
             "site agent: no Job created", spent["message"])
     refused("a study from a namespace the site does not allow (real agent, real API server)",
             "site agent: no Job created", foreign["message"])
+
+
+# ---- the hospital's ceiling per dataset ----------------------------------------------------
+
+DATASET_TRAINING = "ledger-training"  # a training namespace of its own: a ledger of its own
+DATASET = "brain-mri"
+
+
+def _dataset_config(ceiling: float) -> AgentConfig:
+    return AgentConfig(
+        site=SITE, store=AllowedStore(endpoint=STORE),
+        training=TrainingPlacement(namespace=DATASET_TRAINING, image="deeprad:test",
+                                   dataset_name=DATASET, dataset_records=1000),
+        policy=SitePolicy(studies=["research/*"], max_epsilon_per_dataset=ceiling))
+
+
+@pytest.fixture(scope="module")
+def dataset_agent(hub_cluster: Cluster, agent: SiteAgent,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteAgent]:
+    """An agent whose dataset has room for one run of the tasks below, not two; its local
+    client is the chart's ServiceAccount again, with the chart's Role in its own namespace."""
+    cluster, work = hub_cluster, tmp_path_factory.mktemp("site-dataset")
+    cluster.kubectl("create", "namespace", DATASET_TRAINING, check=False)
+    rbac = [o for o in _chart_rbac(work, DATASET_TRAINING) if o["kind"] != "ServiceAccount"]
+    cluster.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(o) for o in rbac))
+    probe = _dataset_config(1.0)
+    one = planned_steps(training_task(SiteTaskSpec.model_validate(
+        _task("probe", "research", "alpha")["spec"]), probe), 1000)
+    ceiling = (epsilon_of([one], 1e-5) + epsilon_of([one, one], 1e-5)) / 2
+    yield SiteAgent(_dataset_config(ceiling), hub=agent._hub_api, local=agent._local_api)
+    cluster.kubectl("delete", "namespace", DATASET_TRAINING, "--wait=false", check=False)
+
+
+def _status(cluster: Cluster, name: str) -> dict[str, Any]:
+    return (_get(cluster, "sitetask", name, "-n", site_namespace(SITE)) or {}).get("status") or {}
+
+
+def test_redteam_ledger_a_crashed_run_counts_and_the_dataset_ceiling_refuses_the_next_study(
+        dataset_agent: SiteAgent, hub_cluster: Cluster, capsys: pytest.CaptureFixture[str]
+        ) -> None:
+    """Study research/alpha's run is reserved in the ledger before its Job exists; the Job is
+    lost before any report (a crash): the reservation stays spent. Study research/beta — a
+    different study, allowed by every per-study rule — would take the dataset past the
+    hospital's ceiling: the real agent refuses it (PrivacyCeiling), creating no Job and writing
+    no reservation. `deeprad privacy ledger --site` shows the spent run."""
+    agent, cluster = dataset_agent, hub_cluster
+    first = _task("alpha-r3-polsite", "research", "alpha")
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(first))
+    agent.sync()
+    cm = _get(cluster, "configmap", LEDGER_CONFIGMAP, "-n", DATASET_TRAINING)
+    assert cm is not None, "the reservation is written before the Job"
+    (reserved,) = read_ledger(cm, "ledger").runs("research", "alpha")
+    assert (reserved.reserved, reserved.dataset) == (True, DATASET)
+    assert _get(cluster, "job", "alpha-r3-polsite", "-n", DATASET_TRAINING) is not None
+    # The training crashes before any report: its Job is gone (or failed, if it ran at all).
+    cluster.kubectl("delete", "job", "alpha-r3-polsite", "-n", DATASET_TRAINING,
+                    "--cascade=foreground", "--wait=true", check=False)
+    agent.sync()
+    crashed = _status(cluster, "alpha-r3-polsite")
+    assert crashed.get("state") == "Failed", crashed
+    after_crash = read_ledger(_get(cluster, "configmap", LEDGER_CONFIGMAP, "-n",
+                                   DATASET_TRAINING), "ledger")
+    assert after_crash.runs("research", "alpha") == (reserved,)  # still spent
+
+    second = _task("beta-r3-polsite", "research", "beta")
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(second))
+    agent.sync()
+    got = _status(cluster, "beta-r3-polsite")
+    assert (got.get("state"), got.get("reason")) == ("Failed", "PrivacyCeiling"), got
+    text = got["message"]
+    assert text.startswith("PrivacyCeiling: policy.maxEpsilonPerDataset: study research/beta "
+                           f"round 3 would take dataset {DATASET} from ε="), text
+    assert "(1 recorded run(s) of every study and hub)" in text and "\n" not in text
+    assert _get(cluster, "job", "beta-r3-polsite", "-n", DATASET_TRAINING) is None
+    final = read_ledger(_get(cluster, "configmap", LEDGER_CONFIGMAP, "-n", DATASET_TRAINING),
+                        "ledger")
+    assert final.runs("research", "beta") == () and final.entries() == [reserved]
+    refused("a second study spending a dataset past the hospital's ceiling after a crashed "
+            "run (real agent, real API server)", "site agent: no Job, no reservation", text)
+
+    capsys.readouterr()
+    assert deeprad_main(["privacy", "ledger", "--site", "--kubeconfig", str(cluster.kubeconfig),
+                         "-n", DATASET_TRAINING, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (dataset,) = report["datasets"]
+    assert (dataset["dataset"], dataset["runs"], dataset["reserved"]) == (DATASET, 1, 1)
+    assert dataset["epsilon"] == pytest.approx(epsilon_of([reserved.steps], 1e-5))
+    assert [s["study"] for s in dataset["studies"]] == ["research/alpha"]
+    assert deeprad_main(["privacy", "ledger", "--site", "--kubeconfig", str(cluster.kubeconfig),
+                         "-n", "no-such-namespace"]) == 2
+    assert "ConfigMap no-such-namespace/deeprad-privacy-ledger does not exist" in \
+        capsys.readouterr().err

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from deeprad.aggregator.job import QuorumNotMet, run_aggregation_task
+from deeprad.aggregator.strategies import make_strategy
 from deeprad.core.checkpoint import read_checkpoint, sha256_bytes, to_bytes
 from deeprad.core.errors import ConfigError
 from deeprad.core.protocol import SecAggSpec, SecAggUpload, StrategySpec, UpdateManifest
@@ -23,9 +25,12 @@ from deeprad.core.secagg import (
     AdvertiseKeys,
     ConsistencySignature,
     EncryptedShare,
+    SecAggAborted,
     SiteSession,
     SurvivorSet,
+    threshold_for,
 )
+from deeprad.core.secagg import relay as relay_module
 from deeprad.core.secagg.quantize import Quantizer, flatten, pack
 from deeprad.core.secagg.relay import StoreRelay, round_config
 
@@ -225,9 +230,104 @@ def test_secure_round_aggregates_the_weighted_mean_of_the_survivors(s: Any) -> N
 
 def test_secure_round_refuses_a_strategy_that_needs_more_than_the_sum(s: Any) -> None:
     spec = SecAggSpec(roster=["a", "b"], weight_normalizer=20.0, timeout_s=1.0, poll_s=0.01)
-    for name in ("fedadam", "krum"):
-        with pytest.raises(ConfigError, match=rf"strategy {name} .*secure aggregation.*fedavg"):
-            run_aggregation_task(s.task(strategy=StrategySpec(name=name), secagg=spec), s.store)
+    with pytest.raises(ConfigError, match=r"strategy krum needs every update in the clear"):
+        run_aggregation_task(s.task(strategy=StrategySpec(name="krum"), secagg=spec), s.store)
+    assert not s.store.exists(s.layout.global_manifest(1))
+    # the sites are told at once, rather than waiting for the hub until their deadline
+    assert "krum" in s.store.get_text(s.layout.secagg_message(1, "aborted"))
+
+
+def _secure_round(s: Any, task: Any, sites: dict[str, tuple[dict[str, torch.Tensor], int]],
+                  spec: SecAggSpec, silent: dict[str, str] | None = None) -> Any:
+    """Run the hub's aggregation with every site of `sites` in a thread; a site in `silent`
+    stops without a word after posting that step's message. Returns the report (or raises
+    what the hub raised), once the sites' threads ended."""
+    silent = silent or {}
+    errors: dict[str, BaseException] = {}
+
+    def site(name: str, delta: dict[str, torch.Tensor], n: int) -> None:
+        try:
+            if name in silent:
+                _silent_site(s, name, delta, spec, silent[name])
+            else:
+                _secure_site(s, name, delta, n, spec)
+        except Exception as exc:  # the hub's abort reaches a site as SecAggAborted
+            errors[name] = exc
+
+    threads = [threading.Thread(target=site, args=(name, delta, n))
+               for name, (delta, n) in sites.items()]
+    for t in threads:
+        t.start()
+    try:
+        return run_aggregation_task(task, s.store)
+    finally:
+        for t in threads:
+            t.join(timeout=60)
+
+
+def _silent_site(s: Any, site: str, delta: dict[str, torch.Tensor], spec: SecAggSpec,
+                 last: str) -> None:
+    """A site that advertises its keys (and shares them, if `last` is "shares"), then dies."""
+    relay = StoreRelay(s.store, s.layout, 1, spec.timeout_s, spec.poll_s)
+    session = SiteSession(round_config("ns", "study", 1, spec, flatten(delta)[0].size),
+                          s.sites[site], s.keys.registry)
+    relay.post("advertise", session.advertise_keys(), site)
+    if last == "shares":
+        relay.post("shares", session.share_keys(relay.wait_hub("advertised",
+                                                               list[AdvertiseKeys])), site)
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_server_optimizers_run_on_the_secure_mean(s: Any, name: str) -> None:
+    sites = {"a": (good(0.5), 10), "b": (good(1.0), 30), "c": (good(-0.5), 20)}
+    spec = SecAggSpec(roster=sorted(sites), weight_normalizer=60.0, timeout_s=60.0, poll_s=0.01)
+    task = s.task(strategy=StrategySpec(name=name), secagg=spec)
+    report = _secure_round(s, task, sites, spec)
+    assert report.secagg is not None and report.secagg.survivors == ["a", "b", "c"]
+    weights, manifest = read_checkpoint(s.store, s.layout, 1, hub=s.hub.public())
+    assert manifest.strategy is not None and manifest.strategy.name == name
+    # the same step as the strategy takes from the plain weighted mean of the updates
+    expected = make_strategy(StrategySpec(name=name))
+    expected.begin(G)
+    for delta, n in sites.values():
+        expected.add(delta, n)
+    want, state = expected.finish()
+    assert state  # server state (momentum, moments) travels to the next round
+    for key in G:
+        torch.testing.assert_close(weights[key], want[key], rtol=0, atol=1e-5)
+    assert weights["w"][0] != G["w"][0]  # it moved
+
+
+@pytest.mark.parametrize("last", ["advertise", "shares"])
+def test_a_site_silent_after_advertising_costs_one_step_not_the_deadline(
+        s: Any, last: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay_module, "MIN_STEP_S", 1.0)
+    window = 60.0  # each later step: W / 20 = 3 s (the 10 s floor lowered for the test)
+    sites = {"a": (good(0.5), 10), "b": (good(1.0), 30), "c": (good(-0.5), 20)}
+    spec = SecAggSpec(roster=sorted(sites), weight_normalizer=60.0, timeout_s=window,
+                      poll_s=0.01, threshold=threshold_for(3, "semi-honest"))
+    start = time.monotonic()
+    report = _secure_round(s, s.task(secagg=spec), sites, spec, silent={"c": last})
+    took = time.monotonic() - start
+    assert report.secagg is not None and report.secagg.survivors == ["a", "b"]
+    assert (report.secagg.dropped if last == "shares" else report.secagg.not_joined) == ["c"]
+    assert took < window / 3, took  # a step or two, not the window
+    weights, _ = read_checkpoint(s.store, s.layout, 1)
+    mean = (10 * 0.5 + 30 * 1.0) / 40  # the survivors' weighted mean: c's masks removed
+    torch.testing.assert_close(weights["w"], G["w"] + mean, rtol=0,
+                               atol=report.secagg.quantization_bound)
+
+
+def test_a_secure_round_below_its_quorum_stops_before_anything_is_unmasked(
+        s: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay_module, "MIN_STEP_S", 1.0)
+    sites = {"a": (good(0.5), 10), "b": (good(1.0), 30), "c": (good(-0.5), 20)}
+    spec = SecAggSpec(roster=sorted(sites), weight_normalizer=60.0, timeout_s=60.0,
+                      poll_s=0.01, threshold=2)
+    with pytest.raises(SecAggAborted, match=r"2 of 3 site\(s\) sent a valid masked update, "
+                                            r"minSites is 3 \(missing: c\)"):
+        _secure_round(s, s.task(secagg=spec, min_sites=3), sites, spec, silent={"c": "shares"})
+    assert not s.store.list(s.layout.secagg_prefix(1) + "unmask/")  # no share revealed
     assert not s.store.exists(s.layout.global_manifest(1))
 
 

@@ -31,6 +31,14 @@ def test_trainer_benchmark_quick_does_the_same_work_as_the_bare_loop() -> None:
     assert "identical final weights: yes" in out
 
 
+def test_distributed_dp_benchmark_smoke_runs_every_arm_and_sizes_the_upload() -> None:
+    out = _run("bench_distributed_dp.py", "--smoke")
+    assert "SYNTHETIC" in out and "per RECORD" in out and "per SITE" in out
+    for arm in ("none", "central", "distributed"):
+        assert f"  {arm:<12} min " in out, f"{arm} missing from:\n{out}"
+    assert "distributed DP       39.2 bits = 1.225 x float32" in out
+
+
 def test_footprint_benchmark_finds_the_operator_a_tenth_of_the_trainer() -> None:
     """Sizes come from the installed distributions' metadata, not from timing: the goal is
     judged here (the script exits 1 when the operator's environment passes 1/10)."""

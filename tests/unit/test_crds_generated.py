@@ -192,10 +192,17 @@ def test_examples_validate_against_the_python_models() -> None:
     assert {s["metadata"]["name"] for s in sites} == {"st-marys", "charite"}
     for site in sites:
         HospitalSiteSpec.model_validate(site["spec"])
-    (study,) = [d for d in docs.values() if d["kind"] == "FederatedStudy"]
-    spec = FederatedStudySpec.model_validate(study["spec"])
+    studies = {d["metadata"]["name"]: FederatedStudySpec.model_validate(d["spec"])
+               for d in docs.values() if d["kind"] == "FederatedStudy"}
+    assert set(studies) == {"tumor-detection", "tumor-dp"}
+    spec = studies["tumor-detection"]
     assert (spec.rounds, spec.model.name, spec.round_template.strategy.name,
             spec.round_template.min_sites) == (3, "tumor-cnn", "fedavg", 2)
+    dp = studies["tumor-dp"]
+    private = dp.round_template.privacy.differential_privacy
+    assert dp.privacy_budget is not None and private is not None
+    assert private.noise_multiplier is None  # the operator calibrates it to the budget
+    assert dp.round_template.privacy.secure_aggregation and dp.model.name == "tumor-jet"
 
 
 def test_status_serialises_in_camel_case_without_empty_fields() -> None:

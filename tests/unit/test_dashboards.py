@@ -87,7 +87,8 @@ def test_the_topics_of_the_issue_are_covered() -> None:
     for metric in ("deeprad_site_ready", "deeprad_site_reachable", "deeprad_site_gpus",
                    "deeprad_site_last_heartbeat_timestamp_seconds", "deeprad_global_auroc",
                    "deeprad_global_loss", "deeprad_study_epsilon_spent",
-                   "deeprad_study_epsilon_budget", "deeprad_round_phase_duration_seconds",
+                   "deeprad_study_epsilon_budget", "deeprad_site_epsilon_spent",
+                   "deeprad_round_phase_duration_seconds",
                    "deeprad_site_training_duration_seconds", "deeprad_sites_dropped_total",
                    "deeprad_updates_rejected_total", "deeprad_reconcile_errors_total",
                    "deeprad_reconcile_duration_seconds", "process_resident_memory_bytes"):

@@ -19,6 +19,7 @@ from deeprad.core.protocol import (
     Contribution,
     ModelSpec,
     Rejection,
+    SecAggOutcome,
     SiteResult,
     StrategySpec,
 )
@@ -235,6 +236,63 @@ def test_with_secure_aggregation_the_aggregator_starts_with_the_tasks() -> None:
     decision = _decide(spec, admitted, _world(tasks=tasks))
     assert decision.actions == [rules.Aggregate(("a", "b", "c"), ("a", "b", "c"))]
     assert decision.status.state == RoundState.TRAINING
+
+
+def test_a_failed_aggregator_fails_a_secure_round_at_once_with_its_cause() -> None:
+    """The issue's case: sites trained and wait in the exchange, the aggregator refused at
+    once; the round must not wait for its deadline and call both sites Dropped."""
+    spec = _spec(privacy={"secureAggregation": True})
+    tasks = {s: rules.TaskView(f"r1-{s}", TaskState.RUNNING) for s in "abc"}
+    log = ("2030-07-08 09:00:01 deeprad.aggregator round 1: starting\n"
+           "deeprad.aggregator: strategy krum needs every update in the clear\n")
+    aggregator = rules.JobView.failed("PodFailurePolicy", "Container aggregator for pod x "
+                                      "failed with exit code 2 matching FailJob rule", log)
+    decision = _decide(spec, _admitted(spec), _world(T0 + timedelta(minutes=2), tasks=tasks,
+                                                     aggregator=aggregator))
+    assert decision.finished and decision.status.state == RoundState.FAILED
+    assert _cond(decision.status, "Failed")[1:] == (
+        "AggregationFailed", "FederatedRound r1: the aggregator Job failed: deeprad.aggregator: "
+        "strategy krum needs every update in the clear (PodFailurePolicy)")
+    assert {x.state for x in decision.status.sites or ()} == {SiteState.TRAINING}
+
+
+def test_a_failed_jobs_cause_is_one_line() -> None:
+    crash = rules.JobView.failed("BackoffLimitExceeded", "Job has reached the specified backoff "
+                                 "limit", "Traceback (most recent call last):\n  File x\n"
+                                 "MemoryError: out of memory\n\n")
+    assert crash.message == "MemoryError: out of memory (BackoffLimitExceeded)"
+    late = rules.JobView.failed("DeadlineExceeded", "Job was active longer than specified "
+                                "deadline", "2030 deeprad.aggregator waiting for sites\n")
+    assert late.message == "DeadlineExceeded: Job was active longer than specified deadline"
+    silent = rules.JobView.failed("BackoffLimitExceeded", "", "")
+    assert silent.message == "BackoffLimitExceeded"
+    assert "\n" not in crash.message + late.message + silent.message
+
+
+def test_a_secure_round_ends_once_its_contributors_reported_not_at_the_deadline() -> None:
+    spec = _spec(privacy={"secureAggregation": True})
+    admitted = _admitted(spec)
+    output = PARENT.model_copy(update={"round": 1, "payload_sha256": "3" * 64})
+    report = _report("a", "b").model_copy(update={"secagg": SecAggOutcome(
+        survivors=["a", "b"], dropped=[], not_joined=["c"], threshold=2, clip=1.0,
+        quantization_bound=1e-9)})
+    store = rules.StoreView(PARENT, output, report)
+    tasks = {"a": rules.TaskView("r1-a", TaskState.SUCCEEDED, result=_result("a")),
+             "b": rules.TaskView("r1-b", TaskState.RUNNING), "c": rules.TaskView("r1-c")}
+    at = T0 + timedelta(minutes=5)  # long before the 1h deadline
+    waiting = _decide(spec, admitted, _world(at, tasks=tasks, store=store,
+                                             aggregator=rules.JobView("Succeeded")))
+    assert not waiting.finished and waiting.status.state == RoundState.TRAINING
+    tasks["b"] = rules.TaskView("r1-b", TaskState.SUCCEEDED, result=_result("b"))
+    done = _decide(spec, waiting.status, _world(at, tasks=tasks, store=store,
+                                                aggregator=rules.JobView("Succeeded")))
+    assert done.finished and done.status.state == RoundState.SUCCEEDED
+    sites = {x.site: x for x in done.status.sites or ()}
+    assert (sites["a"].state, sites["b"].state) == (SiteState.REPORTED, SiteState.REPORTED)
+    assert sites["b"].samples == 80  # its task's result, not only the aggregator's word
+    assert (sites["c"].state, sites["c"].reason) == (SiteState.DROPPED,
+                                                     "SecureAggregationDropout")
+    assert sites["c"].message == "did not take part in the secure-aggregation exchange"
 
 
 # ---- the site agent's side --------------------------------------------------------------------

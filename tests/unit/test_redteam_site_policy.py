@@ -34,10 +34,14 @@ from deeprad.core.models import build_model, model_weights
 from deeprad.core.privacy import DPConfig, DPSteps, epsilon_of, round_steps
 from deeprad.core.protocol import DatasetSpec, ModelSpec, TrainConfig, TrainingTask
 from deeprad.core.site_policy import (
+    DATASET_LEDGER_ENV,
     LEDGER_ENV,
     POLICY_ENV,
+    RESERVATION_ENV,
     LedgerEntry,
+    PrivacyCeiling,
     SitePolicy,
+    entry_json,
     ledger_json,
     policy_json,
 )
@@ -46,7 +50,7 @@ from deeprad.core.store.presigned import site_grants
 from deeprad.operator.api.sitetask import SiteTaskSpec, SiteTaskStatus, TaskState
 from deeprad.operator.site.config import AgentConfig, AllowedStore
 from deeprad.operator.site.decide import ReportTask, TaskView, decide_task
-from deeprad.operator.site.ledger import ledger_key, read_ledger, with_entry
+from deeprad.operator.site.ledger import Ledger, ledger_key, read_ledger, with_entry
 from deeprad.trainer import job as trainer_job
 
 T0 = datetime(2030, 7, 8, 9, 0, tzinfo=UTC)
@@ -77,11 +81,9 @@ ATTACKS: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
     ("no-dp", "a task without DP-SGD at a DP-required site",
      {"require_differential_privacy": True}, {"privacy": {"secureAggregation": False}},
      "requireDifferentialPrivacy"),
-    ("zero-noise", "DP-SGD with noise multiplier 0 at a DP-required site",
-     {"require_differential_privacy": True},
-     {"privacy": {"secureAggregation": False,
-                  "differentialPrivacy": {"noiseMultiplier": 0, "maxGradNorm": 1.0}}},
-     "requireDifferentialPrivacy"),
+    # (DP-SGD with noise multiplier 0 no longer reaches the agent: a SiteTask's
+    # noiseMultiplier must be > 0 in its schema; the policy's own check stays in
+    # test_site_policy.py.)
     ("no-dp-ceiling", "a task without DP-SGD at a site with an ε ceiling",
      {"max_epsilon_per_study": 4}, {"privacy": {"secureAggregation": False}},
      "maxEpsilonPerStudy"),
@@ -124,7 +126,7 @@ def _config(policy: dict[str, Any]) -> AgentConfig:
 @pytest.mark.parametrize("index", range(len(ATTACKS)), ids=IDS)
 def test_redteam_site_agent_refuses_work_its_policy_forbids(index: int) -> None:
     _, attack, policy, change, rule = ATTACKS[index]
-    actions = decide_task(_config(policy), _task(**change), None, T0)
+    actions = decide_task(_config(policy), _task(**change), None, T0, Ledger())
     assert [type(a) for a in actions] == [ReportTask], actions  # no CreateJob: nothing runs
     (only,) = actions
     assert isinstance(only, ReportTask)
@@ -136,8 +138,9 @@ def test_redteam_site_agent_refuses_work_its_policy_forbids(index: int) -> None:
     if index == 1:
         assert "_target_" in text and APPROVED[:19] in text  # names what was refused
     # The attack is what is refused: the same task without it starts a Job at this site.
-    honest = decide_task(_config(policy), _task(**_honest(change, policy)), None, T0)
-    assert [type(a).__name__ for a in honest] == ["CreateJob", "ReportTask"], honest
+    honest = decide_task(_config(policy), _task(**_honest(change, policy)), None, T0, Ledger())
+    assert [type(a).__name__ for a in honest] == ["RecordPrivacy", "CreateJob", "ReportTask"], \
+        honest  # the DP run is reserved in the site's ledger, then its Job created
     refused(attack, "site agent (SiteTask PolicyViolation)", text)
 
 
@@ -286,6 +289,35 @@ def test_redteam_trainer_refuses_a_run_that_would_pass_the_epsilon_ceiling(
     assert steps == []  # not one training step
     assert not any(c.startswith("put ") for c in store.calls), store.calls
     refused("ε over the per-study ceiling (the planned run, real record count)",
+            "hospital trainer (before training)", text)
+
+
+def test_redteam_ledger_trainer_refuses_a_run_beyond_its_reservation(
+        study: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent reserved this run's ε in the site's ledger before the Job started (planned on
+    the records the hospital declared); a run that would spend more — fewer records than
+    declared, or a reservation rewritten smaller — is refused before its first step, so a
+    crash can never leave the ledger below what was spent."""
+    store = WatchedStore(study.store.root)
+    torch.manual_seed(0)
+    study.write_global(model_weights(build_model(ModelSpec())))
+    # 19 training records at batch 16 is two batches; the reservation planned on 1000.
+    small = DPSteps(noise_multiplier=1.1, sample_rate=1 / 63, steps=63)
+    monkeypatch.setenv(POLICY_ENV, policy_json(SitePolicy(max_epsilon_per_dataset=50)))
+    monkeypatch.setenv(RESERVATION_ENV, entry_json(LedgerEntry(
+        task="t1", round=1, dataset="st-marys", reserved=True, steps=small)))
+    monkeypatch.setenv(DATASET_LEDGER_ENV, "[]")
+    steps: list[str] = []
+    monkeypatch.setattr(trainer_job, "train_site", lambda *a, **k: steps.append("trained"))
+    with pytest.raises(PrivacyCeiling) as exc:
+        trainer_job.run_training_task(_training_task(study), store)
+    text = str(exc.value)
+    assert text.startswith("PrivacyCeiling: policy.maxEpsilonPerDataset: study ns/study round 1 "
+                           "would spend ε=") and "on 19 training records" in text, text
+    assert "more than the ε=" in text and "the site agent reserved for it" in text
+    assert steps == []  # not one training step
+    assert not any(c.startswith("put ") for c in store.calls), store.calls
+    refused("a run spending more ε than the site reserved for it (real record count)",
             "hospital trainer (before training)", text)
 
 

@@ -16,11 +16,13 @@ import torch
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from redteam import refused
 
 from deeprad.core.checkpoint import to_bytes
+from deeprad.core.errors import ConfigError
 from deeprad.core.identity import Identity, KeyRegistry
 from deeprad.core.layout import StudyLayout
-from deeprad.core.protocol import SiteResult
+from deeprad.core.protocol import SecAggSpec, SiteResult
 from deeprad.core.secagg import (
     HubSession,
     NotEnoughShares,
@@ -32,6 +34,7 @@ from deeprad.core.secagg import (
     SurvivorSet,
     default_threshold,
     shamir,
+    threshold_for,
 )
 from deeprad.core.secagg.prg import apply_mask, prg
 from deeprad.core.secagg.quantize import (
@@ -41,7 +44,12 @@ from deeprad.core.secagg.quantize import (
     unflatten,
     unpack,
 )
-from deeprad.core.secagg.relay import StoreRelay
+from deeprad.core.secagg.relay import (
+    StoreRelay,
+    round_config,
+    step_timeout,
+    training_window,
+)
 from deeprad.core.signing import sign_message
 from deeprad.core.store.local import LocalStore
 
@@ -136,12 +144,74 @@ def test_a_fourth_dropout_aborts_the_round_with_a_clear_reason(people: tuple, st
     assert "lung round 3" in msg and "missing:" in msg
 
 
-def test_threshold_must_exceed_two_thirds() -> None:
-    assert default_threshold(10) == 7 and default_threshold(50) == 34 and default_threshold(3) == 3
-    with pytest.raises(ValueError, match=r"2n/3 < t <= n"):
-        SecAggConfig.create("ns", "lung", 1, SITES, 8, threshold=6)
-    with pytest.raises(ValueError, match=r"2n/3 < t <= n"):
-        SecAggConfig.create("ns", "lung", 1, SITES, 8, threshold=11)
+def test_the_threshold_follows_the_threat_model() -> None:
+    semi = [threshold_for(n, "semi-honest") for n in (2, 3, 4, 5, 10, 50)]
+    assert semi == [2, 2, 3, 3, 6, 26]
+    malicious = [threshold_for(n, "malicious") for n in (2, 3, 4, 5, 10, 50)]
+    assert malicious == [2, 3, 3, 4, 7, 34]
+    assert default_threshold(10) == 6  # semi-honest unless the round says otherwise
+    assert SecAggConfig.create("ns", "lung", 1, SITES, 8).threshold == 6
+    with pytest.raises(ValueError, match="threat model must be one of semi-honest, malicious"):
+        threshold_for(3, "paranoid")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("threshold", [-1, 1, 5, 11])
+def test_a_threshold_outside_a_majority_of_the_roster_is_refused(threshold: int) -> None:
+    with pytest.raises(ConfigError) as err:
+        SecAggConfig.create("ns", "lung", 1, SITES, 8, threshold=threshold)
+    assert str(err.value) == (
+        f"secure aggregation ns/lung round 1: threshold must satisfy "
+        f"n/2 < t <= n (n=10): got t={threshold}; use t=6 (semi-honest hub) or t=7 "
+        "(malicious hub)")
+
+
+def test_redteam_threshold_below_a_majority(tmp_path: Path, people: tuple) -> None:
+    """A task that asks for t = 1 of 3 (so that the hub alone, or one site with it, could
+    unmask a single update) is refused before the site advertises anything."""
+    ids, _, registry = people
+    store = LocalStore(tmp_path)
+    trio = SITES[:3]
+    spec = SecAggSpec(roster=trio, threshold=1, weight_normalizer=30.0)
+    relay = StoreRelay(store, StudyLayout("ns", "lung"), 1, spec.timeout_s, spec.poll_s)
+    with pytest.raises(ConfigError, match=r"n/2 < t <= n \(n=3\): got t=1; use t=2") as err:
+        session = SiteSession(round_config("ns", "lung", 1, spec, 8), ids[trio[0]], registry)
+        relay.post("advertise", session.advertise_keys(), trio[0])
+    refused("secure-aggregation threshold below a majority", "SecAggConfig (site and hub)",
+            str(err.value))
+    assert list(store.list("")) == []  # nothing advertised
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_three_site_round_survives_one_dropout_against_a_semi_honest_hub(
+        people: tuple, stage: str) -> None:
+    rng = np.random.default_rng(3)
+    trio = SITES[:3]
+    xs = {s: rng.integers(0, 2**32, 16, dtype=np.uint32) for s in trio}
+    res = run_round(people, xs, {trio[1]: stage}, threshold=threshold_for(3, "semi-honest"))
+    contributed = tuple(trio) if stage in ("consistency", "unmask") else (trio[0], trio[2])
+    assert res.survivors == contributed
+    np.testing.assert_array_equal(res.sum, ring_sum(xs, contributed))
+
+
+@pytest.mark.parametrize("stage", ["advertise", "share", "masked"])
+def test_a_three_site_round_against_a_malicious_hub_survives_no_dropout(
+        people: tuple, stage: str) -> None:
+    rng = np.random.default_rng(4)
+    trio = SITES[:3]
+    xs = {s: rng.integers(0, 2**32, 16, dtype=np.uint32) for s in trio}
+    with pytest.raises(SecAggAborted, match=r"2 of 3 site\(s\) took part, the threshold is 3"):
+        run_round(people, xs, {trio[1]: stage}, threshold=threshold_for(3, "malicious"))
+
+
+def test_step_timeouts_are_derived_from_the_window(tmp_path: Path) -> None:
+    # W / 20, at least 10 s, at most 120 s; the hub's first wait leaves room for four steps
+    assert [step_timeout(w) for w in (60, 600, 1800, 7200)] == [10, 30, 90, 120]
+    assert [training_window(w) for w in (60, 600, 1800, 7200)] == [20, 480, 1440, 6720]
+    assert training_window(20) == 10  # never less than one step
+    relay = StoreRelay(LocalStore(tmp_path), StudyLayout("ns", "st"), 1, timeout_s=1800,
+                       poll_s=0.01)
+    assert relay.hub_timeout("advertise") == 1440 and relay.hub_timeout("shares") == 90
+    assert relay.site_timeout("advertised") == 1800 and relay.site_timeout("routed") == 360
 
 
 # ---- shares -----------------------------------------------------------------------------------
@@ -175,10 +245,10 @@ def test_hub_with_fewer_than_t_unmasking_messages_learns_nothing(people: tuple) 
 # ---- a hub that lies about survivors ----------------------------------------------------------
 
 
-def _sessions_up_to_consistency(people: tuple, xs: dict[str, np.ndarray]
+def _sessions_up_to_consistency(people: tuple, xs: dict[str, np.ndarray], threshold: int = T
                                 ) -> tuple[SecAggConfig, dict[str, SiteSession], HubSession]:
     ids, hub_id, registry = people
-    cfg = SecAggConfig.create("ns", "lung", 3, SITES, xs[SITES[0]].size)
+    cfg = SecAggConfig.create("ns", "lung", 3, SITES, xs[SITES[0]].size, threshold)
     sites = {s: SiteSession(cfg, ids[s], registry) for s in SITES}
     hub = HubSession(cfg, hub_id, registry)
     adv = hub.collect_advertisements([s.advertise_keys() for s in sites.values()])
@@ -195,10 +265,13 @@ def _signed_set(cfg: SecAggConfig, signer: Identity, survivors: list[str],
     return unsigned.model_copy(update={"signature": base64.b64encode(sig).decode()})
 
 
-def test_inconsistent_survivor_sets_are_refused(people: tuple) -> None:
+@pytest.mark.parametrize("threshold", [threshold_for(N, "semi-honest"), T])
+def test_inconsistent_survivor_sets_are_refused(people: tuple, threshold: int) -> None:
+    """With every site honest, a split into two groups leaves both below any majority
+    threshold; against colluding sites only the malicious threshold holds (module docs)."""
     _, hub_id, _ = people
     xs = random_inputs()
-    cfg, sites, _ = _sessions_up_to_consistency(people, xs)
+    cfg, sites, _ = _sessions_up_to_consistency(people, xs, threshold)
     victim = SITES[9]
     # The attack: tell half the sites the victim dropped (they would reveal its mask key) and
     # the other half that it survived (they would reveal its self-mask seed).
@@ -211,12 +284,12 @@ def test_inconsistent_survivor_sets_are_refused(people: tuple) -> None:
         with pytest.raises(ProtocolViolation, match="inconsistent survivor sets"):
             sites[s].unmask(everyone)
     # relaying only the matching signatures leaves each group below the threshold
-    cfg, sites, _ = _sessions_up_to_consistency(people, xs)
+    cfg, sites, _ = _sessions_up_to_consistency(people, xs, threshold)
     sigs = {s: sites[s].consistency_signature(says_dropped if i < 5 else says_survived)
             for i, s in enumerate(SITES)}
     for i, s in enumerate(SITES):
         same = [sigs[o] for j, o in enumerate(SITES) if (j < 5) == (i < 5)]
-        with pytest.raises(SecAggAborted, match="threshold is 7"):
+        with pytest.raises(SecAggAborted, match=f"threshold is {threshold}"):
             sites[s].unmask(same)
 
 

@@ -44,6 +44,7 @@ from deeprad.operator.site.decide import (
     renew_lease,
     report,
 )
+from deeprad.operator.site.ledger import Ledger, read_ledger, with_entry
 from deeprad.operator.site.observe import job_view, node_view, task_view
 
 T0 = datetime(2030, 7, 8, 9, 0, tzinfo=UTC)
@@ -51,6 +52,7 @@ DEADLINE = "2030-07-08T10:00:00Z"
 HUB = Identity.generate("hub", "hub").public()
 STORE = AllowedStore(endpoint="https://s3.example")  # where the tasks' presigned URLs lead
 CONFIG = AgentConfig(site="a", store=STORE)
+EMPTY = Ledger()  # the site's privacy ledger before any DP run
 NAME, UID = "study-r2-a", "uid-2a"
 
 
@@ -86,6 +88,14 @@ def _only_report(actions: list[Any]) -> SiteTaskStatus:
     return actions[0].status
 
 
+def _reserved() -> Ledger:
+    """The ledger once the task's run was reserved (its Job then created): a failed run keeps
+    its reservation, nothing more is written."""
+    record = decide_task(CONFIG, _task(), None, T0, EMPTY)[0]
+    assert isinstance(record, RecordPrivacy) and record.entry.reserved
+    return read_ledger(with_entry(None, "deeprad-training", record.key, record.entry), "cm")
+
+
 def _result_line(**over: Any) -> str:
     result = SiteResult(study="study", round=2, site="a", num_samples=80, global_metrics=None,
                         local_metrics=None, train_loss=0.3, update_sha256="4" * 64,
@@ -98,9 +108,9 @@ def _result_line(**over: Any) -> str:
 
 
 def test_a_new_task_gets_a_trainer_job_and_is_accepted() -> None:
-    actions = decide_task(CONFIG, _task(), None, T0)
-    assert [type(a) for a in actions] == [CreateJob, ReportTask]
-    create, accepted = actions
+    actions = decide_task(CONFIG, _task(), None, T0, EMPTY)
+    assert [type(a) for a in actions] == [RecordPrivacy, CreateJob, ReportTask]  # reserved first
+    _, create, accepted = actions
     assert isinstance(create, CreateJob) and isinstance(accepted, ReportTask)
     assert (create.name, create.namespace) == (NAME, "deeprad-training")
     meta = create.manifest["metadata"]
@@ -123,27 +133,29 @@ def test_a_new_task_gets_a_trainer_job_and_is_accepted() -> None:
 def test_accepting_again_keeps_the_first_start_time() -> None:
     """A Pending task whose Job was deleted with its earlier task keeps its start time."""
     earlier = rfc3339(T0 - timedelta(minutes=5))
-    actions = decide_task(CONFIG, _task({"state": "Pending", "startTime": earlier}), None, T0)
-    assert isinstance(actions[1], ReportTask) and actions[1].status.start_time == earlier
+    actions = decide_task(CONFIG, _task({"state": "Pending", "startTime": earlier}), None, T0,
+                          EMPTY)
+    assert isinstance(actions[2], ReportTask) and actions[2].status.start_time == earlier
 
 
 def test_the_job_of_an_earlier_task_of_that_name_is_deleted_first() -> None:
-    actions = decide_task(CONFIG, _task(), _job(task_uid="uid-of-round-deleted-before"), T0)
+    actions = decide_task(CONFIG, _task(), _job(task_uid="uid-of-round-deleted-before"), T0,
+                          EMPTY)
     assert actions == [DeleteJob(NAME, "it belongs to an earlier task of that name")]
 
 
 def test_finished_tasks_are_left_alone() -> None:
     for state in ("Succeeded", "Failed"):
-        assert decide_task(CONFIG, _task({"state": state}), None, T0) == []
+        assert decide_task(CONFIG, _task({"state": state}), None, T0, EMPTY) == []
         assert decide_task(CONFIG, _task({"state": state}),
-                           _job(outcome="Complete", log="x"), T0) == []
+                           _job(outcome="Complete", log="x"), T0, EMPTY) == []
 
 
 # ---- refusing a task --------------------------------------------------------------------------
 
 
 def test_a_task_for_another_site_is_refused() -> None:
-    st = _only_report(decide_task(AgentConfig(site="b"), _task(), None, T0))
+    st = _only_report(decide_task(AgentConfig(site="b"), _task(), None, T0, EMPTY))
     assert st.state == TaskState.FAILED
     assert st.message is not None and st.message.startswith("refused by site b: task for site a")
     assert st.completion_time == rfc3339(T0) and st.job_name is None
@@ -152,17 +164,17 @@ def test_a_task_for_another_site_is_refused() -> None:
 def test_a_task_from_an_unknown_hub_is_refused() -> None:
     other = Identity.generate("other-hub", "hub").public().signing_key
     st = _only_report(decide_task(AgentConfig(site="a", hub_signing_key=other), _task(), None,
-                                  T0))
+                                  T0, EMPTY))
     assert st.state == TaskState.FAILED
     assert st.message is not None and "refusing work from an unknown hub" in st.message
     pinned = AgentConfig(site="a", hub_signing_key=HUB.signing_key, store=STORE)
-    assert isinstance(decide_task(pinned, _task(), None, T0)[0], CreateJob)
+    assert isinstance(decide_task(pinned, _task(), None, T0, EMPTY)[1], CreateJob)
 
 
 def test_an_unreadable_spec_fails_the_task_and_says_which_agent() -> None:
     task = task_view({"metadata": {"name": NAME, "uid": UID}, "spec": _spec(round=0)})
     assert task.spec is None and task.spec_error
-    st = _only_report(decide_task(CONFIG, task, None, T0))
+    st = _only_report(decide_task(CONFIG, task, None, T0, EMPTY))
     assert st.state == TaskState.FAILED and st.completion_time == rfc3339(T0)
     assert st.message == (f"the task's spec is invalid for agent {__version__}: "
                           f"{task.spec_error}")
@@ -170,7 +182,7 @@ def test_an_unreadable_spec_fails_the_task_and_says_which_agent() -> None:
 
 def test_a_task_past_its_deadline_is_not_started() -> None:
     for now in (T0 + timedelta(hours=1), T0 + timedelta(hours=2)):
-        st = _only_report(decide_task(CONFIG, _task(), None, now))
+        st = _only_report(decide_task(CONFIG, _task(), None, now, EMPTY))
         assert st.state == TaskState.FAILED
         assert st.message == ("the round's deadline passed before the site could start "
                               "training")
@@ -192,7 +204,7 @@ def test_an_unexpected_error_fails_the_task_with_its_type() -> None:
 def test_a_vanished_job_fails_its_task_rather_than_training_twice() -> None:
     for state in ("Accepted", "Running"):
         st = _only_report(decide_task(CONFIG, _task({"state": state, "jobName": NAME}), None,
-                                      T0))
+                                      T0, EMPTY))
         assert st.state == TaskState.FAILED
         assert st.message == f"training Job {NAME} disappeared before it finished"
 
@@ -201,24 +213,26 @@ def test_an_adopted_job_is_followed_not_created_again() -> None:
     """A restarted agent finds the Job it created (same name, same task uid)."""
     fresh = {"state": "Accepted", "jobName": NAME, "heartbeatTime": rfc3339(T0),
              "message": f"training Job deeprad-training/{NAME} created"}
-    assert decide_task(CONFIG, _task(fresh), _job(), T0 + timedelta(seconds=5)) == []
+    assert decide_task(CONFIG, _task(fresh), _job(), T0 + timedelta(seconds=5), EMPTY) == []
 
 
 def test_a_running_job_reports_running_once_then_only_heartbeats() -> None:
     accepted = {"state": "Accepted", "jobName": NAME, "heartbeatTime": rfc3339(T0)}
-    st = _only_report(decide_task(CONFIG, _task(accepted), _job(active=1, failed=1), T0))
+    st = _only_report(decide_task(CONFIG, _task(accepted), _job(active=1, failed=1), T0,
+                                  EMPTY))
     assert (st.state, st.message, st.attempts) == (TaskState.RUNNING, "training", 2)
     assert st.completion_time is None
     running = {**accepted, "state": "Running", "message": "training"}
-    assert decide_task(CONFIG, _task(running), _job(active=1), T0 + timedelta(seconds=30)) == []
+    assert decide_task(CONFIG, _task(running), _job(active=1), T0 + timedelta(seconds=30),
+                       EMPTY) == []
     later = T0 + timedelta(seconds=31)
-    st = _only_report(decide_task(CONFIG, _task(running), _job(active=1), later))
+    st = _only_report(decide_task(CONFIG, _task(running), _job(active=1), later, EMPTY))
     assert (st.state, st.message, st.heartbeat_time) == (TaskState.RUNNING, "training",
                                                          rfc3339(later))
 
 
 def test_a_task_without_a_heartbeat_gets_one() -> None:
-    st = _only_report(decide_task(CONFIG, _task({"jobName": NAME}), _job(), T0))
+    st = _only_report(decide_task(CONFIG, _task({"jobName": NAME}), _job(), T0, EMPTY))
     assert (st.state, st.message, st.heartbeat_time) == (TaskState.ACCEPTED, "training",
                                                          rfc3339(T0))
 
@@ -230,7 +244,7 @@ def test_a_completed_job_reports_the_trainers_result() -> None:
     job = _job(succeeded=1, outcome="Complete", log=log)
     assert needs_log(_task(running), job)
     done = T0 + timedelta(minutes=3)
-    record, *reports = decide_task(CONFIG, _task(running), job, done)
+    record, *reports = decide_task(CONFIG, _task(running), job, done, EMPTY)
     assert isinstance(record, RecordPrivacy) and record.entry.task == UID  # the site's ledger
     st = _only_report(reports)
     assert st.state == TaskState.SUCCEEDED
@@ -243,7 +257,8 @@ def test_a_completed_job_reports_the_trainers_result() -> None:
 def test_a_completed_job_without_a_result_fails_with_the_log_tail() -> None:
     log = "\n".join(f"line {i}" for i in range(30))
     st = _only_report(decide_task(CONFIG, _task({"state": "Running", "jobName": NAME}),
-                                  _job(succeeded=1, outcome="Complete", log=log), T0))
+                                  _job(succeeded=1, outcome="Complete", log=log), T0,
+                                  _reserved()))
     assert st.state == TaskState.FAILED and st.completion_time == rfc3339(T0)
     assert st.message == ("the trainer finished but printed no result; log tail:\n"
                           + "\n".join(f"line {i}" for i in range(15, 30)))
@@ -253,7 +268,7 @@ def test_a_failed_job_fails_the_task_with_its_reason_and_log_tail() -> None:
     job = _job(failed=3, outcome="Failed", failure="Job has reached the specified backoff limit",
                log="Traceback ...\nConfigError: no images under /data")
     st = _only_report(decide_task(CONFIG, _task({"state": "Running", "jobName": NAME}), job,
-                                  T0))
+                                  T0, _reserved()))
     assert st.state == TaskState.FAILED and st.attempts == 3
     assert st.message == ("training Job failed (Job has reached the specified backoff limit); "
                           "log tail:\nTraceback ...\nConfigError: no images under /data")
@@ -278,7 +293,8 @@ def test_the_log_is_read_only_for_an_outcome_about_to_be_reported() -> None:
 
 def test_the_observed_task_is_not_changed_by_deciding() -> None:
     task = _task({"state": "Running", "jobName": NAME})
-    decide_task(CONFIG, task, _job(succeeded=1, outcome="Complete", log=_result_line()), T0)
+    decide_task(CONFIG, task, _job(succeeded=1, outcome="Complete", log=_result_line()), T0,
+                EMPTY)
     assert task.status == SiteTaskStatus.model_validate({"state": "Running", "jobName": NAME})
 
 

@@ -317,7 +317,7 @@ def config(**policy: Any) -> AgentConfig:
 
 
 def _refused_by_agent(cfg: AgentConfig, task: TaskView, ledger: Ledger | None = None) -> str:
-    actions = decide_task(cfg, task, None, T0, ledger)
+    actions = decide_task(cfg, task, None, T0, ledger or Ledger())
     assert [type(a) for a in actions] == [ReportTask], actions  # no CreateJob: nothing runs
     (only,) = actions
     assert isinstance(only, ReportTask)
@@ -343,7 +343,7 @@ def test_the_agent_refuses_each_rule_without_a_job(policy: dict[str, Any], spec:
                                                    rule: str) -> None:
     text = _refused_by_agent(config(**policy), task_view(**spec))
     assert text.startswith(f"PolicyViolation: policy.{rule}: "), text
-    decide_task(config(), task_view(**spec), None, T0)  # the default policy lets it through
+    decide_task(config(), task_view(**spec), None, T0, Ledger())  # the default policy allows it
 
 
 def test_the_agent_refuses_a_study_whose_ledger_reached_the_ceiling() -> None:
@@ -357,9 +357,9 @@ def test_the_agent_refuses_a_study_whose_ledger_reached_the_ceiling() -> None:
     other = read_ledger(with_entry(None, "t", ledger_key("research", "lung"),
                                    LedgerEntry(task="uid-1a", round=1, steps=run)), "cm")
     assert isinstance(decide_task(config(max_epsilon_per_study=ceiling), task_view(), None, T0,
-                                  other)[0], CreateJob)
+                                  other)[1], CreateJob)
     assert isinstance(decide_task(config(max_epsilon_per_study=2 * ceiling), task_view(), None,
-                                  T0, ledger)[0], CreateJob)
+                                  T0, ledger)[1], CreateJob)
 
 
 def test_the_job_carries_the_policy_the_image_and_the_studys_ledger() -> None:
@@ -367,7 +367,7 @@ def test_the_job_carries_the_policy_the_image_and_the_studys_ledger() -> None:
     entry = LedgerEntry(task="uid-1a", round=1, steps=run)
     ledger = read_ledger(with_entry(None, "t", ledger_key("research", "brain"), entry), "cm")
     cfg = config(max_epsilon_per_study=50, studies=["research/*"])
-    create, accepted = decide_task(cfg, task_view(), None, T0, ledger)
+    _, create, accepted = decide_task(cfg, task_view(), None, T0, ledger)
     assert isinstance(create, CreateJob) and isinstance(accepted, ReportTask)
     env = {e["name"]: e.get("value") for e in
            create.manifest["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -386,9 +386,10 @@ def _result(privacy: DPSteps | None) -> str:
 def test_a_finished_dp_run_enters_the_ledger_before_the_task_is_reported() -> None:
     run = DPSteps(noise_multiplier=1.1, sample_rate=0.2, steps=10)
     job = JobView(NAME, UID, succeeded=1, outcome="Complete", log="training\n" + _result(run))
-    record, done = decide_task(config(), task_view({"state": "Running"}), job, T0)
+    record, done = decide_task(config(), task_view({"state": "Running"}), job, T0, Ledger())
     assert isinstance(record, RecordPrivacy) and isinstance(done, ReportTask)
-    assert record == RecordPrivacy("research_brain", LedgerEntry(task=UID, round=2, steps=run))
+    assert record == RecordPrivacy("research_brain", LedgerEntry(task=UID, round=2, steps=run,
+                                                                 dataset="a"))
     assert done.status.state == TaskState.SUCCEEDED
     # Recorded already (the agent restarted before reporting): reported, not counted twice.
     ledger = read_ledger(with_entry(None, "t", record.key, record.entry), "cm")
@@ -396,24 +397,25 @@ def test_a_finished_dp_run_enters_the_ledger_before_the_task_is_reported() -> No
     assert isinstance(only, ReportTask) and only.status.state == TaskState.SUCCEEDED
     # A run without DP spends nothing.
     plain = JobView(NAME, UID, succeeded=1, outcome="Complete", log=_result(None))
-    assert [type(a) for a in decide_task(config(), task_view({"state": "Running"}), plain,
-                                         T0)] == [ReportTask]
+    no_dp = task_view({"state": "Running"}, privacy={"secureAggregation": False})
+    assert [type(a) for a in decide_task(config(), no_dp, plain,
+                                         T0, Ledger())] == [ReportTask]
 
 
 def test_a_trainer_refusal_is_reported_as_a_policy_violation() -> None:
     log = ("deeprad.trainer: PolicyViolation: policy.maxEpsilonPerStudy: study research/brain "
            "round 2 would raise ...")
     job = JobView(NAME, UID, failed=1, outcome="Failed", log=log)
-    (report,) = decide_task(config(), task_view({"state": "Running"}), job, T0)
+    *_, report = decide_task(config(), task_view({"state": "Running"}), job, T0, Ledger())
     assert isinstance(report, ReportTask)
     assert (report.status.state, report.status.reason) == (TaskState.FAILED, "PolicyViolation")
     crash = JobView(NAME, UID, failed=1, outcome="Failed", log="Traceback ...\nOOM")
-    (report,) = decide_task(config(), task_view({"state": "Running"}), crash, T0)
+    *_, report = decide_task(config(), task_view({"state": "Running"}), crash, T0, Ledger())
     assert isinstance(report, ReportTask) and report.status.reason == "JobFailed"
 
 
 def test_other_refusals_say_refused() -> None:
-    actions = decide_task(config(), task_view(site="b"), None, T0)
+    actions = decide_task(config(), task_view(site="b"), None, T0, Ledger())
     (only,) = actions
     assert isinstance(only, ReportTask) and only.status.reason == "Refused"
 

@@ -109,21 +109,22 @@ def test_capabilities() -> None:
     clear = {n for n, s in CATALOGUE.items() if s.needs_clear_updates}
     assert streaming == {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"}
     assert clear == {"fedmedian", "trimmedmean", "krum"} == set(CATALOGUE) - streaming
-    # Today only FedAvg runs on the secure-aggregation sum in the aggregator.
-    assert secure_sum_strategies() == ["fedavg"]
+    # Every strategy built on the sample-weighted mean runs on the secure-aggregation sum.
+    assert secure_sum_strategies() == ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+    assert set(secure_sum_strategies()) == streaming
     for info in CATALOGUE.values():
         assert info.summary and "\n" not in info.summary
         assert not (info.runs_on_secure_sum and info.needs_clear_updates)
 
 
 def test_secure_aggregation_needs_a_strategy_that_runs_on_the_sum() -> None:
-    check_secure_aggregation("fedavg")
+    for name in ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"):
+        check_secure_aggregation(name)
     with pytest.raises(ConfigError, match=r"^strategy krum needs every update in the clear, "
                                           r"but secure aggregation .*: turn secure aggregation "
-                                          r"off, or use fedavg$"):
+                                          r"off, or use fedavg or fedavgm or fedadam or fedyogi "
+                                          r"or fedadagrad$"):
         check_secure_aggregation("krum")
-    with pytest.raises(ConfigError, match=r"^strategy fedadam does not run on a secure sum"):
-        check_secure_aggregation("fedadam")
 
 
 def test_an_inconsistent_entry_is_refused_when_written() -> None:

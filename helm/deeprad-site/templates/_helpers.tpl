@@ -86,6 +86,8 @@ digest pins it. Each part matches deeprad.operator.api.images (values.schema.jso
 {{- with (include "deeprad-site.dataClaim" .) }}{{ $_ := set $training "dataClaim" . }}{{ end -}}
 {{- with $t.maxTaskDuration }}{{ $_ := set $training "maxTaskDuration" . }}{{ end -}}
 {{- with $t.serviceAccount }}{{ $_ := set $training "serviceAccount" . }}{{ end -}}
+{{- with $t.datasetName }}{{ $_ := set $training "datasetName" . }}{{ end -}}
+{{- with $t.datasetRecords }}{{ $_ := set $training "datasetRecords" (int .) }}{{ end -}}
 {{- $config := dict
       "site" (include "deeprad-site.site" .)
       "heartbeatSeconds" .Values.heartbeatSeconds
@@ -101,6 +103,7 @@ digest pins it. Each part matches deeprad.operator.api.images (values.schema.jso
 {{- $_ := set $policy "models" (ternary $p.models list (hasKey $p "models")) -}}
 {{- with $p.maxLocalEpochs }}{{ $_ := set $policy "maxLocalEpochs" (int .) }}{{ end -}}
 {{- with $p.maxEpsilonPerStudy }}{{ $_ := set $policy "maxEpsilonPerStudy" . }}{{ end -}}
+{{- with $p.maxEpsilonPerDataset }}{{ $_ := set $policy "maxEpsilonPerDataset" . }}{{ end -}}
 {{- with $p.delta }}{{ $_ := set $policy "delta" . }}{{ end -}}
 {{- $_ := set $config "policy" $policy -}}
 {{- toYaml $config -}}

@@ -31,6 +31,7 @@ from deeprad.core.checkpoint import (
 from deeprad.core.errors import ConfigError, DeepRadError
 from deeprad.core.identity import KeyRegistry, load_job_identity
 from deeprad.core.layout import StudyLayout
+from deeprad.core.privacy_ledger import index_site_records
 from deeprad.core.protocol import (
     AggregateReport,
     AggregationTask,
@@ -58,60 +59,67 @@ def run_aggregation_task(task: AggregationTask, store: ObjectStore) -> Aggregate
     if registry.require_hub().signing_key != hub.public().signing_key:
         raise ConfigError(f"the hub key folder holds {hub.name}'s keys, which are not the "
                           "registry's hub keys; mount the hub's identity")
-    strategy = make_strategy(task.strategy)
-    spec = StrategySpec(name=strategy.name, params=strategy.params())
-    if task.secagg is not None:
-        present = sorted(task.sites or task.secagg.roster)
-    else:
-        present = layout.sites_with_updates(store.list(layout.updates_prefix(task.round)),
-                                            task.round)
-    expected = task.sites if task.sites is not None else present
-    admitted = [s for s in expected if s in present]
-    missing = [s for s in expected if s not in present]
-    rejected = [Rejection(site=s, reason="site was not admitted to this round")
-                for s in present if s not in expected]
-    contributors: list[Contribution]
-    ledger = ReplayLedger.load(store, layout)
-    replay = ledger.guard(task.round)
-    outcome: SecAggOutcome | None = None
-    with contextlib.ExitStack() as keep, open_checkpoint(
-        store, layout, task.round - 1, hub=registry.require_hub()
-    ) as (global_weights, parent):
-        state = (read_strategy_state(store, layout, parent)
-                 if parent.strategy and parent.strategy.name == strategy.name else None)
-        strategy.begin(global_weights, state)
-        reference = global_weights.signature()
-        verifier = UpdateVerifier(store, layout, task, parent, hub, registry, replay)
+    # the privacy ledger indexes every site record of the study's name: earlier rounds' first
+    index_site_records(store, task.namespace, task.study, hub, registry)
+    try:
+        strategy = make_strategy(task.strategy)
+        spec = StrategySpec(name=strategy.name, params=strategy.params())
         if task.secagg is not None:
-            mean, contributors, outcome, refused = secure_mean(
-                verifier, task.secagg, admitted, global_weights.load_all())
-            validate_update("secure aggregate", mean, reference)
-            strategy.add(mean, 1)
+            present = sorted(task.sites or task.secagg.roster)
         else:
-            contributors, refused = aggregate_plain(verifier, admitted, strategy, reference,
-                                                    keep)
-        rejected.extend(refused)
-        if len(contributors) < task.min_sites:
-            reasons = "; ".join(f"{r.site}: {r.reason}" for r in rejected) or "none rejected"
-            raise QuorumNotMet(
-                f"study {task.study} round {task.round}: {len(contributors)} valid update(s), "
-                f"minSites is {task.min_sites} (missing: {missing or 'none'}; {reasons})"
+            present = layout.sites_with_updates(store.list(layout.updates_prefix(task.round)),
+                                                task.round)
+        expected = task.sites if task.sites is not None else present
+        admitted = [s for s in expected if s in present]
+        missing = [s for s in expected if s not in present]
+        rejected = [Rejection(site=s, reason="site was not admitted to this round")
+                    for s in present if s not in expected]
+        contributors: list[Contribution]
+        ledger = ReplayLedger.load(store, layout)
+        replay = ledger.guard(task.round)
+        outcome: SecAggOutcome | None = None
+        with contextlib.ExitStack() as keep, open_checkpoint(
+            store, layout, task.round - 1, hub=registry.require_hub()
+        ) as (global_weights, parent):
+            state = (read_strategy_state(store, layout, parent)
+                     if parent.strategy and parent.strategy.name == strategy.name else None)
+            strategy.begin(global_weights, state)
+            reference = global_weights.signature()
+            verifier = UpdateVerifier(store, layout, task, parent, hub, registry, replay)
+            if task.secagg is not None:
+                mean, contributors, outcome, refused = secure_mean(
+                    verifier, task.secagg, admitted, global_weights.load_all())
+                validate_update("secure aggregate", mean, reference)
+                strategy.add(mean, 1)
+            else:
+                contributors, refused = aggregate_plain(verifier, admitted, strategy, reference,
+                                                        keep)
+            rejected.extend(refused)
+            if len(contributors) < task.min_sites:
+                reasons = "; ".join(f"{r.site}: {r.reason}" for r in rejected) or "none rejected"
+                raise QuorumNotMet(
+                    f"study {task.study} round {task.round}: {len(contributors)} valid update(s), "
+                    f"minSites is {task.min_sites} (missing: {missing or 'none'}; {reasons})"
+                )
+            new_weights, new_state = strategy.finish()
+            checkpoint = write_checkpoint(
+                store, layout,
+                {"study": task.study, "round": task.round,
+                 "producer": f"deeprad-aggregator/{__version__}", "model": parent.model,
+                 "parent_sha256": parent.payload_sha256, "strategy": spec,
+                 "contributors": contributors, "secagg": outcome,
+                 "epsilon_round": task.privacy.epsilon_round if task.privacy else None,
+                 "epsilon_spent": task.privacy.epsilon_spent if task.privacy else None},
+                new_weights, new_state, hub=hub,
             )
-        new_weights, new_state = strategy.finish()
-        checkpoint = write_checkpoint(
-            store, layout,
-            {"study": task.study, "round": task.round,
-             "producer": f"deeprad-aggregator/{__version__}", "model": parent.model,
-             "parent_sha256": parent.payload_sha256, "strategy": spec,
-             "contributors": contributors, "secagg": outcome,
-             "epsilon_round": task.privacy.epsilon_round if task.privacy else None,
-             "epsilon_spent": task.privacy.epsilon_spent if task.privacy else None},
-            new_weights, new_state, hub=hub,
-        )
-    ledger.record(task.round, replay)
-    write_hub_record(store, layout, task, hub, registry, parent, checkpoint, contributors,
-                     [*expected, *present])
-    return write_report(store, layout, task, strategy=spec, contributors=contributors,
-                        rejected=rejected, missing=missing,
-                        checkpoint_sha256=checkpoint.payload_sha256, secagg=outcome,
-                        started=start)
+        ledger.record(task.round, replay)
+        write_hub_record(store, layout, task, hub, registry, parent, checkpoint, contributors,
+                         [*expected, *present])
+        return write_report(store, layout, task, strategy=spec, contributors=contributors,
+                            rejected=rejected, missing=missing,
+                            checkpoint_sha256=checkpoint.payload_sha256, secagg=outcome,
+                            started=start)
+    finally:
+        # and again at the end: under secure aggregation the sites write their records while
+        # this Job runs, so this round's are there only now (a failed round's as well)
+        index_site_records(store, task.namespace, task.study, hub, registry)

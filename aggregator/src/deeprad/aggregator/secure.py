@@ -2,26 +2,38 @@
 updates arrive masked; the hub verifies and decrypts each, sums them and unmasks only the sum,
 so it learns the survivors' sample-weighted mean update and nothing about any one site.
 
-Only strategies the catalogue says run on a secure sum (deeprad.core.strategies) get here.
+Every strategy the catalogue says runs on a secure sum (deeprad.core.strategies) gets here:
+FedAvg and the server optimizers (FedAvgM, FedAdam, FedYogi, FedAdagrad) need only that mean.
+
+Each wait is bounded by its step's timeout (deeprad.core.secagg.relay), so a site that stops
+answering costs one step; the round stops early, before any site reveals an unmasking share,
+once fewer sites are left than its minSites, and any failure tells the sites to stop waiting.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from deeprad.aggregator.verification import UpdateVerifier
+from deeprad.core import distributed_dp
 from deeprad.core.envelope import open_envelope
 from deeprad.core.errors import ConfigError, UpdateRejected
-from deeprad.core.protocol import Contribution, Rejection, SecAggOutcome, SecAggSpec
+from deeprad.core.protocol import (
+    AggregationTask,
+    Contribution,
+    Rejection,
+    SecAggOutcome,
+    SecAggSpec,
+)
 from deeprad.core.secagg import (
     AdvertiseKeys,
     ConsistencySignature,
     HubSession,
+    SecAggAborted,
     SecAggError,
     ShareKeys,
     UnmaskingShares,
@@ -40,20 +52,22 @@ def secure_mean(verifier: UpdateVerifier, spec: SecAggSpec, sites: list[str],
     """Run the hub's side of secure aggregation over the store; returns the sample-weighted
     mean delta of the survivors, their contributions, what happened, and the rejected sites."""
     task = verifier.task
-    check_secure_aggregation(task.strategy.name)
-    vlayout = VectorLayout.of(global_weights)
-    config = round_config(task.namespace, task.study, task.round, spec, vlayout.size)
-    if sorted(sites) != list(config.roster):
-        raise ConfigError(f"secure aggregation roster {list(config.roster)} differs from the "
-                          f"round's admitted sites {sorted(sites)}")
-    quantizer = Quantizer(spec.clip, max_sites=len(config.roster))
     relay = StoreRelay(verifier.store, verifier.layout, task.round, spec.timeout_s, spec.poll_s)
-    session = HubSession(config, verifier.hub, verifier.registry)
     rejections: list[Rejection] = []
-    try:
+    try:  # whatever stops the hub tells the sites to stop waiting
+        check_secure_aggregation(task.strategy.name)
+        vlayout = VectorLayout.of(global_weights)
+        config = round_config(task.namespace, task.study, task.round, spec, vlayout.size)
+        if sorted(sites) != list(config.roster):
+            raise ConfigError(f"secure aggregation roster {list(config.roster)} differs from "
+                              f"the round's admitted sites {sorted(sites)}")
+        quantizer = Quantizer(spec.clip, max_sites=len(config.roster))
+        session = HubSession(config, verifier.hub, verifier.registry)
         ads, bad = relay.collect("advertise", AdvertiseKeys, config.roster)
         session.rejected.update(bad)
-        relay.post("advertised", session.collect_advertisements(ads))
+        advertised = session.collect_advertisements(ads)
+        _need_quorum(task, "advertised keys", [a.site for a in advertised], config.roster)
+        relay.post("advertised", advertised)
         shares, bad = relay.collect("shares", ShareKeys, [a.site for a in ads])
         session.rejected.update(bad)
         for site, routed in session.route_shares(shares).items():
@@ -61,9 +75,9 @@ def secure_mean(verifier: UpdateVerifier, spec: SecAggSpec, sites: list[str],
         # Sites whose shares were routed to them are the ones that can upload a masked update.
         routed_to = [s for s in config.roster if relay.store.exists(
             relay.layout.secagg_message(task.round, "routed", s))]
-        _wait_for_updates(verifier, routed_to, spec)
+        uploaded = _wait_for_updates(verifier, relay, routed_to)
         contributions: dict[str, Contribution] = {}
-        for site in routed_to:
+        for site in uploaded:
             try:
                 with verifier.envelope(site) as (manifest, path):
                     if manifest.secagg is None or (manifest.secagg.vector_length,
@@ -82,6 +96,7 @@ def secure_mean(verifier: UpdateVerifier, spec: SecAggSpec, sites: list[str],
                 log.warning("round %s: site %s: %s", task.round, site, reason)
                 rejections.append(Rejection(site=site, reason=reason))
         survivors = session.survivor_set()
+        _need_quorum(task, "sent a valid masked update", survivors.survivors, config.roster)
         relay.post("survivors", survivors)
         signatures, bad = relay.collect("consistency", ConsistencySignature,
                                         survivors.survivors)
@@ -96,15 +111,13 @@ def secure_mean(verifier: UpdateVerifier, spec: SecAggSpec, sites: list[str],
     rejections.extend(Rejection(site=s, reason=f"secure aggregation: {r}")
                       for s, r in sorted(result.rejected.items())
                       if s not in {x.site for x in rejections})
-    total = quantizer.decode_sum(result.sum, len(result.survivors)).astype(np.float64)
-    weight = float(total[-1])
-    bound = quantizer.error_bound(len(result.survivors))
-    if not weight > bound:
-        raise ConfigError(f"secure aggregation round {task.round}: the survivors' total weight "
-                          f"{weight:g} is not above the quantization error {bound:g}")
-    mean = total[:-1] / weight
-    # |(S + e) / (W + e') - S / W| <= e (1 + |S / W|) / (W - e)
-    mean_bound = bound * (1 + float(np.abs(mean).max(initial=0.0))) / (weight - bound)
+    if spec.distributed_dp is None:
+        mean, mean_bound = _weighted_mean(quantizer, result.sum, len(result.survivors),
+                                          task.round)
+    else:  # a noisy sum of clipped, rotated updates: undo the rotation, every site weighs 1
+        mean, mean_bound = distributed_dp.decode_mean(result.sum, spec.distributed_dp,
+                                                      config.digest, vlayout.size,
+                                                      len(result.survivors))
     outcome = SecAggOutcome(survivors=list(result.survivors), dropped=list(result.dropped),
                             not_joined=list(result.not_joined), threshold=config.threshold,
                             clip=spec.clip, quantization_bound=mean_bound)
@@ -112,9 +125,40 @@ def secure_mean(verifier: UpdateVerifier, spec: SecAggSpec, sites: list[str],
     return tensors, [contributions[s] for s in result.survivors], outcome, rejections
 
 
-def _wait_for_updates(verifier: UpdateVerifier, sites: list[str], spec: SecAggSpec) -> None:
-    """Wait until each site of `sites` uploaded its masked update, or the step's deadline."""
-    deadline = time.monotonic() + spec.timeout_s
-    keys = [verifier.layout.update_manifest(verifier.task.round, s) for s in sites]
-    while not all(verifier.store.exists(k) for k in keys) and time.monotonic() < deadline:
-        time.sleep(spec.poll_s)
+def _weighted_mean(quantizer: Quantizer, ring_sum: np.ndarray, survivors: int, round_no: int
+                   ) -> tuple[np.ndarray, float]:
+    """The sample-weighted mean from the ring sum of (n/N)·delta and n/N, and its worst-case
+    quantization error per value."""
+    total = quantizer.decode_sum(ring_sum, survivors).astype(np.float64)
+    weight = float(total[-1])
+    bound = quantizer.error_bound(survivors)
+    if not weight > bound:
+        raise ConfigError(f"secure aggregation round {round_no}: the survivors' total weight "
+                          f"{weight:g} is not above the quantization error {bound:g}")
+    mean = total[:-1] / weight
+    # |(S + e) / (W + e') - S / W| <= e (1 + |S / W|) / (W - e)
+    return mean, bound * (1 + float(np.abs(mean).max(initial=0.0))) / (weight - bound)
+
+
+def _wait_for_updates(verifier: UpdateVerifier, relay: StoreRelay, sites: list[str]
+                      ) -> list[str]:
+    """Wait one step for each site of `sites` to upload its masked update (or be marked gone);
+    returns the sites that did. The others dropped out: the protocol removes their masks."""
+    def manifest(site: str) -> str:
+        return verifier.layout.update_manifest(verifier.task.round, site)
+
+    relay.wait_until(lambda: all(verifier.store.exists(manifest(s))
+                                 for s in set(sites) - relay.gone()), relay.step_s)
+    return [s for s in sites if verifier.store.exists(manifest(s))]
+
+
+def _need_quorum(task: AggregationTask, what: str, have: Sequence[str],
+                 roster: Sequence[str]) -> None:
+    """Stop the exchange, before any site reveals a share, once the round's minSites cannot be
+    met: fewer sites than that took this step."""
+    if len(have) < task.min_sites:
+        missing = [s for s in roster if s not in set(have)]
+        raise SecAggAborted(
+            f"study {task.study} round {task.round}: secure aggregation: {len(have)} of "
+            f"{len(roster)} site(s) {what}, minSites is {task.min_sites} (missing: "
+            f"{', '.join(missing) or 'none'}); the round fails without unmasking anything")

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("no store: pass --store URL (or set DEEPRAD_STORE), the store the "
                           "hub's operator writes to")
     store = open_store(args.store)
-    hub = _pinned_hub(store, args.hub_key)
+    hub = pinned_hub(store, args.hub_key)
     layout = StudyLayout(args.namespace, args.study, args.uid or _only_uid(
         store, StudyLayout(args.namespace, args.study)))
     rounds = _round_numbers(store, layout)
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pinned_hub(store: ObjectStore, hub_key: Path | None) -> PublicIdentity:
+def pinned_hub(store: ObjectStore, hub_key: Path | None) -> PublicIdentity:
     """The hub key the trail must be signed with (`deeprad export`'s rule)."""
     from deeprad.core.store.local import LocalStore
     from deeprad.inference.hub_key import RUN_HUB_KEYS, find_run_hub_key, load_hub_key

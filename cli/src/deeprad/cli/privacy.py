@@ -1,10 +1,12 @@
-"""`deeprad privacy epsilon`: what a DP-SGD configuration costs, or the noise for a budget."""
+"""`deeprad privacy epsilon`: what a DP-SGD configuration costs, or the noise for a budget;
+`deeprad privacy ledger` (privacy_ledger.py): what a privacy ledger holds."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from deeprad.cli import privacy_ledger
 from deeprad.core.errors import ConfigError
 
 
@@ -31,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="Rényi DP (default) or privacy-loss distributions (tighter, slower)")
     eps.add_argument("--json", action="store_true", help="print one JSON object")
     eps.set_defaults(func=cmd_epsilon)
+    privacy_ledger.register(sub)
 
 
 def cmd_epsilon(args: argparse.Namespace) -> int:

@@ -22,7 +22,8 @@ def apply_recipe(args: argparse.Namespace) -> None:
     recipe's when a privacy budget is given."""
     from deeprad.simulate.config import DEFAULT_RECIPE, DP_RECIPE
 
-    recipe = DP_RECIPE if args.dp_epsilon is not None else DEFAULT_RECIPE
+    private = args.dp_epsilon is not None or args.distributed_dp_epsilon is not None
+    recipe = DP_RECIPE if private else DEFAULT_RECIPE
     for name, default in vars(recipe).items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -48,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
         dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_accountant=args.dp_accountant,
         dp_noise_multiplier=args.dp_noise_multiplier, max_grad_norm=args.max_grad_norm,
         secure_aggregation=args.secure_aggregation, secagg_clip=args.secagg_clip,
+        secagg_threat_model=args.secagg_threat_model,
+        distributed_dp_epsilon=args.distributed_dp_epsilon,
+        distributed_dp_clip=args.distributed_dp_clip,
     )
     # The model's name and kwargs, before any worker starts.
     from deeprad.core.models import build_model
@@ -117,8 +121,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="per-record gradient clipping bound (default 1.5)")
     sa = sim.add_argument_group("secure aggregation")
     sa.add_argument("--secure-aggregation", action="store_true",
-                    help="the hub learns only the sum of the updates (fedavg only); runs one "
-                         "worker per site")
+                    help="the hub learns only the sum of the updates (fedavg and the server "
+                         "optimizers fedavgm, fedadam, fedyogi, fedadagrad); runs one worker "
+                         "per site")
     sa.add_argument("--secagg-clip", type=float, default=1.0,
                     help="bound on each weighted update value before quantization (default 1)")
+    sa.add_argument("--secagg-threat-model", choices=["semi-honest", "malicious"],
+                    default="semi-honest",
+                    help="what the exchange withstands, which sets the threshold t of n sites: "
+                         "semi-honest (default) t = n/2+1 rounded down, a 3-site round survives "
+                         "one dropout; malicious (the hub may lie about who dropped out) t = "
+                         "2n/3+1 rounded down, a 3-site round survives none")
+    sa.add_argument("--distributed-dp-epsilon", type=float, metavar="EPS",
+                    help="distributed DP: every site adds its share of discrete Gaussian noise "
+                         "before masking, so the sum is site-level (ε, --dp-delta)-DP against "
+                         "the hub too, over --rounds; every site weighs 1; needs "
+                         "--secure-aggregation (and takes the DP recipe's defaults)")
+    sa.add_argument("--distributed-dp-clip", type=float, default=1.0, metavar="C",
+                    help="distributed DP: L2 bound on each site's update (default 1)")
     sim.set_defaults(func=run)

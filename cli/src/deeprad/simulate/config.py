@@ -8,6 +8,7 @@ from pathlib import Path
 
 from deeprad.core.errors import ConfigError
 from deeprad.core.protocol import ModelSpec, StrategySpec, TrainConfig
+from deeprad.core.secagg.protocol import DEFAULT_THREAT_MODEL, THREAT_MODELS, ThreatModel
 from deeprad.core.strategies import secure_sum_strategies, strategy_info
 
 
@@ -52,7 +53,13 @@ class SimulationConfig:
     # secure aggregation: the hub sees only the sum (strategies that run on a secure sum)
     secure_aggregation: bool = False
     secagg_clip: float = 1.0
-    secagg_timeout_s: float = 300.0
+    secagg_threat_model: ThreatModel = DEFAULT_THREAT_MODEL  # sets the threshold (threshold_for)
+    # The exchange's window: sites train within it, less four step timeouts (relay.py); no
+    # deadline to derive it from here, and a failed site is marked gone at once.
+    secagg_timeout_s: float = 1800.0
+    # distributed DP: site-level (ε, dp_delta) on the secure sum, each site adding a noise share
+    distributed_dp_epsilon: float | None = None
+    distributed_dp_clip: float = 1.0  # L2 bound on each site's update
 
     def __post_init__(self) -> None:
         if self.sites < 1:
@@ -69,6 +76,17 @@ class SimulationConfig:
             raise ConfigError("--dp-noise-multiplier needs a budget: pass --dp-epsilon too")
         if self.dp_accountant not in ("rdp", "pld"):
             raise ConfigError(f"--dp-accountant must be rdp or pld, got {self.dp_accountant!r}")
+        if self.distributed_dp_epsilon is not None and not self.secure_aggregation:
+            raise ConfigError("--distributed-dp-epsilon needs --secure-aggregation: the noise "
+                              "shares are small enough to hide a site only inside the masked sum")
+        if self.distributed_dp_epsilon is not None and not self.distributed_dp_epsilon > 0:
+            raise ConfigError(f"--distributed-dp-epsilon must be > 0, got "
+                              f"{self.distributed_dp_epsilon}")
+        if not self.distributed_dp_clip > 0:
+            raise ConfigError(f"--distributed-dp-clip must be > 0, got {self.distributed_dp_clip}")
+        if self.secagg_threat_model not in THREAT_MODELS:
+            raise ConfigError(f"--secagg-threat-model must be one of {', '.join(THREAT_MODELS)}"
+                              f", got {self.secagg_threat_model!r}")
         # Strategy name and parameters checked by the catalogue: fails fast, before any worker.
         strategy_info(self.strategy.name).validate(self.strategy.params)
         if self.secure_aggregation and not strategy_info(self.strategy.name).runs_on_secure_sum:

@@ -7,8 +7,10 @@ import shutil
 import time
 from typing import Any
 
+from deeprad.core import distributed_dp
 from deeprad.core.checkpoint import read_checkpoint
 from deeprad.core.protocol import ClinicalMetrics
+from deeprad.core.secagg.quantize import VectorLayout
 from deeprad.simulate.report import build_report
 from deeprad.simulate.scoring import metrics_json, score_weights
 from deeprad.simulate.study import LocalStudy
@@ -24,7 +26,12 @@ def finish(study: LocalStudy, rounds: list[dict[str, Any]],
     _, manifest = read_checkpoint(store, layout, last, hub=study.hub.public())
     shutil.copyfile(store.root / layout.global_weights(last), cfg.output / "final.safetensors")
     (cfg.output / "final.json").write_text(manifest.model_dump_json(indent=2))
+    ddp = study.secagg.distributed_dp if study.secagg else None
     extra = {"privacy": _privacy_summary(study), "stopped": stopped, "final_round": last,
+             "distributed_dp": None if ddp is None else {
+                 **ddp.model_dump(), "unit": "site (one site's clipped update per round)",
+                 "epsilon_spent": distributed_dp.epsilon_after(
+                     ddp, VectorLayout.of(study.initial_weights).size, last)},
              "initial_metrics": metrics_json(score_weights(study.initial_weights, cfg,
                                                            study.test_set))}
     return build_report(cfg, study.sites, rounds, curves, time.perf_counter() - started, extra)

@@ -57,6 +57,7 @@ def build_report(cfg: SimulationConfig, sites: list[Site], rounds: list[dict[str
         "epsilon_spent": rounds[-1]["epsilon_spent"] if rounds and extra.get("privacy") else
         (0.0 if extra.get("privacy") else None),
         "secure_aggregation": cfg.secure_aggregation,
+        "distributed_dp": extra.get("distributed_dp"),
         "stopped": extra.get("stopped"),
         "final_round": extra.get("final_round", len(rounds)),
         "wall_time_s": wall_s,
@@ -108,6 +109,12 @@ def print_report(report: dict[str, Any]) -> None:
     if sa:
         print("Secure aggregation: the hub saw only the masked sum; quant.err = worst-case "
               "absolute error per value of the decoded mean update")
+    ddp = report.get("distributed_dp")
+    if ddp:
+        print(f"Distributed DP (site-level: one site's update per round): ε spent "
+              f"{ddp['epsilon_spent']:.3f} of {ddp['epsilon']:g} (δ={ddp['delta']:g}, "
+              f"{ddp['rounds']} round(s) planned); L2 clip {ddp['l2_clip']:g}, summed noise "
+              f"σ={ddp['noise_stddev']:.4g} from >= {ddp['noise_shares']} site share(s)")
     if report.get("stopped"):
         print(f"Study stopped early: {report['stopped']}")
     final = report["final"]

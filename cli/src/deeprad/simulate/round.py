@@ -28,6 +28,7 @@ from deeprad.core.protocol import (
     SiteResult,
     TrainingTask,
 )
+from deeprad.core.secagg.relay import StoreRelay
 from deeprad.simulate.scoring import metrics_json, score_weights
 from deeprad.simulate.sites import Site
 from deeprad.simulate.study import NAMESPACE, STUDY, LocalStudy
@@ -115,6 +116,9 @@ def _train_sites(study: LocalStudy, round_no: int, pool: Executor) -> _Trained:
         except Exception as exc:  # a failed site drops out; the round goes on
             failed[site.name] = f"{type(exc).__name__}: {exc}"
             print(f"round {round_no}: {site.name} failed: {failed[site.name]}", file=sys.stderr)
+            if study.secagg is not None:  # as the operator does: the hub stops waiting for it
+                StoreRelay(study.store, study.layout, round_no, study.secagg.timeout_s,
+                           study.secagg.poll_s).mark_gone(site.name, failed[site.name])
     return _Trained(results=results, failed=failed)
 
 

@@ -11,14 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
-from deeprad.core import __version__
+from deeprad.core import __version__, distributed_dp
 from deeprad.core.checkpoint import write_checkpoint
 from deeprad.core.data import ImageSet, load_dataset
 from deeprad.core.identity import Identity
 from deeprad.core.layout import StudyLayout
 from deeprad.core.models import build_model, model_weights
 from deeprad.core.privacy import PrivacyBudget
-from deeprad.core.protocol import SecAggSpec
+from deeprad.core.protocol import DistributedDPSpec, SecAggSpec
+from deeprad.core.secagg import threshold_for
+from deeprad.core.secagg.quantize import VectorLayout
 from deeprad.core.store.local import LocalStore
 from deeprad.simulate.config import SimulationConfig
 from deeprad.simulate.keys import StudyKeys, make_study_keys
@@ -68,12 +70,28 @@ def set_up(cfg: SimulationConfig) -> LocalStudy:
     need_sizes = cfg.dp_epsilon is not None or cfg.secure_aggregation
     train_sizes = {s.name: len(load_dataset(s.dataset)[0]) for s in sites} if need_sizes else {}
     plan = _privacy_plan(cfg, train_sizes)
+    threshold = threshold_for(len(sites), cfg.secagg_threat_model)
     secagg = SecAggSpec(roster=sorted(s.name for s in sites), clip=cfg.secagg_clip,
                         weight_normalizer=float(sum(train_sizes.values())),
-                        timeout_s=cfg.secagg_timeout_s) if cfg.secure_aggregation else None
+                        threshold=threshold, timeout_s=cfg.secagg_timeout_s,
+                        distributed_dp=_distributed_dp(cfg, len(sites), initial_weights,
+                                                       threshold)
+                        ) if cfg.secure_aggregation else None
     return LocalStudy(cfg=cfg, store=store, layout=layout, sites=sites, test_set=test_set,
                       keys=keys, hub=hub, initial_weights=initial_weights,
                       plan=plan, secagg=secagg)
+
+
+def _distributed_dp(cfg: SimulationConfig, sites: int, weights: dict[str, torch.Tensor],
+                    threshold: int) -> DistributedDPSpec | None:
+    """Noise calibrated to spend the site-level budget over the planned rounds, one share per
+    site, sized for the smallest sum the round unmasks (the threshold)."""
+    if cfg.distributed_dp_epsilon is None:
+        return None
+    return distributed_dp.plan(
+        epsilon=cfg.distributed_dp_epsilon, delta=cfg.dp_delta, rounds=cfg.rounds,
+        l2_clip=cfg.distributed_dp_clip, dim=VectorLayout.of(weights).size, sites=sites,
+        noise_shares=threshold)
 
 
 def _privacy_plan(cfg: SimulationConfig, train_sizes: dict[str, int]) -> PrivacyPlan | None:

@@ -185,6 +185,48 @@ def noise_for_target_epsilon(target_epsilon: float, sample_rate: float, steps: i
     return float(z)
 
 
+def calibrate_noise(budget: PrivacyBudget, history: Sequence[DPSteps], shape: DPSteps,
+                    rounds: int, tolerance: float = 1e-3) -> float:
+    """The smallest noise multiplier (within `tolerance`, rounded up) with which `rounds` more
+    rounds of `shape` (its sampling rate and steps per round) keep ε, composed with the site's
+    past runs `history`, within the budget. PrivacyBudgetExceeded when the past alone spends
+    it; ConfigError when no multiplier up to 100 does."""
+    if rounds < 1:
+        raise ConfigError(f"rounds to calibrate for must be >= 1, got {rounds}")
+    spent = epsilon_of(history, budget.delta, budget.accountant)
+    if spent >= budget.epsilon:
+        raise PrivacyBudgetExceeded(
+            f"ε={spent:.4g} is spent already (δ={budget.delta:g}, {budget.accountant}), the "
+            f"budget is ε={budget.epsilon:g}: no noise leaves room for another round")
+
+    def fits(z: float) -> bool:
+        planned = shape.model_copy(update={"noise_multiplier": z,
+                                           "steps": shape.steps * rounds})
+        return epsilon_of([*history, planned], budget.delta,
+                          budget.accountant) <= budget.epsilon
+
+    lo, hi = 0.0, 1.0
+    while not fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 100 and history:
+            raise PrivacyBudgetExceeded(
+                f"ε={spent:.4g} is spent already (δ={budget.delta:g}, {budget.accountant}) of "
+                f"the budget ε={budget.epsilon:g}: even a noise multiplier of 100 leaves no "
+                f"room for {rounds} more round(s)")
+        if hi > 100:
+            raise ConfigError(
+                f"no noise multiplier up to 100 keeps ε within {budget.epsilon:g} over "
+                f"{rounds} round(s) of {shape.steps} step(s) at sample rate "
+                f"{shape.sample_rate:.4g}: raise the budget, or train fewer rounds or epochs")
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        if mid > 0 and fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return math.ceil(hi / tolerance) * tolerance
+
+
 class PrivacyBudget(BaseModel):
     """A study's (ε, δ) and the accountant that enforces it."""
 
@@ -223,8 +265,8 @@ def plan_round(budget: PrivacyBudget, history: Mapping[str, Sequence[DPSteps]],
         raise PrivacyBudgetExceeded(
             f"the next round would raise ε to {spent_after:.4g} (δ={budget.delta:g}, "
             f"{budget.accountant}), over the study budget ε={budget.epsilon:g} at site(s) "
-            f"{', '.join(over)}; the study stops here (raise spec.privacy.epsilon or the noise "
-            "multiplier to train further)")
+            f"{', '.join(over)}; the study stops here (to train further raise the budget: "
+            "FederatedStudy spec.privacyBudget.epsilon, deeprad simulate --dp-epsilon)")
     return RoundPrivacy(spent_before=spent_before, spent_after=spent_after, round_epsilon=alone,
                         per_site_after=after)
 

@@ -84,20 +84,42 @@ class ClinicalMetrics(Message):
     accuracy: float
 
 
+class DistributedDPSpec(Message):
+    """Distributed DP on the secure sum (deeprad.core.distributed_dp, which plans it): each
+    site clips its update to L2 `l2_clip`, rotates and rounds it at `granularity`, and adds
+    discrete Gaussian noise of variance noise_stddev²/noise_shares before masking. Site-level
+    (ε, δ) after `rounds` rounds; the plan's values, so every party uses the same."""
+
+    l2_clip: float = Field(gt=0)
+    noise_stddev: float = Field(gt=0)  # of the summed noise, in update units
+    noise_shares: int = Field(ge=1)  # the fewest shares any unmasked sum holds: the threshold
+    max_sites: int = Field(ge=1)
+    granularity: float = Field(gt=0)
+    beta: float = Field(ge=0, lt=1)
+    epsilon: float = Field(gt=0)
+    delta: float = Field(gt=0, lt=1)
+    rounds: int = Field(ge=1)
+
+
 class SecAggSpec(Message):
-    """Secure aggregation for one round (FedAvg): who takes part, the threshold, the fixed-point
-    encoding, and how long each party waits for the others' messages in the object store.
+    """Secure aggregation for one round (any strategy that runs on the weighted mean): who takes
+    part, the threshold, the fixed-point encoding, and how long each party waits for the
+    others' messages in the object store.
 
     Each site uploads (n_u / weight_normalizer) * delta and, as one extra value, n_u /
     weight_normalizer, so the hub learns only the weighted sum and the survivors' total weight.
     `weight_normalizer` is the roster's declared sample count: every weight stays <= 1."""
 
     roster: list[str]
-    threshold: int | None = None  # default: the smallest t > 2n/3
+    threshold: int | None = None  # default: semi-honest, floor(n/2)+1 (secagg.threshold_for)
     clip: float = Field(default=1.0, gt=0)  # per value of the weighted delta
     weight_normalizer: float = Field(gt=0)
-    timeout_s: float = Field(default=900.0, gt=0)  # per step (the first also waits for training)
+    # the window from the start of the exchange to the round's deadline; each step after
+    # training waits a share of it (deeprad.core.secagg.relay)
+    timeout_s: float = Field(default=900.0, gt=0)
     poll_s: float = Field(default=0.1, gt=0)
+    # None: the weighted sum above; set: every site's clipped update counts once, with noise
+    distributed_dp: DistributedDPSpec | None = None
 
 
 class RoundEpsilon(Message):

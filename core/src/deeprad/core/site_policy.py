@@ -9,14 +9,23 @@ HospitalSite's status.
 
 It lives in the core because both the operator (agent) and the trainer enforce it, and they
 meet only here. Each refusal is one line: `PolicyViolation: policy.<rule>: <what the task
-asked>, <what the policy allows>; <the fix>`.
+asked>, <what the policy allows>; <the fix>` (`PrivacyCeiling: ...` for the per-dataset ε
+ceiling, which a study can reach without breaking any rule of its own).
+
+The ε ceilings are enforced from the site's own ledger (`LedgerEntry`, kept by the agent): a
+per-study one (`maxEpsilonPerStudy`) and a per-dataset one (`maxEpsilonPerDataset`) that composes
+every run on the dataset, whatever its study or hub. Before a Job starts the agent records a
+*reservation*, the run's planned upper bound (`planned_steps`); the trainer refuses to take more
+steps than were reserved, so a run that crashes half-way is never counted below what it spent.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
+import math
 import re
 from collections.abc import Sequence
 
@@ -30,27 +39,46 @@ from deeprad.core.protocol import TrainingTask
 from deeprad.core.signing import canonical_json
 
 # What the site agent hands its trainer Job: the policy (JSON, camelCase), the trainer image it
-# configured, and this study's privacy ledger at the site (JSON list of LedgerEntry).
+# configured, this study's privacy ledger at the site (JSON list of LedgerEntry), every run on
+# the dataset (JSON list of DPSteps, compacted) — both without the run itself — and the
+# reservation recorded for the run (one LedgerEntry): the trainer may not spend more than that.
 POLICY_ENV = "DEEPRAD_SITE_POLICY"
 TRAINER_IMAGE_ENV = "DEEPRAD_TRAINER_IMAGE"
 LEDGER_ENV = "DEEPRAD_PRIVACY_LEDGER"
+DATASET_LEDGER_ENV = "DEEPRAD_DATASET_LEDGER"
+RESERVATION_ENV = "DEEPRAD_PRIVACY_RESERVATION"
 
 DEFAULT_DELTA = 1e-5
 DIGEST_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
+# A dataset's name in the ledger: a DNS-style label (a PVC's name fits).
+DATASET_PATTERN = r"^[a-z0-9]([-a-z0-9._]{0,251}[a-z0-9])?$"
 # "<namespace>/<study>", each side a DNS name in which `*` stands for any run of characters.
 STUDY_PATTERN = re.compile(r"^[a-z0-9*][-a-z0-9.*]*/[a-z0-9*][-a-z0-9.*]*$")
 _SHOWN = 6  # allowed entries quoted in a refusal
+# Batches per epoch scanned for a run of unknown size: ε peaks below this for noise multipliers
+# from 0.5 up (at 2-4 batches); the trainer's check covers the rest.
+WORST_CASE_BATCHES = 16
+
+
+class PrivacyCeiling(PolicyViolation):
+    """A task that would take a dataset's ε past the site's `maxEpsilonPerDataset`, or a run
+    that would spend more than the site agent reserved for it."""
 
 
 class LedgerEntry(BaseModel):
-    """One finished DP training run of a study at this site: the task (its uid, so a restarted
-    agent never counts a run twice), its round and the DP-SGD steps it took."""
+    """One DP training run of a study at this site: the task (its uid, so a restarted agent
+    never counts a run twice), its round, the dataset it trained on and its DP-SGD steps:
+    `reserved` while they are the planned upper bound recorded before the Job started (kept as
+    spent when the run fails), the trainer's report once it succeeded."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: str = Field(min_length=1, max_length=64)
     round: int = Field(ge=1)
     steps: DPSteps
+    # None: recorded before the site named its datasets; such a run counts against every one.
+    dataset: str | None = Field(default=None, pattern=DATASET_PATTERN)
+    reserved: bool = False
 
 
 class SitePolicy(BaseModel):
@@ -79,8 +107,13 @@ class SitePolicy(BaseModel):
         default=None, gt=0, description="Largest ε (at `delta`) one study may spend on this "
                                         "site's data over all its rounds; implies DP is "
                                         "required.")
+    max_epsilon_per_dataset: float | None = Field(
+        default=None, gt=0, description="Largest ε (at `delta`) all studies together, from "
+                                        "every hub, may spend on this site's dataset; implies "
+                                        "DP is required.")
     delta: float = Field(default=DEFAULT_DELTA, gt=0, lt=1,
-                         description="δ at which maxEpsilonPerStudy is accounted (RDP).")
+                         description="δ at which maxEpsilonPerStudy and maxEpsilonPerDataset "
+                                     "are accounted (RDP).")
     require_secure_aggregation: bool = Field(
         default=False, description="Refuse tasks whose round does not use secure aggregation.")
 
@@ -151,14 +184,18 @@ class SitePolicy(BaseModel):
                          "policy.models after reviewing it (hospital admin)")
 
     def _check_dp(self, task: TrainingTask, where: str) -> None:
-        capped = self.max_epsilon_per_study is not None
-        if not (self.require_differential_privacy or capped):
+        if self.require_differential_privacy:
+            rule, allows = "requireDifferentialPrivacy", "this site requires DP-SGD"
+        elif self.max_epsilon_per_study is not None:
+            rule, allows = "maxEpsilonPerStudy", (
+                f"this site caps ε per study at {self.max_epsilon_per_study:g} "
+                f"(δ={self.delta:g}), which needs DP-SGD")
+        elif self.max_epsilon_per_dataset is not None:
+            rule, allows = "maxEpsilonPerDataset", (
+                f"this site caps ε per dataset at {self.max_epsilon_per_dataset:g} "
+                f"(δ={self.delta:g}), which needs DP-SGD")
+        else:
             return
-        rule = "requireDifferentialPrivacy" if self.require_differential_privacy \
-            else "maxEpsilonPerStudy"
-        allows = ("this site requires DP-SGD" if self.require_differential_privacy else
-                  f"this site caps ε per study at {self.max_epsilon_per_study:g} "
-                  f"(δ={self.delta:g}), which needs DP-SGD")
         fix = ("set privacy.differentialPrivacy with a noiseMultiplier > 0 in the study (study "
                "author)")
         if task.privacy is None:
@@ -198,6 +235,148 @@ class SitePolicy(BaseModel):
                 "raise the noise multiplier or lower localEpochs (study author), or raise "
                 "policy.maxEpsilonPerStudy (hospital admin)")
 
+    def check_dataset(self, task: TrainingTask, dataset: str, spent: Sequence[DPSteps],
+                      planned: DPSteps, records: int | None = None) -> None:
+        """The per-dataset ε ceiling: refuse (PrivacyCeiling) when every recorded run on
+        `dataset` (all studies, all hubs) composed with this run's `planned` steps passes it.
+        `records`: the record count the plan assumed (None: the worst case)."""
+        ceiling = self.max_epsilon_per_dataset
+        if ceiling is None:
+            return
+        before = epsilon_of(list(spent), self.delta)
+        after = epsilon_of([*spent, planned], self.delta)
+        if after <= ceiling:
+            return
+        where = f"study {task.namespace}/{task.study} round {task.round}"
+        basis = (f"{records} training records" if records is not None else
+                 "no record count known, planned at the riskiest batch count")
+        tail = ("" if records is not None else ", or set training.datasetRecords so the "
+                "plan uses the real record count")
+        raise _violation(
+            "maxEpsilonPerDataset", f"{where} would take dataset {dataset} from ε={before:.4g} "
+            f"({len(spent)} recorded run(s) of every study and hub) to ε={after:.4g} (δ="
+            f"{self.delta:g}; {planned.steps} steps at sample rate {planned.sample_rate:.4g}, "
+            f"noise multiplier {planned.noise_multiplier:g}: {basis})",
+            f"this site allows at most ε={ceiling:.4g} per dataset",
+            "raise the noise multiplier or lower localEpochs (study author), or raise "
+            f"policy.maxEpsilonPerDataset (hospital admin){tail}", kind=PrivacyCeiling)
+
+    def check_reserved(self, task: TrainingTask, reserved: DPSteps, planned: DPSteps,
+                       records: int) -> None:
+        """The trainer's run may not spend more than the agent reserved for it before the Job
+        started: otherwise a crash would leave the ledger below what was spent."""
+        reserved_eps = epsilon_of([reserved], self.delta)
+        planned_eps = epsilon_of([planned], self.delta)
+        if planned_eps <= reserved_eps * (1 + 1e-9):
+            return
+        raise _violation(
+            "maxEpsilonPerDataset", f"study {task.namespace}/{task.study} round {task.round} "
+            f"would spend ε={planned_eps:.4g} on {records} training records (δ="
+            f"{self.delta:g}), more than the ε={reserved_eps:.4g} the site agent reserved for "
+            "it in the site's privacy ledger", "a run may not spend more than its reservation",
+            "set training.datasetRecords to at most the dataset's real record count, or unset "
+            "it (hospital admin)", kind=PrivacyCeiling)
+
+
+    def check_run(self, task: TrainingTask, records: int, *, spent: Sequence[DPSteps],
+                  dataset_spent: Sequence[DPSteps], reservation: LedgerEntry | None) -> None:
+        """The trainer's check once the data is open, before its first step: the per-study and
+        per-dataset ceilings with the real number of training records, and the run within
+        what the agent reserved for it. A DP run without a reservation is refused where a
+        dataset ceiling applies (the Job was not made by this site's agent)."""
+        self.check_epsilon(task, spent, records)
+        if task.privacy is None:
+            return
+        if reservation is None:
+            if self.max_epsilon_per_dataset is not None:
+                raise _violation(
+                    "maxEpsilonPerDataset", f"study {task.namespace}/{task.study} round "
+                    f"{task.round} reached the trainer without a reservation in the site's "
+                    f"privacy ledger (${RESERVATION_ENV})", "this site accounts every run on "
+                    "its dataset before it starts", "run trainer Jobs only through the site "
+                    "agent (hospital admin)", kind=PrivacyCeiling)
+            return
+        planned = round_steps(records, batch_size=task.train.batch_size,
+                              local_epochs=task.train.local_epochs,
+                              noise_multiplier=task.privacy.noise_multiplier)
+        self.check_reserved(task, reservation.steps, planned, records)
+        self.check_dataset(task, reservation.dataset or "(unnamed)", dataset_spent, planned,
+                           records)
+
+
+def planned_steps(task: TrainingTask, records: int | None, delta: float = DEFAULT_DELTA
+                  ) -> DPSteps:
+    """An upper bound of the DP-SGD steps the task's run takes, to reserve before it starts.
+
+    A run of E epochs over n training records takes b = ceil(n / batch) batches per epoch, E·b
+    steps at sample rate 1/b. ε is not monotone in b: one full batch gets no amplification by
+    sampling, many small batches get a lot, and ε peaks in between, at a few batches. So the
+    plan is the b of highest ε (at `delta`) among those the run can have: with `records` (the
+    dataset's record count before the round's validation split, which is stratified per label
+    and so keeps within one record of the fraction) the one or two b of the training records
+    that split can leave; without, b from 1 to WORST_CASE_BATCHES, where ε peaks for every
+    noise multiplier and epoch count in use. The trainer checks its real run against this plan
+    with the accountant (`check_reserved`), so the ledger stays an upper bound even where a
+    plan falls short: that run is refused, not under-counted.
+    """
+    if task.privacy is None:
+        raise ValueError("planned_steps: the task trains without DP-SGD")
+    batch = task.train.batch_size
+    if records is None:
+        low, high = 1, WORST_CASE_BATCHES
+    else:
+        kept = records * (1.0 - task.dataset.val_fraction)
+        fewest = max(1, math.ceil(kept - 1e-9) - 1)
+        most = max(fewest, min(records, math.floor(kept + 1e-9) + 1))
+        low, high = math.ceil(fewest / batch), math.ceil(most / batch)
+    batches = _riskiest_batches(task.privacy.noise_multiplier, task.train.local_epochs, low,
+                                high, delta)
+    return DPSteps(noise_multiplier=task.privacy.noise_multiplier, sample_rate=1.0 / batches,
+                   steps=task.train.local_epochs * batches)
+
+
+@functools.lru_cache(maxsize=256)
+def _riskiest_batches(noise: float, epochs: int, low: int, high: int, delta: float) -> int:
+    """The batches per epoch in [low, high] whose run has the highest ε (cached: the tasks of
+    a study share their settings, and each ε costs the accountant tens of milliseconds)."""
+    return max(range(low, high + 1), key=lambda b: epsilon_of(
+        [DPSteps(noise_multiplier=noise, sample_rate=1.0 / b, steps=epochs * b)], delta))
+
+
+def compact(runs: Sequence[DPSteps]) -> list[DPSteps]:
+    """The same composition in fewer runs: runs with the same noise multiplier and sample rate
+    are one mechanism composed with itself, so their steps add up exactly. This bounds what a
+    trainer Job's environment carries however many runs a dataset has seen."""
+    merged: dict[tuple[float, float], int] = {}
+    for run in runs:
+        key = (run.noise_multiplier, run.sample_rate)
+        merged[key] = merged.get(key, 0) + run.steps
+    return [DPSteps(noise_multiplier=z, sample_rate=q, steps=t)
+            for (z, q), t in sorted(merged.items())]
+
+
+def steps_json(runs: Sequence[DPSteps]) -> str:
+    """DP-SGD runs as JSON (the dataset's runs a trainer Job gets, compacted)."""
+    return canonical_json([r.model_dump(mode="json") for r in compact(runs)]).decode()
+
+
+def parse_steps(text: str, where: str) -> list[DPSteps]:
+    """DP-SGD runs from JSON; ConfigError naming `where`."""
+    try:
+        raw = json.loads(text)
+        if not isinstance(raw, list):
+            raise ValueError("not a JSON list")
+        return [DPSteps.model_validate(item) for item in raw]
+    except (ValueError, ValidationError) as exc:
+        raise ConfigError(f"{where}: not a list of DP-SGD runs ({exc}); it is written by the "
+                          "site agent only") from None
+
+
+def dataset_steps(entries: Sequence[LedgerEntry], dataset: str) -> list[DPSteps]:
+    """The DP-SGD steps of every recorded run on `dataset`, including runs recorded before the
+    site named its datasets (they count against every dataset)."""
+    return [e.steps for e in entries if e.dataset in (None, dataset)]
+
 
 # ---- digests and the trainer's environment ----------------------------------------------------
 
@@ -218,6 +397,20 @@ def parse_policy(text: str, where: str) -> SitePolicy:
         return SitePolicy.model_validate_json(text)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {field_problems(exc, 'policy.')}") from None
+
+
+def entry_json(entry: LedgerEntry) -> str:
+    """One ledger entry as JSON (the reservation a trainer Job gets)."""
+    return canonical_json(entry.model_dump(mode="json")).decode()
+
+
+def parse_entry(text: str, where: str) -> LedgerEntry:
+    """One ledger entry from JSON; ConfigError naming `where`."""
+    try:
+        return LedgerEntry.model_validate_json(text)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: not a privacy ledger entry "
+                          f"({field_problems(exc)})") from None
 
 
 def ledger_json(entries: Sequence[LedgerEntry]) -> str:
@@ -257,11 +450,14 @@ def _listed(entries: Sequence[str]) -> str:
     return ", ".join(shown) + more
 
 
-def _violation(rule: str, asked: str, allows: str, fix: str) -> PolicyViolation:
-    text = f"PolicyViolation: policy.{rule}: {asked}, {allows}; {fix}"
-    return PolicyViolation(" ".join(text.split()))  # one line, whatever the task carried
+def _violation(rule: str, asked: str, allows: str, fix: str,
+               kind: type[PolicyViolation] = PolicyViolation) -> PolicyViolation:
+    text = f"{kind.__name__}: policy.{rule}: {asked}, {allows}; {fix}"
+    return kind(" ".join(text.split()))  # one line, whatever the task carried
 
 
-__all__ = ["DEFAULT_DELTA", "LEDGER_ENV", "POLICY_ENV", "TRAINER_IMAGE_ENV", "LedgerEntry",
-           "SitePolicy", "ledger_json", "parse_ledger",
-           "parse_policy", "policy_digest", "policy_json"]
+__all__ = ["DATASET_LEDGER_ENV", "DEFAULT_DELTA", "LEDGER_ENV", "POLICY_ENV", "RESERVATION_ENV",
+           "TRAINER_IMAGE_ENV", "LedgerEntry", "PrivacyCeiling", "SitePolicy", "compact",
+           "dataset_steps", "entry_json", "ledger_json", "parse_entry", "parse_ledger",
+           "parse_policy", "parse_steps", "planned_steps", "policy_digest", "policy_json",
+           "steps_json"]

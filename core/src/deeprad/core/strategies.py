@@ -81,7 +81,9 @@ class StrategyInfo:
     streaming: bool = True
     # Looks at each update on its own (the robust ones), so secure aggregation must be off.
     needs_clear_updates: bool = False
-    # The aggregator can run it on the secure-aggregation sum, which is all the hub sees then.
+    # The aggregator can run it on the secure-aggregation sum, which is all the hub sees then:
+    # true of every strategy that starts from the sample-weighted mean (FedAvg, and the server
+    # optimizers, whose state m and v is built from that mean alone).
     runs_on_secure_sum: bool = False
 
     def __post_init__(self) -> None:
@@ -134,13 +136,13 @@ CATALOGUE: dict[str, StrategyInfo] = {s.name: s for s in (
     StrategyInfo("fedavgm", "FedAvg with server momentum (Hsu et al. 2019); state m",
                  (_server_lr(1.0),
                   Parameter("momentum", 0.9, "server momentum β: m ← β·m + mean update",
-                            ge=0, lt=1))),
+                            ge=0, lt=1)), runs_on_secure_sum=True),
     StrategyInfo("fedadam", _FEDOPT_SUMMARY.format("Adam"),
-                 (_server_lr(1e-2), _BETA1, _BETA2, _TAU)),
+                 (_server_lr(1e-2), _BETA1, _BETA2, _TAU), runs_on_secure_sum=True),
     StrategyInfo("fedyogi", _FEDOPT_SUMMARY.format("Yogi"),
-                 (_server_lr(1e-2), _BETA1, _BETA2, _TAU)),
+                 (_server_lr(1e-2), _BETA1, _BETA2, _TAU), runs_on_secure_sum=True),
     StrategyInfo("fedadagrad", _FEDOPT_SUMMARY.format("Adagrad"),
-                 (_server_lr(1e-2), _BETA1, _TAU)),
+                 (_server_lr(1e-2), _BETA1, _TAU), runs_on_secure_sum=True),
     StrategyInfo("fedmedian", "coordinate-wise median of the updates (robust)",
                  streaming=False, needs_clear_updates=True),
     StrategyInfo("trimmedmean", "coordinate-wise mean without the ⌊β·N⌋ largest and smallest "

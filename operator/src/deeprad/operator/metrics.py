@@ -7,6 +7,9 @@ site, outcome, phase, kind; never a round name (rounds grow without bound).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -80,6 +83,9 @@ UPDATES_REJECTED = Counter("deeprad_updates_rejected", "Updates the aggregator r
 STUDY_EPSILON_BUDGET = Gauge("deeprad_study_epsilon_budget",
                              "spec.privacyBudget.epsilon of the study (absent without one).",
                              ["namespace", "study"], registry=REGISTRY)
+SITE_EPSILON_SPENT = Gauge("deeprad_site_epsilon_spent",
+                           "ε the study has spent of each site's data (status.privacy.sites), at "
+                           "its budget's δ.", ["namespace", "study", "site"], registry=REGISTRY)
 SITE_HEARTBEAT = Gauge("deeprad_site_last_heartbeat_timestamp_seconds",
                        "renewTime (unix time) of the site agent's Lease.", ["site"],
                        registry=REGISTRY)
@@ -94,6 +100,43 @@ RECONCILE_ERRORS = Counter("deeprad_reconcile_errors",
                            registry=REGISTRY)
 
 
-def serve(port: int, address: str = "0.0.0.0") -> None:
-    """Serve /metrics on `address:port` in a background thread."""
-    start_http_server(port, addr=address, registry=REGISTRY)
+# Every metric labelled by study: what a deleted study leaves behind unless it is forgotten.
+_PER_STUDY = (ROUNDS, ROUND_DURATION, ROUND_SITES, AGGREGATION_DURATION, UPDATE_BYTES,
+              GLOBAL_AUROC, GLOBAL_LOSS, STUDY_ROUNDS_COMPLETED, STUDY_ROUNDS_PLANNED,
+              STUDY_EPSILON_SPENT, ROUNDS_CREATED, ROUND_DEADLINE, ROUND_NUMBER,
+              SITE_ROUND_DURATION, SITES_DROPPED, UPDATES_REJECTED, STUDY_EPSILON_BUDGET,
+              SITE_EPSILON_SPENT)
+
+
+def record_study_budget(namespace: str, study: str, epsilon: float | None) -> None:
+    """Export spec.privacyBudget.epsilon; a study without a budget has no series, so the
+    ε-against-budget panels and the budget alert skip it instead of dividing by zero."""
+    if epsilon is None:
+        STUDY_EPSILON_BUDGET.remove_by_labels({"namespace": namespace, "study": study})
+    else:
+        STUDY_EPSILON_BUDGET.labels(namespace=namespace, study=study).set(epsilon)
+
+
+def record_site_epsilon(namespace: str, study: str, per_site: Mapping[str, float]) -> None:
+    """Export the ε the study has spent of each site's data, as its status lists it: a site
+    no longer listed loses its series rather than showing a stale value."""
+    for sample in (s for m in SITE_EPSILON_SPENT.collect() for s in m.samples):
+        if (sample.labels["namespace"] == namespace and sample.labels["study"] == study
+                and sample.labels["site"] not in per_site):
+            SITE_EPSILON_SPENT.remove(namespace, study, sample.labels["site"])
+    for site, epsilon in per_site.items():
+        SITE_EPSILON_SPENT.labels(namespace=namespace, study=study, site=site).set(epsilon)
+
+
+def forget_study(namespace: str, study: str) -> None:
+    """Drop every series of a deleted study, so label sets stay bounded by the studies that
+    exist and its last ε and progress stop being exported (and alerted on)."""
+    for metric in _PER_STUDY:
+        metric.remove_by_labels({"namespace": namespace, "study": study})
+
+
+def serve(port: int, address: str = "0.0.0.0") -> WSGIServer:
+    """Serve /metrics on `address:port` in a background thread; port 0 picks a free one
+    (`server_port` of the returned server), `shutdown()` stops it."""
+    server, _ = start_http_server(port, addr=address, registry=REGISTRY)
+    return server

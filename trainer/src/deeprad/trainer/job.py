@@ -15,7 +15,7 @@ import logging
 
 import numpy as np
 
-from deeprad.core import __version__
+from deeprad.core import __version__, distributed_dp
 from deeprad.core.checkpoint import read_checkpoint, sha256_bytes, update_bytes, write_update
 from deeprad.core.data import load_dataset
 from deeprad.core.envelope import EnvelopeContext, seal
@@ -24,6 +24,7 @@ from deeprad.core.identity import Identity, KeyRegistry, load_job_identity
 from deeprad.core.layout import StudyLayout
 from deeprad.core.protocol import (
     CheckpointManifest,
+    DistributedDPSpec,
     SecAggSpec,
     SecAggUpload,
     SiteResult,
@@ -127,8 +128,37 @@ def _upload(store: ObjectStore, layout: StudyLayout, task: TrainingTask, identit
 def _secagg_setup(task: TrainingTask, spec: SecAggSpec, identity: Identity,
                   registry: KeyRegistry, relay: StoreRelay, out: SiteTraining
                   ) -> tuple[SiteSession, np.ndarray, SecAggUpload]:
-    """Quantize (n/N)·delta and n/N, then advertise keys and share them (steps 0 and 1)."""
+    """Quantize (n/N)·delta and n/N — or, with distributed DP, the clipped delta with this
+    site's noise share — then advertise keys and share them (steps 0 and 1)."""
     vector, _ = flatten(out.delta)
+    config = round_config(task.namespace, task.study, task.round, spec, vector.size)
+    x = _quantize(task, spec, out, vector) if spec.distributed_dp is None \
+        else _distributed_dp_share(task, spec.distributed_dp, vector, config.digest)
+    session = SiteSession(config, identity, registry)
+    relay.post("advertise", session.advertise_keys(), task.site)
+    advertised = relay.wait_hub("advertised", list[AdvertiseKeys])
+    relay.post("shares", session.share_keys(advertised), task.site)
+    upload = SecAggUpload(vector_length=config.vector_length, clip=spec.clip,
+                          max_sites=len(spec.roster))
+    return session, x, upload
+
+
+def _distributed_dp_share(task: TrainingTask, ddp: DistributedDPSpec, vector: np.ndarray,
+                          rotation_seed: bytes) -> np.ndarray:
+    """The delta clipped to L2 `ddp.l2_clip`, rotated, rounded and noised with this site's
+    share (fresh CSPRNG noise: the task's seed comes from the hub, who must not know it),
+    once the spec the hub sent is checked to deliver the ε it claims."""
+    distributed_dp.check_share(ddp, vector.size, task.round)
+    norm = float(np.linalg.norm(vector))
+    if norm > ddp.l2_clip:
+        log.info("site %s: update L2 norm %.4g clipped to the distributed-DP bound %g",
+                 task.site, norm, ddp.l2_clip)
+    return distributed_dp.encode(vector, ddp, rotation_seed)
+
+
+def _quantize(task: TrainingTask, spec: SecAggSpec, out: SiteTraining, vector: np.ndarray
+              ) -> np.ndarray:
+    """(n/N)·delta and n/N in the ring: the hub learns the weighted sum and total weight."""
     weight = out.num_samples / spec.weight_normalizer
     if weight > 1:
         raise ConfigError(f"secure aggregation: site {task.site} has {out.num_samples} samples, "
@@ -143,15 +173,8 @@ def _secagg_setup(task: TrainingTask, spec: SecAggSpec, identity: Identity,
     # Stochastic rounding needs unbiased randomness, not secrecy (the masks come from the
     # cryptographic PRG): drawn from the task's seed, a seeded study is reproducible.
     site_key = int.from_bytes(hashlib.sha256(task.site.encode()).digest()[:8], "big")
-    x = quantizer.encode(weighted, np.random.default_rng([task.train.seed, task.round, site_key]))
-    config = round_config(task.namespace, task.study, task.round, spec, vector.size)
-    session = SiteSession(config, identity, registry)
-    relay.post("advertise", session.advertise_keys(), task.site)
-    advertised = relay.wait_hub("advertised", list[AdvertiseKeys])
-    relay.post("shares", session.share_keys(advertised), task.site)
-    upload = SecAggUpload(vector_length=config.vector_length, clip=spec.clip,
-                          max_sites=len(spec.roster))
-    return session, x, upload
+    return quantizer.encode(weighted,
+                            np.random.default_rng([task.train.seed, task.round, site_key]))
 
 
 def _secagg_finish(session: SiteSession, relay: StoreRelay, site: str) -> None:

@@ -60,6 +60,11 @@ class Strategy(abc.ABC):
         if cls.streaming != info.streaming:
             raise TypeError(f"{cls.__name__}: streaming is {cls.streaming}, the catalogue "
                             f"entry says {info.streaming}")
+        if info.runs_on_secure_sum and not issubclass(cls, MeanStrategy):
+            # Under secure aggregation the aggregator hands it the survivors' mean as its one
+            # update: only a strategy built on that mean gives the same result.
+            raise TypeError(f"{cls.__name__}: the catalogue says strategy {cls.name!r} runs on "
+                            "a secure sum, which only a MeanStrategy does")
         if cls.name in _REGISTERED:
             raise TypeError(f"{cls.__name__}: strategy {cls.name!r} is already "
                             f"{_REGISTERED[cls.name].__name__}")

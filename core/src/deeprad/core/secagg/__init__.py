@@ -24,11 +24,12 @@ from deeprad.core.secagg.protocol import (
     SurvivorSet,
     UnmaskingShares,
     default_threshold,
+    threshold_for,
 )
 
 __all__ = [
     "AdvertiseKeys", "ConsistencySignature", "EncryptedShare", "HubSession", "NotEnoughShares",
     "ProtocolViolation", "SecAggAborted", "SecAggConfig", "SecAggError",
     "SecAggResult", "ShareKeys", "SiteSession", "SurvivorSet", "UnmaskingShares",
-    "default_threshold",
+    "default_threshold", "threshold_for",
 ]

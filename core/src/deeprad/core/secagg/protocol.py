@@ -2,8 +2,20 @@
 
 The hub learns the sum of the surviving sites' vectors in Z_(2^32) and nothing else, as long as
 fewer than t sites collude with it; any t sites finish the round, so up to n - t may drop out
-at any step. Threshold t > 2n/3 (enforced) keeps two disjoint groups from each finishing with a
-different view of who survived.
+at any step. The threshold follows the threat model the round names (`threshold_for`):
+
+- semi-honest (the default): the hub runs the protocol as written but would read what it can,
+  as DESIGN.md's hub admin is trusted to. t = floor(n/2) + 1, a majority: the hub with any
+  minority of the sites learns nothing beyond the sum, and ceil(n/2) - 1 sites may drop out
+  (a 3-site round survives one dropout).
+- malicious: the hub may also lie, e.g. tell two groups of sites different survivor sets so
+  that one group reveals a site's self mask and the other its mask key. Step 3's signed
+  consistency check stops that only when any two groups of t signers share an honest site:
+  t = floor(2n/3) + 1 with fewer than n/3 sites colluding. Only ceil(n/3) - 1 sites may drop
+  out (a 3-site round survives none).
+
+SecAggConfig accepts any n/2 < t <= n: below a majority, a minority of the sites could finish
+a round, and the semi-honest guarantee (the hub with any minority learns nothing) would fail.
 
 One round, for the n sites of `SecAggConfig.roster` (hub messages relayed through work items
 or the object store; every message is a versioned pydantic model, vectors travel packed):
@@ -50,8 +62,9 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     PublicFormat,
 )
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from deeprad.core.errors import ConfigError
 from deeprad.core.identity import Identity, KeyRegistry, PublicIdentity
 from deeprad.core.layout import check_name
 from deeprad.core.secagg import shamir
@@ -62,9 +75,26 @@ from deeprad.core.signing import canonical_json, sign_message, verify_message
 PROTOCOL_VERSION: Literal[1] = 1
 
 
+# Who the hub is, for the threshold: see the module docstring and README's privacy section.
+ThreatModel = Literal["semi-honest", "malicious"]
+THREAT_MODELS: tuple[ThreatModel, ...] = ("semi-honest", "malicious")
+DEFAULT_THREAT_MODEL: ThreatModel = "semi-honest"
+
+
+def threshold_for(n: int, threat_model: ThreatModel = DEFAULT_THREAT_MODEL) -> int:
+    """The round's threshold t for n sites: floor(n/2) + 1 against a semi-honest hub (the
+    smallest majority), floor(2n/3) + 1 against a malicious one (the smallest t > 2n/3)."""
+    if threat_model == "semi-honest":
+        return n // 2 + 1
+    if threat_model == "malicious":
+        return 2 * n // 3 + 1
+    raise ValueError(f"secure aggregation threat model must be one of "
+                     f"{', '.join(THREAT_MODELS)}, got {threat_model!r}")
+
+
 def default_threshold(n: int) -> int:
-    """The smallest t with t > 2n/3."""
-    return 2 * n // 3 + 1
+    """The threshold of the default (semi-honest) threat model."""
+    return threshold_for(n, DEFAULT_THREAT_MODEL)
 
 
 class SecAggConfig(BaseModel):
@@ -91,19 +121,26 @@ class SecAggConfig(BaseModel):
         if n < 1 or list(self.roster) != sorted(set(self.roster)):
             raise ValueError("secure aggregation roster must be a non-empty sorted list of "
                              "distinct site names")
-        if not 3 * self.threshold > 2 * n or self.threshold > n:
-            raise ValueError(f"secure aggregation threshold must satisfy 2n/3 < t <= n "
-                             f"(n={n}): got t={self.threshold}; use t={default_threshold(n)} "
-                             "or more")
+        if not 2 * self.threshold > n or self.threshold > n:
+            raise ValueError(f"threshold must satisfy n/2 < t <= n "
+                             f"(n={n}): got t={self.threshold}; use "
+                             f"t={threshold_for(n, 'semi-honest')} (semi-honest hub) or "
+                             f"t={threshold_for(n, 'malicious')} (malicious hub)")
         return self
 
     @classmethod
     def create(cls, namespace: str, study: str, round_no: int, sites: Iterable[str],
                vector_length: int, threshold: int | None = None) -> SecAggConfig:
+        """The config of one round; ConfigError, in one line, when it is not a valid one."""
         roster = tuple(sorted(set(sites)))
-        return cls(namespace=namespace, study=study, round=round_no, roster=roster,
-                   threshold=threshold or default_threshold(len(roster)),
-                   vector_length=vector_length)
+        try:
+            return cls(namespace=namespace, study=study, round=round_no, roster=roster,
+                       threshold=threshold or default_threshold(len(roster)),
+                       vector_length=vector_length)
+        except ValidationError as exc:
+            raise ConfigError(f"secure aggregation {namespace}/{study} round {round_no}: "
+                              + "; ".join(str(e["msg"]).removeprefix("Value error, ")
+                                          for e in exc.errors())) from None
 
     @property
     def digest(self) -> bytes:

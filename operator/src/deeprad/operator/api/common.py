@@ -9,6 +9,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field
 
 from deeprad.core.model_catalogue import MODEL_NAMES, MODELS
+from deeprad.core.secagg.protocol import DEFAULT_THREAT_MODEL, ThreatModel
 from deeprad.core.strategies import CATALOGUE, Parameter, number_text, secure_sum_strategies
 from deeprad.operator.api.names import DNS_LABEL_PATTERN, SITE_NAME_MAX
 from deeprad.operator.api.schema import ApiModel, Kube, Rule
@@ -294,8 +295,12 @@ class StrategySpec(ApiModel):
 class DifferentialPrivacy(ApiModel):
     """Record-level DP-SGD at every site (Opacus): per-sample clipping plus Gaussian noise."""
 
-    noise_multiplier: float = Field(
-        ge=0, le=100, description="Noise standard deviation as a multiple of maxGradNorm.")
+    noise_multiplier: float | None = Field(
+        default=None, gt=0, le=100,
+        description="Noise standard deviation as a multiple of maxGradNorm (> 0). Leave it "
+                    "empty in a FederatedStudy's roundTemplate: the operator calibrates it to "
+                    "spec.privacyBudget over spec.rounds (status.privacy.noiseMultiplier). "
+                    "Required in a FederatedRound.")
     max_grad_norm: float = Field(gt=0, le=1000,
                                  description="Per-sample gradient clipping bound.")
     clipping: Literal["flat", "adaptive"] = Field(
@@ -316,6 +321,17 @@ class RoundPrivacy(ApiModel):
         description="Mask every update so the aggregator learns only the sum; needs minSites "
                     ">= 2 and a strategy that runs on a secure sum ("
                     f"{', '.join(secure_sum_strategies())}).")
+    secure_aggregation_threat_model: ThreatModel = Field(
+        default=DEFAULT_THREAT_MODEL,
+        description="What secure aggregation must withstand; it sets the threshold t of the n "
+                    "admitted sites. semi-honest (the default, the hub this product assumes): "
+                    "the hub runs the published code but is curious; t = floor(n/2)+1, so the "
+                    "hub with any minority of the sites learns nothing beyond the sum, and "
+                    "ceil(n/2)-1 sites may drop out (3 sites: 1). malicious: the hub may also "
+                    "lie to sites about who dropped out; t = floor(2n/3)+1, safe while fewer "
+                    "than n/3 sites collude with it, and only ceil(n/3)-1 sites may drop out "
+                    "(3 sites: none). Choose malicious when the sites do not trust the hub's "
+                    "operator to run the published code.")
     differential_privacy: DifferentialPrivacy | None = Field(
         default=None, description="DP-SGD settings; empty trains without differential privacy.")
 

@@ -44,6 +44,12 @@ class FederatedRoundSpec(RoundSettings):
              "shareCheckpointsWith is for rounds made by hand: a study's rounds share what the "
              "FederatedStudy's spec.shareCheckpointsWith lists",
              field_path=".shareCheckpointsWith", reason="FieldValueForbidden"),
+        Rule("!has(self.privacy.differentialPrivacy) || "
+             "has(self.privacy.differentialPrivacy.noiseMultiplier)",
+             "privacy.differentialPrivacy.noiseMultiplier is required in a round (a "
+             "FederatedStudy calibrates it to its privacyBudget when its template leaves it "
+             "empty)", field_path=".privacy.differentialPrivacy.noiseMultiplier",
+             reason="FieldValueRequired"),
     ))
 
     study_ref: StudyRef | None = Field(

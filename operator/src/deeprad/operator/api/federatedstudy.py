@@ -138,6 +138,39 @@ class BestMetric(ApiModel):
     round: int = Field(ge=1, description="Round that reached it.")
 
 
+class SiteEpsilon(ApiModel):
+    """One site's ε in the study, from the privacy ledger."""
+
+    site: SiteName = Field(description="The HospitalSite.")
+    epsilon_spent: float = Field(ge=0, description="ε its records have spent, at "
+                                                   "spec.privacyBudget.delta.")
+    epsilon_remaining: float = Field(ge=0, description="What is left of "
+                                                       "spec.privacyBudget.epsilon.")
+    runs: int = Field(ge=0, description="DP-SGD runs accounted: reported and signed by the "
+                                        "site's trainer, or reserved for a round in flight.")
+
+
+class StudyPrivacy(ApiModel):
+    """Where the study's ε comes from: the hub's signed privacy ledger in the store (every run
+    of this study's name, of earlier studies of the same name, and of the study its initial
+    checkpoint came from), plus the planned steps of rounds in flight. Deleting rounds,
+    re-creating the study or editing sampleCount never lowers it."""
+
+    noise_multiplier: float | None = Field(
+        default=None, gt=0, description="The multiplier the study's rounds use: the "
+                                        "template's, or the one the operator calibrated.")
+    calibrated: bool | None = Field(
+        default=None, description="True when the operator chose noiseMultiplier to spend "
+                                  "privacyBudget.epsilon over spec.rounds.")
+    inherited_from: list[str] | None = Field(
+        default=None, max_length=64,
+        description="Studies (<namespace>/<name>) whose ledger this study's ε includes.")
+    sites: list[SiteEpsilon] | None = Field(
+        default=None, max_length=1024, description="ε per site; the study's is the largest.")
+    problem: str | None = Field(
+        default=None, description="Why the ledger could not be read (the study waits).")
+
+
 class FederatedStudyStatus(ApiModel):
     """Observed state of a study, written by the hub operator."""
 
@@ -159,6 +192,9 @@ class FederatedStudyStatus(ApiModel):
     best_metric: BestMetric | None = Field(default=None, description="Best value so far.")
     epsilon_spent: float | None = Field(default=None, ge=0,
                                         description="ε spent so far at spec.privacyBudget.delta.")
+    privacy: StudyPrivacy | None = Field(
+        default=None, description="ε per site from the privacy ledger, and the noise "
+                                  "multiplier.")
     latest_checkpoint: CheckpointRef | None = Field(
         default=None, description="The newest global model.")
     start_time: Timestamp | None = Field(default=None, description="When round 1 started.")

@@ -72,8 +72,9 @@ class TaskSecureAggregation(ApiModel):
         description="Every admitted site and its public keys: the peers this site exchanges "
                     "masks with.")
     threshold: int = Field(ge=2, le=MAX_SECAGG_SITES,
-                           description="Shares needed to recover a dropped site's masks "
-                                       "(greater than 2/3 of the roster).")
+                           description="Shares needed to recover a dropped site's masks: "
+                                       "more than half of the roster (semi-honest hub), more "
+                                       "than 2/3 (malicious hub).")
     clip: float = Field(gt=0, description="Clip of each weighted update value before "
                                           "quantization.")
     weight_normalizer: float = Field(gt=0, description="Declared total samples of the roster; "

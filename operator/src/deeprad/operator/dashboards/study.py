@@ -1,5 +1,5 @@
 """Study progress: global AUROC and loss round after round, rounds done against planned, and
-ε spent against the study's privacy budget."""
+ε spent against the study's privacy budget, in total and per site."""
 
 from __future__ import annotations
 
@@ -67,13 +67,20 @@ def build() -> dashboard.Dashboard:
                                   f"{STUDY} completed"),
                             query(f"deeprad_study_rounds_planned{{{SCOPE}}}",
                                   f"{STUDY} planned", "B")], min_value=0))
+        .with_panel(series("Rounds finished by outcome", "Rounds that succeeded or failed.",
+                           [query(f"sum by (namespace, study, outcome) (increase("
+                                  f"deeprad_rounds_total{{{SCOPE}}}[$__rate_interval]))",
+                                  f"{STUDY} {{{{outcome}}}}")], min_value=0))
         .with_panel(series("ε spent against budget", "Differential-privacy ε the study has "
                                                      "spent (largest site) and its budget.",
                            [query(f"deeprad_study_epsilon_spent{{{SCOPE}}}", f"{STUDY} spent"),
                             query(f"deeprad_study_epsilon_budget{{{SCOPE}}}", f"{STUDY} budget",
                                   "B")], min_value=0))
-        .with_panel(series("Rounds finished by outcome", "Rounds that succeeded or failed.",
-                           [query(f"sum by (namespace, study, outcome) (increase("
-                                  f"deeprad_rounds_total{{{SCOPE}}}[$__rate_interval]))",
-                                  f"{STUDY} {{{{outcome}}}}")], min_value=0))
+        .with_panel(series("ε spent per site", "ε the study has spent of each hospital's "
+                                               "data, from the hub's signed ledger, against "
+                                               "the study's budget.",
+                           [query(f"deeprad_site_epsilon_spent{{{SCOPE}}}",
+                                  f"{STUDY} {{{{site}}}}"),
+                            query(f"deeprad_study_epsilon_budget{{{SCOPE}}}", f"{STUDY} budget",
+                                  "B")], min_value=0))
     )

@@ -13,8 +13,11 @@ the object store hold (never from memory), so a restarted operator picks up wher
    deadline an unfinished site is Dropped;
 5. aggregation: when every admitted site finished, or at the deadline with `minSites` reports,
    the aggregator Job runs (with secure aggregation it runs from the start, since it relays
-   the key exchange); fewer than `minSites` reports fail the round;
-6. outcome: the aggregator's report and the new checkpoint's manifest fill the status.
+   the key exchange); fewer than `minSites` reports fail the round; a failed aggregator Job
+   fails the round at once, with its cause in one line, whatever the sites are doing;
+6. outcome: the aggregator's report and the new checkpoint's manifest fill the status; with
+   secure aggregation the round ends as soon as the report exists and its contributors
+   reported, so a site that dropped out of the exchange does not hold it to the deadline.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ SUCCEEDED: Final = "Succeeded"
 FAILED: Final = "Failed"
 SITE_DONE: Final = (SiteState.REPORTED, SiteState.FAILED, SiteState.DROPPED,
                     SiteState.REJECTED, SiteState.EXCLUDED)
+MESSAGE_LIMIT: Final = 1000  # a failed Job's cause, as one line of a condition
 
 
 # ---- the observed world -----------------------------------------------------------------------
@@ -65,6 +69,19 @@ class JobView:
     message: str = ""
     start_time: datetime | None = None
     completion_time: datetime | None = None
+
+    @classmethod
+    def failed(cls, reason: str, message: str, log_tail: str,
+               start_time: datetime | None = None) -> JobView:
+        """A failed Job whose `message` is its cause in one line: the last line its pod wrote
+        (a Deep-Rad Job prints its error last, a crash its exception) and the Job's reason;
+        the Job's own message when it ran out of time or its pod wrote nothing."""
+        lines = [line.strip() for line in log_tail.splitlines() if line.strip()]
+        if lines and reason != "DeadlineExceeded":
+            cause = f"{lines[-1]} ({reason})"
+        else:
+            cause = f"{reason}: {message}".strip(": ")
+        return cls("Failed", cause[:MESSAGE_LIMIT], start_time=start_time)
 
 
 @dataclass(frozen=True)
@@ -181,12 +198,18 @@ def decide_round(name: str, generation: int | None, spec: FederatedRoundSpec,
         if refused is not None:
             return refused
     progress = _follow_sites(current, parent.payload_sha256)
-    if world.aggregator is None:
+    aggregator = world.aggregator
+    if aggregator is None:
         return _await_sites(current, progress)
-    if current.secure and not (progress.all_done or current.past_deadline):
+    if current.secure and aggregator.state == "Running" and not (
+            progress.all_done or current.past_deadline):
         return _training(current, f"{progress.summary}; the aggregator relays the "
                                   "secure-aggregation exchange")
-    return _await_aggregate(current, progress, world.aggregator)
+    if current.secure and aggregator.state == "Succeeded" and not current.past_deadline \
+            and _contributors_pending(progress, world.store.aggregate):
+        return _training(current, f"{progress.summary}; aggregated, waiting for the "
+                                  "contributors' reports")
+    return _await_aggregate(current, progress, aggregator)
 
 
 def hub_not_configured(status: FederatedRoundStatus, missing: Sequence[str],
@@ -411,6 +434,15 @@ def _training(current: _Pass, message: str) -> RoundDecision:
     return current.decision
 
 
+def _contributors_pending(progress: _Progress, report: AggregateReport | None) -> bool:
+    """Whether a contributor of the secure aggregate has yet to report its task's result (its
+    samples, metrics and ε), which the round's status keeps per site."""
+    if report is None:
+        return False
+    return any(progress.by_site[c.site].state not in SITE_DONE
+               for c in report.contributors if c.site in progress.by_site)
+
+
 def _await_aggregate(current: _Pass, progress: _Progress, aggregator: JobView
                      ) -> RoundDecision:
     """Phase 5, the aggregator running: wait for its report and checkpoint; fail when the Job
@@ -520,11 +552,15 @@ def _apply_report(current: _Pass, by_site: dict[str, SiteRoundStatus], report: A
             current.event("Warning", "UpdateRejected",
                           f"site {rejection.site}: {rejection.reason[:500]}")
     if report.secagg is not None:
-        for site in report.secagg.dropped + report.secagg.not_joined:
+        for site, why in [*((s, "shared its keys, then sent no masked update in the "
+                                "secure-aggregation exchange") for s in report.secagg.dropped),
+                          *((s, "did not take part in the secure-aggregation exchange")
+                            for s in report.secagg.not_joined)]:
             entry = by_site.get(site)
-            if entry is not None and entry.state not in (SiteState.FAILED, SiteState.REJECTED):
+            if entry is not None and entry.state not in (SiteState.FAILED, SiteState.REJECTED,
+                                                         SiteState.DROPPED):
                 entry.state, entry.reason = SiteState.DROPPED, "SecureAggregationDropout"
-                entry.message = "no masked update in the secure-aggregation exchange"
+                entry.message = why
     contributors = {c.site for c in report.contributors}
     for site in contributors:
         entry = by_site.get(site)

@@ -14,19 +14,24 @@ operator killed at any moment resumes where the API says it is. Each pass yields
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, Literal
 
+from deeprad.core.errors import ConfigError
 from deeprad.core.privacy import (
     DPSteps,
     PrivacyBudget,
     PrivacyBudgetExceeded,
+    calibrate_noise,
+    epsilon_of,
     plan_round,
     round_steps,
 )
+from deeprad.core.privacy_ledger import Run
 from deeprad.operator.api.common import (
     CheckpointRef,
     DataSelector,
@@ -39,6 +44,8 @@ from deeprad.operator.api.federatedstudy import (
     BestMetric,
     FederatedStudySpec,
     FederatedStudyStatus,
+    SiteEpsilon,
+    StudyPrivacy,
     StudyState,
 )
 from deeprad.operator.api.names import round_name
@@ -79,6 +86,16 @@ class RoundView:
 
 
 @dataclass(frozen=True)
+class LedgerFacts:
+    """What the store's privacy ledger holds for the study (`deeprad.core.privacy_ledger`):
+    the runs of every incarnation of its name and of the studies it inherits from."""
+
+    runs: tuple[Run, ...] = ()
+    inherited_from: tuple[str, ...] = ()  # "<namespace>/<study>" whose ledgers are included
+    problem: str | None = None  # the ledger could not be read or verified: the study waits
+
+
+@dataclass(frozen=True)
 class Candidate:
     """A HospitalSite the study may draw from, with its declared training records and the hub
     namespaces it serves (spec.studyNamespaces; empty: none)."""
@@ -99,6 +116,7 @@ class CreateRound:
     input_checkpoint: CheckpointRef | None
     sites: tuple[str, ...] | None  # None: every Ready site
     epsilon_after: float | None = None  # the study's ε once this round ran (planned)
+    noise_multiplier: float | None = None  # DP: the multiplier the round trains with
 
 
 @dataclass(frozen=True)
@@ -154,17 +172,19 @@ def dp_steps(records: int, training: LocalTraining, noise_multiplier: float) -> 
 class _Ledger:
     history: dict[str, list[DPSteps]]
     planned: dict[str, DPSteps]
+    runs: dict[str, int]  # runs accounted per site
 
 
 def _ledger(study: str, spec: FederatedStudySpec, rounds: Sequence[RoundView],
-            sites: Sequence[str], candidates: Sequence[Candidate]) -> _Ledger | Blocked:
-    """Past DP-SGD steps per site (from the rounds' specs and site states) and the next
-    round's, or Blocked naming a site whose sampleCount is missing.
+            sites: Sequence[str], candidates: Sequence[Candidate], facts: LedgerFacts,
+            uid: str | None, noise_multiplier: float | None) -> _Ledger | Blocked:
+    """Past DP-SGD runs per site and the next round's planned ones (at `noise_multiplier`;
+    None plans nothing), or Blocked naming a site whose sampleCount is missing.
 
-    The steps are recomputed from each round's settings and the site's declared sampleCount,
-    an upper bound on what a site that trained took."""
-    dp = spec.round_template.privacy.differential_privacy
-    assert dp is not None
+    The past is the privacy ledger's facts (what the sites' trainers signed), plus, for every
+    round that exists now and whose site may have trained without a report yet, a reservation
+    computed from the round's settings and the site's declared sampleCount (an upper bound).
+    Facts outlive the rounds: deleting one removes at most a reservation."""
     counts = {c.name: c.sample_count for c in candidates}
 
     def count(site: str) -> int | Blocked:
@@ -177,17 +197,23 @@ def _ledger(study: str, spec: FederatedStudySpec, rounds: Sequence[RoundView],
         return n
 
     history: dict[str, list[DPSteps]] = {}
+    runs: dict[str, int] = {}
+    reported = {(r.site, r.study_uid, r.round) for r in facts.runs}
+    for run in facts.runs:
+        history.setdefault(run.site, []).append(run.steps)
+        runs[run.site] = runs.get(run.site, 0) + 1
     for r in rounds:
-        if r.dp is None:
+        if r.dp is None or r.dp.noise_multiplier is None:
             continue
         for site, state in sorted(r.sites.items()):
-            if state in SPENT_STATES:
+            if state in SPENT_STATES and (site, uid, r.number) not in reported:
                 n = count(site)
                 if isinstance(n, Blocked):
                     return n
                 history.setdefault(site, []).append(
                     dp_steps(train_records(n, r.data.val_fraction), r.training,
                              r.dp.noise_multiplier))
+                runs[site] = runs.get(site, 0) + 1
     planned: dict[str, DPSteps] = {}
     for site in sites:
         if site not in counts:
@@ -195,9 +221,78 @@ def _ledger(study: str, spec: FederatedStudySpec, rounds: Sequence[RoundView],
         n = count(site)
         if isinstance(n, Blocked):
             return n
-        planned[site] = dp_steps(train_records(n, spec.data.val_fraction),
-                                 spec.round_template.training, dp.noise_multiplier)
-    return _Ledger(history, planned)
+        if noise_multiplier is not None:
+            planned[site] = dp_steps(train_records(n, spec.data.val_fraction),
+                                     spec.round_template.training, noise_multiplier)
+    return _Ledger(history, planned, runs)
+
+
+def _noise(spec: FederatedStudySpec, status: FederatedStudyStatus, budget: PrivacyBudget,
+           ledger: _Ledger, sites: Sequence[str], candidates: Sequence[Candidate],
+           rounds_left: int) -> float:
+    """The round's noise multiplier: the template's; else the one calibrated earlier (kept, so
+    every round of the study uses one plan); else the smallest that lets every drawn site
+    train `rounds_left` more rounds within the budget. Raises PrivacyBudgetExceeded or
+    ConfigError (no multiplier fits)."""
+    dp = spec.round_template.privacy.differential_privacy
+    assert dp is not None
+    if dp.noise_multiplier is not None:
+        return dp.noise_multiplier
+    kept = status.privacy.noise_multiplier if status.privacy and status.privacy.calibrated \
+        else None
+    if kept is not None:
+        return kept
+    counts = {c.name: c.sample_count for c in candidates}
+    z = 0.0
+    for site in sites:
+        n = counts.get(site)
+        if n is None:
+            continue  # not a HospitalSite (spends nothing) or Blocked earlier
+        shape = dp_steps(train_records(n, spec.data.val_fraction), spec.round_template.training,
+                         0.0)
+        z = max(z, _calibrated(budget, tuple(ledger.history.get(site, ())), shape,
+                               rounds_left))
+    if z == 0.0:
+        raise ConfigError("no site to calibrate the noise multiplier for")
+    return z
+
+
+@functools.lru_cache(maxsize=256)
+def _calibration(budget: PrivacyBudget, history: tuple[DPSteps, ...], shape: DPSteps,
+                 rounds: int) -> float | PrivacyBudgetExceeded | ConfigError:
+    try:
+        return calibrate_noise(budget, history, shape, rounds)
+    except (PrivacyBudgetExceeded, ConfigError) as exc:
+        return exc
+
+
+def _calibrated(budget: PrivacyBudget, history: tuple[DPSteps, ...], shape: DPSteps,
+                rounds: int) -> float:
+    """calibrate_noise, remembered (its refusals too): a study that cannot start (inherited ε
+    leaves no room) asks again on every pass, and each answer takes seconds of accounting."""
+    out = _calibration(budget, history, shape, rounds)
+    if isinstance(out, Exception):
+        raise type(out)(str(out))
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(history: tuple[DPSteps, ...], delta: float, accountant: str) -> float:
+    """ε of a site's runs; every pass asks again for the same runs, so it is remembered."""
+    return epsilon_of(history, delta, accountant)
+
+
+def _privacy_status(budget: PrivacyBudget, ledger: _Ledger, facts: LedgerFacts,
+                    noise_multiplier: float | None, calibrated: bool) -> StudyPrivacy:
+    sites = []
+    for site, history in sorted(ledger.history.items()):
+        spent = _epsilon(tuple(history), budget.delta, budget.accountant)
+        sites.append(SiteEpsilon(site=site, epsilon_spent=spent,
+                                 epsilon_remaining=max(0.0, budget.epsilon - spent),
+                                 runs=ledger.runs.get(site, 0)))
+    return StudyPrivacy(noise_multiplier=noise_multiplier, calibrated=calibrated or None,
+                        inherited_from=list(facts.inherited_from) or None, sites=sites or None,
+                        problem=facts.problem)
 
 
 # ---- metrics ----------------------------------------------------------------------------------
@@ -239,19 +334,22 @@ def _progress(spec: FederatedStudySpec, succeeded: Sequence[RoundView]) -> _Prog
 
 def decide_study(name: str, generation: int | None, spec: FederatedStudySpec,
                  status: FederatedStudyStatus, rounds: Sequence[RoundView],
-                 candidates: Sequence[Candidate], now: datetime, *, namespace: str
-                 ) -> StudyDecision:
+                 candidates: Sequence[Candidate], now: datetime, *, namespace: str,
+                 uid: str | None = None, facts: LedgerFacts | None = None) -> StudyDecision:
     """This pass's action and status. `rounds` are the study's FederatedRounds; `candidates`
     the HospitalSites matching spec.sites / spec.siteSelector (every site when both are
     empty), with their sampleCount for privacy accounting; `namespace` the study's, which a
-    site must allow to be drawn."""
+    site must allow to be drawn; `uid` the study's; `facts` its privacy ledger (None: no store
+    to read one from, so only the rounds that exist are accounted)."""
+    facts = facts if facts is not None else LedgerFacts()
     ordered = sorted(rounds, key=lambda r: r.number)
     succeeded = [r for r in ordered if r.state == RoundState.SUCCEEDED]
     progress = _progress(spec, succeeded)
     latest = ordered[-1] if ordered else None
-    action = _action(name, spec, ordered, succeeded, progress, candidates, namespace)
+    action = _action(name, spec, status, ordered, succeeded, progress, candidates, namespace,
+                     uid, facts)
 
-    spent = _spent(name, spec, ordered, candidates)
+    spent, privacy = _spent(name, spec, status, ordered, candidates, facts, uid, action)
     checkpoint = next((r.output_checkpoint for r in reversed(succeeded) if r.output_checkpoint),
                       spec.initial_checkpoint)
     started = status.start_time or (rfc3339(now) if ordered or isinstance(action, CreateRound)
@@ -264,6 +362,7 @@ def decide_study(name: str, generation: int | None, spec: FederatedStudySpec,
         rounds_without_improvement=progress.since_improvement,
         best_metric=progress.best,
         epsilon_spent=spent,
+        privacy=privacy,
         latest_checkpoint=checkpoint,
         start_time=started,
         completion_time=(status.completion_time or rfc3339(now)) if isinstance(action, Stop)
@@ -274,9 +373,10 @@ def decide_study(name: str, generation: int | None, spec: FederatedStudySpec,
     return StudyDecision(action, new)
 
 
-def _action(name: str, spec: FederatedStudySpec, ordered: Sequence[RoundView],
-            succeeded: Sequence[RoundView], progress: _Progress,
-            candidates: Sequence[Candidate], namespace: str) -> Action:
+def _action(name: str, spec: FederatedStudySpec, status: FederatedStudyStatus,
+            ordered: Sequence[RoundView], succeeded: Sequence[RoundView], progress: _Progress,
+            candidates: Sequence[Candidate], namespace: str, uid: str | None,
+            facts: LedgerFacts) -> Action:
     failed = next((r for r in ordered if r.state == RoundState.FAILED), None)
     if failed is not None:
         return Stop(FAILED, "RoundFailed",
@@ -326,18 +426,28 @@ def _action(name: str, spec: FederatedStudySpec, ordered: Sequence[RoundView],
                        f"namespace {namespace} ({', '.join(sites) or 'none'}), below "
                        f"roundTemplate.minSites {min_sites}{unserved}; label more sites or "
                        "lower minSites")
-    epsilon_after = None
+    epsilon_after = noise = None
     budget = _budget(spec)
     if budget is not None:
-        ledger = _ledger(name, spec, ordered, _drawn(sites, allowed), candidates)
-        if isinstance(ledger, Blocked):
-            return ledger
+        if facts.problem is not None:
+            return Blocked("PrivacyLedgerUnreadable",
+                           f"FederatedStudy {name}: no round starts until its ε can be "
+                           f"accounted: {facts.problem}")
+        drawn = _drawn(sites, allowed)
+        past = _ledger(name, spec, ordered, drawn, candidates, facts, uid, None)
+        if isinstance(past, Blocked):
+            return past
         try:
+            noise = _noise(spec, status, budget, past, drawn, candidates, spec.rounds - done)
+            ledger = _ledger(name, spec, ordered, drawn, candidates, facts, uid, noise)
+            assert not isinstance(ledger, Blocked)  # the same sites' counts passed above
             plan = plan_round(budget, ledger.history, ledger.planned)
         except PrivacyBudgetExceeded as exc:
             return Stop(SUCCEEDED, "PrivacyBudgetExhausted", f"before round {number}: {exc}")
+        except ConfigError as exc:
+            return Blocked("NoiseNotCalibrated", f"FederatedStudy {name}: {exc}")
         epsilon_after = plan.spent_after
-    return CreateRound(number, checkpoint, sites, epsilon_after)
+    return CreateRound(number, checkpoint, sites, epsilon_after, noise)
 
 
 def _budget(spec: FederatedStudySpec) -> PrivacyBudget | None:
@@ -352,17 +462,30 @@ def _drawn(sites: tuple[str, ...] | None, candidates: Sequence[Candidate]) -> li
     return list(sites) if sites is not None else sorted(c.name for c in candidates)
 
 
-def _spent(name: str, spec: FederatedStudySpec, rounds: Sequence[RoundView],
-           candidates: Sequence[Candidate]) -> float | None:
-    """ε spent so far (the largest site's), or None without a budget or when a site's
-    sampleCount is missing (the Progressing condition then says which)."""
+def _spent(name: str, spec: FederatedStudySpec, status: FederatedStudyStatus,
+           rounds: Sequence[RoundView], candidates: Sequence[Candidate], facts: LedgerFacts,
+           uid: str | None, action: Action) -> tuple[float | None, StudyPrivacy | None]:
+    """ε spent so far (the largest site's) and the per-site view, or (None, None) without a
+    budget; ε is None when a site's sampleCount is missing (the Progressing condition then
+    says which)."""
     budget = _budget(spec)
     if budget is None:
-        return None
-    ledger = _ledger(name, spec, rounds, [], candidates)
+        return None, None
+    dp = spec.round_template.privacy.differential_privacy
+    assert dp is not None
+    calibrated = dp.noise_multiplier is None
+    if isinstance(action, CreateRound):
+        noise = action.noise_multiplier
+    elif calibrated:
+        noise = status.privacy.noise_multiplier if status.privacy else None
+    else:
+        noise = dp.noise_multiplier
+    ledger = _ledger(name, spec, rounds, [], candidates, facts, uid, None)
     if isinstance(ledger, Blocked):
-        return None
-    return plan_round(budget, ledger.history, {}).spent_before
+        return None, StudyPrivacy(noise_multiplier=noise, calibrated=calibrated or None,
+                                  problem=facts.problem)
+    view = _privacy_status(budget, ledger, facts, noise, calibrated and noise is not None)
+    return max((s.epsilon_spent for s in view.sites or ()), default=0.0), view
 
 
 def _round_sites(spec: FederatedStudySpec, candidates: Sequence[Candidate]

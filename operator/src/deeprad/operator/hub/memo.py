@@ -14,6 +14,7 @@ from deeprad.core.errors import ConfigError
 from deeprad.core.identity import PublicIdentity
 from deeprad.core.store import open_store
 from deeprad.operator.client import Kube, connection_info, load_configuration
+from deeprad.operator.hub.privacy import LedgerReader
 from deeprad.operator.hub.round_children import RoundHub
 from deeprad.operator.options import HubOptions
 
@@ -26,6 +27,7 @@ class HubMemo:
     configuration: kubernetes.client.Configuration
     kube: Kube
     rounds: RoundHub | None = None  # None until the hub is configured for rounds
+    ledger: LedgerReader | None = None  # the studies' privacy ledgers, with the store
 
 
 def make_memo(options: HubOptions, kubeconfig: str | None, context: str | None) -> HubMemo:
@@ -33,7 +35,7 @@ def make_memo(options: HubOptions, kubeconfig: str | None, context: str | None) 
     the store and the hub's keys are configured) what round passes need."""
     configuration = load_configuration(kubeconfig, context)
     kube = Kube(configuration)
-    rounds = None
+    rounds = ledger = None
     if not options.missing_for_rounds():
         assert options.store_url is not None and options.hub_keys_dir is not None
         identity = PublicIdentity.load(Path(options.hub_keys_dir))
@@ -43,7 +45,9 @@ def make_memo(options: HubOptions, kubeconfig: str | None, context: str | None) 
         core = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(configuration))
         rounds = RoundHub(options=options, kube=kube, core=core,
                           store=open_store(options.store_url), hub=identity)
-    return HubMemo(options=options, configuration=configuration, kube=kube, rounds=rounds)
+        ledger = LedgerReader(rounds.store, identity)
+    return HubMemo(options=options, configuration=configuration, kube=kube, rounds=rounds,
+                   ledger=ledger)
 
 
 def login(memo: HubMemo, **_: Any) -> kopf.ConnectionInfo:

@@ -29,7 +29,7 @@ from deeprad.core.protocol import (
     SecAggSpec,
     StrategySpec,
 )
-from deeprad.core.secagg import default_threshold
+from deeprad.core.secagg import threshold_for
 from deeprad.core.secagg.relay import StoreRelay
 from deeprad.core.store import ObjectStore
 from deeprad.core.store.presigned import site_grants
@@ -96,7 +96,7 @@ class RoundHub:
     # ---- reading the world --------------------------------------------------------------------
 
     def job_view(self, name: str) -> rules.JobView | None:
-        """A hub Job's state; a failure carries the Job's reason and its pod's log tail."""
+        """A hub Job's state; a failure carries its cause in one line (its pod's error)."""
         job = self.kube.get("batch/v1", "Job", name, self.options.jobs_namespace)
         if job is None:
             return None
@@ -109,9 +109,9 @@ class RoundHub:
             return rules.JobView("Succeeded", start_time=start, completion_time=done)
         if "Failed" in true_conditions:
             failed = true_conditions["Failed"]
-            why = f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".strip(": ")
-            return rules.JobView("Failed", f"{why}; log tail:\n{self.pod_log(name)}",
-                                 start_time=start)
+            return rules.JobView.failed(failed.get("reason", "Failed"),
+                                        failed.get("message", ""), self.pod_log(name),
+                                        start_time=start)
         return rules.JobView("Running", start_time=start)
 
     def pod_log(self, job: str) -> str:
@@ -256,7 +256,9 @@ class RoundHub:
                     sites: Mapping[str, SiteView], deadline: datetime
                     ) -> TaskSecureAggregation | None:
         """The secure-aggregation settings of the round's tasks: the roster's keys, the
-        threshold, the weight normalizer (the roster's declared samples)."""
+        threshold (from the round's threat model), the weight normalizer (the roster's declared
+        samples), and the window until the deadline from which each step's timeout is derived
+        (deeprad.core.secagg.relay)."""
         if not spec.privacy.secure_aggregation:
             return None
         peers = []
@@ -271,7 +273,8 @@ class RoundHub:
                                     key_agreement_key=identity.key_agreement_key))
             total += view.spec.data.sample_count if view.spec.data else 0
         return TaskSecureAggregation(
-            roster=peers, threshold=default_threshold(len(roster)), clip=SECAGG_CLIP,
+            roster=peers, clip=SECAGG_CLIP,
+            threshold=threshold_for(len(roster), spec.privacy.secure_aggregation_threat_model),
             weight_normalizer=float(max(total, 1)),
             timeout_seconds=max(60.0, (deadline - now()).total_seconds()))
 

@@ -82,9 +82,11 @@ def reconcile(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.S
     with reconciling("FederatedStudy", f"{namespace}/{name}"):
         owned = [r.view for r in study_rounds.get((namespace, name), ()) if r.owner_uid == uid]
         old = parse(FederatedStudyStatus, status)
+        parsed = parse(FederatedStudySpec, spec)
+        facts = (memo.ledger.facts(namespace, name, parsed)
+                 if memo.ledger is not None and parsed.privacy_budget is not None else None)
         new = reconcile_study(memo.kube, namespace, name, uid, meta.get("generation"),
-                              parse(FederatedStudySpec, spec), old, owned,
-                              list(site_facts.get(None, ())), body)
+                              parsed, old, owned, list(site_facts.get(None, ())), body, facts)
         write_status(memo.kube, "FederatedStudy", name, namespace, old, new)
         backfill_metrics(memo.kube, namespace, name, owned)
 
@@ -97,6 +99,14 @@ def register(registry: kopf.OperatorRegistry, options: HubOptions) -> None:
         on(*FEDERATED_STUDIES, id="study", registry=registry)(reads_indices(reconcile))
     kopf.timer(*FEDERATED_STUDIES, id="study-timer", interval=options.study_interval,
                registry=registry)(reads_indices(reconcile))
+    kopf.on.delete(*FEDERATED_STUDIES, id="study-gone", optional=True,
+                   registry=registry)(forget)
+
+
+def forget(name: str, namespace: str | None, **_: Any) -> None:
+    """A deleted study's gauges go with it (no finalizer: the study never waits for this)."""
+    if namespace is not None:
+        metrics.forget_study(namespace, name)
 
 
 # ---- the pass ---------------------------------------------------------------------------------
@@ -127,12 +137,13 @@ def candidates(spec: FederatedStudySpec, sites: list[SiteFacts]) -> list[study_r
 def reconcile_study(kube: Kube, namespace: str, name: str, uid: str, generation: int | None,
                     spec: FederatedStudySpec, status: FederatedStudyStatus,
                     rounds: list[study_rules.RoundView], sites: list[SiteFacts],
-                    body: kopf.Body) -> FederatedStudyStatus:
+                    body: kopf.Body, facts: study_rules.LedgerFacts | None = None
+                    ) -> FederatedStudyStatus:
     """One pass over a study: decide, create the next round if due, return the status."""
     decided_at = now()
     decision = study_rules.decide_study(name, generation, spec, status, rounds,
                                         candidates(spec, sites), decided_at,
-                                        namespace=namespace)
+                                        namespace=namespace, uid=uid, facts=facts)
     action, new = decision.action, decision.status
     if isinstance(action, study_rules.CreateRound):
         taken = create_round(kube, namespace, name, uid, spec, action, body)
@@ -184,6 +195,11 @@ def export_study(namespace: str, name: str, spec: FederatedStudySpec,
     metrics.STUDY_ROUNDS_PLANNED.labels(**labels).set(spec.rounds)
     if status.epsilon_spent is not None:
         metrics.STUDY_EPSILON_SPENT.labels(**labels).set(status.epsilon_spent)
+    metrics.record_study_budget(namespace, name, spec.privacy_budget.epsilon
+                                if spec.privacy_budget is not None else None)
+    privacy_sites = status.privacy.sites if status.privacy else None
+    metrics.record_site_epsilon(namespace, name,
+                                {s.site: s.epsilon_spent for s in privacy_sites or ()})
     if latest is not None and latest.auroc is not None:
         metrics.GLOBAL_AUROC.labels(**labels).set(latest.auroc)
     if latest is not None and latest.loss is not None:

@@ -19,12 +19,14 @@ from deeprad.operator.render.meta import (
 
 def round_spec(study: str, spec: FederatedStudySpec, create: CreateRound) -> FederatedRoundSpec:
     """Round `create.number` of the study: the template's settings, the study's model and data,
-    the input checkpoint and the sites; DP's δ is the study budget's."""
+    the input checkpoint and the sites; DP's δ is the study budget's, its noise multiplier the
+    one the study decided (the template's, or calibrated to the budget)."""
     template = spec.round_template.model_copy(deep=True)
     dp = template.privacy.differential_privacy
     if dp is not None and spec.privacy_budget is not None:
-        template.privacy.differential_privacy = dp.model_copy(
-            update={"delta": spec.privacy_budget.delta})
+        template.privacy.differential_privacy = dp.model_copy(update={
+            "delta": spec.privacy_budget.delta,
+            "noise_multiplier": create.noise_multiplier or dp.noise_multiplier})
     return FederatedRoundSpec(
         **{k: getattr(template, k) for k in type(template).model_fields},
         study_ref=StudyRef(name=study), round=create.number, model=spec.model, data=spec.data,

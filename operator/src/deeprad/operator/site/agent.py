@@ -150,17 +150,18 @@ class SiteAgent:
                          (status.message or "").partition("\n")[0][:200])
 
     def record_privacy(self, action: RecordPrivacy) -> None:
-        """Add a DP run to the ledger, read afresh: create it, or replace it at the version
-        read, so a concurrent write (409) or a lost create race fails this pass, which then
-        retries before the task is reported."""
+        """Write a DP run (reservation or report) into the ledger, read afresh: create it, or
+        replace it at the version read, so a concurrent write (409) or a lost create race fails
+        this pass, which then retries before the Job is created or the task reported."""
         current = observe.ledger_configmap(self.local, self.config)
         body = with_entry(current, self.config.training.namespace, action.key, action.entry)
         if current is not None:
             self.local.replace(body)
         elif not self.local.create(body):
             raise ApiException(status=409, reason="privacy ledger created concurrently")
-        log.info("privacy ledger: recorded task %s (round %d) of %s", action.entry.task,
-                 action.entry.round, action.key)
+        log.info("privacy ledger: %s task %s (round %d) of %s on dataset %s",
+                 "reserved" if action.entry.reserved else "recorded", action.entry.task,
+                 action.entry.round, action.key, action.entry.dataset)
 
     # ---- the loop -----------------------------------------------------------------------------
 

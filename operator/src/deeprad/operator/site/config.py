@@ -3,7 +3,8 @@
 The hospital owns it (the site chart renders it into a ConfigMap): which namespace of its own
 cluster trainer Jobs run in, with which image, identity Secret, data volume and GPU settings,
 and its site policy (`deeprad.core.site_policy`): which studies and models may run, how many
-local epochs, whether DP and secure aggregation are required, the largest ε per study. The hub
+local epochs, whether DP and secure aggregation are required, the largest ε per study and per
+dataset (`training.datasetName` names the dataset, `training.datasetRecords` sizes it). The hub
 never chooses any of these; it only says what to train and where to upload. The rest of what a
 hospital decides is here too: the hub it works for (hubSigningKey), the store its trainers may
 reach (store.endpoint), the GPUs per training pod (training.gpu: a task cannot ask for GPUs)
@@ -20,7 +21,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from deeprad.core.errors import ConfigError, field_problems
 from deeprad.core.protocol import DatasetSpec
-from deeprad.core.site_policy import SitePolicy
+from deeprad.core.site_policy import DATASET_PATTERN, SitePolicy
 from deeprad.core.store.endpoint import ENDPOINT_FORM, StoreEndpoint
 from deeprad.operator.api.common import Duration, ObjectName, Quantity, SiteName
 from deeprad.operator.api.hospitalsite import PUBLIC_KEY_PATTERN, GpuDefaults
@@ -57,6 +58,18 @@ class TrainingPlacement(ApiModel):
                                  description="How the trainer reads the data; the round's "
                                              "image size and validation split override the "
                                              "matching fields.")
+    dataset_name: str | None = Field(
+        default=None, max_length=253, pattern=DATASET_PATTERN,
+        description="The dataset's name in the site's privacy ledger, which composes every "
+                    "run on it against policy.maxEpsilonPerDataset; default: dataClaim (the "
+                    "volume the data is on), else the site name. Agents that read the same data "
+                    "(e.g. one per hub) must name the same dataset and share the training "
+                    "namespace (the ledger lives there). Renaming it starts a new account.")
+    dataset_records: int | None = Field(
+        default=None, ge=1,
+        description="Records in the dataset, before a round's validation split: the agent "
+                    "reserves a run's ε for this many (the trainer refuses a run that would "
+                    "spend more); unset: the worst case, one full batch per epoch.")
     gpu: GpuDefaults = Field(default_factory=GpuDefaults,
                              description="GPU resource, count and placement of every training "
                                          "pod; the hospital's alone: a task cannot ask for "
@@ -111,6 +124,11 @@ class AgentConfig(ApiModel):
                                      description="How often the agent renews its Lease.")
     poll_seconds: float = Field(default=5.0, gt=0, le=300,
                                 description="How often the agent re-reads its tasks and Jobs.")
+
+    @property
+    def dataset(self) -> str:
+        """The dataset trainers read here, as the privacy ledger names it."""
+        return self.training.dataset_name or self.training.data_claim or self.site
 
 
 def load_agent_config(path: Path) -> AgentConfig:

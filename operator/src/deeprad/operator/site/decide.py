@@ -12,11 +12,15 @@ For each SiteTask in its hub namespace, with the trainer Job of the same name (i
   hub key: reason Refused) or breaks the site's policy (a study or model it does not allow,
   too many local epochs, no DP or secure aggregation where required, a study whose ε at this
   site reached the ceiling, a presigned URL that leads anywhere but the site's store endpoint:
-  reason PolicyViolation, the one-line message naming the rule). The Job gets the policy, the
-  trainer image and the study's privacy ledger, so the trainer checks the task again;
+  reason PolicyViolation, the one-line message naming the rule) or would take the site's
+  dataset past its ε ceiling (reason PrivacyCeiling). A DP task's run is reserved in the site's
+  privacy ledger (its planned upper bound) before its Job is created. The Job gets the policy,
+  the trainer image, the study's and the dataset's privacy ledger and the reservation, so the
+  trainer checks the task again;
 - a running Job reports Running; a finished Job reports Succeeded with the trainer's result
-  (the last JSON line of its log), after recording its DP-SGD steps in the site's privacy
-  ledger, or Failed with the log's tail; a long Job's task gets a heartbeat every
+  (the last JSON line of its log), after replacing the reservation with the DP-SGD steps the
+  trainer reported, or Failed with the log's tail (its reservation stays: the run may have
+  trained before it failed); a long Job's task gets a heartbeat every
   `TASK_HEARTBEAT_SECONDS`.
 
 A Job whose task is gone (round deleted) is deleted. Every `heartbeatSeconds` the agent renews
@@ -37,13 +41,19 @@ from deeprad.core import __version__
 from deeprad.core.errors import DeepRadError, PolicyViolation
 from deeprad.core.protocol import SiteResult
 from deeprad.core.site_policy import (
+    DATASET_LEDGER_ENV,
     LEDGER_ENV,
     POLICY_ENV,
+    RESERVATION_ENV,
     TRAINER_IMAGE_ENV,
     LedgerEntry,
+    PrivacyCeiling,
+    entry_json,
     ledger_json,
+    planned_steps,
     policy_digest,
     policy_json,
+    steps_json,
 )
 from deeprad.operator.api.hospitalsite import GpuCapacity
 from deeprad.operator.api.sitetask import SiteTaskSpec, SiteTaskStatus, TaskState
@@ -142,8 +152,9 @@ class ReportTask:
 
 @dataclass(frozen=True)
 class RecordPrivacy:
-    """Add a finished task's DP-SGD run to the site's privacy ledger (under `key`), before
-    the task is reported Succeeded: a run is never left out of the study's ε here."""
+    """Write a task's DP-SGD run into the site's privacy ledger (under `key`, replacing the
+    task's earlier entry): its reservation before the Job is created, the trainer's report
+    before the task is reported Succeeded. A run is never left out of the ε spent here."""
 
     key: str
     entry: LedgerEntry
@@ -157,9 +168,10 @@ class RenewLease:
 
 
 Action = CreateJob | DeleteJob | RecordPrivacy | ReportTask
-# SiteTask status.reason of the agent's refusals: the hospital's policy, or a task this agent
-# cannot do at all (another site's, another hub's).
+# SiteTask status.reason of the agent's refusals: the hospital's policy, its ε ceiling per
+# dataset, or a task this agent cannot do at all (another site's, another hub's).
 POLICY_VIOLATION = "PolicyViolation"
+PRIVACY_CEILING = "PrivacyCeiling"
 REFUSED = "Refused"
 
 
@@ -167,11 +179,10 @@ REFUSED = "Refused"
 
 
 def decide_task(config: AgentConfig, task: TaskView, job: JobView | None, now: datetime,
-                ledger: Ledger | None = None) -> list[Action]:
+                ledger: Ledger) -> list[Action]:
     """The actions for one task and its Job, in order; act stops at the first API error.
-    `ledger` is the site's privacy ledger as read this pass (the agent always passes it; None
-    only where nothing was recorded, as in tests of other rules)."""
-    ledger = ledger or Ledger()
+    `ledger` is the site's privacy ledger as read this pass: there is no default, since a
+    decision on an empty ledger would admit what the real one refuses."""
     if task.status.state and task.status.state.terminal:
         return []
     if task.spec is None:
@@ -182,7 +193,7 @@ def decide_task(config: AgentConfig, task: TaskView, job: JobView | None, now: d
         return [DeleteJob(job.name, "it belongs to an earlier task of that name")]
     if job is None:
         return _start(config, task, task.spec, now, ledger)
-    return _follow(task, task.spec, job, now, ledger)
+    return _follow(config, task, task.spec, job, now, ledger)
 
 
 def needs_log(task: TaskView, job: JobView) -> bool:
@@ -249,11 +260,25 @@ def _start(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, now: datetim
                        "disappeared before it finished", now, terminal=True,
                        reason="JobDisappeared")]
     namespace = spec.round_ref.namespace
-    spent = ledger.runs(namespace, spec.study)
+    # This task's own entry (a reservation written by a pass that stopped before the Job) is
+    # replaced below, so it counts neither towards the study nor towards the dataset.
+    spent = ledger.others(namespace, spec.study, task.uid)
+    on_dataset = ledger.dataset(config.dataset, task.uid)
+    reservation: LedgerEntry | None = None
     try:
         training = training_task(spec, config)
         # The hospital's policy, before anything is created: the Job would check it again.
         config.policy.check(training, spent=[e.steps for e in spent])
+        if training.privacy is not None:
+            records = config.training.dataset_records
+            reservation = LedgerEntry(task=task.uid, round=spec.round, dataset=config.dataset,
+                                      steps=planned_steps(training, records, config.policy.delta),
+                                      reserved=True)
+            config.policy.check_dataset(training, config.dataset, on_dataset,
+                                        reservation.steps, records)
+    except PrivacyCeiling as exc:
+        return [report(name, status, TaskState.FAILED, str(exc), now, terminal=True,
+                       reason=PRIVACY_CEILING)]
     except PolicyViolation as exc:
         return [report(name, status, TaskState.FAILED, str(exc), now, terminal=True,
                        reason=POLICY_VIOLATION)]
@@ -268,7 +293,9 @@ def _start(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, now: datetim
                        reason=POLICY_VIOLATION if isinstance(exc, PolicyViolation) else REFUSED)]
     placement = config.training
     env = {**urls, POLICY_ENV: policy_json(config.policy), TRAINER_IMAGE_ENV: placement.image,
-           LEDGER_ENV: ledger_json(spent)}
+           LEDGER_ENV: ledger_json(spent), DATASET_LEDGER_ENV: steps_json(on_dataset)}
+    if reservation is not None:
+        env[RESERVATION_ENV] = entry_json(reservation)
     ctx = JobContext(name=name, namespace=placement.namespace, study=spec.study,
                      round_name=spec.round_ref.name, image=placement.image,
                      image_pull_policy=placement.image_pull_policy)
@@ -278,14 +305,18 @@ def _start(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, now: datetim
     manifest["metadata"]["labels"][LABEL_TASK_UID] = task.uid
     accepted = status.model_copy(update={"job_name": name,
                                          "start_time": status.start_time or rfc3339(now)})
-    return [CreateJob(name, placement.namespace, manifest),
+    actions: list[Action] = []
+    if reservation is not None and ledger.entry(namespace, spec.study, task.uid) != reservation:
+        actions.append(RecordPrivacy(ledger_key(namespace, spec.study), reservation))
+    return [*actions, CreateJob(name, placement.namespace, manifest),
             report(name, accepted, TaskState.ACCEPTED,
                    f"training Job {placement.namespace}/{name} created", now)]
 
 
-def _follow(task: TaskView, spec: SiteTaskSpec, job: JobView, now: datetime, ledger: Ledger
-            ) -> list[Action]:
-    """Report a Job's progress and outcome; a DP run goes into the ledger first."""
+def _follow(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, job: JobView,
+            now: datetime, ledger: Ledger) -> list[Action]:
+    """Report a Job's progress and outcome; a DP run goes into the ledger first: the trainer's
+    report on success, else the reservation (written again only where none is recorded)."""
     name = task.name
     status = task.status.model_copy(update={
         "job_name": name, "attempts": job.active + job.succeeded + job.failed})
@@ -293,7 +324,8 @@ def _follow(task: TaskView, spec: SiteTaskSpec, job: JobView, now: datetime, led
         text = job.log or ""
         result = last_result(text)
         if result is None:
-            return [report(name, status, TaskState.FAILED, "the trainer finished but printed "
+            return [*_keep_reserved(config, task, spec, ledger),
+                    report(name, status, TaskState.FAILED, "the trainer finished but printed "
                            "no result; log tail:\n" + tail(text), now, terminal=True,
                            reason="NoResult")]
         status.result = task_result(result, spec)
@@ -301,12 +333,16 @@ def _follow(task: TaskView, spec: SiteTaskSpec, job: JobView, now: datetime, led
                       f"({result.num_samples} samples, {result.duration_s:.0f}s)", now,
                       terminal=True)
         namespace = spec.round_ref.namespace
-        if result.privacy is None or ledger.has(namespace, spec.study, task.uid):
+        if result.privacy is None:
+            return [*_keep_reserved(config, task, spec, ledger), done]
+        entry = LedgerEntry(task=task.uid, round=spec.round, steps=result.privacy,
+                            dataset=config.dataset)
+        if ledger.entry(namespace, spec.study, task.uid) == entry:
             return [done]
-        entry = LedgerEntry(task=task.uid, round=spec.round, steps=result.privacy)
         return [RecordPrivacy(ledger_key(namespace, spec.study), entry), done]
     if job.outcome == "Failed":
-        return [report(name, status, TaskState.FAILED, f"training Job failed ({job.failure}); "
+        return [*_keep_reserved(config, task, spec, ledger),
+                report(name, status, TaskState.FAILED, f"training Job failed ({job.failure}); "
                        "log tail:\n" + tail(job.log or ""), now, terminal=True,
                        reason=_failure_reason(job.log or ""))]
     if job.active and status.state != TaskState.RUNNING:
@@ -318,10 +354,33 @@ def _follow(task: TaskView, spec: SiteTaskSpec, job: JobView, now: datetime, led
     return []
 
 
+def _keep_reserved(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, ledger: Ledger
+                   ) -> list[Action]:
+    """A DP run that ended without a report stays in the ledger at its planned upper bound:
+    it may have trained before it failed. Its reservation is there already, unless the Job was
+    created before this agent reserved runs; then it is recorded now."""
+    if spec.privacy.differential_privacy is None or \
+            ledger.has(spec.round_ref.namespace, spec.study, task.uid):
+        return []
+    try:
+        training = training_task(spec, config)
+    except (DeepRadError, ValidationError):
+        return []  # a task this agent would refuse never had a Job of its making
+    if training.privacy is None:
+        return []
+    entry = LedgerEntry(task=task.uid, round=spec.round, dataset=config.dataset, reserved=True,
+                        steps=planned_steps(training, config.training.dataset_records,
+                                            config.policy.delta))
+    return [RecordPrivacy(ledger_key(spec.round_ref.namespace, spec.study), entry)]
+
+
 def _failure_reason(log: str) -> str:
-    """PolicyViolation when the trainer refused the task under the site's policy (its last
-    words name the rule), JobFailed otherwise."""
-    return POLICY_VIOLATION if "PolicyViolation: policy." in tail(log, 3) else "JobFailed"
+    """PrivacyCeiling or PolicyViolation when the trainer refused the task under the site's
+    policy (its last words name the rule), JobFailed otherwise."""
+    last = tail(log, 3)
+    if "PrivacyCeiling: policy." in last:
+        return PRIVACY_CEILING
+    return POLICY_VIOLATION if "PolicyViolation: policy." in last else "JobFailed"
 
 
 def last_result(text: str) -> SiteResult | None:

@@ -1,12 +1,21 @@
 """The site's own privacy ledger: the DP-SGD runs each study did on this hospital's data.
 
-The hospital does not take the hub's word for how much ε a study spent here: the agent records
-the steps every Succeeded DP task's trainer reported, in a ConfigMap in the training namespace
-(one data key per hub namespace and study, a JSON list of `LedgerEntry`), and checks the
-study's total against `policy.maxEpsilonPerStudy` before it starts the next task. Entries are
-keyed by the task's uid, so an agent restarted between writing the ledger and reporting the
-task never counts a run twice. Pure functions: `site.observe` reads the ConfigMap, `site.agent`
-writes what `with_entry` returns (create, or replace at the resourceVersion it read).
+The hospital does not take the hub's word for how much ε a study spent here. The agent keeps a
+ConfigMap in the training namespace (one data key per hub namespace and study, a JSON list of
+`LedgerEntry`, each naming the dataset it trained on). Before it creates a DP task's Job it
+records a *reservation*, the run's planned upper bound; when the task succeeds the trainer's
+reported steps replace it; when the run fails (or crashes after training) the reservation stays,
+as spent. A study's runs are checked against `policy.maxEpsilonPerStudy` and every run on the
+dataset — all studies, all hubs whose agents share this training namespace — against
+`policy.maxEpsilonPerDataset` before the next task starts.
+
+Entries are keyed by the task's uid, so an agent restarted between any two steps (reservation,
+Job, report) replaces its own entry instead of adding one, and never loses one: every write is
+a create, or a replace at the resourceVersion read (a concurrent writer's 409 fails the pass,
+which retries). Two hubs' studies of the same namespace and name share a key; they are
+distinct entries (task uids) and the per-study rule then counts both, which errs on the safe
+side. Pure functions: `site.observe` reads the ConfigMap, `site.agent` writes what
+`with_entry` returns.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from deeprad.core.privacy import DPSteps
-from deeprad.core.site_policy import LedgerEntry, ledger_json, parse_ledger
+from deeprad.core.site_policy import LedgerEntry, dataset_steps, ledger_json, parse_ledger
 from deeprad.operator.render.meta import Manifest
 
 LEDGER_CONFIGMAP = "deeprad-privacy-ledger"
@@ -42,8 +51,24 @@ class Ledger:
         return [e.steps for e in self.runs(namespace, study)]
 
     def has(self, namespace: str, study: str, task_uid: str) -> bool:
-        """Whether the task's run is recorded already."""
-        return any(e.task == task_uid for e in self.runs(namespace, study))
+        """Whether the task's run is recorded already (reserved or reported)."""
+        return self.entry(namespace, study, task_uid) is not None
+
+    def entry(self, namespace: str, study: str, task_uid: str) -> LedgerEntry | None:
+        """The task's recorded run, None before its reservation."""
+        return next((e for e in self.runs(namespace, study) if e.task == task_uid), None)
+
+    def others(self, namespace: str, study: str, task_uid: str) -> tuple[LedgerEntry, ...]:
+        """The study's runs but the task's own (its reservation is replaced, never added to)."""
+        return tuple(e for e in self.runs(namespace, study) if e.task != task_uid)
+
+    def entries(self) -> list[LedgerEntry]:
+        """Every recorded run at this site, each once."""
+        return list({e.task: e for runs in self.studies.values() for e in runs}.values())
+
+    def dataset(self, dataset: str, task_uid: str = "") -> list[DPSteps]:
+        """The steps of every run on `dataset`, of every study and hub, but `task_uid`'s."""
+        return dataset_steps([e for e in self.entries() if e.task != task_uid], dataset)
 
 
 def read_ledger(configmap: Manifest | None, where: str) -> Ledger:
@@ -76,5 +101,4 @@ def with_entry(configmap: Manifest | None, namespace: str, key: str, entry: Ledg
     return body
 
 
-__all__ = ["LEDGER_CONFIGMAP", "Ledger", "ledger_key", "read_ledger",
-           "with_entry"]
+__all__ = ["LEDGER_CONFIGMAP", "Ledger", "ledger_key", "read_ledger", "with_entry"]

@@ -47,6 +47,11 @@ def training_task(task: SiteTaskSpec, config: AgentConfig) -> TrainingTask:
                             clip=sa.clip, weight_normalizer=sa.weight_normalizer,
                             timeout_s=sa.timeout_seconds)
     dp = task.privacy.differential_privacy
+    noise = dp.noise_multiplier if dp is not None else None
+    if dp is not None and noise is None:
+        raise ConfigError(f"SiteTask for round {task.round_ref.name}: "
+                          "privacy.differentialPrivacy.noiseMultiplier is missing; the hub must "
+                          "send the calibrated multiplier (upgrade the hub operator)")
     t = task.training
     dataset = config.training.dataset.model_copy(update={
         "image_size": task.data.image_size, "val_fraction": task.data.val_fraction,
@@ -61,8 +66,8 @@ def training_task(task: SiteTaskSpec, config: AgentConfig) -> TrainingTask:
                           weight_decay=t.weight_decay, fedprox_mu=t.fedprox_mu, seed=t.seed,
                           precision=t.precision),
         registry_json=KeyRegistry.of([hub, *peers]).to_json(),
-        privacy=DPConfig(noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                         clipping=dp.clipping) if dp is not None else None,
+        privacy=DPConfig(noise_multiplier=noise, max_grad_norm=dp.max_grad_norm,
+                         clipping=dp.clipping) if dp is not None and noise is not None else None,
         secagg=secagg)
 
 

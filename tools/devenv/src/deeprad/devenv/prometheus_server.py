@@ -17,7 +17,8 @@ from deeprad.devenv.processes import ManagedProcess, new_owner_token, wait_until
 
 
 class PrometheusServer:
-    """start() → ready; set_targets() reloads; query() runs PromQL; stop() ends it."""
+    """start() → ready; set_targets() reloads; query() runs PromQL; alerts() lists what the
+    rule files (evaluated every scrape interval) raise; stop() ends it."""
 
     def __init__(
         self,
@@ -102,6 +103,15 @@ class PrometheusServer:
         if answer.get("status") != "success":
             raise RuntimeError(f"query {expr!r} failed: {answer}")
         return list(answer["data"]["result"])
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Active alerts of the loaded rule files (each with labels, annotations and state
+        'pending' or 'firing'); a rule whose expression matches nothing has none."""
+        with urllib.request.urlopen(f"{self.url}/api/v1/alerts", timeout=10) as resp:
+            answer = json.load(resp)
+        if answer.get("status") != "success":
+            raise RuntimeError(f"alerts failed: {answer}")
+        return list(answer["data"]["alerts"])
 
     def target_health(self) -> dict[str, str]:
         """scrapeUrl → health ('up', 'down', 'unknown') of the active targets."""
