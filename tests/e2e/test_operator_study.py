@@ -442,6 +442,7 @@ def test_ledger_dp_study_spends_its_budget_and_no_edit_lowers_it(fed: Federation
     assert len(keys) == 2 * rounds, keys
     entries = [fed.store_json(k) for k in keys]
     assert all(e["site_signature_verified"] for e in entries), entries[0]
+    assert {e["max_grad_norm"] for e in entries} == {1.5}  # the example's clip, as signed
 
     # 1. Delete a round: the study re-derives its status (one round fewer), ε stays.
     fed.hub.kubectl("delete", "federatedround", f"{DP_STUDY}-r1", "-n", ns)

@@ -76,12 +76,25 @@ def test_a_signed_site_record_verifies_and_survives_the_store() -> None:
     ("privacy", DPSteps(noise_multiplier=5.0, sample_rate=0.05, steps=60)),
     ("num_samples", 1),
     ("created_at", "2020-01-01T00:00:00.000000Z"),
+    ("max_grad_norm", 100.0),
 ])
 def test_a_changed_field_breaks_the_site_signature(field: str, value: Any) -> None:
     record = _site_record().signed(SITE)
     tampered = record.model_copy(update={field: value})
     with pytest.raises(AuditError, match="signature does not verify against the site's"):
         _check_site(tampered)
+
+
+def test_a_record_signed_before_the_clip_field_existed_still_verifies() -> None:
+    """max_grad_norm joined the record later: left out of the signed bytes when empty, so a
+    record from before verifies; once set, it is signed like every other field."""
+    record = _site_record().signed(SITE)
+    assert "max_grad_norm" not in record.signed_bytes().decode()
+    _check_site(SiteTaskRecord.model_validate_json(record.to_bytes()))
+    clipped = _site_record(max_grad_norm=1.5).signed(SITE)
+    _check_site(clipped)
+    with pytest.raises(AuditError, match="signature does not verify"):
+        _check_site(clipped.model_copy(update={"max_grad_norm": None}))
 
 
 def test_a_site_record_verifies_only_with_its_own_sites_key() -> None:

@@ -22,15 +22,19 @@ from deeprad.core.privacy import (
     PrivacyBudgetExceeded,
     calibrate_noise,
     epsilon_of,
+    merge_runs,
     noise_for_target_epsilon,
 )
 from deeprad.core.privacy_ledger import (
-    LedgerEntry,
+    LedgerBudget,
     LedgerError,
+    Reservation,
     entry_key,
     index_site_records,
     inherit,
+    pin_budget,
     read_entries,
+    read_reservations,
     runs,
     site_records,
 )
@@ -62,6 +66,7 @@ def _record(store: LocalStore, ns: str, name: str, uid: str | None, round_no: in
         study=StudyRef.of(layout), round=round_no, site=site, model="tumor-cnn",
         model_digest=model_digest("tumor-cnn", {}), trainer_image=None, policy_digest=None,
         privacy=steps, num_samples=800, parent_sha256="1" * 64, update_sha256="2" * 64,
+        max_grad_norm=1.5 if steps is not None else None,
         created_at=f"2030-01-0{round_no}T00:00:00Z").signed(SITES[site])
     store.put_bytes(layout.site_audit(round_no, site), record.to_bytes())
 
@@ -113,6 +118,7 @@ def test_ledger_indexes_each_signed_site_record_once(tmp_path: Path) -> None:
     entries = read_entries(store, "radiology", "brain-mri", HUB.public())
     assert sorted(e.site for e in entries) == sorted(SITES)
     assert all(e.site_signature_verified and e.steps == RUN and e.round == 1 for e in entries)
+    assert all(e.max_grad_norm == 1.5 for e in entries)  # the clip the trainer signed
     assert all(e.study.uid == UID and e.ledger.uid is None for e in entries)
 
 
@@ -275,7 +281,9 @@ def test_ledger_runs_count_one_per_site_record(tmp_path: Path) -> None:
     index_site_records(store, "radiology", "brain-mri", HUB, REGISTRY)
     entries = read_entries(store, "radiology", "brain-mri", HUB.public())
     facts = site_records(store, "radiology", "brain-mri")
-    assert len(runs(entries, facts)) == 1 and isinstance(entries[0], LedgerEntry)
+    assert len(entries) == 1 and len(facts) == 1
+    [run] = runs(entries, facts)  # the entry and the record it copies: one run
+    assert (run.site, run.round, run.study_uid) == ("charite", 1, UID)
 
 
 # ---- calibration ------------------------------------------------------------------------------
@@ -363,3 +371,116 @@ def test_ledger_command_prints_and_verifies_a_studys_ledger(
     assert key in err and "does not verify against the hub key" in err
     assert main(["privacy", "ledger", "--study", "brain-mri", "--store", str(store.root)]) == 2
     assert "--study needs -n NAMESPACE" in capsys.readouterr().err
+
+
+# ---- review findings: δ pinned, an unreadable ledger, rounds deleted mid-flight ---------------
+
+
+def test_ledger_recreating_the_study_with_a_larger_delta_waits(tmp_path: Path) -> None:
+    """Attack: delete the study and create it again with δ = 0.5, where the same runs show an ε
+    of almost nothing, to get the budget back."""
+    store = LocalStore(tmp_path)
+    spec = _spec(dp={"noiseMultiplier": 1.2})
+    _history(store, spec, 3)
+    reader = LedgerReader(store, HUB.public())
+    reader.pin("radiology", "brain-mri", UID, spec)
+    honest = _decide(spec, [], reader.facts("radiology", "brain-mri", spec), _sites(1000, 1000))
+    loose = _spec(dp={"noiseMultiplier": 1.2},
+                  privacyBudget={"epsilon": 4.0, "delta": 0.5, "accountant": "pld"})
+    reader.pin("radiology", "brain-mri", NEW_UID, loose)  # the first pin stays
+    d = _decide(loose, [], reader.facts("radiology", "brain-mri", loose), _sites(1000, 1000),
+                uid=NEW_UID)
+    assert isinstance(d.action, study.Blocked) and d.action.reason == "PrivacyBudgetMismatch"
+    assert "set spec.privacyBudget.delta to 1e-05 and accountant to rdp" in d.action.message
+    refused("study re-created with a larger δ to lower its spent ε", "hub operator (ledger pin)",
+            d.action.message)
+    assert d.status.epsilon_spent == pytest.approx(honest.status.epsilon_spent)
+    assert json.loads(store.get_bytes("radiology/brain-mri/privacy-ledger/budget.json"))[
+        "delta"] == 1e-5
+
+
+def test_ledger_unreadable_keeps_the_epsilon_shown(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    spec = _spec(dp={"noiseMultiplier": 1.2})
+    _history(store, spec, 2)
+    reader = LedgerReader(store, HUB.public())
+    good = _decide(spec, [], reader.facts("radiology", "brain-mri", spec), _sites(1000, 1000))
+    store.put_bytes("radiology/brain-mri/privacy-ledger/charite/" + "0" * 64 + ".json", b"junk")
+    bad = _decide(spec, [], LedgerReader(store, HUB.public()).facts("radiology", "brain-mri",
+                                                                    spec),
+                  _sites(1000, 1000), status=good.status)
+    assert isinstance(bad.action, study.Blocked)
+    assert bad.status.epsilon_spent == good.status.epsilon_spent > 0
+    assert bad.status.privacy is not None and bad.status.privacy.sites == \
+        good.status.privacy.sites  # type: ignore[union-attr]
+    assert "not a ledger entry" in (bad.status.privacy.problem or "")
+
+
+def test_ledger_keeps_a_deleted_rounds_plan_when_a_site_never_signed(tmp_path: Path) -> None:
+    """A site trained in round 1 and died before signing its record; the round is deleted (as
+    a failure message once suggested). Its plan, stored while the round ran, still counts."""
+    store = LocalStore(tmp_path)
+    spec = _spec(dp={"noiseMultiplier": 1.2})
+    dp = _trained(1, spec, 1.2).dp
+    running = study.RoundView(number=1, state=RoundState.FAILED, uid="9a" * 4 + "-r1",
+                              sites={"charite": SiteState.FAILED,
+                                     "st-marys": SiteState.REPORTED},
+                              training=spec.round_template.training, data=spec.data, dp=dp)
+    _record(store, "radiology", "brain-mri", UID, 1, "st-marys")  # st-marys signed; charite not
+    reader = LedgerReader(store, HUB.public())
+    facts = reader.facts("radiology", "brain-mri", spec)
+    todo = study.reservations_to_store("brain-mri", "radiology", UID, [running],
+                                       _sites(1000, 1000), facts)
+    assert [(r.round_uid, sorted(r.sites), r.settled) for r in todo] == [
+        (running.uid, ["charite", "st-marys"], True)]
+    reader.reserve(todo)
+    assert read_reservations(store, "radiology", "brain-mri") == todo
+    facts = reader.facts("radiology", "brain-mri", spec)
+    assert study.reservations_to_store("brain-mri", "radiology", UID, [running],
+                                       _sites(1000, 1000), facts) == []  # settled: written once
+    with_round = _decide(spec, [running], facts, _sites(1000, 1000)).status
+    deleted = _decide(spec, [], facts, _sites(1000, 1000)).status
+    assert deleted.epsilon_spent == with_round.epsilon_spent
+    planned = study.dp_steps(study.train_records(1000, 0.2), spec.round_template.training, 1.2)
+    by_site = {s.site: s.epsilon_spent for s in deleted.privacy.sites}  # type: ignore[union-attr]
+    assert by_site == {"charite": pytest.approx(epsilon_of([planned], 1e-5)),
+                       "st-marys": pytest.approx(epsilon_of([RUN], 1e-5))}
+
+
+def test_ledger_reservation_never_shrinks_while_its_round_runs(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    spec = _spec(dp={"noiseMultiplier": 1.2})
+    dp = _trained(1, spec, 1.2).dp
+    view = study.RoundView(number=1, state=RoundState.TRAINING, uid="5e" * 4 + "-r1",
+                           sites={"charite": SiteState.TRAINING},
+                           training=spec.round_template.training, data=spec.data, dp=dp)
+    reader = LedgerReader(store, HUB.public())
+    reader.reserve(study.reservations_to_store("brain-mri", "radiology", UID, [view],
+                                               _sites(1000, 1000),
+                                               reader.facts("radiology", "brain-mri", spec)))
+    # the site now declares 100x the records (less ε per step): the stored plan stays
+    again = study.reservations_to_store("brain-mri", "radiology", UID, [view],
+                                        _sites(100000, 100000),
+                                        reader.facts("radiology", "brain-mri", spec))
+    assert again == []
+    [held] = read_reservations(store, "radiology", "brain-mri")
+    assert held.sites["charite"] == study.dp_steps(study.train_records(1000, 0.2),
+                                                   spec.round_template.training, 1.2)
+    assert isinstance(held, Reservation) and not held.settled
+
+
+def test_ledger_pin_stays_with_the_first_budget(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    first = LedgerBudget(ledger=StudyRef(namespace="radiology", name="brain-mri"), delta=1e-5,
+                         accountant="rdp", pinned_by=StudyRef(namespace="radiology",
+                                                              name="brain-mri", uid=UID))
+    assert pin_budget(store, first) == first
+    later = first.model_copy(update={"delta": 0.1})
+    assert pin_budget(store, later) == first
+
+
+def test_ledger_merges_runs_of_one_plan_exactly() -> None:
+    other = DPSteps(noise_multiplier=2.0, sample_rate=0.1, steps=5)
+    assert merge_runs([RUN, other, RUN]) == [RUN.model_copy(update={"steps": 50}), other]
+    assert epsilon_of([RUN] * 20, 1e-5) == pytest.approx(
+        epsilon_of([RUN.model_copy(update={"steps": 500})], 1e-5))

@@ -12,6 +12,7 @@ report.py (aggregate.json).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 
 from deeprad.aggregator.audit import write_hub_record
@@ -41,6 +42,8 @@ from deeprad.core.protocol import (
     StrategySpec,
 )
 from deeprad.core.store import ObjectStore
+
+log = logging.getLogger("deeprad.aggregator")
 
 
 class QuorumNotMet(DeepRadError):
@@ -121,5 +124,11 @@ def run_aggregation_task(task: AggregationTask, store: ObjectStore) -> Aggregate
                             started=start)
     finally:
         # and again at the end: under secure aggregation the sites write their records while
-        # this Job runs, so this round's are there only now (a failed round's as well)
-        index_site_records(store, task.namespace, task.study, hub, registry)
+        # this Job runs, so this round's are there only now (a failed round's as well). A
+        # store error here must not replace the round's outcome: the next Job indexes them.
+        try:
+            index_site_records(store, task.namespace, task.study, hub, registry)
+        except Exception as exc:  # whatever it is, the outcome stands
+            log.warning("privacy ledger %s/%s: indexing after the round failed (%s); the next "
+                        "aggregator or prepare Job indexes these records", task.namespace,
+                        task.study, exc)

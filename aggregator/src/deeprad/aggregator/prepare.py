@@ -23,7 +23,7 @@ from deeprad.core.jobargs import job_main
 from deeprad.core.layout import StudyLayout
 from deeprad.core.manifests import read_manifest, verify_checkpoint_manifest
 from deeprad.core.models import build_model, model_weights
-from deeprad.core.privacy_ledger import index_site_records, inherit
+from deeprad.core.privacy_ledger import inherit
 from deeprad.core.protocol import CheckpointManifest, PrepareTask
 from deeprad.core.store import ObjectStore
 
@@ -38,10 +38,9 @@ def run_prepare_task(task: PrepareTask, store: ObjectStore) -> CheckpointManifes
         raise ConfigError("the mounted hub identity does not match the hub key in the task's "
                           "registry; mount the hub's key Secret that the operator was given")
     layout = StudyLayout(task.namespace, task.study, task.study_uid)
-    # the ε every run of this study's name (and of the study a checkpoint is imported from)
-    # spent stays in the study's privacy ledger, whatever happened to their rounds
-    index_site_records(store, task.namespace, task.study, hub_identity,
-                       KeyRegistry.from_json(task.registry_json))
+    # a model imported from another study carries the ε its training spent: that study's
+    # privacy ledger is copied into this one's (the aggregator Jobs index the study's own
+    # records: they hold the sites' keys to verify them, this Job only the hub's)
     if task.source is not None:
         inherit(store, task.namespace, task.study, task.source.namespace, task.source.study,
                 hub_identity)

@@ -122,9 +122,16 @@ class SiteTaskRecord(SignedRecord):
     parent_sha256: str  # the global checkpoint it trained from
     update_sha256: str  # the stored update envelope it produced
     created_at: str = Field(default_factory=utc_now)
+    # the per-sample clipping bound (maxGradNorm) of the DP-SGD run; None without DP. Left out
+    # of the signed bytes when None, so records signed before it existed still verify.
+    max_grad_norm: float | None = Field(default=None, gt=0)
 
     def signer_name(self) -> str:
         return self.site
+
+    def signed_bytes(self) -> bytes:
+        left_out = {"signature"} | ({"max_grad_norm"} if self.max_grad_norm is None else set())
+        return canonical_json(self.model_dump(mode="json", exclude=left_out))
 
 
 class AuditedSite(BaseModel):

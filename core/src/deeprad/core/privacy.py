@@ -121,12 +121,25 @@ def _check_delta(delta: float) -> None:
                           "below 1/(number of records)")
 
 
+def merge_runs(runs: Sequence[DPSteps]) -> list[DPSteps]:
+    """The same composition in as few runs as possible: runs with the same noise multiplier and
+    sample rate are one mechanism composed with itself, so their steps add up exactly. A study
+    whose rounds share one plan is one event per site, however many rounds it ran."""
+    merged: dict[tuple[float, float], int] = {}
+    for run in runs:
+        if run.steps > 0:
+            key = (run.noise_multiplier, run.sample_rate)
+            merged[key] = merged.get(key, 0) + run.steps
+    return [DPSteps(noise_multiplier=z, sample_rate=q, steps=t)
+            for (z, q), t in sorted(merged.items())]
+
+
 def epsilon_of(runs: Sequence[DPSteps], delta: float, accountant: str = "rdp") -> float:
     """ε at `delta` of the composition of `runs` (0 when no step was taken, inf with no
     noise)."""
     _check_delta(delta)
     acc = make_accountant(accountant)
-    runs = [r for r in runs if r.steps > 0]
+    runs = merge_runs(runs)
     if not runs:
         return 0.0
     if any(r.noise_multiplier == 0 for r in runs):

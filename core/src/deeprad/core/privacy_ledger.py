@@ -2,28 +2,35 @@
 
 A study's spent ε must be a number nobody can lower. It is therefore never recomputed from what
 exists in the API now (rounds can be deleted, a site's declared `sampleCount` edited, a study
-re-created) but composed from facts in the store:
+re-created) but composed from what the store keeps, under the study's *name* (not its uid: a
+deleted and re-created study inherits every run of its predecessors):
 
 - **Site records.** After uploading its update, every trainer writes its signed
-  `SiteTaskRecord` (`deeprad.core.audit`) with the DP-SGD steps, sampling rate and noise
-  multiplier it actually used, at `<ns>/<study>/<uid>/rounds/<n>/audit/sites/<site>.json`.
-- **Ledger entries.** Each aggregator (and each prepare) Job, which holds the hub's key, indexes
-  every site record of the study — every round, every incarnation (uid) of the study's name —
-  into hub-signed `LedgerEntry` objects at `<ns>/<study>/privacy-ledger/<site>/<sha256>.json`,
-  one per site record (named by the record's sha256, so indexing twice writes nothing new). The
-  ledger is keyed by the study's *name*, not its uid: a deleted and re-created study inherits
-  every run of its predecessors.
+  `SiteTaskRecord` (`deeprad.core.audit`) with the DP-SGD steps, sampling rate, noise
+  multiplier and clipping bound it actually used, at
+  `<ns>/<study>/<uid>/rounds/<n>/audit/sites/<site>.json`.
+- **Ledger entries.** Each aggregator Job, which holds the hub's key and the sites' keys,
+  indexes every site record of the study's name (every round, every uid), at its start and at
+  its end, into hub-signed `LedgerEntry` objects at `<ns>/<study>/privacy-ledger/<site>/<record
+  sha256>.json`: one per record, so indexing twice writes nothing new.
 - **Inheritance.** A round that starts from another study's checkpoint carries that study's
   ledger: the prepare Job copies its entries (re-signed, `source` naming where they came from),
-  and until then the operator reads the source's ledger as well. A chain of imports composes.
+  and the operator reads the source's ledger in place as well. A chain of imports composes.
+- **Reservations** (`_reservations/<round uid>.json`, written by the operator): each DP round's
+  planned steps at every site that may have trained, kept after the round is deleted, so a run
+  that trained but never signed its record (its trainer killed, its round's exchange aborted)
+  still counts at the plan; a site's record replaces its reservation.
+- **The budget pin** (`budget.json`, written by the operator before the name's first DP round):
+  the δ and accountant the ledger is accounted at. The same runs show a smaller ε at a larger δ,
+  so a study re-created under the name, or started from its checkpoints, must keep them.
 
-The operator (which holds only the hub's public key) reads the entries, refuses to go on when
-one does not verify (fail closed: an entry it cannot trust is never silently dropped), adds the
-site records not indexed yet, and reserves the planned steps of the rounds in flight whose sites
-have not reported. ε per site is the composition of its runs; the study's ε is the largest
-site's. The one thing this cannot see is a run that trained and never wrote its record (a
-trainer killed mid-training): the hospital's own ledger (`deeprad.operator.site.ledger`)
-reserves every task's steps before its Job starts, so the hospital's ceiling covers it.
+The operator (which holds only the hub's public key) verifies the entries and refuses to go on
+when one does not verify (fail closed: an entry it cannot trust is never silently dropped),
+adds the site records not indexed yet, the reservations of rounds that no longer exist, and the
+planned steps of the rounds that do. ε per site is the composition of its runs; the study's ε is
+the largest site's. Pins and reservations are unsigned: the threat they answer is a study
+author, who cannot write the store; against a hub admin, who can, each hospital keeps its own
+ledger (`deeprad.operator.site.ledger`), reserving every task before its Job starts.
 """
 
 from __future__ import annotations
@@ -34,13 +41,13 @@ from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deeprad.core.audit import AuditError, SignedRecord, SiteTaskRecord, StudyRef, sha256_hex
 from deeprad.core.errors import ObjectNotFound
 from deeprad.core.identity import Identity, KeyRegistry, PublicIdentity, Role
 from deeprad.core.layout import check_name
-from deeprad.core.privacy import DPSteps
+from deeprad.core.privacy import AccountantName, DPSteps
 from deeprad.core.store import ObjectStore
 
 log = logging.getLogger("deeprad.privacy_ledger")
@@ -70,6 +77,7 @@ class LedgerEntry(SignedRecord):
     round: int = Field(ge=1)
     site: str
     steps: DPSteps
+    max_grad_norm: float | None = None  # the clipping bound the site's record names
     site_record_sha256: str  # the site's signed record the steps are copied from
     site_signature_verified: bool  # its signature verified against the site's registered key
     source: StudyRef | None = None  # inherited from this study's ledger (checkpoint import)
@@ -79,9 +87,110 @@ class LedgerEntry(SignedRecord):
         return self.hub
 
 
+class LedgerBudget(BaseModel):
+    """The δ and accountant a ledger's ε is accounted at, pinned when the first DP round of the
+    study's name is created: the same runs give a smaller ε at a larger δ, so a study
+    re-created under the name (or started from its checkpoints) must keep them. The hub
+    operator writes it (unsigned: the threat is a study author, who has no access to the
+    store; a hub admin, who has, is what the hospitals' own ledgers are for)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = LEDGER_VERSION
+    kind: Literal["privacy-ledger-budget"] = "privacy-ledger-budget"
+    ledger: StudyRef
+    delta: float = Field(gt=0, lt=1)
+    accountant: AccountantName
+    pinned_by: StudyRef  # the study (with its uid) whose first DP round pinned it
+
+
+class Reservation(BaseModel):
+    """The planned DP-SGD steps of one round at each site it drew, written by the operator when
+    it creates the round, before any site is scheduled. It outlives the round: a site that
+    trained and died before signing its record (or whose round was deleted) is accounted at
+    the plan. Once the round ends the operator settles it to the sites that may have trained
+    (`settled`); a site's signed record replaces its reservation. Unsigned, like the budget
+    pin: study authors cannot write the store."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = LEDGER_VERSION
+    kind: Literal["privacy-ledger-reservation"] = "privacy-ledger-reservation"
+    ledger: StudyRef
+    study: StudyRef  # with the uid of the study that created the round
+    round: int = Field(ge=1)
+    round_uid: str
+    sites: dict[str, DPSteps]
+    settled: bool = False
+
+
+RESERVATIONS = "_reservations"  # no site name has an underscore
+
+
+def reservation_key(namespace: str, study: str, round_uid: str) -> str:
+    """A round's reservation, by the round's uid (a re-created round is a new reservation)."""
+    return f"{ledger_prefix(namespace, study)}{RESERVATIONS}/{check_name('uid', round_uid)}.json"
+
+
+def write_reservation(store: ObjectStore, reservation: Reservation) -> None:
+    store.put_bytes(reservation_key(reservation.ledger.namespace, reservation.ledger.name,
+                                    reservation.round_uid),
+                    reservation.model_dump_json(indent=2).encode("utf-8"))
+
+
+def read_reservations(store: ObjectStore, namespace: str, study: str) -> list[Reservation]:
+    """The ledger's reservations; LedgerError naming a malformed one."""
+    prefix = f"{ledger_prefix(namespace, study)}{RESERVATIONS}/"
+    found = []
+    for key in store.list(prefix):
+        try:
+            found.append(Reservation.model_validate_json(store.get_bytes(key)))
+        except ObjectNotFound:
+            continue
+        except ValidationError as exc:
+            raise LedgerError(f"privacy ledger reservation {key}: malformed "
+                              f"({exc.errors()[0]['msg']}); restore it from a backup of the "
+                              "store") from None
+    return found
+
+
 def ledger_prefix(namespace: str, study: str) -> str:
     """Where a study name's ledger lives (next to its uid folders)."""
     return f"{check_name('namespace', namespace)}/{check_name('study', study)}/{LEDGER_FOLDER}/"
+
+
+def budget_key(namespace: str, study: str) -> str:
+    """Where the ledger's pinned δ and accountant live (no site name has a dot)."""
+    return f"{ledger_prefix(namespace, study)}budget.json"
+
+
+def pin_budget(store: ObjectStore, pin: LedgerBudget) -> LedgerBudget:
+    """The ledger's pinned budget: the one stored, or `pin` when there is none yet."""
+    found = read_budget(store, pin.ledger.namespace, pin.ledger.name)
+    if found is not None:
+        return found
+    store.put_bytes(budget_key(pin.ledger.namespace, pin.ledger.name),
+                    pin.model_dump_json(indent=2).encode("utf-8"))
+    return pin
+
+
+def read_budget(store: ObjectStore, namespace: str, study: str) -> LedgerBudget | None:
+    """The ledger's pinned budget (None: no DP round of the name was created since pins
+    exist); LedgerError when it is malformed or another ledger's."""
+    key = budget_key(namespace, study)
+    try:
+        data = store.get_bytes(key)
+    except ObjectNotFound:
+        return None
+    try:
+        budget = LedgerBudget.model_validate_json(data)
+    except ValidationError as exc:
+        raise LedgerError(f"privacy ledger budget {key}: malformed ({exc.errors()[0]['msg']}); "
+                          "restore it from a backup of the store") from None
+    if (budget.ledger.namespace, budget.ledger.name) != (namespace, study):
+        raise LedgerError(f"privacy ledger budget {key}: it is ledger {budget.ledger}'s; "
+                          "restore this ledger's from a backup of the store")
+    return budget
 
 
 def entry_key(namespace: str, study: str, site: str, record_sha256: str) -> str:
@@ -166,6 +275,9 @@ def read_entries(store: ObjectStore, namespace: str, study: str, hub: PublicIden
     prefix = ledger_prefix(namespace, study)
     entries = []
     for key in store.list(prefix):
+        rest = key[len(prefix):]
+        if "/" not in rest or rest.startswith(f"{RESERVATIONS}/"):
+            continue  # budget.json and reservations have readers of their own
         if cache is not None and key in cache:
             entries.append(cache[key])
             continue
@@ -246,7 +358,8 @@ def index_site_records(store: ObjectStore, namespace: str, study: str, hub: Iden
         verified = public is not None and r.signature_valid(public)
         entry = LedgerEntry(ledger=StudyRef(namespace=namespace, name=study), study=r.study,
                             round=r.round, site=r.site, steps=r.privacy,
-                            site_record_sha256=fact.sha256, site_signature_verified=verified,
+                            max_grad_norm=r.max_grad_norm, site_record_sha256=fact.sha256,
+                            site_signature_verified=verified,
                             hub=hub.name).signed(hub)
         store.put_bytes(key, entry.to_bytes())
         added += 1
@@ -276,6 +389,7 @@ def inherit(store: ObjectStore, namespace: str, study: str, source_namespace: st
             study=origin.study if origin else StudyRef(namespace=source_namespace,
                                                       name=source_study, uid=run.study_uid),
             round=run.round, site=run.site, steps=run.steps,
+            max_grad_norm=origin.max_grad_norm if origin else None,
             site_record_sha256=run.record_sha256,
             site_signature_verified=origin.site_signature_verified if origin else False,
             source=origin.source or source if origin else source, hub=hub.name).signed(hub)
@@ -291,6 +405,28 @@ def _site_of(key: str) -> str:
     return key.rsplit("/", 1)[-1][: -len(".json")]
 
 
-__all__ = ["LEDGER_FOLDER", "LedgerEntry", "LedgerError", "Run", "SiteFact", "by_site",
-           "check_entry", "entry_key", "index_site_records", "inherit", "ledger_prefix",
-           "parse_entry", "read_entries", "runs", "site_records"]
+__all__ = [
+    "LEDGER_FOLDER",
+    "LedgerBudget",
+    "LedgerEntry",
+    "LedgerError",
+    "Reservation",
+    "Run",
+    "SiteFact",
+    "budget_key",
+    "by_site",
+    "check_entry",
+    "entry_key",
+    "index_site_records",
+    "inherit",
+    "ledger_prefix",
+    "parse_entry",
+    "pin_budget",
+    "read_budget",
+    "read_entries",
+    "read_reservations",
+    "reservation_key",
+    "runs",
+    "site_records",
+    "write_reservation",
+]

@@ -34,8 +34,9 @@ from pydantic.alias_generators import to_camel
 
 from deeprad.core.errors import ConfigError, PolicyViolation, field_problems
 from deeprad.core.model_catalogue import MODEL_NAMES, model_digest
-from deeprad.core.privacy import DPSteps, epsilon_of, round_steps
+from deeprad.core.privacy import DPSteps, epsilon_of, make_accountant, round_steps
 from deeprad.core.protocol import TrainingTask
+from deeprad.core.secagg.protocol import DEFAULT_THREAT_MODEL, ThreatModel, threshold_for
 from deeprad.core.signing import canonical_json
 
 # What the site agent hands its trainer Job: the policy (JSON, camelCase), the trainer image it
@@ -79,6 +80,9 @@ class LedgerEntry(BaseModel):
     # None: recorded before the site named its datasets; such a run counts against every one.
     dataset: str | None = Field(default=None, pattern=DATASET_PATTERN)
     reserved: bool = False
+    # The reported runs this entry stands for: more than one once the agent compacted older
+    # runs of the study with the same dataset and DP-SGD settings (their steps add up).
+    runs: int = Field(default=1, ge=1)
 
 
 class SitePolicy(BaseModel):
@@ -116,6 +120,12 @@ class SitePolicy(BaseModel):
                                      "are accounted (RDP).")
     require_secure_aggregation: bool = Field(
         default=False, description="Refuse tasks whose round does not use secure aggregation.")
+    secure_aggregation_threat_model: ThreatModel = Field(
+        default=DEFAULT_THREAT_MODEL,
+        description="The hub this site's masked updates must withstand: semi-honest accepts "
+                    "a round threshold t >= floor(n/2)+1, malicious requires t >= "
+                    "floor(2n/3)+1 (n: the round's roster). The study author picks the round's "
+                    "threshold; this is the site's floor under it.")
 
     @field_validator("studies")
     @classmethod
@@ -158,7 +168,27 @@ class SitePolicy(BaseModel):
                              "aggregation", "set privacy.secureAggregation: true in the study "
                              "(study author) or set policy.requireSecureAggregation: false "
                              "(hospital admin)")
+        self._check_threshold(task, where)
         self.check_epsilon(task, spent, records)
+
+    def _check_threshold(self, task: TrainingTask, where: str) -> None:
+        """The round's secure-aggregation threshold against the site's threat model: the
+        threshold is chosen by the study author and sent by the hub, the very party a
+        malicious threat model protects against, so the site holds its own floor."""
+        if task.secagg is None:
+            return
+        n = len(task.secagg.roster)
+        asked = task.secagg.threshold or threshold_for(n)
+        needed = threshold_for(n, self.secure_aggregation_threat_model)
+        if asked >= needed:
+            return
+        raise _violation(
+            "secureAggregationThreatModel", f"{where} uses secure aggregation with threshold "
+            f"t={asked} of n={n} sites", f"this site's threat model "
+            f"{self.secure_aggregation_threat_model} needs t >= {needed} of {n}",
+            "set privacy.secureAggregationThreatModel: "
+            f"{self.secure_aggregation_threat_model} in the study (study author) or lower "
+            "policy.secureAggregationThreatModel (hospital admin)")
 
     def _check_study(self, task: TrainingTask, where: str) -> None:
         if not any(_study_matches(p, task.namespace, task.study) for p in self.studies):
@@ -264,19 +294,30 @@ class SitePolicy(BaseModel):
     def check_reserved(self, task: TrainingTask, reserved: DPSteps, planned: DPSteps,
                        records: int) -> None:
         """The trainer's run may not spend more than the agent reserved for it before the Job
-        started: otherwise a crash would leave the ledger below what was spent."""
+        started: otherwise a crash would leave the ledger below what was spent.
+
+        "More" is judged on the RDP curve, order by order, not on the stand-alone ε: runs of
+        different batch counts have curves that cross, so a run can have the smaller ε alone
+        and still the larger ε once composed with other runs (its curve above the reserved
+        one at the order that composition selects). A crashed run stays in the ledger as its
+        reservation and is composed with every later run on the dataset, which nobody knows
+        yet, so only dominance at every order of the accountant keeps the ledger an upper
+        bound for all of them; checking one composition (today's history) would not."""
+        above = _rdp_excess(reserved, planned)
+        if above is None:
+            return
+        order, reserved_rdp, planned_rdp = above
         reserved_eps = epsilon_of([reserved], self.delta)
         planned_eps = epsilon_of([planned], self.delta)
-        if planned_eps <= reserved_eps * (1 + 1e-9):
-            return
         raise _violation(
             "maxEpsilonPerDataset", f"study {task.namespace}/{task.study} round {task.round} "
             f"would spend ε={planned_eps:.4g} on {records} training records (δ="
-            f"{self.delta:g}), more than the ε={reserved_eps:.4g} the site agent reserved for "
-            "it in the site's privacy ledger", "a run may not spend more than its reservation",
+            f"{self.delta:g}; Rényi divergence {planned_rdp:.4g} at order {order:g}), more "
+            f"than the ε={reserved_eps:.4g} (Rényi divergence {reserved_rdp:.4g}) the site "
+            "agent reserved for it in the site's privacy ledger", "a run may not spend more "
+            "than its reservation at any order of the accountant",
             "set training.datasetRecords to at most the dataset's real record count, or unset "
             "it (hospital admin)", kind=PrivacyCeiling)
-
 
     def check_run(self, task: TrainingTask, records: int, *, spent: Sequence[DPSteps],
                   dataset_spent: Sequence[DPSteps], reservation: LedgerEntry | None) -> None:
@@ -343,6 +384,24 @@ def _riskiest_batches(noise: float, epochs: int, low: int, high: int, delta: flo
         [DPSteps(noise_multiplier=noise, sample_rate=1.0 / b, steps=epochs * b)], delta))
 
 
+def _rdp_curve(run: DPSteps) -> list[tuple[float, float]]:
+    """(order, Rényi divergence) of one run at every order of the RDP accountant."""
+    accountant = make_accountant("rdp")
+    if run.steps > 0:
+        accountant.compose(run.event())
+    return list(zip(accountant.orders, accountant.rdp, strict=True))
+
+
+def _rdp_excess(reserved: DPSteps, planned: DPSteps) -> tuple[float, float, float] | None:
+    """The first order at which `planned`'s Rényi divergence exceeds `reserved`'s (order,
+    reserved's, planned's), None where `reserved` dominates at every order."""
+    for (order, bound), (_, value) in zip(_rdp_curve(reserved), _rdp_curve(planned),
+                                          strict=True):
+        if value > bound * (1 + 1e-9) + 1e-12:
+            return float(order), float(bound), float(value)
+    return None
+
+
 def compact(runs: Sequence[DPSteps]) -> list[DPSteps]:
     """The same composition in fewer runs: runs with the same noise multiplier and sample rate
     are one mechanism composed with itself, so their steps add up exactly. This bounds what a
@@ -401,7 +460,7 @@ def parse_policy(text: str, where: str) -> SitePolicy:
 
 def entry_json(entry: LedgerEntry) -> str:
     """One ledger entry as JSON (the reservation a trainer Job gets)."""
-    return canonical_json(entry.model_dump(mode="json")).decode()
+    return canonical_json(_entry_dump(entry)).decode()
 
 
 def parse_entry(text: str, where: str) -> LedgerEntry:
@@ -414,9 +473,17 @@ def parse_entry(text: str, where: str) -> LedgerEntry:
 
 
 def ledger_json(entries: Sequence[LedgerEntry]) -> str:
-    """A study's ledger as JSON (a list ordered by round, then task uid)."""
-    ordered = sorted(entries, key=lambda e: (e.round, e.task))
-    return canonical_json([e.model_dump(mode="json") for e in ordered]).decode()
+    """A study's ledger as JSON, in the order given (the agent keeps the order of writes: its
+    compaction keeps the newest entries whole). `runs` is written only where it is not 1, so
+    an entry of one run reads as before compaction existed."""
+    return canonical_json([_entry_dump(e) for e in entries]).decode()
+
+
+def _entry_dump(entry: LedgerEntry) -> dict[str, object]:
+    dumped = entry.model_dump(mode="json")
+    if entry.runs == 1:
+        del dumped["runs"]
+    return dumped
 
 
 def parse_ledger(text: str, where: str) -> list[LedgerEntry]:

@@ -120,12 +120,17 @@ def record_study_budget(namespace: str, study: str, epsilon: float | None) -> No
 def record_site_epsilon(namespace: str, study: str, per_site: Mapping[str, float]) -> None:
     """Export the ε the study has spent of each site's data, as its status lists it: a site
     no longer listed loses its series rather than showing a stale value."""
-    for sample in (s for m in SITE_EPSILON_SPENT.collect() for s in m.samples):
-        if (sample.labels["namespace"] == namespace and sample.labels["study"] == study
-                and sample.labels["site"] not in per_site):
-            SITE_EPSILON_SPENT.remove(namespace, study, sample.labels["site"])
+    exported = _SITES_EXPORTED.setdefault((namespace, study), set())
+    for site in exported - set(per_site):
+        SITE_EPSILON_SPENT.remove(namespace, study, site)
     for site, epsilon in per_site.items():
         SITE_EPSILON_SPENT.labels(namespace=namespace, study=study, site=site).set(epsilon)
+    exported.clear()
+    exported.update(per_site)
+
+
+# the sites each study exports ε for: a pass touches its own series only, not every sample
+_SITES_EXPORTED: dict[tuple[str, str], set[str]] = {}
 
 
 def forget_study(namespace: str, study: str) -> None:
@@ -133,6 +138,7 @@ def forget_study(namespace: str, study: str) -> None:
     exist and its last ε and progress stop being exported (and alerted on)."""
     for metric in _PER_STUDY:
         metric.remove_by_labels({"namespace": namespace, "study": study})
+    _SITES_EXPORTED.pop((namespace, study), None)
 
 
 def serve(port: int, address: str = "0.0.0.0") -> WSGIServer:

@@ -34,6 +34,8 @@ def site_record(layout: StudyLayout, task: TrainingTask, identity: Identity,
         trainer_image=trainer_image_from_env(env),
         policy_digest=None if policy is None else policy[1],
         privacy=privacy, num_samples=update.num_samples,
+        max_grad_norm=task.privacy.max_grad_norm if privacy is not None and task.privacy
+        else None,
         parent_sha256=update.parent_sha256, update_sha256=update.payload_sha256)
     return record.signed(identity)
 

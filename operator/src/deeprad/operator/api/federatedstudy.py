@@ -92,9 +92,10 @@ class FederatedStudySpec(ApiModel):
         Rule("self.model == oldSelf.model", "model is immutable: the study's checkpoints are of "
              "this network; start a new study", field_path=".model"),
         Rule("has(self.privacyBudget) == has(oldSelf.privacyBudget) && (!has(self.privacyBudget)"
-             " || self.privacyBudget.delta == oldSelf.privacyBudget.delta)",
-             "privacyBudget cannot be added, removed or have its delta changed once the study "
-             "exists", field_path=".privacyBudget"),
+             " || (self.privacyBudget.delta == oldSelf.privacyBudget.delta && "
+             "self.privacyBudget.accountant == oldSelf.privacyBudget.accountant))",
+             "privacyBudget cannot be added, removed or have its delta or accountant changed "
+             "once the study exists", field_path=".privacyBudget"),
     ))
 
     model: ModelSpec = Field(description="The network the study trains.")

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, Literal
 
+from deeprad.core.audit import StudyRef as StoreStudyRef
 from deeprad.core.errors import ConfigError
 from deeprad.core.privacy import (
     DPSteps,
@@ -31,7 +32,7 @@ from deeprad.core.privacy import (
     plan_round,
     round_steps,
 )
-from deeprad.core.privacy_ledger import Run
+from deeprad.core.privacy_ledger import LedgerBudget, Reservation, Run
 from deeprad.operator.api.common import (
     CheckpointRef,
     DataSelector,
@@ -74,6 +75,7 @@ class RoundView:
 
     number: int
     state: RoundState | None = None
+    uid: str | None = None  # the FederatedRound's metadata.uid
     output_checkpoint: CheckpointRef | None = None
     metrics: Metrics | None = None  # the round's output model (aggregateMetrics)
     input_metrics: Metrics | None = None  # the round's input model, as its sites measured it
@@ -93,6 +95,8 @@ class LedgerFacts:
     runs: tuple[Run, ...] = ()
     inherited_from: tuple[str, ...] = ()  # "<namespace>/<study>" whose ledgers are included
     problem: str | None = None  # the ledger could not be read or verified: the study waits
+    pins: tuple[LedgerBudget, ...] = ()  # the δ and accountant each ledger is accounted at
+    reservations: tuple[Reservation, ...] = ()  # stored plans of rounds, by round uid
 
 
 @dataclass(frozen=True)
@@ -199,21 +203,26 @@ def _ledger(study: str, spec: FederatedStudySpec, rounds: Sequence[RoundView],
     history: dict[str, list[DPSteps]] = {}
     runs: dict[str, int] = {}
     reported = {(r.site, r.study_uid, r.round) for r in facts.runs}
+
+    def add(site: str, steps: DPSteps) -> None:
+        history.setdefault(site, []).append(steps)
+        runs[site] = runs.get(site, 0) + 1
+
     for run in facts.runs:
-        history.setdefault(run.site, []).append(run.steps)
-        runs[run.site] = runs.get(run.site, 0) + 1
+        add(run.site, run.steps)
+    live = {r.uid for r in rounds if r.uid is not None}
+    for held in facts.reservations:  # rounds that no longer exist: their stored plan
+        if held.round_uid not in live:
+            for site, steps in sorted(held.sites.items()):
+                if (site, held.study.uid, held.round) not in reported:
+                    add(site, steps)
     for r in rounds:
-        if r.dp is None or r.dp.noise_multiplier is None:
-            continue
-        for site, state in sorted(r.sites.items()):
-            if state in SPENT_STATES and (site, uid, r.number) not in reported:
-                n = count(site)
-                if isinstance(n, Blocked):
-                    return n
-                history.setdefault(site, []).append(
-                    dp_steps(train_records(n, r.data.val_fraction), r.training,
-                             r.dp.noise_multiplier))
-                runs[site] = runs.get(site, 0) + 1
+        planned_here = _round_reservation(r, count)
+        if isinstance(planned_here, Blocked):
+            return planned_here
+        for site, steps in sorted(planned_here.items()):
+            if (site, uid, r.number) not in reported:
+                add(site, steps)
     planned: dict[str, DPSteps] = {}
     for site in sites:
         if site not in counts:
@@ -225,6 +234,52 @@ def _ledger(study: str, spec: FederatedStudySpec, rounds: Sequence[RoundView],
             planned[site] = dp_steps(train_records(n, spec.data.val_fraction),
                                      spec.round_template.training, noise_multiplier)
     return _Ledger(history, planned, runs)
+
+
+def _round_reservation(r: RoundView, count: Callable[[str], int | Blocked]
+                       ) -> dict[str, DPSteps] | Blocked:
+    """The planned steps of each site of round `r` that may have trained (an upper bound from
+    the round's settings and the site's declared sampleCount), or Blocked."""
+    if r.dp is None or r.dp.noise_multiplier is None:
+        return {}
+    out: dict[str, DPSteps] = {}
+    for site, state in sorted(r.sites.items()):
+        if state in SPENT_STATES:
+            n = count(site)
+            if isinstance(n, Blocked):
+                return n
+            out[site] = dp_steps(train_records(n, r.data.val_fraction), r.training,
+                                 r.dp.noise_multiplier)
+    return out
+
+
+def reservations_to_store(study: str, namespace: str, uid: str | None,
+                          rounds: Sequence[RoundView], candidates: Sequence[Candidate],
+                          facts: LedgerFacts) -> list[Reservation]:
+    """The reservations to (re)write in the store: one per DP round of the study whose stored
+    one is missing or out of date (a site started training, or the round ended: `settled`),
+    so that deleting the round later leaves its plan accounted."""
+    counts = {c.name: c.sample_count for c in candidates}
+    stored = {h.round_uid: h for h in facts.reservations}
+    out = []
+    for r in rounds:
+        if r.uid is None or r.dp is None:
+            continue
+        sites = _round_reservation(r, lambda s: counts.get(s) or Blocked("", ""))
+        if isinstance(sites, Blocked) or not sites:
+            continue
+        settled = bool(r.state and r.state.terminal)
+        have = stored.get(r.uid)
+        if have is not None:
+            if have.settled:
+                continue
+            sites = {**sites, **have.sites}  # what was stored stays: a plan never shrinks
+            if (have.sites, have.settled) == (sites, settled):
+                continue
+        out.append(Reservation(ledger=StoreStudyRef(namespace=namespace, name=study),
+                               study=StoreStudyRef(namespace=namespace, name=study, uid=uid),
+                               round=r.number, round_uid=r.uid, sites=sites, settled=settled))
+    return out
 
 
 def _noise(spec: FederatedStudySpec, status: FederatedStudyStatus, budget: PrivacyBudget,
@@ -433,6 +488,15 @@ def _action(name: str, spec: FederatedStudySpec, status: FederatedStudyStatus,
             return Blocked("PrivacyLedgerUnreadable",
                            f"FederatedStudy {name}: no round starts until its ε can be "
                            f"accounted: {facts.problem}")
+        pin = _mismatched_pin(budget, facts)
+        if pin is not None:
+            return Blocked("PrivacyBudgetMismatch",
+                           f"FederatedStudy {name}: the privacy ledger of {pin.ledger} is "
+                           f"accounted at δ={pin.delta:g} with the {pin.accountant} accountant "
+                           f"(pinned by its first DP round); a study of that name, or one "
+                           "starting from its checkpoints, accounts the same runs the same way "
+                           f"(a larger δ would show a smaller ε): set spec.privacyBudget.delta "
+                           f"to {pin.delta:g} and accountant to {pin.accountant}")
         drawn = _drawn(sites, allowed)
         past = _ledger(name, spec, ordered, drawn, candidates, facts, uid, None)
         if isinstance(past, Blocked):
@@ -448,6 +512,12 @@ def _action(name: str, spec: FederatedStudySpec, status: FederatedStudyStatus,
             return Blocked("NoiseNotCalibrated", f"FederatedStudy {name}: {exc}")
         epsilon_after = plan.spent_after
     return CreateRound(number, checkpoint, sites, epsilon_after, noise)
+
+
+def _mismatched_pin(budget: PrivacyBudget, facts: LedgerFacts) -> LedgerBudget | None:
+    """The first ledger pinned at another δ or accountant than the study's budget."""
+    return next((p for p in facts.pins
+                 if (p.delta, p.accountant) != (budget.delta, budget.accountant)), None)
 
 
 def _budget(spec: FederatedStudySpec) -> PrivacyBudget | None:
@@ -480,10 +550,17 @@ def _spent(name: str, spec: FederatedStudySpec, status: FederatedStudyStatus,
         noise = status.privacy.noise_multiplier if status.privacy else None
     else:
         noise = dp.noise_multiplier
+    if facts.problem is not None:
+        # the ledger cannot be read: what was shown stays (never a lower number), the problem
+        # beside it, and no round starts (the action is Blocked)
+        kept = (status.privacy or StudyPrivacy()).model_copy(update={"problem": facts.problem})
+        return status.epsilon_spent, kept
     ledger = _ledger(name, spec, rounds, [], candidates, facts, uid, None)
     if isinstance(ledger, Blocked):
-        return None, StudyPrivacy(noise_multiplier=noise, calibrated=calibrated or None,
-                                  problem=facts.problem)
+        return None, StudyPrivacy(noise_multiplier=noise, calibrated=calibrated or None)
+    pin = _mismatched_pin(budget, facts)
+    if pin is not None:  # shown as the pinned ledger accounts it, never lower
+        budget = budget.model_copy(update={"delta": pin.delta, "accountant": pin.accountant})
     view = _privacy_status(budget, ledger, facts, noise, calibrated and noise is not None)
     return max((s.epsilon_spent for s in view.sites or ()), default=0.0), view
 

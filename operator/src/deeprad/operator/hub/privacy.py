@@ -8,16 +8,23 @@ place). Entries and records never change once written, so each is read once per 
 
 from __future__ import annotations
 
+from deeprad.core.audit import StudyRef
 from deeprad.core.errors import ConfigError
 from deeprad.core.identity import PublicIdentity
 from deeprad.core.layout import StudyLayout
 from deeprad.core.privacy_ledger import (
+    LedgerBudget,
     LedgerEntry,
     LedgerError,
+    Reservation,
     SiteFact,
+    pin_budget,
+    read_budget,
     read_entries,
+    read_reservations,
     runs,
     site_records,
+    write_reservation,
 )
 from deeprad.core.store import ObjectStore
 from deeprad.operator.api.federatedstudy import FederatedStudySpec
@@ -42,15 +49,38 @@ class LedgerReader:
         if source is not None and source not in sources:
             sources.append(source)
         found = []
+        pins = []
+        held: list[Reservation] = []
         try:
             for ns, name in sources:
                 entries = read_entries(self.store, ns, name, self.hub, self._entries)
                 found.extend(runs(entries, site_records(self.store, ns, name, self._facts)))
+                pin = read_budget(self.store, ns, name)
+                if pin is not None:
+                    pins.append(pin)
+                held.extend(read_reservations(self.store, ns, name))
         except LedgerError as exc:
             return LedgerFacts(problem=str(exc))
         distinct = {r.record_sha256: r for r in found}
         return LedgerFacts(runs=tuple(distinct.values()),
-                           inherited_from=tuple(f"{ns}/{name}" for ns, name in sources[1:]))
+                           inherited_from=tuple(f"{ns}/{name}" for ns, name in sources[1:]),
+                           pins=tuple(pins), reservations=tuple(held))
+
+    def reserve(self, reservations: list[Reservation]) -> None:
+        """Store the rounds' planned steps (decide.study.reservations_to_store)."""
+        for reservation in reservations:
+            write_reservation(self.store, reservation)
+
+    def pin(self, namespace: str, study: str, uid: str, spec: FederatedStudySpec) -> None:
+        """Pin the δ and accountant of the study name's ledger (before its first DP round is
+        created; a pin that exists stays)."""
+        budget = spec.privacy_budget
+        if budget is None:
+            return
+        pin_budget(self.store, LedgerBudget(
+            ledger=StudyRef(namespace=namespace, name=study), delta=budget.delta,
+            accountant=budget.accountant, pinned_by=StudyRef(namespace=namespace, name=study,
+                                                             uid=uid)))
 
     def _checkpoint_study(self, spec: FederatedStudySpec) -> tuple[str, str] | None:
         ref = spec.initial_checkpoint

@@ -21,6 +21,7 @@ from deeprad.operator.decide import sites as site_rules
 from deeprad.operator.decide import study as study_rules
 from deeprad.operator.decide.timeutil import now
 from deeprad.operator.hub.memo import HubMemo
+from deeprad.operator.hub.privacy import LedgerReader
 from deeprad.operator.hub.resources import (
     FEDERATED_ROUNDS,
     FEDERATED_STUDIES,
@@ -70,7 +71,8 @@ def study_rounds(namespace: str | None, spec: kopf.Spec, status: kopf.Status, me
         return {}
     owner = next((o.get("uid") for o in meta.get("ownerReferences") or ()
                   if o.get("kind") == "FederatedStudy" and o.get("name") == study), None)
-    view = round_view(parse(FederatedRoundSpec, spec), parse(FederatedRoundStatus, status))
+    view = round_view(parse(FederatedRoundSpec, spec), parse(FederatedRoundStatus, status),
+                      meta.get("uid"))
     return {(namespace, study): OwnedRound(owner, view)}
 
 
@@ -86,7 +88,8 @@ def reconcile(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.S
         facts = (memo.ledger.facts(namespace, name, parsed)
                  if memo.ledger is not None and parsed.privacy_budget is not None else None)
         new = reconcile_study(memo.kube, namespace, name, uid, meta.get("generation"),
-                              parsed, old, owned, list(site_facts.get(None, ())), body, facts)
+                              parsed, old, owned, list(site_facts.get(None, ())), body, facts,
+                              memo.ledger)
         write_status(memo.kube, "FederatedStudy", name, namespace, old, new)
         backfill_metrics(memo.kube, namespace, name, owned)
 
@@ -112,11 +115,13 @@ def forget(name: str, namespace: str | None, **_: Any) -> None:
 # ---- the pass ---------------------------------------------------------------------------------
 
 
-def round_view(spec: FederatedRoundSpec, status: FederatedRoundStatus) -> study_rules.RoundView:
+def round_view(spec: FederatedRoundSpec, status: FederatedRoundStatus, uid: str | None = None
+               ) -> study_rules.RoundView:
     """What decide.study needs from a round."""
     failed = cond.find(status.conditions, study_rules.FAILED)
     return study_rules.RoundView(
-        number=spec.round, state=status.state, output_checkpoint=status.output_checkpoint,
+        number=spec.round, state=status.state, uid=uid,
+        output_checkpoint=status.output_checkpoint,
         metrics=status.aggregate_metrics, input_metrics=status.input_metrics,
         epsilon=status.epsilon,
         failure=failed.message if failed and failed.status == "True" else None,
@@ -137,8 +142,8 @@ def candidates(spec: FederatedStudySpec, sites: list[SiteFacts]) -> list[study_r
 def reconcile_study(kube: Kube, namespace: str, name: str, uid: str, generation: int | None,
                     spec: FederatedStudySpec, status: FederatedStudyStatus,
                     rounds: list[study_rules.RoundView], sites: list[SiteFacts],
-                    body: kopf.Body, facts: study_rules.LedgerFacts | None = None
-                    ) -> FederatedStudyStatus:
+                    body: kopf.Body, facts: study_rules.LedgerFacts | None = None,
+                    ledger: LedgerReader | None = None) -> FederatedStudyStatus:
     """One pass over a study: decide, create the next round if due, return the status."""
     decided_at = now()
     decision = study_rules.decide_study(name, generation, spec, status, rounds,
@@ -146,11 +151,16 @@ def reconcile_study(kube: Kube, namespace: str, name: str, uid: str, generation:
                                         namespace=namespace, uid=uid, facts=facts)
     action, new = decision.action, decision.status
     if isinstance(action, study_rules.CreateRound):
+        if ledger is not None and spec.privacy_budget is not None:
+            ledger.pin(namespace, name, uid, spec)  # before the round: a crash leaves a pin
         taken = create_round(kube, namespace, name, uid, spec, action, body)
         if taken is not None:
             new.conditions = cond.merge(new.conditions, [cond.Desired.false(
                 study_rules.PROGRESSING, "RoundNameTaken", taken)], generation, decided_at)
-    elif isinstance(action, study_rules.Stop) and status.completion_time is None:
+    if ledger is not None and facts is not None and facts.problem is None:
+        ledger.reserve(study_rules.reservations_to_store(
+            name, namespace, uid, rounds, candidates(spec, sites), facts))
+    if isinstance(action, study_rules.Stop) and status.completion_time is None:
         kind = "Normal" if action.outcome == study_rules.SUCCEEDED else "Warning"
         kopf.event(body, type=kind, reason=action.reason, message=action.message)
     succeeded = [r for r in sorted(rounds, key=lambda r: r.number) if r.state == "Succeeded"]
