@@ -80,7 +80,7 @@ bench-cluster: install tools ## one cluster's start time and three clusters' mem
 bench-dp: install ## DP-SGD at ε=8 vs the non-private demo, final AUROC over 5 seeds (~15 min)
 	$(PYTHON) benchmarks/bench_dp_utility.py
 
-bench-ddp: install ## distributed DP vs central DP-SGD vs no DP at ε=8, AUROC over 5 seeds, upload bits (~10 min)
+bench-ddp: install ## distributed DP vs central DP-SGD vs no DP at ε=8, AUROC over 5 seeds, upload bits (10-15 min)
 	$(PYTHON) benchmarks/bench_distributed_dp.py
 
 bench-secagg: install ## secure-aggregation CPU time and upload size vs plain updates

@@ -17,7 +17,7 @@ the units differ (record vs site), so the distributed arm promises far more (a w
 hidden, against the hub too) and pays for it in noise: with a handful of sites, site-level DP
 needs noise of the order of the whole clipped update per coordinate.
 
-The rounds run in this one process (no worker pool: a full run fits in ~10 minutes on 2 cores):
+The rounds run in this one process (no worker pool: a full run takes 10-15 minutes on 2 cores):
 local training is the trainer's `train_site`; the hub adds the mean delta (FedAvg, server lr 1;
 sample-weighted for `none` and `central`, every site weighing 1 for `distributed`, decoded from
 the ring sum of the sites' `distributed_dp.encode` shares by `distributed_dp.decode_mean`, as the
@@ -116,10 +116,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sites", type=int, default=4)
-    parser.add_argument("--samples-per-site", type=int, default=96)
-    parser.add_argument("--local-epochs", type=int, default=4)
+    parser.add_argument("--samples-per-site", type=int, default=240)
+    parser.add_argument("--local-epochs", type=int, default=6)
     parser.add_argument("--clip", type=float, default=1.0,
                         help="distributed DP: L2 bound on each site's update")
     parser.add_argument("--smoke", action="store_true",

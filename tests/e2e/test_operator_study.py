@@ -438,8 +438,15 @@ def test_ledger_dp_study_spends_its_budget_and_no_edit_lowers_it(fed: Federation
                for r in items(fed, "federatedrounds", "-n", ns)}
     assert round_z == {privacy["noiseMultiplier"]}
     # The facts: one hub-signed entry per site record, each verified against the site's key.
-    keys = _ledger_keys(fed, ns, DP_STUDY)
-    assert len(keys) == 2 * rounds, keys
+    everything = _ledger_keys(fed, ns, DP_STUDY)
+    keys = [k for k in everything if k.split("/")[3] in HOSPITALS]
+    assert len(keys) == 2 * rounds, everything
+    # beside them: the pinned δ and accountant, and one settled plan per round
+    pin = fed.store_json(f"{ns}/{DP_STUDY}/privacy-ledger/budget.json")
+    assert (pin["delta"], pin["accountant"]) == (1e-5, "rdp")
+    plans = [fed.store_json(k) for k in everything if "/_reservations/" in k]
+    assert len(plans) == rounds and all(p["settled"] for p in plans), plans
+    assert len(everything) == len(keys) + 1 + rounds, everything
     entries = [fed.store_json(k) for k in keys]
     assert all(e["site_signature_verified"] for e in entries), entries[0]
     assert {e["max_grad_norm"] for e in entries} == {1.5}  # the example's clip, as signed

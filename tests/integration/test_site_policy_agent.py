@@ -33,10 +33,12 @@ from deeprad.devenv.cluster import Cluster
 from deeprad.devenv.kubeconfig import kubeconfig_dict, write_kubeconfig
 from deeprad.operator.api.names import site_namespace
 from deeprad.operator.api.sitetask import SiteTaskSpec
+from deeprad.operator.decide.timeutil import now
+from deeprad.operator.site import observe
 from deeprad.operator.site.agent import SiteAgent
 from deeprad.operator.site.config import AgentConfig, AllowedStore, TrainingPlacement
-from deeprad.operator.site.decide import RecordPrivacy
-from deeprad.operator.site.ledger import LEDGER_CONFIGMAP, ledger_key, read_ledger
+from deeprad.operator.site.decide import RecordPrivacy, decide_task
+from deeprad.operator.site.ledger import LEDGER_CONFIGMAP, Ledger, ledger_key, read_ledger
 from deeprad.operator.site.training import training_task
 
 pytestmark = pytest.mark.integration
@@ -250,3 +252,74 @@ def test_redteam_ledger_a_crashed_run_counts_and_the_dataset_ceiling_refuses_the
                          "-n", "no-such-namespace"]) == 2
     assert "ConfigMap no-such-namespace/deeprad-privacy-ledger does not exist" in \
         capsys.readouterr().err
+
+
+PASS_TRAINING = "ledger-pass-training"  # a ledger of its own, with room for one run
+
+
+@pytest.fixture(scope="module")
+def pass_agent(hub_cluster: Cluster, agent: SiteAgent,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteAgent]:
+    """An agent (the chart's Role, its own training namespace) whose dataset has room for one
+    run of the tasks below, not two."""
+    cluster, work = hub_cluster, tmp_path_factory.mktemp("site-pass")
+    cluster.kubectl("create", "namespace", PASS_TRAINING, check=False)
+    rbac = [o for o in _chart_rbac(work, PASS_TRAINING) if o["kind"] != "ServiceAccount"]
+    cluster.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(o) for o in rbac))
+    probe = _dataset_config(1.0)
+    one = planned_steps(training_task(SiteTaskSpec.model_validate(
+        _task("probe", "research", "gamma")["spec"]), probe), 1000)
+    ceiling = (epsilon_of([one], 1e-5) + epsilon_of([one, one], 1e-5)) / 2
+    config = _dataset_config(ceiling)
+    config = config.model_copy(update={"training": config.training.model_copy(
+        update={"namespace": PASS_TRAINING})})
+    yield SiteAgent(config, hub=agent._hub_api, local=agent._local_api)
+    cluster.kubectl("delete", "namespace", PASS_TRAINING, "--wait=false", check=False)
+
+
+def test_redteam_ledger_concurrent_reservations_cannot_pass_the_dataset_ceiling(
+        pass_agent: SiteAgent, hub_cluster: Cluster) -> None:
+    """Two studies' tasks in one pass, each within the ceiling alone: the second is checked
+    with the first's reservation and refused (PrivacyCeiling), one Job, one reservation. Then
+    a task decided on a stale ledger (as an agent of another hub sharing the dataset would
+    have read it before the first reservation) is applied: its reservation is re-checked on
+    the ConfigMap it would replace, refused, and its Job — next in the same action list — is
+    never created. The DP Job that runs is never retried (backoffLimit 0, no Ignore rule)."""
+    agent, cluster = pass_agent, hub_cluster
+    names = ["delta-r3-polsite", "gamma-r3-polsite"]
+    tasks = [_task(names[0], "research", "delta"), _task(names[1], "research", "gamma")]
+    cluster.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(t) for t in tasks))
+    agent.sync()
+    status = {n: _status(cluster, n) for n in names}
+    jobs = {n: _get(cluster, "job", n, "-n", PASS_TRAINING) for n in names}
+    started = [n for n in names if jobs[n] is not None]
+    assert len(started) == 1, (status, started)
+    (other,) = [n for n in names if n not in started]
+    got = status[other]
+    assert (got.get("state"), got.get("reason")) == ("Failed", "PrivacyCeiling"), got
+    assert "(1 recorded run(s) of every study and hub)" in got["message"]
+    ledger = read_ledger(_get(cluster, "configmap", LEDGER_CONFIGMAP, "-n", PASS_TRAINING),
+                         "ledger")
+    assert [e.reserved for e in ledger.entries()] == [True]  # the started task's only
+    job = jobs[started[0]]
+    assert job is not None and job["spec"]["backoffLimit"] == 0
+    assert [r["action"] for r in job["spec"]["podFailurePolicy"]["rules"]] == ["FailJob"]
+    refused("two tasks of one pass reserving past the dataset ceiling (real agent, real API "
+            "server)", "site agent: one Job, one reservation", got["message"])
+
+    # A stale read: decided on the ledger before any reservation, applied now.
+    late = _task("eta-r3-polsite", "research", "eta")
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(late))
+    (view,) = [t for t in observe.tasks(agent.hub, site_namespace(SITE))
+               if t.name == "eta-r3-polsite"]
+    actions = decide_task(agent.config, view, None, now(), Ledger())
+    assert [type(a).__name__ for a in actions] == ["RecordPrivacy", "CreateJob", "ReportTask"]
+    agent.apply(actions)
+    got = _status(cluster, "eta-r3-polsite")
+    assert (got.get("state"), got.get("reason")) == ("Failed", "PrivacyCeiling"), got
+    assert _get(cluster, "job", "eta-r3-polsite", "-n", PASS_TRAINING) is None
+    after = read_ledger(_get(cluster, "configmap", LEDGER_CONFIGMAP, "-n", PASS_TRAINING),
+                        "ledger")
+    assert after.entries() == ledger.entries()  # nothing written
+    refused("a reservation decided on a stale ledger (another agent reserved first; real "
+            "agent, real API server)", "site agent: no reservation, no Job", got["message"])

@@ -32,7 +32,7 @@ from deeprad.core.layout import StudyLayout
 from deeprad.core.model_catalogue import model_digest
 from deeprad.core.models import build_model, model_weights
 from deeprad.core.privacy import DPConfig, DPSteps, epsilon_of, round_steps
-from deeprad.core.protocol import DatasetSpec, ModelSpec, TrainConfig, TrainingTask
+from deeprad.core.protocol import DatasetSpec, ModelSpec, SecAggSpec, TrainConfig, TrainingTask
 from deeprad.core.site_policy import (
     DATASET_LEDGER_ENV,
     LEDGER_ENV,
@@ -58,6 +58,11 @@ HUB = Identity.generate("hub", "hub").public()
 APPROVED = model_digest("tumor-cnn", {})  # the one network this hospital reviewed
 SMUGGLED = {"_target_": "subprocess.run", "args": ["sh", "-c", "cat /keys/signing.key"]}
 DP = {"noiseMultiplier": 1.1, "maxGradNorm": 1.0}
+# A 3-site round's secure aggregation (the SiteTask's view); threshold 3 is floor(2n/3)+1.
+SECAGG: dict[str, Any] = {
+    "roster": [{"name": n, "signingKey": HUB.signing_key, "keyAgreementKey": HUB.key_agreement_key}
+               for n in ("a", "b", "c")],
+    "threshold": 3, "clip": 1.0, "weightNormalizer": 100, "timeoutSeconds": 60}
 
 
 # ---- the attacks ------------------------------------------------------------------------------
@@ -89,6 +94,10 @@ ATTACKS: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
      "maxEpsilonPerStudy"),
     ("no-secagg", "a task without secure aggregation at a site that requires it",
      {"require_secure_aggregation": True}, {}, "requireSecureAggregation"),
+    ("threshold", "a secure-aggregation threshold (2 of 3) the hub's side chose, below the "
+     "site's malicious threat model", {"secure_aggregation_threat_model": "malicious"},
+     {"privacy": {"secureAggregation": True, "differentialPrivacy": DP},
+      "secureAggregation": SECAGG | {"threshold": 2}}, "secureAggregationThreatModel"),
 ]
 IDS = [a[0] for a in ATTACKS]
 
@@ -150,6 +159,9 @@ def _honest(change: dict[str, Any], policy: dict[str, Any]) -> dict[str, Any]:
         ns, _, study = policy["studies"][0].partition("/")
         return {"namespace": ns, "study": "brain" if study == "*" else study,
                 "roundRef": {"namespace": ns, "name": "brain-r2", "uid": "u-2"}}
+    if "secure_aggregation_threat_model" in policy:
+        return {"privacy": {"secureAggregation": True, "differentialPrivacy": DP},
+                "secureAggregation": SECAGG}
     if policy.get("require_secure_aggregation"):
         return {"privacy": {"secureAggregation": True, "differentialPrivacy": DP},
                 "secureAggregation": {
@@ -158,6 +170,32 @@ def _honest(change: dict[str, Any], policy: dict[str, Any]) -> dict[str, Any]:
                     "threshold": 2, "clip": 1.0, "weightNormalizer": 100,
                     "timeoutSeconds": 60}}
     return {}
+
+
+def test_redteam_site_agent_holds_its_own_secure_aggregation_threat_model() -> None:
+    """The round's threshold is chosen by the study author and sent by the hub, the party a
+    malicious threat model guards against: a site that requires it refuses a semi-honest
+    threshold, saying what was asked, what it allows and the fix; by default (semi-honest)
+    the same task runs."""
+    change = {"privacy": {"secureAggregation": True, "differentialPrivacy": DP},
+              "secureAggregation": SECAGG | {"threshold": 2}}
+    actions = decide_task(_config({"secure_aggregation_threat_model": "malicious"}),
+                          _task(**change), None, T0, Ledger())
+    assert [type(a) for a in actions] == [ReportTask], actions  # no reservation, no Job
+    (only,) = actions
+    assert isinstance(only, ReportTask)
+    text = only.status.message or ""
+    assert (only.status.state, only.status.reason) == (TaskState.FAILED, "PolicyViolation")
+    assert text == (
+        "PolicyViolation: policy.secureAggregationThreatModel: study research/brain round 2 "
+        "uses secure aggregation with threshold t=2 of n=3 sites, this site's threat model "
+        "malicious needs t >= 3 of 3; set privacy.secureAggregationThreatModel: malicious in "
+        "the study (study author) or lower policy.secureAggregationThreatModel (hospital "
+        "admin)")
+    default = decide_task(_config({}), _task(**change), None, T0, Ledger())
+    assert [type(a).__name__ for a in default] == ["RecordPrivacy", "CreateJob", "ReportTask"]
+    refused("a semi-honest secure-aggregation threshold at a site requiring malicious",
+            "site agent (SiteTask PolicyViolation)", text)
 
 
 def test_redteam_site_agent_refuses_a_study_whose_epsilon_is_spent_here() -> None:
@@ -241,6 +279,10 @@ TRAINER_ATTACKS: list[tuple[str, str, SitePolicy, dict[str, Any], str]] = [
      "requireDifferentialPrivacy"),
     ("no-secagg", "a task without secure aggregation at a site that requires it",
      SitePolicy(require_secure_aggregation=True), {}, "requireSecureAggregation"),
+    ("threshold", "a secure-aggregation threshold below the site's threat model (before the "
+     "trainer advertises keys)", SitePolicy(secure_aggregation_threat_model="malicious"),
+     {"secagg": SecAggSpec(roster=["a", "b", "st-marys"], threshold=2, weight_normalizer=100)},
+     "secureAggregationThreatModel"),
 ]
 
 

@@ -23,6 +23,7 @@ from deeprad.core.site_policy import (
     DATASET_LEDGER_ENV,
     LEDGER_ENV,
     RESERVATION_ENV,
+    WORST_CASE_BATCHES,
     LedgerEntry,
     PrivacyCeiling,
     SitePolicy,
@@ -41,9 +42,16 @@ from deeprad.operator.site.decide import (
     RecordPrivacy,
     ReportTask,
     TaskView,
+    check_reservation,
     decide_task,
 )
-from deeprad.operator.site.ledger import Ledger, ledger_key, read_ledger, with_entry
+from deeprad.operator.site.ledger import (
+    RECENT_REPORTS,
+    Ledger,
+    ledger_key,
+    read_ledger,
+    with_entry,
+)
 
 T0 = datetime(2030, 7, 8, 9, 0, tzinfo=UTC)
 HUB = Identity.generate("hub", "hub").public()
@@ -119,19 +127,30 @@ def test_ledger_planned_steps_bound_every_split_of_the_declared_records(val: flo
                 for positives in range(records + 1)}  # every label balance
         batches = {-(-n // 16) for n in kept}
         for b in batches:
-            real = epsilon_of([round_steps(16 * b, batch_size=16, local_epochs=2,
-                                           noise_multiplier=1.1)], DELTA)
-            assert real <= planned * (1 + 1e-9) <= worst * (1 + 1e-9), (records, b)
+            run = round_steps(16 * b, batch_size=16, local_epochs=2, noise_multiplier=1.1)
+            assert epsilon_of([run], DELTA) <= planned * (1 + 1e-9) <= worst * (1 + 1e-9), \
+                (records, b)
+            # ... and on the RDP curve at every order: the trainer accepts each such run.
+            SitePolicy().check_reserved(task, planned_steps(task, records), run, 16 * b)
 
 
-def test_ledger_a_run_of_unknown_size_is_planned_at_its_riskiest_batch_count() -> None:
-    """Not one full batch (no amplification by sampling): two batches of two epochs cost more
-    ε at noise 1.1, and more batches cost less."""
-    worst = planned_steps(_training(), None)
-    assert worst == DPSteps(noise_multiplier=1.1, sample_rate=0.5, steps=4)
-    for batches in (1, 3, 5, 16, 64):
-        run = DPSteps(noise_multiplier=1.1, sample_rate=1 / batches, steps=2 * batches)
-        assert epsilon_of([run], DELTA) < epsilon_of([worst], DELTA), batches
+def test_ledger_a_run_of_unknown_size_is_planned_above_every_batch_count() -> None:
+    """Without a record count the plan bounds the run at every batch count up to
+    WORST_CASE_BATCHES, order by order: the trainer accepts each of them. The run of highest
+    ε alone (two batches) is no such bound: a one-batch run has a smaller ε but a larger
+    Rényi divergence at some order, so the trainer would refuse it."""
+    task = _training()
+    plan = planned_steps(task, None)
+    policy = SitePolicy()
+    for batches in range(1, WORST_CASE_BATCHES + 1):
+        policy.check_reserved(task, plan, round_steps(16 * batches, batch_size=16,
+                                                      local_epochs=2, noise_multiplier=1.1),
+                              16 * batches)
+    riskiest = DPSteps(noise_multiplier=1.1, sample_rate=0.5, steps=4)
+    one_batch = DPSteps(noise_multiplier=1.1, sample_rate=1.0, steps=2)
+    assert epsilon_of([one_batch], DELTA) < epsilon_of([riskiest], DELTA)
+    with pytest.raises(PrivacyCeiling, match="Rényi divergence"):
+        policy.check_reserved(task, riskiest, one_batch, 16)
 
 
 def test_ledger_compacted_runs_compose_to_the_same_epsilon() -> None:
@@ -183,7 +202,8 @@ def test_ledger_a_dp_run_is_reserved_before_its_job_is_created() -> None:
     assert isinstance(record, RecordPrivacy) and isinstance(create, CreateJob)
     training = _training()
     assert record == RecordPrivacy("research_brain", LedgerEntry(
-        task=UID, round=2, dataset="a", reserved=True, steps=planned_steps(training, 1000)))
+        task=UID, round=2, dataset="a", reserved=True, steps=planned_steps(training, 1000)),
+        _task())  # the task, so the write checks the reservation again
     env = _env(create)
     assert parse_entry(env[RESERVATION_ENV], "env") == record.entry
     assert parse_ledger(env[LEDGER_ENV], "env") == [] and env[DATASET_LEDGER_ENV] == "[]"
@@ -317,12 +337,13 @@ def test_redteam_ledger_the_dataset_ceiling_needs_dp_and_plans_the_worst_case() 
     assert (plain.status.message or "").startswith(
         "PolicyViolation: policy.maxEpsilonPerDataset: study research/brain round 2 trains "
         "without differential privacy, this site caps ε per dataset at 4")
-    # Without a record count a run is planned at its riskiest size (ε about 6 for two epochs
-    # at noise 1.1), above 4: even the first run is refused, saying how to plan it exactly.
+    # Without a record count a run is planned above every batch count up to 16 (ε about 13
+    # for two epochs at noise 1.1), above 4: even the first run is refused, saying how to plan
+    # it exactly.
     (only,) = decide_task(cfg, _task(), None, T0, Ledger())
     assert isinstance(only, ReportTask) and only.status.reason == "PrivacyCeiling"
     text = only.status.message or ""
-    assert "no record count known, planned at the riskiest batch count" in text
+    assert "no record count known, planned above every batch count up to 16" in text
     assert text.endswith("or set training.datasetRecords so the plan uses the real record "
                          "count")
     refused("a run the site cannot size, at a site with a dataset ceiling",
@@ -350,3 +371,168 @@ def test_redteam_ledger_a_run_may_not_spend_more_than_its_reservation() -> None:
     with pytest.raises(PrivacyCeiling, match="without a reservation"):
         SitePolicy(max_epsilon_per_dataset=100).check_run(task, 799, spent=[],
                                                           dataset_spent=[], reservation=None)
+
+
+# ---- concurrent reservations: the check and the write are one step --------------------------
+
+
+def test_redteam_ledger_two_tasks_cannot_together_pass_the_dataset_ceiling() -> None:
+    """Two studies' tasks, each alone under the hospital's ceiling, together above it. Decided
+    in one pass, the second sees the first's reservation (`Ledger.recorded`, what the agent
+    decides the next task on) and is refused; decided on a stale read (another hub's agent
+    reserved in between), its reservation is refused on the fresh ledger the write is based
+    on (`check_reservation`), so the agent writes nothing and creates no Job."""
+    one = planned_steps(_training(), 1000)
+    ceiling = (epsilon_of([one], DELTA) + epsilon_of([one, one], DELTA)) / 2
+    cfg = _config(max_epsilon_per_dataset=ceiling)
+    first = decide_task(cfg, _task(study="lung", uid="uid-lung"), None, T0, Ledger())
+    assert [type(a) for a in first] == [RecordPrivacy, CreateJob, ReportTask]
+    record = first[0]
+    assert isinstance(record, RecordPrivacy)
+    assert check_reservation(cfg, record, Ledger(), T0) is None  # it fits: written
+    after_first = Ledger().recorded(record.key, record.entry)
+    assert after_first.dataset("a") == [one]
+    # The same pass: the second task is decided on the ledger the first one wrote.
+    (same_pass,) = decide_task(cfg, _task(), None, T0, after_first)
+    assert isinstance(same_pass, ReportTask)
+    assert (same_pass.status.state, same_pass.status.reason) == (TaskState.FAILED,
+                                                                 "PrivacyCeiling")
+    assert "(1 recorded run(s) of every study and hub)" in (same_pass.status.message or "")
+    # A stale read: decided as if the first did not exist, refused when it is written.
+    stale = decide_task(cfg, _task(), None, T0, Ledger())
+    assert [type(a) for a in stale] == [RecordPrivacy, CreateJob, ReportTask]
+    late = stale[0]
+    assert isinstance(late, RecordPrivacy) and late.task is not None
+    refusal = check_reservation(cfg, late, after_first, T0)
+    assert refusal is not None and refusal.name == "brain-r2-a"
+    text = refusal.status.message or ""
+    assert (refusal.status.state, refusal.status.reason) == (TaskState.FAILED,
+                                                             "PrivacyCeiling")
+    assert text == same_pass.status.message and "\n" not in text
+    assert text.startswith("PrivacyCeiling: policy.maxEpsilonPerDataset: study research/brain "
+                           "round 2 would take dataset a from ε=")
+    refused("two tasks reserving concurrently past the dataset ceiling",
+            "site agent (fresh ledger at the write: no reservation, no Job)", text)
+    # The per-study ceiling, reached by a run of the same study recorded in between.
+    study_cap = _config(max_epsilon_per_study=epsilon_of([one], DELTA))
+    (own,) = [a for a in decide_task(study_cap, _task(), None, T0, Ledger())
+              if isinstance(a, RecordPrivacy)]
+    other = Ledger().recorded("research_brain", LedgerEntry(task="t-9", round=1, steps=one))
+    refusal = check_reservation(study_cap, own, other, T0)
+    assert refusal is not None and refusal.status.reason == "PolicyViolation"
+    assert (refusal.status.message or "").startswith("PolicyViolation: policy."
+                                                     "maxEpsilonPerStudy: ")
+    # A report is a fact, not a plan: it is never refused.
+    report = RecordPrivacy(record.key, record.entry.model_copy(update={"reserved": False}))
+    assert check_reservation(cfg, report, after_first, T0) is None
+
+
+# ---- a DP run is never retried inside its Job -----------------------------------------------
+
+
+def test_ledger_a_dp_trainer_job_is_never_retried() -> None:
+    """One reservation is one run's ε: a DP task's Job has backoffLimit 0 and no rule that
+    ignores an evicted pod (either would train again under the same reservation); a task
+    without DP keeps one retry and survives a node drain."""
+    (_, dp_create, _) = decide_task(_config(), _task(), None, T0, Ledger())
+    (plain_create, _) = decide_task(_config(), _task(privacy={"secureAggregation": False}),
+                                    None, T0, Ledger())
+    assert isinstance(dp_create, CreateJob) and isinstance(plain_create, CreateJob)
+    dp, plain = dp_create.manifest["spec"], plain_create.manifest["spec"]
+    assert dp["backoffLimit"] == 0
+    assert [r["action"] for r in dp["podFailurePolicy"]["rules"]] == ["FailJob"]
+    assert plain["backoffLimit"] == 1
+    assert [r["action"] for r in plain["podFailurePolicy"]["rules"]] == ["FailJob", "Ignore"]
+
+
+# ---- the reservation bounds the run at every order ------------------------------------------
+
+
+def test_redteam_ledger_a_run_below_its_reservation_alone_but_above_it_composed_is_refused(
+) -> None:
+    """One full batch (no sampling) has a smaller ε alone than the two-batch run reserved for
+    it, yet a larger one once composed with the dataset's other runs: its RDP curve crosses
+    the reservation's. Were it accepted and then crashed, the reservation left in the ledger
+    would count less than was spent. The trainer compares the curves order by order."""
+    task = _training(records_epochs=1)
+    reserved = DPSteps(noise_multiplier=1.1, sample_rate=0.5, steps=2)
+    run = DPSteps(noise_multiplier=1.1, sample_rate=1.0, steps=1)
+    history = DPSteps(noise_multiplier=1.0, sample_rate=0.01, steps=20000)
+    assert epsilon_of([run], DELTA) < epsilon_of([reserved], DELTA)
+    assert epsilon_of([history, run], DELTA) > epsilon_of([history, reserved], DELTA)
+    with pytest.raises(PrivacyCeiling) as exc:
+        SitePolicy().check_reserved(task, reserved, run, 16)
+    text = str(exc.value)
+    assert text.startswith("PrivacyCeiling: policy.maxEpsilonPerDataset: study research/brain "
+                           "round 2 would spend ε=")
+    assert "Rényi divergence" in text and "at any order of the RDP accountant" in text
+    refused("a run whose ε alone fits its reservation but not once composed",
+            "hospital trainer (before training)", text)
+    SitePolicy().check_reserved(task, reserved, reserved, 32)  # the reserved run itself fits
+
+
+# ---- compaction: a bounded ConfigMap with the same ε -----------------------------------------
+
+
+def test_ledger_ten_thousand_runs_stay_small_and_compose_to_the_same_epsilon() -> None:
+    """10 studies × 1000 rounds, on two datasets and two DP-SGD settings, each reserved and
+    then reported as the agent writes them: the ConfigMap stays far below its 1 MiB limit and
+    every dataset's (and study's) ε is that of all 10k runs."""
+    cm = None
+    runs: dict[str, list[DPSteps]] = {"a": [], "ct": []}
+    by_study: dict[str, list[DPSteps]] = {}
+    settings = [DPSteps(noise_multiplier=1.1, sample_rate=0.02, steps=102),
+                DPSteps(noise_multiplier=2.0, sample_rate=0.05, steps=40)]
+    for round_no in range(1, 1001):
+        for s in range(10):
+            key, dataset = f"research_s{s}", ("a", "ct")[s % 2]
+            steps = settings[(round_no + s) % 2]
+            uid = f"uid-{s}-{round_no}"
+            reservation = LedgerEntry(task=uid, round=round_no, dataset=dataset,
+                                      reserved=True, steps=steps)
+            cm = with_entry(cm, "deeprad-training", key, reservation)
+            cm = with_entry(cm, "deeprad-training", key,
+                            reservation.model_copy(update={"reserved": False}))
+            runs[dataset].append(steps)
+            by_study.setdefault(key, []).append(steps)
+    assert cm is not None
+    size = sum(len(k) + len(v) for k, v in cm["data"].items())
+    assert size < 100 * 1024, size
+    ledger = read_ledger(cm, "cm")
+    assert sum(e.runs for e in ledger.entries()) == 10_000
+    for dataset, spent in runs.items():
+        assert epsilon_of(ledger.dataset(dataset), DELTA) == pytest.approx(
+            epsilon_of(spent, DELTA), rel=1e-9)
+    for key, spent in by_study.items():
+        namespace, _, study = key.partition("_")
+        assert epsilon_of(ledger.steps(namespace, study), DELTA) == pytest.approx(
+            epsilon_of(spent, DELTA), rel=1e-9)
+    # The newest reports keep their task uids: a restarted agent finds them.
+    assert ledger.has("research", "s3", "uid-3-1000")
+    assert ledger.has("research", "s3", f"uid-3-{1001 - RECENT_REPORTS}")
+    assert not ledger.has("research", "s3", "uid-3-1")
+
+
+def test_ledger_compaction_never_drops_what_a_restarted_agent_looks_up() -> None:
+    """A reservation outlives any number of later reports (its report must replace it, or it
+    stays spent), and a report just written is the newest entry of its key, so the agent
+    restarted before reporting its task Succeeded finds it and writes nothing twice."""
+    run = round_steps(812, batch_size=16, local_epochs=2, noise_multiplier=1.1)
+    long_running = LedgerEntry(task=UID, round=2, dataset="a", reserved=True,
+                               steps=planned_steps(_training(), 1000))
+    cm = with_entry(None, "t", "research_brain", long_running)
+    for i in range(3 * RECENT_REPORTS):  # the same study's later runs (another hub's, say)
+        cm = with_entry(cm, "t", "research_brain",
+                        LedgerEntry(task=f"other-{i}", round=3 + i, dataset="a", steps=run))
+    ledger = read_ledger(cm, "cm")
+    assert ledger.entry("research", "brain", UID) == long_running
+    assert len(ledger.runs("research", "brain")) == RECENT_REPORTS + 2  # + one merged entry
+    job = JobView("brain-r2-a", UID, succeeded=1, outcome="Complete", log=_result_log(run))
+    record, _ = decide_task(_config(), _task({"state": "Running"}), job, T0, ledger)
+    assert isinstance(record, RecordPrivacy)
+    after = read_ledger(with_entry(cm, "t", record.key, record.entry), "cm")
+    assert ledger.recorded(record.key, record.entry) == after
+    # Restarted before the task was reported: the report is found, nothing is written again.
+    (only,) = decide_task(_config(), _task({"state": "Running"}), job, T0, after)
+    assert isinstance(only, ReportTask) and only.status.state == TaskState.SUCCEEDED
+    assert sum(e.runs for e in after.runs("research", "brain")) == 3 * RECENT_REPORTS + 1

@@ -105,6 +105,7 @@ digest pins it. Each part matches deeprad.operator.api.images (values.schema.jso
 {{- with $p.maxEpsilonPerStudy }}{{ $_ := set $policy "maxEpsilonPerStudy" . }}{{ end -}}
 {{- with $p.maxEpsilonPerDataset }}{{ $_ := set $policy "maxEpsilonPerDataset" . }}{{ end -}}
 {{- with $p.delta }}{{ $_ := set $policy "delta" . }}{{ end -}}
+{{- with $p.secureAggregationThreatModel }}{{ $_ := set $policy "secureAggregationThreatModel" . }}{{ end -}}
 {{- $_ := set $config "policy" $policy -}}
 {{- toYaml $config -}}
 {{- end -}}

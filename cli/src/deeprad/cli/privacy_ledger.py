@@ -211,9 +211,10 @@ def summarise(ledger: Ledger, delta: float, where: str) -> dict[str, Any]:
 def _counts(runs: Sequence[LedgerEntry], delta: float) -> dict[str, Any]:
     from deeprad.core.privacy import epsilon_of
 
-    reserved = sum(1 for e in runs if e.reserved)
-    return {"epsilon": epsilon_of([e.steps for e in runs], delta), "runs": len(runs),
-            "reserved": reserved, "reported": len(runs) - reserved}
+    total = sum(e.runs for e in runs)  # a compacted entry stands for several reported runs
+    reserved = sum(e.runs for e in runs if e.reserved)
+    return {"epsilon": epsilon_of([e.steps for e in runs], delta), "runs": total,
+            "reserved": reserved, "reported": total - reserved}
 
 
 def format_report(report: dict[str, Any]) -> list[str]:

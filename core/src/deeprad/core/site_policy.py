@@ -15,8 +15,11 @@ ceiling, which a study can reach without breaking any rule of its own).
 The ε ceilings are enforced from the site's own ledger (`LedgerEntry`, kept by the agent): a
 per-study one (`maxEpsilonPerStudy`) and a per-dataset one (`maxEpsilonPerDataset`) that composes
 every run on the dataset, whatever its study or hub. Before a Job starts the agent records a
-*reservation*, the run's planned upper bound (`planned_steps`); the trainer refuses to take more
-steps than were reserved, so a run that crashes half-way is never counted below what it spent.
+*reservation*, the run's planned upper bound (`planned_steps`); the trainer refuses a run the
+reservation does not bound at every order of the RDP accountant (`check_reserved`), so a run
+that crashes half-way is never counted below what it spent, alone or composed with later runs.
+The round's secure-aggregation threshold is checked against the site's own threat model
+(`secureAggregationThreatModel`), since the party it guards against is the one that sets it.
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ DATASET_PATTERN = r"^[a-z0-9]([-a-z0-9._]{0,251}[a-z0-9])?$"
 # "<namespace>/<study>", each side a DNS name in which `*` stands for any run of characters.
 STUDY_PATTERN = re.compile(r"^[a-z0-9*][-a-z0-9.*]*/[a-z0-9*][-a-z0-9.*]*$")
 _SHOWN = 6  # allowed entries quoted in a refusal
-# Batches per epoch scanned for a run of unknown size: ε peaks below this for noise multipliers
-# from 0.5 up (at 2-4 batches); the trainer's check covers the rest.
+# Batches per epoch a run of unknown size is planned to bound: ε peaks below this for noise
+# multipliers from 0.5 up (at 2-4 batches); a larger run the plan does not bound is refused by
+# the trainer's check (set training.datasetRecords).
 WORST_CASE_BATCHES = 16
 
 
@@ -279,7 +283,8 @@ class SitePolicy(BaseModel):
             return
         where = f"study {task.namespace}/{task.study} round {task.round}"
         basis = (f"{records} training records" if records is not None else
-                 "no record count known, planned at the riskiest batch count")
+                 "no record count known, planned above every batch count up to "
+                 f"{WORST_CASE_BATCHES}")
         tail = ("" if records is not None else ", or set training.datasetRecords so the "
                 "plan uses the real record count")
         raise _violation(
@@ -312,10 +317,11 @@ class SitePolicy(BaseModel):
         raise _violation(
             "maxEpsilonPerDataset", f"study {task.namespace}/{task.study} round {task.round} "
             f"would spend ε={planned_eps:.4g} on {records} training records (δ="
-            f"{self.delta:g}; Rényi divergence {planned_rdp:.4g} at order {order:g}), more "
-            f"than the ε={reserved_eps:.4g} (Rényi divergence {reserved_rdp:.4g}) the site "
-            "agent reserved for it in the site's privacy ledger", "a run may not spend more "
-            "than its reservation at any order of the accountant",
+            f"{self.delta:g}), with a Rényi divergence of {planned_rdp:.4g} at order "
+            f"{order:g}: more than the ε={reserved_eps:.4g} the site agent reserved for it in "
+            f"the site's privacy ledger allows there ({reserved_rdp:.4g})", "a run may not "
+            "exceed its reservation at any order of the RDP accountant (else, composed with "
+            "later runs, it could spend more than the ledger counts)",
             "set training.datasetRecords to at most the dataset's real record count, or unset "
             "it (hospital admin)", kind=PrivacyCeiling)
 
@@ -350,14 +356,17 @@ def planned_steps(task: TrainingTask, records: int | None, delta: float = DEFAUL
     """An upper bound of the DP-SGD steps the task's run takes, to reserve before it starts.
 
     A run of E epochs over n training records takes b = ceil(n / batch) batches per epoch, E·b
-    steps at sample rate 1/b. ε is not monotone in b: one full batch gets no amplification by
-    sampling, many small batches get a lot, and ε peaks in between, at a few batches. So the
-    plan is the b of highest ε (at `delta`) among those the run can have: with `records` (the
-    dataset's record count before the round's validation split, which is stratified per label
-    and so keeps within one record of the fraction) the one or two b of the training records
-    that split can leave; without, b from 1 to WORST_CASE_BATCHES, where ε peaks for every
-    noise multiplier and epoch count in use. The trainer checks its real run against this plan
-    with the accountant (`check_reserved`), so the ledger stays an upper bound even where a
+    steps at sample rate 1/b. The plan must bound every b the run can have: with `records`
+    (the dataset's record count before the round's validation split, which is stratified per
+    label and so keeps within one record of the fraction) the one or two b of the training
+    records that split can leave, without b from 1 to WORST_CASE_BATCHES. It bounds them on
+    the RDP curve, order by order (see `check_reserved`): the runs of two batch counts cross
+    (fewer batches cost more at low orders, more batches at high ones), so the run of highest
+    ε is no bound for the others. The plan is the one run, at a sample rate 1/b of the range
+    and the fewest steps there, whose curve lies above every candidate's, of least ε at
+    `delta`; one always exists (the range's smallest b with E·(largest b) steps, since the
+    Rényi divergence grows with the sample rate and the steps). The trainer checks its real
+    run against this plan (`check_reserved`), so the ledger stays an upper bound even where a
     plan falls short: that run is refused, not under-counted.
     """
     if task.privacy is None:
@@ -370,18 +379,57 @@ def planned_steps(task: TrainingTask, records: int | None, delta: float = DEFAUL
         fewest = max(1, math.ceil(kept - 1e-9) - 1)
         most = max(fewest, min(records, math.floor(kept + 1e-9) + 1))
         low, high = math.ceil(fewest / batch), math.ceil(most / batch)
-    batches = _riskiest_batches(task.privacy.noise_multiplier, task.train.local_epochs, low,
-                                high, delta)
+    batches, steps = _bounding_plan(task.privacy.noise_multiplier, task.train.local_epochs,
+                                    low, high, delta)
     return DPSteps(noise_multiplier=task.privacy.noise_multiplier, sample_rate=1.0 / batches,
-                   steps=task.train.local_epochs * batches)
+                   steps=steps)
 
 
 @functools.lru_cache(maxsize=256)
-def _riskiest_batches(noise: float, epochs: int, low: int, high: int, delta: float) -> int:
-    """The batches per epoch in [low, high] whose run has the highest ε (cached: the tasks of
-    a study share their settings, and each ε costs the accountant tens of milliseconds)."""
-    return max(range(low, high + 1), key=lambda b: epsilon_of(
-        [DPSteps(noise_multiplier=noise, sample_rate=1.0 / b, steps=epochs * b)], delta))
+def _bounding_plan(noise: float, epochs: int, low: int, high: int, delta: float
+                   ) -> tuple[int, int]:
+    """(batches, steps): the run at sample rate 1/batches, batches in [low, high], whose RDP
+    curve bounds those of `epochs` epochs at every b in [low, high], with the least ε
+    (cached: the tasks of a study share their settings, and each curve costs the accountant
+    tens of milliseconds)."""
+    corner = (low, epochs * high)  # bounds every candidate (monotone in rate and steps)
+    if noise <= 0:
+        return corner  # no noise: every curve is infinite
+    candidates = range(low, high + 1)
+    needed = [[epochs * b * value for value in _step_curve(noise, 1.0 / b)] for b in candidates]
+    plans = []
+    for b in candidates:
+        per_step = _step_curve(noise, 1.0 / b)
+        ratio: float | None = 0.0
+        for curve in needed:
+            for need, value in zip(curve, per_step, strict=True):
+                if need <= 0 or value == math.inf:
+                    continue  # nothing to bound, or bounded by an infinite divergence
+                if need == math.inf or value <= 0:
+                    ratio = None  # this sample rate cannot bound that order
+                    break
+                ratio = max(ratio or 0.0, need / value)
+            if ratio is None:
+                break
+        if ratio is None:
+            continue
+        steps = max(epochs * b, math.ceil(ratio * (1 - 1e-12)))
+        # The accountant composes a run as steps × one step's divergence: check the rounding.
+        if all(steps * value >= need * (1 - 1e-9) for curve in needed
+               for need, value in zip(curve, per_step, strict=True)):
+            plan = DPSteps(noise_multiplier=noise, sample_rate=1.0 / b, steps=steps)
+            plans.append((epsilon_of([plan], delta), b, steps))
+    if not plans:
+        return corner
+    _, batches, steps = min(plans)
+    return batches, steps
+
+
+@functools.lru_cache(maxsize=1024)
+def _step_curve(noise: float, sample_rate: float) -> tuple[float, ...]:
+    """The Rényi divergence of one DP-SGD step at every order of the RDP accountant."""
+    return tuple(value for _, value in
+                 _rdp_curve(DPSteps(noise_multiplier=noise, sample_rate=sample_rate, steps=1)))
 
 
 def _rdp_curve(run: DPSteps) -> list[tuple[float, float]]:
@@ -389,7 +437,8 @@ def _rdp_curve(run: DPSteps) -> list[tuple[float, float]]:
     accountant = make_accountant("rdp")
     if run.steps > 0:
         accountant.compose(run.event())
-    return list(zip(accountant.orders, accountant.rdp, strict=True))
+    return [(float(order), float(value))
+            for order, value in zip(accountant.orders, accountant.rdp, strict=True)]
 
 
 def _rdp_excess(reserved: DPSteps, planned: DPSteps) -> tuple[float, float, float] | None:
@@ -398,7 +447,7 @@ def _rdp_excess(reserved: DPSteps, planned: DPSteps) -> tuple[float, float, floa
     for (order, bound), (_, value) in zip(_rdp_curve(reserved), _rdp_curve(planned),
                                           strict=True):
         if value > bound * (1 + 1e-9) + 1e-12:
-            return float(order), float(bound), float(value)
+            return order, bound, value
     return None
 
 

@@ -8,6 +8,8 @@ place). Entries and records never change once written, so each is read once per 
 
 from __future__ import annotations
 
+import time
+
 from deeprad.core.audit import StudyRef
 from deeprad.core.errors import ConfigError
 from deeprad.core.identity import PublicIdentity
@@ -39,11 +41,23 @@ class LedgerReader:
         self.hub = hub
         self._entries: dict[str, LedgerEntry] = {}
         self._facts: dict[str, SiteFact | None] = {}
+        self._last: dict[tuple[str, str], tuple[float, LedgerFacts]] = {}
 
-    def facts(self, namespace: str, study: str, spec: FederatedStudySpec) -> LedgerFacts:
+    def facts(self, namespace: str, study: str, spec: FederatedStudySpec,
+              max_age: float = 0.0) -> LedgerFacts:
         """The runs of `namespace/study` (every incarnation of the name) and of the study its
         initial checkpoint comes from; `problem` set, naming the entry, when one does not
-        verify. Store errors propagate (the pass is retried)."""
+        verify. Store errors propagate (the pass is retried). `max_age`: an answer read less
+        than that many seconds ago will do (a finished study's timer need not list the store
+        on every pass)."""
+        cached = self._last.get((namespace, study))
+        if cached is not None and time.monotonic() - cached[0] < max_age:
+            return cached[1]
+        facts = self._read(namespace, study, spec)
+        self._last[(namespace, study)] = (time.monotonic(), facts)
+        return facts
+
+    def _read(self, namespace: str, study: str, spec: FederatedStudySpec) -> LedgerFacts:
         sources = [(namespace, study)]
         source = self._checkpoint_study(spec)
         if source is not None and source not in sources:

@@ -13,7 +13,11 @@ from deeprad.operator import metrics
 from deeprad.operator.api import API_VERSION
 from deeprad.operator.api.common import Metrics
 from deeprad.operator.api.federatedround import FederatedRoundSpec, FederatedRoundStatus
-from deeprad.operator.api.federatedstudy import FederatedStudySpec, FederatedStudyStatus
+from deeprad.operator.api.federatedstudy import (
+    FederatedStudySpec,
+    FederatedStudyStatus,
+    StudyState,
+)
 from deeprad.operator.api.names import round_name
 from deeprad.operator.client import Kube, parse, reconciling
 from deeprad.operator.decide import conditions as cond
@@ -31,6 +35,8 @@ from deeprad.operator.hub.resources import (
 )
 from deeprad.operator.options import HubOptions
 from deeprad.operator.render import rounds as round_render
+
+LEDGER_MAX_AGE = 300.0  # seconds a finished study's ledger reading stays good
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,11 @@ def reconcile(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.S
         owned = [r.view for r in study_rounds.get((namespace, name), ()) if r.owner_uid == uid]
         old = parse(FederatedStudyStatus, status)
         parsed = parse(FederatedStudySpec, spec)
-        facts = (memo.ledger.facts(namespace, name, parsed)
+        # a finished study whose spec has not changed since re-reads its ledger every few
+        # minutes, not on every timer pass
+        settled = old.state in (StudyState.SUCCEEDED, StudyState.FAILED) and \
+            old.observed_generation == meta.get("generation")
+        facts = (memo.ledger.facts(namespace, name, parsed, LEDGER_MAX_AGE if settled else 0.0)
                  if memo.ledger is not None and parsed.privacy_budget is not None else None)
         new = reconcile_study(memo.kube, namespace, name, uid, meta.get("generation"),
                               parsed, old, owned, list(site_facts.get(None, ())), body, facts,

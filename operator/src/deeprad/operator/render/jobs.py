@@ -160,10 +160,16 @@ def _job(ctx: JobContext, component: str, command: list[str], extra_labels: dict
 
 def trainer_job(ctx: JobContext, site: str, placement: TrainingPlacement, task: BaseModel,
                 deadline_seconds: int, store: StoreAccess | None = None,
-                extra_env: dict[str, str] | None = None, backoff_limit: int = 1) -> Manifest:
+                extra_env: dict[str, str] | None = None, backoff_limit: int = 1,
+                retries: bool = True) -> Manifest:
     """A site's training Job: GPUs, placement, identity Secret and data volume as the site
     configured them, the round's deadline (capped by the site's maxTaskDuration), the data
-    read-only at /data. `extra_env` carries the presigned URLs of a pull-mode task."""
+    read-only at /data. `extra_env` carries the presigned URLs of a pull-mode task.
+
+    `retries=False` (a DP-SGD task): backoffLimit 0 and no rule that ignores an evicted pod.
+    The site's privacy ledger holds one reservation per task, one run's worth of ε; a second
+    pod would train the data again under the same reservation, spending ε nobody recorded.
+    So a failed or evicted DP run fails its task, and its reservation stays spent."""
     gpu, resources = placement.gpu, placement.resources
     if placement.max_task_duration:
         cap = parse_duration(placement.max_task_duration,
@@ -190,8 +196,12 @@ def trainer_job(ctx: JobContext, site: str, placement: TrainingPlacement, task: 
         "volumeMounts": mounts,
     }
     ctx = replace(ctx, image=placement.image, image_pull_policy=placement.image_pull_policy)
-    return _job(ctx, "trainer", TRAINER_COMMAND, {LABEL_SITE: site}, container, pod,
-                deadline_seconds, backoff_limit)
+    job = _job(ctx, "trainer", TRAINER_COMMAND, {LABEL_SITE: site}, container, pod,
+               deadline_seconds, backoff_limit if retries else 0)
+    if not retries:
+        policy = job["spec"]["podFailurePolicy"]
+        policy["rules"] = [r for r in policy["rules"] if r["action"] != "Ignore"]
+    return job
 
 
 def aggregator_job(ctx: JobContext, task: BaseModel, deadline_seconds: int, store: StoreAccess,

@@ -40,6 +40,7 @@ from deeprad.operator.site.decide import (
     ReportTask,
     TaskView,
     agent_failure,
+    check_reservation,
     decide_task,
     gpu_capacity,
     heartbeat_due,
@@ -48,7 +49,7 @@ from deeprad.operator.site.decide import (
     orphan_jobs,
     renew_lease,
 )
-from deeprad.operator.site.ledger import Ledger, with_entry
+from deeprad.operator.site.ledger import LEDGER_CONFIGMAP, Ledger, read_ledger, with_entry
 
 log = logging.getLogger("deeprad.agent")
 
@@ -113,7 +114,9 @@ class SiteAgent:
                 if ledger is None:
                     self.apply(ledger_refusal(task, jobs.get(task.name), unreadable, now()))
                     continue
-                self.apply(self.task_actions(task, jobs.get(task.name), ledger))
+                written = self.apply(self.task_actions(task, jobs.get(task.name), ledger))
+                if written is not None:  # the next task of the pass sees what this one wrote
+                    ledger = written
             except ApiException as exc:
                 log.warning("task %s: API call failed (%s %s); retrying next pass", task.name,
                             exc.status, exc.reason)
@@ -131,14 +134,21 @@ class SiteAgent:
             job = dataclasses.replace(job, log=observe.job_log(self.local, self.config, job))
         return decide_task(self.config, task, job, now(), ledger)
 
-    def apply(self, actions: Sequence[Action]) -> None:
-        """Carry out actions in order; an API error stops the rest."""
+    def apply(self, actions: Sequence[Action]) -> Ledger | None:
+        """Carry out actions in order; an API error stops the rest, and so does a reservation
+        refused on the fresh ledger: its task's refusal is reported instead and its Job is
+        never created. Returns the privacy ledger as last written, None when not written."""
+        written: Ledger | None = None
         for action in actions:
             if isinstance(action, CreateJob):
                 if self.local.create(action.manifest):
                     log.info("created training Job %s/%s", action.namespace, action.name)
             elif isinstance(action, RecordPrivacy):
-                self.record_privacy(action)
+                outcome = self.record_privacy(action)
+                if isinstance(outcome, ReportTask):
+                    self.apply([outcome])
+                    return written
+                written = outcome
             elif isinstance(action, DeleteJob):
                 log.info("deleting Job %s: %s", action.name, action.reason)
                 self.local.delete("batch/v1", "Job", action.name, self.config.training.namespace)
@@ -148,12 +158,21 @@ class SiteAgent:
                                       status.model_dump(mode="json", exclude_none=True))
                 log.info("task %s: %s — %s", action.name, status.state,
                          (status.message or "").partition("\n")[0][:200])
+        return written
 
-    def record_privacy(self, action: RecordPrivacy) -> None:
+    def record_privacy(self, action: RecordPrivacy) -> Ledger | ReportTask:
         """Write a DP run (reservation or report) into the ledger, read afresh: create it, or
         replace it at the version read, so a concurrent write (409) or a lost create race fails
-        this pass, which then retries before the Job is created or the task reported."""
+        this pass, which then retries before the Job is created or the task reported. A
+        reservation is checked against that same fresh read first: its task's refusal is
+        returned, nothing written, when it no longer fits. Returns the ledger as written."""
         current = observe.ledger_configmap(self.local, self.config)
+        where = f"ConfigMap {self.config.training.namespace}/{LEDGER_CONFIGMAP}"
+        refusal = check_reservation(self.config, action, read_ledger(current, where), now())
+        if refusal is not None:
+            log.warning("privacy ledger: reservation of task %s refused on the ledger as "
+                        "written now: %s", action.entry.task, refusal.status.message)
+            return refusal
         body = with_entry(current, self.config.training.namespace, action.key, action.entry)
         if current is not None:
             self.local.replace(body)
@@ -162,6 +181,7 @@ class SiteAgent:
         log.info("privacy ledger: %s task %s (round %d) of %s on dataset %s",
                  "reserved" if action.entry.reserved else "recorded", action.entry.task,
                  action.entry.round, action.key, action.entry.dataset)
+        return read_ledger(body, where)
 
     # ---- the loop -----------------------------------------------------------------------------
 

@@ -14,7 +14,10 @@ For each SiteTask in its hub namespace, with the trainer Job of the same name (i
   site reached the ceiling, a presigned URL that leads anywhere but the site's store endpoint:
   reason PolicyViolation, the one-line message naming the rule) or would take the site's
   dataset past its ε ceiling (reason PrivacyCeiling). A DP task's run is reserved in the site's
-  privacy ledger (its planned upper bound) before its Job is created. The Job gets the policy,
+  privacy ledger (its planned upper bound) before its Job is created, checked once more
+  against the ledger the write is based on (`check_reservation`): a reservation that no
+  longer fits (another task of the pass, another hub's agent) fails the task, and its Job is
+  never created. A DP task's Job is never retried (`trainer_job`). The Job gets the policy,
   the trainer image, the study's and the dataset's privacy ledger and the reservation, so the
   trainer checks the task again;
 - a running Job reports Running; a finished Job reports Succeeded with the trainer's result
@@ -39,7 +42,7 @@ from pydantic import ValidationError
 
 from deeprad.core import __version__
 from deeprad.core.errors import DeepRadError, PolicyViolation
-from deeprad.core.protocol import SiteResult
+from deeprad.core.protocol import SiteResult, TrainingTask
 from deeprad.core.site_policy import (
     DATASET_LEDGER_ENV,
     LEDGER_ENV,
@@ -154,10 +157,14 @@ class ReportTask:
 class RecordPrivacy:
     """Write a task's DP-SGD run into the site's privacy ledger (under `key`, replacing the
     task's earlier entry): its reservation before the Job is created, the trainer's report
-    before the task is reported Succeeded. A run is never left out of the ε spent here."""
+    before the task is reported Succeeded. A run is never left out of the ε spent here.
+    `task`: the task a reservation is for, checked again (`check_reservation`) against the
+    ledger the write is based on; when it no longer fits, nothing is written and the actions
+    after this one (its CreateJob) are not carried out."""
 
     key: str
     entry: LedgerEntry
+    task: TaskView | None = None
 
 
 @dataclass(frozen=True)
@@ -270,18 +277,13 @@ def _start(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, now: datetim
         # The hospital's policy, before anything is created: the Job would check it again.
         config.policy.check(training, spent=[e.steps for e in spent])
         if training.privacy is not None:
-            records = config.training.dataset_records
-            reservation = LedgerEntry(task=task.uid, round=spec.round, dataset=config.dataset,
-                                      steps=planned_steps(training, records, config.policy.delta),
-                                      reserved=True)
-            config.policy.check_dataset(training, config.dataset, on_dataset,
-                                        reservation.steps, records)
-    except PrivacyCeiling as exc:
-        return [report(name, status, TaskState.FAILED, str(exc), now, terminal=True,
-                       reason=PRIVACY_CEILING)]
+            reservation = LedgerEntry(
+                task=task.uid, round=spec.round, dataset=config.dataset, reserved=True,
+                steps=planned_steps(training, config.training.dataset_records,
+                                    config.policy.delta))
+            _check_ceilings(config, training, reservation, ledger)
     except PolicyViolation as exc:
-        return [report(name, status, TaskState.FAILED, str(exc), now, terminal=True,
-                       reason=POLICY_VIOLATION)]
+        return [_refusal(task, exc, now)]
     except (DeepRadError, ValidationError) as exc:
         return [report(name, status, TaskState.FAILED, f"refused by site {config.site}: {exc}",
                        now, terminal=True, reason=REFUSED)]
@@ -301,16 +303,50 @@ def _start(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, now: datetim
                      image_pull_policy=placement.image_pull_policy)
     manifest = trainer_job(ctx, config.site, placement, training,
                            active_deadline_seconds(deadline, now),
-                           store=StoreAccess(PRESIGNED_STORE), extra_env=env)
+                           store=StoreAccess(PRESIGNED_STORE), extra_env=env,
+                           retries=training.privacy is None)
     manifest["metadata"]["labels"][LABEL_TASK_UID] = task.uid
     accepted = status.model_copy(update={"job_name": name,
                                          "start_time": status.start_time or rfc3339(now)})
     actions: list[Action] = []
     if reservation is not None and ledger.entry(namespace, spec.study, task.uid) != reservation:
-        actions.append(RecordPrivacy(ledger_key(namespace, spec.study), reservation))
+        actions.append(RecordPrivacy(ledger_key(namespace, spec.study), reservation, task))
     return [*actions, CreateJob(name, placement.namespace, manifest),
             report(name, accepted, TaskState.ACCEPTED,
                    f"training Job {placement.namespace}/{name} created", now)]
+
+
+def check_reservation(config: AgentConfig, action: RecordPrivacy, ledger: Ledger,
+                      now: datetime) -> ReportTask | None:
+    """The task's refusal when its reservation no longer fits the ceilings of `ledger`, the
+    ledger as read for the write (the replace at its resourceVersion makes check and write
+    one step); None when it fits, or when `action` is no reservation of a task."""
+    task = action.task
+    if task is None or task.spec is None or not action.entry.reserved:
+        return None
+    try:
+        training = training_task(task.spec, config)
+        spent = ledger.others(task.spec.round_ref.namespace, task.spec.study, task.uid)
+        config.policy.check_epsilon(training, [e.steps for e in spent])
+        _check_ceilings(config, training, action.entry, ledger)
+    except PolicyViolation as exc:
+        return _refusal(task, exc, now)
+    return None
+
+
+def _check_ceilings(config: AgentConfig, training: TrainingTask, reservation: LedgerEntry,
+                    ledger: Ledger) -> None:
+    """The dataset's ε ceiling with `reservation` composed with every other run on it."""
+    config.policy.check_dataset(training, config.dataset,
+                                ledger.dataset(config.dataset, reservation.task),
+                                reservation.steps, config.training.dataset_records)
+
+
+def _refusal(task: TaskView, exc: PolicyViolation, now: datetime) -> ReportTask:
+    """The task failed under the site's policy: PrivacyCeiling or PolicyViolation."""
+    reason = PRIVACY_CEILING if isinstance(exc, PrivacyCeiling) else POLICY_VIOLATION
+    return report(task.name, task.status, TaskState.FAILED, str(exc), now, terminal=True,
+                  reason=reason)
 
 
 def _follow(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, job: JobView,
