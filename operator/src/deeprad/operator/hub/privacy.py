@@ -84,6 +84,8 @@ class LedgerReader:
         """Store the rounds' planned steps (decide.study.reservations_to_store)."""
         for reservation in reservations:
             write_reservation(self.store, reservation)
+            # the next pass reads it back rather than writing it again from a cached reading
+            self._last.pop((reservation.ledger.namespace, reservation.ledger.name), None)
 
     def pin(self, namespace: str, study: str, uid: str, spec: FederatedStudySpec) -> None:
         """Pin the δ and accountant of the study name's ledger (before its first DP round is
