@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from pydantic import ValidationError
 
+from deeprad.operator.api import API_VERSION
 from deeprad.operator.api.federatedround import FederatedRoundSpec, FederatedRoundStatus
 from deeprad.operator.api.hospitalsite import HospitalSiteSpec, HospitalSiteStatus
 from deeprad.operator.api.sitetask import SiteTaskStatus
-from deeprad.operator.client import parse, reconciling
+from deeprad.operator.client import Kube, parse, reconciling
 from deeprad.operator.decide import round as round_rules
 from deeprad.operator.decide.sites import SiteView
 from deeprad.operator.decide.timeutil import now
@@ -34,12 +35,19 @@ from deeprad.operator.options import HubOptions
 def site_views(name: str, spec: kopf.Spec, status: kopf.Status, **_: Any
                ) -> dict[None, SiteView]:
     """Index of HospitalSites as admission sees them."""
+    view = site_view(name, spec, status)
+    return {} if view is None else {None: view}
+
+
+def site_view(name: str, spec: Mapping[str, Any], status: Mapping[str, Any]) -> SiteView | None:
+    """A HospitalSite as admission sees it; None for one the schema no longer admits (the API
+    server refuses such objects; an old one is simply not a candidate)."""
     try:
         site_spec = parse(HospitalSiteSpec, spec)
         site_status = parse(HospitalSiteStatus, status)
     except ValidationError:
-        return {}  # admission refuses such objects; an old one is simply not a candidate
-    return {None: SiteView(name, site_spec, tuple(site_status.conditions or ()), site_status)}
+        return None
+    return SiteView(name, site_spec, tuple(site_status.conditions or ()), site_status)
 
 
 def round_tasks(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
@@ -63,19 +71,40 @@ def reconcile(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.S
               **_: Any) -> None:
     """On a timer: one pass over the round; a hub without the store or its keys says so."""
     with reconciling("FederatedRound", f"{namespace}/{name}"):
+        if memo.rounds is not None:
+            # The body a timer gets can lag the API by many seconds when thousands of
+            # HospitalSites update at once: a pass on a stale body would write status fields
+            # again (startTime, which CEL freezes once set, is refused). One GET per pass.
+            fresh = memo.kube.get(API_VERSION, "FederatedRound", name, namespace)
+            if fresh is None or (fresh.get("metadata") or {}).get("uid") != uid:
+                return  # deleted (or replaced) since the event that scheduled this pass
+            latest = kopf.Body(cast(kopf.RawBody, fresh))
+            spec, status, meta = latest.spec, latest.status, latest.meta
         old = parse(FederatedRoundStatus, status)
         if memo.rounds is None:
             new = round_rules.hub_not_configured(old, memo.options.missing_for_rounds(),
                                                  meta.get("generation"), now())
         else:
-            sites = list(site_views.get(None, ()))
-            if not old.sites:  # admission, once per round, is all that counts running tasks
+            if old.sites:
+                sites = list(site_views.get(None, ()))
+            else:
+                # Admission happens once per round, on the sites as the API has them now: the
+                # index can lag far behind the sites' Ready conditions at scale. One LIST.
                 running = running_tasks(round_tasks, uid)
-                sites = [replace(v, running_tasks=running.get(v.name, 0)) for v in sites]
+                sites = [replace(v, running_tasks=running.get(v.name, 0))
+                         for v in listed_sites(memo.kube)]
             new = reconcile_round(memo.rounds, name, namespace, uid, meta,
                                   parse(FederatedRoundSpec, spec), old,
                                   list(round_tasks.get(uid, ())), sites, body)
         write_status(memo.kube, "FederatedRound", name, namespace, old, new)
+
+
+def listed_sites(kube: Kube) -> list[SiteView]:
+    """Every HospitalSite as the API lists it now, as admission sees it."""
+    views = (site_view((item.get("metadata") or {}).get("name", ""), item.get("spec") or {},
+                       item.get("status") or {})
+             for item in kube.list_objects(API_VERSION, "HospitalSite"))
+    return [v for v in views if v is not None]
 
 
 def cleanup(name: str, namespace: str | None, uid: str, memo: HubMemo,
