@@ -17,7 +17,7 @@ from redteam import refused
 from deeprad.core.errors import ConfigError
 from deeprad.core.identity import Identity
 from deeprad.core.layout import StudyLayout
-from deeprad.core.privacy import DPConfig, DPSteps, epsilon_of, round_steps
+from deeprad.core.privacy import DPConfig, DPSteps, epsilon_of, merge_runs, round_steps
 from deeprad.core.protocol import DatasetSpec, TrainConfig, TrainingTask
 from deeprad.core.site_policy import (
     DATASET_LEDGER_ENV,
@@ -27,7 +27,6 @@ from deeprad.core.site_policy import (
     LedgerEntry,
     PrivacyCeiling,
     SitePolicy,
-    compact,
     parse_entry,
     parse_ledger,
     parse_steps,
@@ -156,9 +155,9 @@ def test_ledger_a_run_of_unknown_size_is_planned_above_every_batch_count() -> No
 def test_ledger_compacted_runs_compose_to_the_same_epsilon() -> None:
     other = DPSteps(noise_multiplier=0.9, sample_rate=0.1, steps=30)
     runs = [EARLIER, other, EARLIER, other, EARLIER]
-    assert compact(runs) == [DPSteps(noise_multiplier=0.9, sample_rate=0.1, steps=60),
+    assert merge_runs(runs) == [DPSteps(noise_multiplier=0.9, sample_rate=0.1, steps=60),
                              DPSteps(noise_multiplier=1.1, sample_rate=0.05, steps=600)]
-    assert epsilon_of(compact(runs), DELTA) == pytest.approx(epsilon_of(runs, DELTA), rel=1e-9)
+    assert epsilon_of(merge_runs(runs), DELTA) == pytest.approx(epsilon_of(runs, DELTA), rel=1e-9)
 
 
 def test_ledger_entries_from_before_datasets_were_named_still_parse_and_count() -> None:

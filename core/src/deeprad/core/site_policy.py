@@ -37,7 +37,7 @@ from pydantic.alias_generators import to_camel
 
 from deeprad.core.errors import ConfigError, PolicyViolation, field_problems
 from deeprad.core.model_catalogue import MODEL_NAMES, model_digest
-from deeprad.core.privacy import DPSteps, epsilon_of, make_accountant, round_steps
+from deeprad.core.privacy import DPSteps, epsilon_of, make_accountant, merge_runs, round_steps
 from deeprad.core.protocol import TrainingTask
 from deeprad.core.secagg.protocol import DEFAULT_THREAT_MODEL, ThreatModel, threshold_for
 from deeprad.core.signing import canonical_json
@@ -451,21 +451,9 @@ def _rdp_excess(reserved: DPSteps, planned: DPSteps) -> tuple[float, float, floa
     return None
 
 
-def compact(runs: Sequence[DPSteps]) -> list[DPSteps]:
-    """The same composition in fewer runs: runs with the same noise multiplier and sample rate
-    are one mechanism composed with itself, so their steps add up exactly. This bounds what a
-    trainer Job's environment carries however many runs a dataset has seen."""
-    merged: dict[tuple[float, float], int] = {}
-    for run in runs:
-        key = (run.noise_multiplier, run.sample_rate)
-        merged[key] = merged.get(key, 0) + run.steps
-    return [DPSteps(noise_multiplier=z, sample_rate=q, steps=t)
-            for (z, q), t in sorted(merged.items())]
-
-
 def steps_json(runs: Sequence[DPSteps]) -> str:
     """DP-SGD runs as JSON (the dataset's runs a trainer Job gets, compacted)."""
-    return canonical_json([r.model_dump(mode="json") for r in compact(runs)]).decode()
+    return canonical_json([r.model_dump(mode="json") for r in merge_runs(runs)]).decode()
 
 
 def parse_steps(text: str, where: str) -> list[DPSteps]:
@@ -573,7 +561,7 @@ def _violation(rule: str, asked: str, allows: str, fix: str,
 
 
 __all__ = ["DATASET_LEDGER_ENV", "DEFAULT_DELTA", "LEDGER_ENV", "POLICY_ENV", "RESERVATION_ENV",
-           "TRAINER_IMAGE_ENV", "LedgerEntry", "PrivacyCeiling", "SitePolicy", "compact",
+           "TRAINER_IMAGE_ENV", "LedgerEntry", "PrivacyCeiling", "SitePolicy",
            "dataset_steps", "entry_json", "ledger_json", "parse_entry", "parse_ledger",
            "parse_policy", "parse_steps", "planned_steps", "policy_digest", "policy_json",
            "steps_json"]
