@@ -32,7 +32,8 @@ def test_small_study_writes_every_artifact(tmp_path: Path) -> None:
         assert set(row["sites"]) == {"hospital-1", "hospital-2", "hospital-3"}
         assert 0.0 <= row["global"]["auroc"] <= 1.0
         assert row["federated_evaluation"]["n"] > 0
-    assert set(report["final"]) == {"federated", "centralized", "local_only"}
+    assert set(report["final"]) == {"federated", "centralized", "local_only", "baselines_private"}
+    assert report["final"]["baselines_private"] is False
     assert set(report["final"]["local_only"]["sites"]) == {"hospital-1", "hospital-2",
                                                            "hospital-3"}
     assert len(report["curves"]["centralized"]) == 2

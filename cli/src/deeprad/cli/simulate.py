@@ -32,18 +32,27 @@ def apply_recipe(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check the whole configuration (strategy parameters included) before torch loads, then
     run the study."""
-    from deeprad.core.protocol import ModelSpec, StrategySpec, TrainConfig
-    from deeprad.simulate.config import SimulationConfig
+    from pydantic import ValidationError
+
+    from deeprad.core.protocol import DatasetSpec, ModelSpec, StrategySpec, TrainConfig
+    from deeprad.simulate.config import SimulationConfig, flag_error, site_count
 
     apply_recipe(args)
+    try:
+        train = TrainConfig(local_epochs=args.local_epochs, batch_size=args.batch_size,
+                            lr=args.lr, optimizer=args.optimizer, fedprox_mu=args.fedprox_mu,
+                            seed=args.seed, device=args.device)
+        # The flag's bounds are the dataset message's own, checked before any worker starts.
+        DatasetSpec(image_size=args.image_size)
+    except ValidationError as exc:
+        raise flag_error(exc) from None
     cfg = SimulationConfig(
-        sites=args.sites, rounds=args.rounds,
+        sites=site_count(args.dataset, args.sites), rounds=args.rounds,
         model=ModelSpec(name=args.model, kwargs=args.model_kwargs),
         strategy=StrategySpec(name=args.strategy, params=args.strategy_params),
-        train=TrainConfig(local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
-                          optimizer=args.optimizer, fedprox_mu=args.fedprox_mu, seed=args.seed,
-                          device=args.device),
-        dataset=args.dataset, samples_per_site=args.samples_per_site, image_size=args.image_size,
+        train=train,
+        dataset=args.dataset, normalize=args.normalize, positive_label=args.positive_label,
+        samples_per_site=args.samples_per_site, image_size=args.image_size,
         seed=args.seed, output=args.output, workers=args.workers,
         baselines=not args.no_baselines, report_json=args.report_json,
         dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_accountant=args.dp_accountant,
@@ -69,7 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Simulated hospitals train in local worker processes with the real trainer "
                     "and aggregator; prints a per-round table and compares the federated model "
                     "with centralized and local-only training.")
-    sim.add_argument("--sites", type=int, default=4, help="number of hospitals (default 4)")
+    sim.add_argument("--sites", type=int,
+                     help="number of hospitals (default 4 phantom hospitals; with --dataset, "
+                          "the folder's site entries decide, and a different --sites is refused)")
     sim.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
     sim.add_argument("--model",
                      help="network: see `deeprad models`, or package.module:factory (default "
@@ -79,6 +90,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--dataset", default="phantom",
                      help="'phantom' (synthetic, default) or a folder with one sub-folder "
                           "(<class>/<images>) or .npz file per hospital")
+    sim.add_argument("--normalize", choices=["image", "dataset", "none"], default="image",
+                     help="a --dataset folder's intensity scaling: each image min-max scaled on "
+                          "its own (image, default), one min-max over the site's whole set, "
+                          "8-bit data divided by 255 (dataset), or as stored (none)")
+    sim.add_argument("--positive-label", metavar="LABEL",
+                     help="a --dataset folder's tumour class: the class folder's name, or a "
+                          ".npz file's label values, comma-separated (default: a folder named "
+                          "tumor/lesion/positive/..., else the second; .npz: any nonzero label)")
     sim.add_argument("--samples-per-site", type=int, default=240,
                      help="phantom slices per hospital before size skew (default 240)")
     sim.add_argument("--image-size", type=int, default=64, help="pixels per side (default 64)")

@@ -6,10 +6,21 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from deeprad.core.errors import ConfigError
-from deeprad.core.protocol import ModelSpec, StrategySpec, TrainConfig
+from deeprad.core.protocol import NORMALIZATIONS, ModelSpec, StrategySpec, TrainConfig
 from deeprad.core.secagg.protocol import DEFAULT_THREAT_MODEL, THREAT_MODELS, ThreatModel
 from deeprad.core.strategies import secure_sum_strategies, strategy_info
+
+
+def flag_error(exc: ValidationError) -> ConfigError:
+    """A message's validation error as a one-line error naming the flag it came from (the
+    flags are named after the fields: batch_size is --batch-size)."""
+    error = exc.errors()[0]
+    field_name = str(error["loc"][-1]) if error["loc"] else "?"
+    return ConfigError(f"--{field_name.replace('_', '-')} {error.get('input')!s}: "
+                       f"{error['msg'][0].lower()}{error['msg'][1:]}")
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,34 @@ class Recipe:
 SIZE_SKEW = (1.5, 1.0, 0.75, 0.5)
 
 
+DEFAULT_SITES = 4  # phantom hospitals when --sites is left out
+
+
+def site_entries(root: Path) -> list[Path]:
+    """A dataset folder's hospitals: each sub-folder or .npz file, in name order."""
+    return sorted(p for p in root.iterdir() if p.is_dir() or p.suffix == ".npz")
+
+
+def site_count(dataset: str, sites: int | None) -> int:
+    """How many hospitals the study has: --sites for phantoms (default 4); for a dataset
+    folder, its site entries, so no hospital is dropped without a word (a --sites that
+    disagrees is refused)."""
+    if dataset == "phantom":
+        return DEFAULT_SITES if sites is None else sites
+    root = Path(dataset)
+    if not root.is_dir():
+        raise ConfigError(f"--dataset {dataset!r}: not 'phantom' and not a folder")
+    found = len(site_entries(root))
+    if found == 0:
+        raise ConfigError(f"--dataset {root}: no site sub-folders or .npz files in it; put "
+                          "one per hospital there")
+    if sites is not None and sites != found:
+        raise ConfigError(f"--dataset {root} holds {found} site folders / .npz files but "
+                          f"--sites is {sites}: leave --sites out (the folder decides) or "
+                          f"pass --sites {found}")
+    return found
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
     sites: int = 4
@@ -39,6 +78,8 @@ class SimulationConfig:
     samples_per_site: int = 240  # phantoms only; scaled per site by SIZE_SKEW
     test_samples_per_site: int = 100  # phantoms only: the held-out test set
     image_size: int = 64
+    normalize: str = "image"  # intensity scaling of a dataset folder: image, dataset or none
+    positive_label: str | None = None  # a dataset folder's tumour class / .npz label values
     seed: int = 0
     output: Path = Path("runs/demo")
     workers: int = 0  # 0: one per core, at most one per site
@@ -68,6 +109,13 @@ class SimulationConfig:
             raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
         if self.samples_per_site < 8:
             raise ConfigError(f"--samples-per-site must be >= 8, got {self.samples_per_site}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ConfigError(f"--normalize must be one of {', '.join(NORMALIZATIONS)}, got "
+                              f"{self.normalize!r}")
+        if self.dataset == "phantom" and (self.positive_label is not None
+                                          or self.normalize != "image"):
+            raise ConfigError("--positive-label and --normalize apply to a --dataset folder; "
+                              "the phantoms are labelled and scaled by their generator")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if self.dp_epsilon is not None and not self.dp_epsilon > 0:

@@ -40,6 +40,9 @@ def build_report(cfg: SimulationConfig, sites: list[Site], rounds: list[dict[str
         local = {n.split(":", 1)[1]: c[-1].model_dump() for n, c in curves.items()
                  if n.startswith("local:")}
         final["local_only"] = {"mean": _mean_metrics(list(local.values())), "sites": local}
+        # The baselines train without DP-SGD even in a private study: they show what the data
+        # allow, not a private alternative, and the report says so beside them.
+        final["baselines_private"] = False
     report: dict[str, Any] = {
         "deeprad_report_version": 1,
         "synthetic_data": cfg.dataset == "phantom",
@@ -123,12 +126,20 @@ def print_report(report: dict[str, Any]) -> None:
     if "centralized" in final:
         cen = final["centralized"]["auroc"]
         loc = final["local_only"]["mean"]["auroc"]
-        print(f"                      centralized (pooled data, same epochs): {_fmt(cen)}")
+        plain = ", no DP" if privacy else ""
+        if privacy:
+            print("                      (the baselines below train without DP-SGD: the "
+                  "non-private reference, not a private alternative)")
+        print(f"                      centralized (pooled data, same epochs{plain}): "
+              f"{_fmt(cen)}")
         for name, m in final["local_only"]["sites"].items():
-            print(f"                      {name} alone: {_fmt(m['auroc'])}")
-        print(f"                      local-only mean: {_fmt(loc)}")
+            print(f"                      {name} alone{' (no DP)' if privacy else ''}: "
+                  f"{_fmt(m['auroc'])}")
+        print(f"                      local-only mean{' (no DP)' if privacy else ''}: "
+              f"{_fmt(loc)}")
         if fed is not None and cen:
-            print(f"federated / centralized = {fed / cen:.3f}   "
+            print(f"federated{' (DP)' if privacy else ''} / centralized{plain} = "
+                  f"{fed / cen:.3f}   "
                   f"federated - local-only mean = {fed - (loc or 0):+.3f}")
     if report["synthetic_data"]:
         print("(synthetic phantom data: these numbers demonstrate the pipeline, not a "

@@ -34,6 +34,14 @@ class ModelSpec(Message):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+# How a site's intensities are scaled (DatasetSpec.options["normalize"]):
+# - "image": each image min-max scaled to [0, 1] on its own (the default; the phantoms' recipe);
+# - "dataset": one min-max over all of the site's images, so an image keeps its brightness
+#   relative to the others (8-bit data: divided by 255);
+# - "none": the values as stored.
+NORMALIZATIONS = ("image", "dataset", "none")
+
+
 class DatasetSpec(Message):
     """Where a site's images come from and how they are split into train and validation."""
 

@@ -16,7 +16,7 @@ from deeprad.core.data.imageset import ImageSet
 from deeprad.core.data.phantoms import ScannerProfile, generate_phantoms
 from deeprad.core.errors import DataError
 from deeprad.core.importing import load_object
-from deeprad.core.protocol import DatasetSpec
+from deeprad.core.protocol import NORMALIZATIONS, DatasetSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz")
 POSITIVE_NAMES = ("tumor", "tumour", "lesion", "positive", "malignant", "1")
@@ -27,16 +27,36 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-def preprocess(image: Any, image_size: int) -> torch.Tensor:
-    """The one preprocessing every image gets: one grey channel, resized, scaled to [0, 1]."""
+
+def preprocess(image: Any, image_size: int, normalize: str = "image") -> torch.Tensor:
+    """The one preprocessing every image gets: one grey channel, resized, and (by default)
+    scaled to [0, 1] on its own; see NORMALIZATIONS."""
     t = torch.as_tensor(np.asarray(image), dtype=torch.float32)
     if t.ndim == 3 and t.shape[0] > 1:  # RGB(A) or a volume's slices: average to one channel
         t = t.mean(dim=0, keepdim=True)
-    t = Resize((image_size, image_size))(t)
-    return torch.as_tensor(ScaleIntensity()(t), dtype=torch.float32)
+    t = torch.as_tensor(Resize((image_size, image_size))(t), dtype=torch.float32)
+    if normalize == "image":
+        return torch.as_tensor(ScaleIntensity()(t), dtype=torch.float32)
+    return t
 
 
-def read_image(path: Path, image_size: int) -> torch.Tensor:
+def _normalization(opts: dict[str, Any]) -> str:
+    value = str(opts.get("normalize", "image"))
+    if value not in NORMALIZATIONS:
+        raise DataError(f"dataset option normalize={value!r}: use one of "
+                        f"{', '.join(NORMALIZATIONS)}")
+    return value
+
+
+def _scale_dataset(images: torch.Tensor, eight_bit: bool) -> torch.Tensor:
+    """One min-max for the whole set (8-bit data: /255), so relative brightness survives."""
+    if eight_bit:
+        return images / 255.0
+    low, high = images.min(), images.max()
+    return (images - low) / (high - low) if high > low else images - low
+
+
+def read_image(path: Path, image_size: int, normalize: str = "image") -> torch.Tensor:
     """Read a PNG/JPEG/DICOM/NIfTI file into a [1, S, S] tensor (a volume: its middle slice)."""
     try:
         img = Compose([LoadImage(image_only=True), EnsureChannelFirst()])(str(path))
@@ -48,10 +68,11 @@ def read_image(path: Path, image_size: int) -> torch.Tensor:
     if arr.ndim != 3:
         raise DataError(f"{path}: expected a 2D image or 3D volume, got shape {arr.shape}")
     # MONAI's readers give (x, y); images are shown as (row, column).
-    return preprocess(np.swapaxes(arr, -1, -2), image_size)
+    return preprocess(np.swapaxes(arr, -1, -2), image_size, normalize)
 
 
-def load_folder(root: Path, image_size: int, positive_class: str | None = None) -> ImageSet:
+def load_folder(root: Path, image_size: int, positive_class: str | None = None,
+                normalize: str = "image") -> ImageSet:
     """`root/<class>/<image>` with exactly two class folders; one of them is the tumour class."""
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist")
@@ -70,15 +91,28 @@ def load_folder(root: Path, image_size: int, positive_class: str | None = None) 
     images, labels = [], []
     for cls in classes:
         files = sorted(p for p in (root / cls).rglob("*") if _suffix(p) in IMAGE_SUFFIXES)
-        images += [read_image(p, image_size) for p in files]
+        images += [read_image(p, image_size, normalize) for p in files]
         labels += [float(cls == positive_class)] * len(files)
     if not images:
         raise DataError(f"dataset folder {root}: no images with suffix {', '.join(IMAGE_SUFFIXES)}")
-    return ImageSet(torch.stack(images), torch.tensor(labels))
+    stacked = torch.stack(images)
+    if normalize == "dataset":
+        stacked = _scale_dataset(stacked, eight_bit=False)
+    return ImageSet(stacked, torch.tensor(labels))
+
+
+def npz_splits(path: Path) -> set[str]:
+    """The splits a MedMNIST-style `.npz` holds (train, val, test: both arrays present)."""
+    if not path.is_file():
+        raise DataError(f"npz dataset {path} does not exist")
+    with np.load(path, allow_pickle=False) as data:
+        names = set(data.files)
+    return {split for split in ("train", "val", "test")
+            if f"{split}_images" in names and f"{split}_labels" in names}
 
 
 def load_npz(path: Path, image_size: int, split: str = "train",
-             positive_labels: list[int] | None = None) -> ImageSet:
+             positive_labels: list[int] | None = None, normalize: str = "image") -> ImageSet:
     """MedMNIST-style `.npz` with `<split>_images` and `<split>_labels`; nonzero labels are positive
     unless `positive_labels` lists them."""
     if not path.is_file():
@@ -97,8 +131,15 @@ def load_npz(path: Path, image_size: int, split: str = "train",
         raw = raw[:, None]
     else:
         raise DataError(f"{path}: {key_i} must be [N, H, W] or [N, H, W, C], got {raw.shape}")
+    if positive_labels:
+        unknown = sorted(set(positive_labels) - {int(v) for v in np.unique(lab)})
+        if len(unknown) == len(set(positive_labels)):
+            raise DataError(f"{path}: positive label(s) {positive_labels} never occur in "
+                            f"{key_l} (labels present: {sorted(int(v) for v in np.unique(lab))})")
     pos = np.isin(lab, positive_labels) if positive_labels else lab != 0
-    images = torch.stack([preprocess(im, image_size) for im in raw])
+    images = torch.stack([preprocess(im, image_size, normalize) for im in raw])
+    if normalize == "dataset":
+        images = _scale_dataset(images, raw.dtype == np.uint8)
     return ImageSet(images, torch.as_tensor(pos, dtype=torch.float32))
 
 
@@ -119,10 +160,22 @@ def _load(spec: DatasetSpec) -> ImageSet:
                         torch.as_tensor(labels, dtype=torch.float32))
     if not spec.path:
         raise DataError(f"dataset kind {spec.kind!r} needs a path")
+    normalize = _normalization(opts)
     if spec.kind == "folder":
-        return load_folder(Path(spec.path), spec.image_size, opts.get("positive_class"))
+        return load_folder(Path(spec.path), spec.image_size, opts.get("positive_class"),
+                           normalize)
     return load_npz(Path(spec.path), spec.image_size, opts.get("split", "train"),
-                    opts.get("positive_labels"))
+                    opts.get("positive_labels"), normalize)
+
+
+def load_split(spec: DatasetSpec, split: str) -> ImageSet | None:
+    """A `.npz` site's own `val` or `test` split (the same options as its training data), or
+    None when the site's data have no such split."""
+    if spec.kind != "npz" or not spec.path or split not in npz_splits(Path(spec.path)):
+        return None
+    opts = dict(spec.options)
+    return load_npz(Path(spec.path), spec.image_size, split, opts.get("positive_labels"),
+                    _normalization(opts))
 
 
 @functools.lru_cache(maxsize=16)
@@ -131,6 +184,9 @@ def _cached(spec_json: str) -> tuple[ImageSet, ImageSet]:
     data = _load(spec)
     if len(data) == 0:
         raise DataError(f"dataset {spec.kind} {spec.path or ''}: no samples")
+    own_val = load_split(spec, "val") if spec.options.get("split", "train") == "train" else None
+    if own_val is not None:  # the site's own validation split, never a slice of its training
+        return data, own_val
     train, val = data.split(spec.val_fraction, spec.split_seed)
     if len(train) == 0:
         raise DataError(
