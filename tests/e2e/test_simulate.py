@@ -37,6 +37,16 @@ def test_small_study_writes_every_artifact(tmp_path: Path) -> None:
     assert set(report["final"]["local_only"]["sites"]) == {"hospital-1", "hospital-2",
                                                            "hospital-3"}
     assert len(report["curves"]["centralized"]) == 2
+    matrix = report["cross_site"]
+    assert matrix["columns"] == ["hospital-1", "hospital-2", "hospital-3", "pooled"]
+    assert list(matrix["rows"]) == ["federated", "centralized", "local:hospital-1",
+                                    "local:hospital-2", "local:hospital-3"]
+    assert all(0.0 <= v <= 1.0 for row in matrix["rows"].values() for v in row.values()
+               if v is not None)
+    best = report["best_round"]
+    pooled = {r["round"]: r["validation_pooled"]["auroc"] for r in report["rounds"]}
+    assert best["round"] in pooled and pooled[best["round"]] == max(pooled.values())
+    assert best["chosen_on"] == "pooled validation AUROC"
     assert report["wall_time_s"] > 0
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "final.safetensors").stat().st_size > 0

@@ -228,6 +228,7 @@ def test_redteam_a_pinned_key_beats_the_key_shipped_beside_a_checkpoint(
 def test_a_simulate_run_exports_and_predicts_out_of_the_box(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """README: `deeprad export runs/demo/final.json` on the run that made it, no key flags."""
+    from deeprad.simulate.baselines import Baselines
     from deeprad.simulate.config import SimulationConfig
     from deeprad.simulate.finish import finish
     from deeprad.simulate.study import set_up
@@ -236,7 +237,7 @@ def test_a_simulate_run_exports_and_predicts_out_of_the_box(
     study = set_up(SimulationConfig(sites=2, rounds=1, samples_per_site=16,
                                     test_samples_per_site=8, image_size=SIZE, output=out,
                                     baselines=False))
-    finish(study, [], {}, "test", started=0.0)
+    finish(study, [], Baselines(), "test", started=0.0)
     capsys.readouterr()
     assert main(["export", str(out / "final.json"), "--format", "torchscript", "--image-size",
                  str(SIZE)]) == 0

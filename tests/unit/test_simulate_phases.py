@@ -12,6 +12,7 @@ from typing import Any
 from deeprad.core.checkpoint import read_checkpoint
 from deeprad.core.data import load_dataset
 from deeprad.core.privacy import round_steps
+from deeprad.simulate.baselines import Baselines
 from deeprad.simulate.config import SimulationConfig
 from deeprad.simulate.finish import finish
 from deeprad.simulate.round import Stop, run_round
@@ -38,7 +39,7 @@ def test_a_refused_round_stops_the_study_and_the_report_says_why(tmp_path: Path)
     assert outcome.reason.startswith("privacy budget: before round 1: the next round would "
                                      "raise ε to")
 
-    report = finish(study, [], {}, outcome.reason, started=0.0)
+    report = finish(study, [], Baselines(), outcome.reason, started=0.0)
     assert (report["stopped"], report["final_round"], report["rounds"]) == (outcome.reason, 0, [])
     assert report["epsilon_spent"] == 0.0
     assert report["privacy"]["noise_multiplier"] == {s.name: 0.5 for s in study.sites}

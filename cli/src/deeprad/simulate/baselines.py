@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import sys
 from concurrent.futures import Executor, as_completed
+from dataclasses import dataclass, field
 
+import torch
+from safetensors.torch import load
 from tqdm import tqdm
 
 from deeprad.core.protocol import ClinicalMetrics
@@ -14,18 +17,26 @@ from deeprad.simulate.study import NAMESPACE, STUDY, LocalStudy
 from deeprad.simulate.workers import train_baseline
 
 
-def run_baselines(study: LocalStudy, pool: Executor, rounds_run: int
-                  ) -> dict[str, list[ClinicalMetrics]]:
-    """Test-set metrics after each round's worth of epochs, per baseline ("centralized",
-    "local:<site>"); none when no round ran."""
+@dataclass
+class Baselines:
+    """Per baseline ("centralized", "local:<site>"): test-set metrics after each round's worth
+    of epochs, and the final weights."""
+
+    curves: dict[str, list[ClinicalMetrics]] = field(default_factory=dict)
+    weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def run_baselines(study: LocalStudy, pool: Executor, rounds_run: int) -> Baselines:
+    """Train the centralized and local-only baselines; none when no round ran."""
     sites = study.sites
     jobs = [("centralized", sites)] + [(f"local:{s.name}", [s]) for s in sites]
     futures = [pool.submit(train_baseline, name, [s.dataset.model_dump_json() for s in group],
                            study.cfg.train.model_dump_json(), study.store.url, NAMESPACE, STUDY,
                            rounds_run) for name, group in jobs] if rounds_run else []
-    curves: dict[str, list[ClinicalMetrics]] = {}
+    out = Baselines()
     for fut in tqdm(as_completed(futures), total=len(futures), desc="baselines", unit="model",
                     file=sys.stderr):
-        name, curve = fut.result()
-        curves[name] = curve
-    return curves
+        name, curve, weights = fut.result()
+        out.curves[name] = curve
+        out.weights[name] = load(weights)
+    return out

@@ -9,21 +9,21 @@ from typing import Any
 
 from deeprad.core import distributed_dp
 from deeprad.core.checkpoint import read_checkpoint
-from deeprad.core.protocol import ClinicalMetrics
 from deeprad.core.secagg.quantize import VectorLayout
+from deeprad.simulate.baselines import Baselines
+from deeprad.simulate.cross_site import best_round, cross_site_matrix
 from deeprad.simulate.report import build_report
 from deeprad.simulate.scoring import metrics_json, score_weights
 from deeprad.simulate.study import LocalStudy
 
 
-def finish(study: LocalStudy, rounds: list[dict[str, Any]],
-           curves: dict[str, list[ClinicalMetrics]], stopped: str | None, started: float
-           ) -> dict[str, Any]:
+def finish(study: LocalStudy, rounds: list[dict[str, Any]], baselines: Baselines,
+           stopped: str | None, started: float) -> dict[str, Any]:
     """Write the final model and the report of `rounds` (one line per round run); `stopped`
     says why the study ended early, `started` is the study's perf_counter start."""
     cfg, store, layout = study.cfg, study.store, study.layout
     last = len(rounds)
-    _, manifest = read_checkpoint(store, layout, last, hub=study.hub.public())
+    final_weights, manifest = read_checkpoint(store, layout, last, hub=study.hub.public())
     shutil.copyfile(store.root / layout.global_weights(last), cfg.output / "final.safetensors")
     (cfg.output / "final.json").write_text(manifest.model_dump_json(indent=2))
     ddp = study.secagg.distributed_dp if study.secagg else None
@@ -33,8 +33,13 @@ def finish(study: LocalStudy, rounds: list[dict[str, Any]],
                  "epsilon_spent": distributed_dp.epsilon_after(
                      ddp, VectorLayout.of(study.initial_weights).size, last)},
              "initial_metrics": metrics_json(score_weights(study.initial_weights, cfg,
-                                                           study.test_set))}
-    return build_report(cfg, study.sites, rounds, curves, time.perf_counter() - started, extra)
+                                                           study.test_set)),
+             "best_round": best_round(rounds),
+             "cross_site": cross_site_matrix(cfg, study.sites, {
+                 "federated": final_weights, **dict(sorted(baselines.weights.items()))})
+             if rounds else None}
+    return build_report(cfg, study.sites, rounds, baselines.curves,
+                        time.perf_counter() - started, extra)
 
 
 def _privacy_summary(study: LocalStudy) -> dict[str, Any] | None:

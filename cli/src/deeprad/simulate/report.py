@@ -61,6 +61,8 @@ def build_report(cfg: SimulationConfig, sites: list[Site], rounds: list[dict[str
         (0.0 if extra.get("privacy") else None),
         "secure_aggregation": cfg.secure_aggregation,
         "distributed_dp": extra.get("distributed_dp"),
+        "best_round": extra.get("best_round"),
+        "cross_site": extra.get("cross_site"),
         "stopped": extra.get("stopped"),
         "final_round": extra.get("final_round", len(rounds)),
         "wall_time_s": wall_s,
@@ -141,11 +143,30 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"federated{' (DP)' if privacy else ''} / centralized{plain} = "
                   f"{fed / cen:.3f}   "
                   f"federated - local-only mean = {fed - (loc or 0):+.3f}")
+    best = report.get("best_round")
+    if best:
+        print(f"best round on validation data: {best['round']} (pooled validation AUROC "
+              f"{_fmt(best['validation']['auroc'])}, its test AUROC {_fmt(best['test']['auroc'])})")
+    print_cross_site(report.get("cross_site"))
     if report["synthetic_data"]:
         print("(synthetic phantom data: these numbers demonstrate the pipeline, not a "
               "clinical result)")
     print(f"wall time {report['wall_time_s']:.1f}s; checkpoint {report['checkpoint']}; "
           f"plot {report['plot']}")
+
+
+def print_cross_site(matrix: dict[str, Any] | None) -> None:
+    """Each model (row) on each hospital's held-out validation split and pooled (columns)."""
+    if not matrix:
+        return
+    columns = matrix["columns"]
+    width = max(12, *(len(c) for c in columns))
+    print(f"\nCross-site evaluation: {matrix['metric'].upper()} of each model (row) on "
+          f"{matrix['held_out']} (column)")
+    print(f"{'model':<22}" + "".join(f"{c[-width:]:>{width + 1}}" for c in columns))
+    for name, row in matrix["rows"].items():
+        print(f"{name.replace('local:', 'alone: ')[:22]:<22}"
+              + "".join(f"{_fmt(row[c]):>{width + 1}}" for c in columns))
 
 
 def plot_curves(report: dict[str, Any], path: Path) -> None:

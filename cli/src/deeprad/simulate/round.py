@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from deeprad.aggregator.job import run_aggregation_task
 from deeprad.core.checkpoint import read_checkpoint
-from deeprad.core.data import load_dataset
+from deeprad.core.data import ImageSet, load_dataset
 from deeprad.core.errors import DeepRadError
 from deeprad.core.privacy import PrivacyBudgetExceeded
 from deeprad.core.protocol import (
@@ -131,6 +131,8 @@ def _round_row(study: LocalStudy, round_no: int, report: AggregateReport, traine
         "round": round_no,
         "global": metrics_json(score_weights(weights, study.cfg, study.test_set)),
         "federated_evaluation": metrics_json(report.federated_metrics),
+        "validation_pooled": metrics_json(score_weights(weights, study.cfg, ImageSet.concat(
+            [load_dataset(s.dataset)[1] for s in study.sites]))),
         "sites": {
             s.name: {
                 "validation": metrics_json(score_weights(weights, study.cfg,

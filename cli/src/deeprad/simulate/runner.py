@@ -20,8 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from deeprad.core.protocol import ClinicalMetrics
-from deeprad.simulate.baselines import run_baselines
+from deeprad.simulate.baselines import Baselines, run_baselines
 from deeprad.simulate.config import SimulationConfig
 from deeprad.simulate.finish import finish
 from deeprad.simulate.round import Stop, run_round
@@ -34,7 +33,7 @@ def run_simulation(cfg: SimulationConfig) -> dict[str, Any]:
     started = time.perf_counter()
     study = set_up(cfg)
     rounds: list[dict[str, Any]] = []
-    curves: dict[str, list[ClinicalMetrics]] = {}
+    baselines = Baselines()
     stopped: str | None = None
     with start_pool(cfg.worker_count, cfg.threads_per_worker, study.test_set) as pool, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub") as hub_thread:
@@ -46,5 +45,5 @@ def run_simulation(cfg: SimulationConfig) -> dict[str, Any]:
                 break
             rounds.append(outcome)
         if cfg.baselines:
-            curves = run_baselines(study, pool, len(rounds))
-    return finish(study, rounds, curves, stopped, started)
+            baselines = run_baselines(study, pool, len(rounds))
+    return finish(study, rounds, baselines, stopped, started)

@@ -7,6 +7,7 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+from safetensors.torch import save
 
 from deeprad.core.checkpoint import read_checkpoint
 from deeprad.core.data import ImageSet, load_dataset
@@ -42,10 +43,11 @@ def train_site_round(task_json: str, store_url: str) -> str:
 
 
 def train_baseline(name: str, datasets: list[str], cfg_json: str, store_url: str, namespace: str,
-                   study: str, rounds: int) -> tuple[str, list[ClinicalMetrics]]:
+                   study: str, rounds: int) -> tuple[str, list[ClinicalMetrics], bytes]:
     """A non-federated comparison: train from the study's initial model on the pooled train
     splits of `datasets`, `rounds` x local_epochs epochs, scoring the test set after each
-    round's worth of epochs."""
+    round's worth of epochs. Returns the curve and the final weights (safetensors bytes, for
+    the cross-site evaluation)."""
     assert _TEST_SET is not None, "worker not initialised"
     cfg = TrainConfig.model_validate_json(cfg_json)
     weights, manifest = read_checkpoint(open_store(store_url), StudyLayout(namespace, study), 0)
@@ -61,4 +63,5 @@ def train_baseline(name: str, datasets: list[str], cfg_json: str, store_url: str
         metrics = evaluate(model, _TEST_SET, device)
         assert metrics is not None
         curve.append(metrics)
-    return name, curve
+    return name, curve, save({k: v.detach().cpu().contiguous()
+                              for k, v in model.state_dict().items()})
