@@ -14,7 +14,7 @@ INSTALL_STAMP := $(VENV)/.deeprad-installed
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-unit test-integration test-e2e lint bench bench-fedavg \
         bench-simulate bench-cluster bench-secagg bench-trainer bench-operator bench-gpu bench-dp \
-        bench-ddp \
+        bench-ddp chaos \
         bench-footprint crds \
         admission dashboards dev-up dev-down clean
 
@@ -48,6 +48,9 @@ test-integration: install tools ## integration tests: real control planes, node 
 
 test-e2e: install tools ## run only the end-to-end studies
 	$(PYTEST) -m e2e tests
+
+chaos: install tools ## two hub operators, the leader SIGKILLed 20 times in a 3-round study; prints each failover (~10 min idle)
+	DEEPRAD_CHAOS_KILLS=20 $(PYTEST) -s tests/e2e/test_failover.py
 
 lint: install ## ruff, mypy, import contracts, and checks that crds/, admission policies and dashboards match their sources
 	$(PYTHON) -m ruff check .

@@ -12,9 +12,16 @@ Printed:
   the round's creation until all N work items exist, / N; and, for context, the background
   request rate of all clients just before the round, with its largest sources;
 - time from the last report to the aggregator Job being created;
-- the operator's peak RSS (VmHWM).
+- while idle, the Lease reads per heartbeat interval (the heartbeat watches the Leases: O(1),
+  not O(sites)) and the HospitalSite status writes per second;
+- the operator's peak RSS (VmHWM), against the issue's goal of 250 MiB at 1000 sites.
 
-Run: python benchmarks/bench_operator_scale.py [--sites N]
+The operator runs with the hub chart's glibc malloc settings (GLIBC_MALLOC): two arenas, and
+blocks of 128 KiB and more mapped and returned at once. Without them, the large short-lived
+buffers of watch events and LISTs (JSON bodies, parsed objects) stay in the heap as
+fragmentation, and the peak RSS is mostly that.
+
+Run: python benchmarks/bench_operator_scale.py [--sites N] [--glibc-default]
 """
 
 from __future__ import annotations
@@ -50,6 +57,11 @@ NS = "scale"
 ROUND = "all-sites"
 _COUNTER = re.compile(r"^apiserver_request_total\{([^}]*)\} ([0-9.e+]+)$", re.MULTILINE)
 ROUND_RESOURCES = ("sitetasks", "federatedrounds", "jobs")
+SITE_INTERVAL = 30.0  # the operator's --site-interval here
+RSS_GOAL_MIB = 250  # issue #14: peak RSS at 1000 sites
+# As helm/deeprad/templates/deployment.yaml sets them for the operator.
+GLIBC_MALLOC = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072",
+                "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def _wait(what: str, check: Any, timeout: float, interval: float = 0.5) -> float:
@@ -78,9 +90,10 @@ def _delta(after: dict[tuple[str, str], float], before: dict[tuple[str, str], fl
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
 
 
-def _peak_rss(pid: int) -> int:
+def _peak_rss(pid: int, field: str = "VmHWM") -> int:
+    """The process's peak (VmHWM) or current (VmRSS) resident set, in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -122,6 +135,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--sites", type=int, default=1000, help="HospitalSites (default 1000)")
     parser.add_argument("--workers", type=int, default=8, help="fake-agent threads")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="run the operator with glibc's default malloc settings instead "
+                             "of the hub chart's")
     args = parser.parse_args()
     missing = missing_tools(("kube-apiserver", "etcd", "kubectl", "kwok", "versitygw"))
     if missing:
@@ -157,12 +173,15 @@ def main() -> int:
         argv = [sys.executable, "-m", "deeprad.operator.cli", "--mode", "hub",
                 "--kubeconfig", str(hub.kubeconfig), "--liveness", "",
                 "--metrics-port", str(free_port()), "--metrics-address", "127.0.0.1",
-                "--site-interval", "30", "--study-interval", "30", "--round-interval", "2",
+                "--site-interval", str(SITE_INTERVAL), "--study-interval", "30",
+                "--round-interval", "2",
                 "--store", f"s3://deeprad?endpoint={s3.endpoint}&secure=false",
                 "--jobs-namespace", "deeprad-system", "--hub-identity-secret", "hub-identity",
                 "--store-credentials-secret", "store", "--hub-keys", str(keys)]
         env = {**python_env(), "DEEPRAD_S3_ACCESS_KEY": s3.root.access_key,
                "DEEPRAD_S3_SECRET_KEY": s3.root.secret_key}
+        if not args.glibc_default:
+            env.update(GLIBC_MALLOC)
         operator = ManagedProcess("bench-operator", argv, work / "operator.log", token,
                                   env=env, cwd=work).start()
 
@@ -181,6 +200,7 @@ def main() -> int:
             return len(out["items"])
 
         reserve_s = _wait(f"{n} site namespaces reserved", lambda: leases() >= n, 1800)
+        phases = {"reserved": _peak_rss(operator.pid, "VmRSS")}
         with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
             list(pool.map(lambda s: _renew(client, s), names))
 
@@ -190,6 +210,7 @@ def main() -> int:
                               for c in (s.get("status") or {}).get("conditions") or ()))
 
         ready_s = _wait(f"{n} sites Ready", lambda: ready() >= n, 1800, interval=2)
+        phases["ready"] = _peak_rss(operator.pid, "VmRSS")
 
         # What the operator costs when nothing happens (heartbeat passes over every site).
         time.sleep(5)
@@ -197,8 +218,13 @@ def main() -> int:
         time.sleep(20)
         idle = _delta(_requests(hub), before)
         idle_s = time.monotonic() - t_idle
+        phases["idle"] = _peak_rss(operator.pid, "VmRSS")
         idle_rate = sum(idle.values()) / idle_s
         idle_top = sorted(idle.items(), key=lambda kv: -kv[1])[:4]
+        lease_reads = sum(v for (res, verb), v in idle.items()
+                          if res == "leases" and verb in ("GET", "LIST")) * SITE_INTERVAL / idle_s
+        site_writes = sum(v for (res, verb), v in idle.items()
+                          if res == "hospitalsites" and verb == "PATCH") / idle_s
         round_manifest = {"apiVersion": "deeprad.io/v1alpha1", "kind": "FederatedRound",
                           "metadata": {"name": ROUND, "namespace": NS},
                           "spec": {"round": 1, "model": {"name": "tumor-cnn"}, "minSites": 1,
@@ -218,6 +244,7 @@ def main() -> int:
                                    labelSelector=f"deeprad.io/round-uid={uid}")["items"])
 
         tasks_s = _wait(f"{n} work items", lambda: len(tasks()) >= n, 1800, interval=0.5)
+        phases["fanned-out"] = _peak_rss(operator.pid, "VmRSS")
         spent = _delta(_requests(hub), before)
         round_requests = sum(v for (res, verb), v in spent.items()
                              if res in ROUND_RESOURCES and verb not in ("LIST", "WATCH"))
@@ -240,6 +267,7 @@ def main() -> int:
               lambda: round_status().get("reportedSites") == n, 120)
         status = round_status()
         rss = _peak_rss(operator.pid)
+        phases["aggregating"] = _peak_rss(operator.pid, "VmRSS")
         kwok.stop()
     finally:
         if operator is not None:
@@ -252,7 +280,7 @@ def main() -> int:
     print(f"  {n} HospitalSites created by the script:          {created_s:8.1f} s")
     print(f"  all reserved (namespace, RBAC, Lease each):        {reserve_s:8.1f} s")
     print(f"  all Ready after one heartbeat each:                 {ready_s:8.1f} s")
-    print(f"  round created -> {n} work items created:          {tasks_s:8.1f} s")
+    print(f"  fan-out: round created -> {n} work items created: {tasks_s:8.1f} s")
     print(f"  API requests for the round in that window, per site: {round_requests / n:7.2f}"
           "  (SiteTasks, FederatedRounds, Jobs)")
     print(f"  background API requests before the round (all clients): {idle_rate:.1f}/s; largest: "
@@ -261,7 +289,14 @@ def main() -> int:
     print(f"  last report -> aggregator Job created:              {aggregate_s:8.1f} s")
     print(f"  round status: admitted {status.get('admittedSites')}, "
           f"reported {status.get('reportedSites')}, state {status.get('state')}")
-    print(f"  operator peak RSS:                                  {rss / 2**20:8.0f} MiB")
+    print(f"  idle: Lease reads per heartbeat interval ({SITE_INTERVAL:.0f} s):  "
+          f"{lease_reads:8.1f}  (the heartbeat watches the Leases)")
+    print(f"  idle: HospitalSite status writes:                   {site_writes:8.1f} /s")
+    malloc = "glibc default" if args.glibc_default else "chart's malloc settings"
+    print(f"  operator peak RSS ({malloc}):      {rss / 2**20:8.0f} MiB"
+          f"  (goal at 1000 sites: <= {RSS_GOAL_MIB} MiB)")
+    print("  operator RSS after each phase: " + ", ".join(
+        f"{phase} {value / 2**20:.0f} MiB" for phase, value in phases.items()))
     return 0
 
 

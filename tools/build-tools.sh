@@ -24,6 +24,7 @@ k8s_version="v1.37.2"
 k8s_build_date="2026-10-28T00:00:00Z"
 helm_version="v3.22.0"
 kwok_version="v0.8.0"
+kueue_version="v0.17.0"
 
 k8s_ldflags="-s -w"
 for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
@@ -38,13 +39,14 @@ done
 kwok_ldflags="-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${kwok_version#v}"
 kwok_ldflags+=" -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=${k8s_version#v}"
 s3_ldflags="-s -w"
+kueue_ldflags="-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$kueue_version"
 
 # The cache key: every file that decides what gets built, the recipe above and the toolchain.
 pin_hash() {
   {
     (cd "$modules" && find . -name go.mod -o -name go.sum -o -name '*.go' | LC_ALL=C sort |
       while read -r f; do echo "== $f"; cat "$f"; done)
-    echo "$k8s_ldflags|$helm_ldflags|$kwok_ldflags|$s3_ldflags"
+    echo "$k8s_ldflags|$helm_ldflags|$kwok_ldflags|$s3_ldflags|$kueue_ldflags"
     "$GO" env GOVERSION GOOS GOARCH
   } | sha256sum | cut -c1-16
 }
@@ -58,6 +60,7 @@ builds=(
   "helm|.|helm.sh/helm/v3/cmd/helm|helm_ldflags"
   "kwok|kwok|sigs.k8s.io/kwok/cmd/kwok|kwok_ldflags"
   "versitygw|s3|github.com/versity/versitygw/cmd/versitygw|s3_ldflags"
+  "kueue|kueue|sigs.k8s.io/kueue/cmd/kueue|kueue_ldflags"
 )
 k8s_links=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd)
 # kwok ships no default lifecycle; its own module carries the upstream Stage manifests
@@ -65,6 +68,9 @@ k8s_links=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd)
 kwok_stages="$tools_dir/share/kwok-stages"
 kwok_stage_files=(node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml
   pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml)
+# Kueue's CRDs as its release applies them, from its own module (tests install them into the
+# hospital clusters that run a Kueue controller).
+kueue_crds="$tools_dir/share/kueue-crds"
 
 all_built() {
   local entry name
@@ -74,6 +80,7 @@ all_built() {
   done
   for name in "${k8s_links[@]}"; do [[ -x "$bin/$name" ]] || return 1; done
   [[ -f "$kwok_stages/.complete" ]] || return 1
+  [[ -f "$kueue_crds/.complete" ]] || return 1
   command -v prometheus >/dev/null && command -v promtool >/dev/null
 }
 
@@ -126,6 +133,13 @@ if [[ ! -f "$kwok_stages/.complete" ]]; then
     install -m 0644 "$kwok_src/kustomize/stage/$f" "$kwok_stages/$(basename "$f")"
   done
   touch "$kwok_stages/.complete"
+fi
+
+if [[ ! -f "$kueue_crds/.complete" ]]; then
+  kueue_src="$(cd "$modules/kueue" && "$GO" list -m -f '{{.Dir}}' sigs.k8s.io/kueue)"
+  mkdir -p "$kueue_crds"
+  install -m 0644 "$kueue_src"/config/components/crd/bases/*.yaml "$kueue_crds/"
+  touch "$kueue_crds/.complete"
 fi
 
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then

@@ -243,6 +243,10 @@ def install_hub(fed: HelmFederation) -> None:
         # Speed, not function: 1 s passes instead of 15/10/5 s.
         "--set", "operator.intervals.site=1", "--set", "operator.intervals.study=1",
         "--set", "operator.intervals.round=1",
+        # Pods here share 127.0.0.1, so two operator pods (replicas, or a rolling update's
+        # surge) would bind the same ports: one operator, replaced with Recreate.
+        # tests/e2e/test_failover.py runs two replicas as processes on ports of their own.
+        "--set", "operator.replicas=1", "--set", "operator.leaderElection.enabled=false",
     ]
     fed.helm_hub("install", HUB_RELEASE, str(HUB_CHART), "-f", str(HUB_VALUES), *fed.hub_args)
     fed.hub.kubectl("wait", "--for=condition=Established", "--timeout=60s",

@@ -199,8 +199,6 @@ def test_every_pod_is_restricted(chart: Path, values: Path | None) -> None:
 
 def _args(objs: list[Obj]) -> tuple[list[str], Obj]:
     (deployment,) = by_kind(objs, "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["command"] == OPERATOR_COMMAND
     return container["args"], deployment["spec"]["template"]["spec"]
@@ -248,7 +246,7 @@ def test_hub_operator_follows_the_cli_contract() -> None:
     # The hub's private keys reach aggregator Jobs only, never the operator pod.
     assert not [v for v in pod["volumes"] if "secret" in v]
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pod["containers"][0]["env"]
-           if "valueFrom" in e}
+           if "secretKeyRef" in e.get("valueFrom", {})}
     assert env == {"DEEPRAD_S3_ACCESS_KEY": {"name": "deeprad-minio", "key": "access-key"},
                    "DEEPRAD_S3_SECRET_KEY": {"name": "deeprad-minio", "key": "secret-key"}}
 
@@ -305,7 +303,7 @@ def _rules(obj: Obj) -> set[tuple[str, str, str]]:
 
 def test_site_rbac_is_limited_to_the_training_namespace() -> None:
     objs = render(SITE, SITE_EXAMPLE)
-    (role,) = by_kind(objs, "Role")
+    (role,) = [r for r in by_kind(objs, "Role") if "leader-election" not in r["metadata"]["name"]]
     assert role["metadata"]["namespace"] == "deeprad-training"
     assert _rules(role) == {
         *(("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete")),
@@ -391,7 +389,9 @@ def test_hub_rbac_reaches_only_the_site_objects_by_name() -> None:
         if set(rule["resources"]) & {"serviceaccounts", "roles", "rolebindings", "leases"}:
             assert rule["resourceNames"] == [AGENT], rule
     leases = [r for r in operator["rules"] if "leases" in r["resources"]]
-    assert [sorted(r["verbs"]) for r in leases] == [["create", "get", "patch", "update"]]
+    # list and watch too: the heartbeat watch selects metadata.name=deeprad-agent (hub/sites.py)
+    assert [sorted(r["verbs"]) for r in leases] == [
+        ["create", "get", "list", "patch", "update", "watch"]]
 
 
 def _documented_rbac() -> set[tuple[str, str, str, str]]:
@@ -433,3 +433,70 @@ def test_network_policies_cover_every_pod(chart: Path, values: Path | None) -> N
     if chart == SITE:
         agent = next(p for p in policies if p["metadata"]["name"].endswith("-agent"))
         assert not agent["spec"].get("ingress") or values is not None
+
+
+# ---- high availability: replicas, leader election, disruption budget, spreading --------------
+
+HA = [(HUB, "operator", "operator", 2), (SITE, "agent", "agent", 1)]
+
+
+@pytest.mark.parametrize(("chart", "key", "lease_suffix", "replicas"), HA, ids=["hub", "site"])
+def test_replicas_elect_a_leader_on_a_lease_they_alone_may_renew(
+        chart: Path, key: str, lease_suffix: str, replicas: int) -> None:
+    """Each replica runs with --leader-election on a Lease in the release namespace, named
+    after the release; its identity is the pod's name; only that Lease may be renewed."""
+    objs = render(chart, None, f"{key}.replicas=2", namespace="deeprad")
+    (deployment,) = by_kind(objs, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    pod = deployment["spec"]["template"]["spec"]
+    flags = _flags(pod["containers"][0]["args"])
+    lease = f"st-marys-{chart.name}-{lease_suffix}"
+    assert flags["--leader-election"] == [""]
+    assert flags["--leader-election-namespace"] == ["deeprad"]
+    assert flags["--leader-election-lease-name"] == [lease]
+    assert (flags["--leader-election-lease-duration"], flags["--leader-election-renew-deadline"],
+            flags["--leader-election-retry-period"]) == (["10"], ["7"], ["2"])
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # Create cannot be limited by name; reading and renewing can, and are.
+    lease_rules = [r for role in by_kind(objs, "Role") if role["metadata"]["namespace"] ==
+                   "deeprad" for r in role["rules"] if "leases" in r["resources"]]
+    assert sorted((tuple(r["verbs"]), tuple(r.get("resourceNames", ()))) for r in lease_rules
+                  ) == [(("create",), ()), (("get", "update"), (lease,))]
+    # A drain leaves one replica; replicas prefer different nodes.
+    (pdb,) = by_kind(objs, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == \
+        deployment["spec"]["selector"]["matchLabels"]
+    # The chart's own default: two hub operators, one site agent (HA opt-in at hospitals).
+    (default,) = by_kind(render(chart), "Deployment")
+    assert default["spec"]["replicas"] == replicas
+    assert bool(by_kind(render(chart), "PodDisruptionBudget")) is (replicas > 1)
+    # A user's affinity replaces the default spreading.
+    own = by_kind(render(chart, None, f"{key}.replicas=2",
+                         f"{key}.affinity.nodeAffinity.x=y"), "Deployment")[0]
+    assert own["spec"]["template"]["spec"]["affinity"] == {"nodeAffinity": {"x": "y"}}
+
+
+@pytest.mark.parametrize(("chart", "key"), [(HUB, "operator"), (SITE, "agent")],
+                         ids=["hub", "site"])
+def test_without_leader_election_one_replica_is_recreated(chart: Path, key: str) -> None:
+    objs = render(chart, None, f"{key}.replicas=1", f"{key}.leaderElection.enabled=false")
+    (deployment,) = by_kind(objs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert not any(a.startswith("--leader-election")
+                   for a in deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert not [r for role in by_kind(objs, "Role") for r in role["rules"]
+                if "leases" in r["resources"]]
+    assert not by_kind(objs, "PodDisruptionBudget")
+    assert "affinity" not in deployment["spec"]["template"]["spec"]
+    out = helm("template", "x", str(chart), "--set", f"{key}.replicas=2", "--set",
+               f"{key}.leaderElection.enabled=false", check=False)
+    assert out.returncode != 0
+    assert f"{key}.replicas > 1 needs {key}.leaderElection.enabled: true" in out.stderr

@@ -78,7 +78,8 @@ def test_one_crd_per_kind_with_status_subresource_and_columns() -> None:
     assert kinds["HospitalSite"]["spec"]["scope"] == "Cluster"
     columns = [c["name"] for c in kinds["FederatedRound"]["spec"]["versions"][0][
         "additionalPrinterColumns"] if not c.get("priority")]
-    assert columns == ["Study", "Round", "Reported", "Admitted", "State", "AUROC", "Age"]
+    assert columns == ["Study", "Round", "Reported", "Admitted", "State", "Waiting", "AUROC",
+                       "Age"]
 
 
 def test_every_property_has_a_description() -> None:

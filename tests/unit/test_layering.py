@@ -106,3 +106,14 @@ def test_nothing_at_the_root_shadows_the_standard_library(flags: list[str]) -> N
     shadows = [name for name in sys.stdlib_module_names
                if (ROOT / f"{name}.py").exists() or (ROOT / name / "__init__.py").exists()]
     assert not shadows, f"importable from the root and named like the stdlib: {shadows}"
+
+
+def test_the_hub_operator_starts_without_numpy() -> None:
+    """numpy alone is ~13 MiB of the hub's resident memory (bench-operator's goal is 250 MiB
+    at 1000 sites): the hub's entry point and handlers load without it (the secure-aggregation
+    protocol and the DP accountant load it when a round needs them)."""
+    code = ("import sys, deeprad.operator.cli, deeprad.operator.hub, deeprad.operator.site.agent\n"
+            "print('numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "False", "the hub operator imported numpy at start"

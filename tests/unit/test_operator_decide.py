@@ -9,15 +9,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from deeprad.core.privacy import DPSteps, epsilon_of
 from deeprad.operator.api.common import CheckpointRef, ConditionStatus, DataSelector, Metrics
-from deeprad.operator.api.federatedround import RoundState, SiteState
+from deeprad.operator.api.federatedround import FederatedRoundSpec, RoundState, SiteState
 from deeprad.operator.api.federatedstudy import FederatedStudySpec, FederatedStudyStatus
 from deeprad.operator.api.hospitalsite import HospitalSiteSpec, HospitalSiteStatus
 from deeprad.operator.decide import conditions as cond
 from deeprad.operator.decide import sites, study
 from deeprad.operator.decide.timeutil import parse_duration, parse_time
+from deeprad.operator.render.rounds import round_spec
 
 logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's skipped RDP orders
 KEY_A = "Psy2mQcyA7EZmI3zzfHv9PHBlyb1GNO4M644weEL8yQ="
@@ -242,6 +244,29 @@ def test_a_failed_round_fails_the_study_and_says_how_to_retry() -> None:
     assert d.status.state == "Failed" and cond.is_true(d.status.conditions, "Failed")
 
 
+def test_rounds_copy_the_studys_admission_timeout_and_priority_for_the_queue() -> None:
+    spec = _study(admissionTimeout="30m", priority=7)
+    made = round_spec("s", spec, study.CreateRound(1, None, ("a", "b")))
+    assert (made.admission_timeout, made.priority) == ("30m", 7)
+    default = round_spec("s", _study(), study.CreateRound(1, None, None))
+    assert (default.admission_timeout, default.priority) == ("6h", 0)
+    by_hand = FederatedRoundSpec.model_validate({"round": 1, "model": {"name": "tumor-cnn"}})
+    assert (by_hand.admission_timeout, by_hand.priority) == ("6h", 0)
+    with pytest.raises(ValidationError, match="admissionTimeout"):
+        _study(admissionTimeout="6 hours")
+    with pytest.raises(ValidationError, match="priority"):
+        _study(priority=5000)
+
+
+def test_a_round_failed_for_want_of_sites_fails_the_study_naming_each_sites_reason() -> None:
+    why = ("FederatedRound s-r1: 1 site(s) admissible, spec.minSites is 2 (b: AtCapacity); "
+           "still short after spec.admissionTimeout 6h; make more sites Ready or lower minSites")
+    d = _decide(_study(), [_done(1, state=RoundState.FAILED, failure=why)])
+    assert isinstance(d.action, study.Stop) and d.action.reason == "RoundFailed"
+    assert d.action.message == f"FederatedRound s-r1 failed: {why}; delete that round to run " \
+                               "it again"
+
+
 def test_selector_is_resolved_and_quorum_checked() -> None:
     spec = _study(siteSelector={"matchLabels": {"x": "y"}}, roundTemplate={"minSites": 2})
     blocked = _decide(spec, [], [_candidate("a")]).action
@@ -314,3 +339,44 @@ def test_privacy_needs_every_sites_sample_count() -> None:
     assert "HospitalSite b: its spec.data.sampleCount is not set" in d.action.message
     progressing = cond.find(d.status.conditions, "Progressing")
     assert progressing is not None and progressing.status == ConditionStatus.FALSE
+
+
+# ---- the heartbeat's status writes ------------------------------------------------------------
+
+
+def test_a_renewing_agent_changes_the_site_status_only_every_few_minutes() -> None:
+    """Each renewal of the Lease must not become a status write: the Reachable message carries
+    no timestamp, and status.lastHeartbeat is copied only once it is HEARTBEAT_RECORD_EVERY
+    behind the Lease (absent, unreadable or ahead: at once)."""
+    spec = _site(connection={"heartbeatTimeout": "2m"})
+    gpus = json.dumps({"resourceName": "nvidia.com/gpu", "allocatable": 1})
+    every = sites.HEARTBEAT_RECORD_EVERY
+    status = HospitalSiteStatus()
+    written = []
+    for seconds in range(0, int(every.total_seconds()) * 2 + 1, 10):  # a renewal every 10 s
+        at = T0 + timedelta(seconds=seconds)
+        report = sites.read_lease("st-marys", _lease(at, **{
+            "deeprad.io/agent-version": "0.1.0", "deeprad.io/observed-gpus": gpus}))
+        observed = sites.observed_status(status, report)
+        observed.conditions = cond.merge(status.conditions, sites.site_conditions(
+            "st-marys", spec, observed, report, at + timedelta(seconds=1)), 1, at)
+        if observed != status:
+            written.append(seconds)
+        status = observed
+    assert written == [0, every.total_seconds(), 2 * every.total_seconds()]
+    assert cond.find(status.conditions, "Reachable").message == (  # type: ignore[union-attr]
+        "the site agent renews its heartbeat Lease within spec.connection.heartbeatTimeout 2m")
+    recorded = sites.recorded_heartbeat
+    assert recorded(None, T0, every) == "2030-07-07T12:00:00Z"
+    assert recorded("not a time", T0, every) == "2030-07-07T12:00:00Z"
+    assert recorded("2030-07-07T13:00:00Z", T0, every) == "2030-07-07T12:00:00Z"  # clock reset
+    assert recorded("2030-07-07T12:00:00Z", None, every) == "2030-07-07T12:00:00Z"
+
+
+def test_an_expired_heartbeat_message_changes_once_a_minute() -> None:
+    spec = _site()
+    last = T0 - timedelta(minutes=5)
+    messages = {sites.reachable("st-marys", spec, last, T0 + timedelta(seconds=s)).message
+                for s in range(0, 60, 15)}
+    assert messages == {f"last heartbeat {'2030-07-07T11:55:00Z'}, 5m0s ago, older than "
+                        "spec.connection.heartbeatTimeout 2m"}

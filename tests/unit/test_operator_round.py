@@ -3,6 +3,7 @@ quorum, aggregation and outcome — and the site agent's mapping of a task to a 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -35,14 +36,16 @@ from deeprad.operator.api.hospitalsite import HospitalSiteSpec
 from deeprad.operator.api.sitetask import PublicKeys, RoundRef, SiteTaskSpec, TaskResult, TaskState
 from deeprad.operator.decide import round as rules
 from deeprad.operator.decide.conditions import Desired, set_condition
+from deeprad.operator.decide.queue import QueuedRound, queued_behind, waiting_ahead
 from deeprad.operator.decide.sites import READY, SiteView
 from deeprad.operator.hub.round_pass import TaskFacts
-from deeprad.operator.hub.rounds import running_tasks
+from deeprad.operator.hub.rounds import AdmissionGate, SiteClaim, held_slots, round_claims
 from deeprad.operator.render.tasks import site_task
 from deeprad.operator.site.config import AgentConfig
 from deeprad.operator.site.training import task_result, training_task
 
 T0 = datetime(2030, 7, 8, 9, 0, tzinfo=UTC)  # a Monday
+SEC = timedelta(seconds=1)
 HUB = Identity.generate("hub", "hub")
 KEYS = {n: Identity.generate(n) for n in ("a", "b", "c")}
 PARENT = CheckpointManifest(study="s", round=0, producer="t", model=ModelSpec(),
@@ -94,6 +97,9 @@ def test_a_round_without_its_input_runs_the_prepare_job_once() -> None:
     assert decision.status.start_time == "2030-07-08T09:00:00Z"
     assert decision.status.deadline_time == "2030-07-08T10:00:00Z"
     assert decision.status.state == RoundState.SCHEDULING
+    # Admitted first: the sites are scheduled, training waits for the input.
+    assert _cond(decision.status, "SitesScheduled")[:2] == ("True", "SitesAdmitted")
+    assert _cond(decision.status, "Training")[:2] == ("False", "PreparingInput")
     again = _decide(_spec(), decision.status, _world(store=rules.StoreView(),
                                               prepare=rules.JobView("Running")))
     assert again.actions == [] and again.status.start_time == decision.status.start_time
@@ -121,15 +127,167 @@ def test_admission_once_with_reasons_and_tasks_for_the_admitted() -> None:
     assert later.actions == [] and later.status.admitted_sites == 1
 
 
-def test_too_few_admitted_sites_fail_the_round_naming_each_reason() -> None:
-    world = _world(candidates=[_view("a"), _view("b", ready=False), _view("c", ready=False)])
+# ---- queueing: a round short of sites waits, in a fair order, up to its admission timeout ----
+
+
+def _busy(name: str, running: int = 1, **spec: Any) -> SiteView:
+    return replace(_view(name, **spec), running_tasks=running)
+
+
+def test_a_round_short_of_sites_is_queued_naming_each_reason_without_starting() -> None:
+    world = _world(store=rules.StoreView(),
+                   candidates=[_view("a"), _busy("b"), _view("c", ready=False)])
     decision = _decide(_spec(), FederatedRoundStatus(), world)
+    status = decision.status
+    assert status.state == RoundState.QUEUED and not decision.finished
+    assert _cond(status, "SitesScheduled") == (
+        "False", "WaitingForSites",
+        "1 site(s) admissible, spec.minSites is 2 (b: AtCapacity; c: NotReady); waiting until "
+        "2030-07-08T15:00:00Z (spec.admissionTimeout 6h)")
+    assert {s.site: (s.state, s.reason) for s in status.sites or ()} == {
+        "a": (SiteState.WAITING, "Available"), "b": (SiteState.WAITING, "AtCapacity"),
+        "c": (SiteState.WAITING, "NotReady")}
+    assert status.waiting_for == "b:AtCapacity c:NotReady"
+    assert status.queued_since == "2030-07-08T09:00:00Z"
+    # Its deadline has not started, and a waiting round runs nothing: no prepare Job, no task.
+    assert (status.start_time, status.deadline_time, status.admitted_sites) == (None, None, None)
+    assert decision.actions == [] and [e.reason for e in decision.events] == ["Queued"]
+    again = _decide(_spec(), status, replace(world, now=T0 + timedelta(minutes=5)))
+    assert again.status.queued_since == status.queued_since and again.events == []
+
+
+def test_a_queued_round_is_admitted_when_capacity_frees_and_its_deadline_counts_from_then() -> None:
+    queued = _decide(_spec(), FederatedRoundStatus(),
+                     _world(candidates=[_view("a"), _busy("b"), _view("c", ready=False)])).status
+    later = T0 + timedelta(hours=2)
+    decision = _decide(_spec(), queued, _world(later, candidates=[
+        _view("a"), _view("b"), _view("c", ready=False)]))
+    status = decision.status
+    assert {s.site: (s.state, s.reason) for s in status.sites or ()} == {
+        "a": (SiteState.PENDING, "Admitted"), "b": (SiteState.PENDING, "Admitted"),
+        "c": (SiteState.EXCLUDED, "NotReady")}
+    assert (status.start_time, status.deadline_time) == ("2030-07-08T11:00:00Z",
+                                                         "2030-07-08T12:00:00Z")
+    assert status.waiting_for == "" and status.admitted_sites == 2
+    assert status.timings is not None and status.timings.scheduling_seconds == 7200
+    assert _cond(status, "SitesScheduled")[:2] == ("True", "SitesAdmitted")
+    assert decision.actions == [rules.CreateTasks(("a", "b"), "1" * 64, ("a", "b"))]
+    # Still training within the hour after admission (past an hour after creation).
+    within = _decide(_spec(), status, _world(later + timedelta(minutes=59), tasks={
+        "a": rules.TaskView("r1-a", TaskState.RUNNING),
+        "b": rules.TaskView("r1-b", TaskState.RUNNING)}))
+    assert within.status.state == RoundState.TRAINING
+    assert all(s.state != SiteState.DROPPED for s in within.status.sites or ())
+
+
+def test_a_queued_round_fails_insufficient_sites_at_its_admission_timeout() -> None:
+    candidates = [_view("a"), _busy("b"), _view("c", suspend=True)]
+    queued = _decide(_spec(), FederatedRoundStatus(), _world(candidates=candidates)).status
+    waiting = _decide(_spec(), queued, _world(T0 + timedelta(hours=5, minutes=59),
+                                              candidates=candidates))
+    assert waiting.status.state == RoundState.QUEUED
+    decision = _decide(_spec(), queued, _world(T0 + timedelta(hours=6), candidates=candidates))
     status, reason, message = _cond(decision.status, "Failed")
     assert (decision.status.state, status, reason) == (RoundState.FAILED, "True",
                                                         "InsufficientSites")
-    assert message.startswith("FederatedRound r1: 1 site(s) admitted, spec.minSites is 2 "
-                              "(b: NotReady; c: NotReady)")
-    assert decision.actions == [] and any(e.reason == "InsufficientSites" for e in decision.events)
+    assert message == ("FederatedRound r1: 1 site(s) admissible, spec.minSites is 2 "
+                       "(b: AtCapacity; c: Suspended); still short after "
+                       "spec.admissionTimeout 6h; make more sites Ready or lower minSites")
+    assert {s.site: s.state for s in decision.status.sites or ()} == dict.fromkeys(
+        "abc", SiteState.EXCLUDED)
+    assert decision.finished and decision.actions == []
+    assert any(e.reason == "InsufficientSites" for e in decision.events)
+    # admissionTimeout 0s: no waiting at all.
+    at_once = _decide(_spec(admissionTimeout="0s"), FederatedRoundStatus(),
+                      _world(candidates=candidates))
+    assert _cond(at_once.status, "Failed")[1] == "InsufficientSites"
+
+
+def test_permanent_reasons_fail_a_round_at_once_instead_of_queueing() -> None:
+    wrong_data = _view("b", data={"modality": "ct", "sampleCount": 100})
+    world = _world(candidates=[_view("a"), wrong_data, _view("c", ready=False)])
+    decision = _decide(_spec(sites=["a", "b", "ghost"], data={"modality": "mri"}),
+                       FederatedRoundStatus(), replace(world, candidates=[_view("a"), wrong_data]))
+    status, reason, message = _cond(decision.status, "Failed")
+    assert (status, reason) == ("True", "InsufficientSites")
+    assert message == ("FederatedRound r1: 1 site(s) admissible, spec.minSites is 2 "
+                       "(b: DataMismatch; ghost: NotFound); waiting cannot help: fix the sites' "
+                       "reasons or lower minSites")
+    # One permanent refusal with a site that may still come: the round waits for that one.
+    waits = _decide(_spec(sites=["a", "b", "c"], data={"modality": "mri"}),
+                    FederatedRoundStatus(), world)
+    assert waits.status.state == RoundState.QUEUED
+    assert {s.site: (s.state, s.reason) for s in waits.status.sites or ()} == {
+        "a": (SiteState.WAITING, "Available"), "b": (SiteState.EXCLUDED, "DataMismatch"),
+        "c": (SiteState.WAITING, "NotReady")}
+    assert waits.status.waiting_for == "b:DataMismatch c:NotReady"
+
+
+def _waiting(name: str, priority: int = 0, since: datetime = T0, sites: str = "ab",
+             created: datetime | None = None) -> QueuedRound:
+    return QueuedRound(f"research/{name}", priority, since, created or since, frozenset(sites))
+
+
+def test_queue_order_is_priority_then_fifo_then_creation_then_name() -> None:
+    me = _waiting("me", since=T0)
+    early, late = _waiting("early", since=T0 - timedelta(minutes=1)), _waiting("late",
+                                                                              since=T0 + SEC)
+    urgent = _waiting("urgent", priority=5, since=T0 + timedelta(hours=1))
+    assert waiting_ahead(me, [late, urgent, early], "a") == [urgent, early]
+    assert waiting_ahead(me, [late, urgent, early], "c") == []  # nobody else wants c
+    # Same priority and queuedSince: the older round first, then the name.
+    older = _waiting("zz", created=T0 - timedelta(hours=1))
+    twin = _waiting("aa")
+    assert waiting_ahead(me, [older, twin], "a") == [older, twin]
+    # A site with k free slots goes to the first k rounds that want it.
+    assert queued_behind(me, [urgent, early], "a", free=2) == urgent
+    assert queued_behind(me, [urgent, early], "a", free=3) is None
+    assert queued_behind(replace(me, priority=6), [urgent, early], "a", free=1) is None
+
+
+def test_a_round_behind_others_in_the_queue_waits_queued_behind_naming_the_round_ahead() -> None:
+    ahead = _waiting("other-r1", since=T0 - timedelta(minutes=3), sites="ab")
+    world = _world(candidates=[_view("a"), _view("b"), _view("c")], queue={"a": [ahead],
+                                                                           "b": [ahead]})
+    decision = _decide(_spec(minSites=2), FederatedRoundStatus(), world)
+    assert decision.status.state == RoundState.QUEUED
+    by_site = {s.site: s for s in decision.status.sites or ()}
+    assert (by_site["a"].state, by_site["a"].reason) == (SiteState.WAITING, "QueuedBehind")
+    assert by_site["a"].message == (
+        "HospitalSite a: its 1 free task slot(s) go first to FederatedRound research/other-r1 "
+        "(priority 0, queued since 2030-07-08T08:57:00Z), ahead in the queue")
+    assert decision.status.waiting_for == "a:QueuedBehind b:QueuedBehind"
+    # With a second slot at each site, both rounds fit: this one is admitted (a, b and c).
+    roomy = [_view(n, limits={"maxConcurrentTasks": 2}) for n in "abc"]
+    admitted = _decide(_spec(minSites=2), FederatedRoundStatus(), replace(world,
+                                                                         candidates=roomy))
+    assert admitted.status.admitted_sites == 3
+    # A higher priority goes first even though it queued later.
+    first = _decide(_spec(minSites=2, priority=1), FederatedRoundStatus(), world)
+    assert first.status.admitted_sites == 3
+
+
+def test_a_queued_sitetask_maps_to_a_queued_site_not_training_and_drops_at_the_deadline() -> None:
+    status = _admitted()
+    queued = rules.TaskView("r1-a", TaskState.QUEUED, "0/3 nodes are available: 3 Insufficient "
+                            "nvidia.com/gpu", reason="Unschedulable")
+    decision = _decide(_spec(), status, _world(T0 + timedelta(minutes=5), tasks={
+        "a": queued, "b": rules.TaskView("r1-b", TaskState.RUNNING)}))
+    by_site = {s.site: s for s in decision.status.sites or ()}
+    assert (by_site["a"].state, by_site["a"].reason) == (SiteState.QUEUED, "Unschedulable")
+    assert by_site["a"].message == "0/3 nodes are available: 3 Insufficient nvidia.com/gpu"
+    assert by_site["b"].state == SiteState.TRAINING
+    running = _decide(_spec(), decision.status, _world(T0 + timedelta(minutes=6), tasks={
+        "a": rules.TaskView("r1-a", TaskState.RUNNING)}))
+    entry = next(s for s in running.status.sites or () if s.site == "a")
+    assert (entry.state, entry.message) == (SiteState.TRAINING, None)
+    late = _decide(_spec(), decision.status, _world(T0 + timedelta(hours=1), tasks={
+        "a": queued}))
+    entry = next(s for s in late.status.sites or () if s.site == "a")
+    assert (entry.state, entry.reason) == (SiteState.DROPPED, "DeadlineExceeded")
+    # The dropped entry keeps the site's last word: why it never trained.
+    assert entry.message == ("no report by the round's deadline; the site's last report: "
+                             "0/3 nodes are available: 3 Insufficient nvidia.com/gpu")
 
 
 def test_secure_aggregation_needs_declared_sample_counts() -> None:
@@ -421,13 +579,51 @@ def test_a_hub_without_store_or_keys_says_so_on_the_round() -> None:
     assert status.state is None and status.start_time is None  # the round has not started
 
 
-def test_admission_counts_unfinished_tasks_of_other_rounds_per_site() -> None:
+def test_admission_counts_the_slots_other_rounds_take_per_site() -> None:
     def facts(round_uid: str, site: str, state: TaskState | None) -> TaskFacts:
         return TaskFacts(round_uid, site, f"{round_uid}-{site}", f"deeprad-site-{site}", state,
                          None, None, None)
 
     by_round = {"this": [facts("this", "a", TaskState.RUNNING)],
                 "r1": [facts("r1", "a", None), facts("r1", "b", TaskState.SUCCEEDED)],
-                "r2": [facts("r2", "a", TaskState.ACCEPTED), facts("r2", "b", TaskState.FAILED),
+                "r2": [facts("r2", "a", TaskState.QUEUED), facts("r2", "b", TaskState.FAILED),
                        facts("r2", "c", TaskState.RUNNING)]}
-    assert running_tasks(by_round, exclude_round="this") == {"a": 2, "c": 1}
+    assert held_slots(by_round, {}, {}, exclude_round="this") == {"a": 2, "c": 1}
+    # A round admitted at d before its task exists takes a slot there; r2 counts once at c;
+    # a round this operator has just admitted counts before the index shows it.
+    claims = {"d": [SiteClaim("r3", holds=True)], "c": [SiteClaim("r2", holds=True)],
+              "b": [SiteClaim("r4", holds=False, waiting=_waiting("r4"))]}
+    assert held_slots(by_round, claims, {"r5": {"b"}}, exclude_round="this") == {
+        "a": 2, "b": 1, "c": 1, "d": 1}
+
+
+def _round_object(status: dict[str, Any], priority: int | None = None) -> dict[str, Any]:
+    return {"name": "r2", "namespace": "research", "uid": "u2",
+            "meta": {"creationTimestamp": "2030-07-08T08:00:00Z"},
+            "spec": {} if priority is None else {"priority": priority}, "status": status}
+
+
+def test_the_round_index_shows_what_a_round_holds_and_what_it_waits_for() -> None:
+    waiting = {"state": "Queued", "queuedSince": "2030-07-08T08:30:00Z", "sites": [
+        {"site": "a", "state": "Waiting", "reason": "Available"},
+        {"site": "b", "state": "Waiting", "reason": "AtCapacity"},
+        {"site": "c", "state": "Excluded", "reason": "NotFound"}]}
+    claims = round_claims(**_round_object(waiting, priority=3))
+    queued = QueuedRound("research/r2", 3, T0 - timedelta(minutes=30),
+                         T0 - timedelta(hours=1), frozenset("ab"))
+    assert claims == {"a": SiteClaim("u2", False, queued), "b": SiteClaim("u2", False, queued)}
+    running = {"state": "Training", "startTime": "2030-07-08T09:00:00Z", "sites": [
+        {"site": "a", "state": "Training"}, {"site": "b", "state": "Reported"},
+        {"site": "c", "state": "Queued"}, {"site": "d", "state": "Excluded"}]}
+    assert round_claims(**_round_object(running)) == {"a": SiteClaim("u2", True),
+                                                        "c": SiteClaim("u2", True)}
+    assert round_claims(**_round_object({**running, "state": "Failed"})) == {}
+    assert round_claims(**_round_object({})) == {}
+
+
+def test_the_admission_gate_remembers_admissions_until_the_index_shows_them() -> None:
+    gate = AdmissionGate()
+    gate.record("u1", ["a", "b"])
+    assert gate.recent(indexed=set()) == {"u1": frozenset("ab")}
+    assert gate.recent(indexed={"u1"}) == {}
+    assert gate.recent(indexed=set()) == {}  # forgotten once the index had it

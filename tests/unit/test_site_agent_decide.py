@@ -1,6 +1,7 @@
 """The site agent's rules with plain data: accept a task, refuse it (policy, invalid spec,
-deadline), follow its Job (created or adopted) to success or failure, notice a vanished Job,
-delete the Job of a withdrawn task, and renew the heartbeat Lease."""
+deadline), follow its Job (created or adopted) to success or failure, report it Queued while
+Kueue holds it or the scheduler cannot place its pod, notice a vanished Job, delete the Job of
+a withdrawn task, and renew the heartbeat Lease."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from deeprad.core import __version__
+from deeprad.core.errors import ConfigError
 from deeprad.core.identity import Identity
 from deeprad.core.layout import StudyLayout
 from deeprad.core.privacy import DPSteps
@@ -23,9 +25,16 @@ from deeprad.operator.decide.sites import (
     POLICY_DIGEST_ANNOTATION,
 )
 from deeprad.operator.decide.timeutil import rfc3339
+from deeprad.operator.render.jobs import KUEUE_QUEUE_LABEL
 from deeprad.operator.render.meta import LABEL_SITE
-from deeprad.operator.site.config import AgentConfig, AllowedStore
+from deeprad.operator.site.config import (
+    AgentConfig,
+    AllowedStore,
+    TrainingPlacement,
+    parse_agent_config,
+)
 from deeprad.operator.site.decide import (
+    DEADLINE_GRACE_SECONDS,
     LABEL_TASK_UID,
     CreateJob,
     DeleteJob,
@@ -45,7 +54,13 @@ from deeprad.operator.site.decide import (
     report,
 )
 from deeprad.operator.site.ledger import Ledger, read_ledger, with_entry
-from deeprad.operator.site.observe import job_view, node_view, task_view
+from deeprad.operator.site.observe import (
+    admission_messages,
+    job_view,
+    node_view,
+    task_view,
+    unschedulable_pods,
+)
 
 T0 = datetime(2030, 7, 8, 9, 0, tzinfo=UTC)
 DEADLINE = "2030-07-08T10:00:00Z"
@@ -254,24 +269,24 @@ def test_a_completed_job_reports_the_trainers_result() -> None:
     assert (st.attempts, st.start_time, st.completion_time) == (1, rfc3339(T0), rfc3339(done))
 
 
-def test_a_completed_job_without_a_result_fails_with_the_log_tail() -> None:
+def test_a_completed_job_without_a_result_fails_with_its_last_line() -> None:
     log = "\n".join(f"line {i}" for i in range(30))
     st = _only_report(decide_task(CONFIG, _task({"state": "Running", "jobName": NAME}),
                                   _job(succeeded=1, outcome="Complete", log=log), T0,
                                   _reserved()))
     assert st.state == TaskState.FAILED and st.completion_time == rfc3339(T0)
-    assert st.message == ("the trainer finished but printed no result; log tail:\n"
-                          + "\n".join(f"line {i}" for i in range(15, 30)))
+    assert st.message == "the trainer finished but printed no result: line 29"
 
 
-def test_a_failed_job_fails_the_task_with_its_reason_and_log_tail() -> None:
+def test_a_failed_job_fails_the_task_with_its_reason_and_one_line_cause() -> None:
     job = _job(failed=3, outcome="Failed", failure="Job has reached the specified backoff limit",
                log="Traceback ...\nConfigError: no images under /data")
     st = _only_report(decide_task(CONFIG, _task({"state": "Running", "jobName": NAME}), job,
                                   T0, _reserved()))
     assert st.state == TaskState.FAILED and st.attempts == 3
-    assert st.message == ("training Job failed (Job has reached the specified backoff limit); "
-                          "log tail:\nTraceback ...\nConfigError: no images under /data")
+    assert st.message == ("training Job failed (Job has reached the specified backoff limit): "
+                          "ConfigError: no images under /data")
+    assert "\n" not in st.message and "Traceback" not in st.message
 
 
 def test_a_long_message_keeps_its_end() -> None:
@@ -391,3 +406,130 @@ def test_an_unreadable_privacy_ledger_starts_no_task_and_says_why() -> None:
     # A running Job, or a finished task, is left alone until the admin restores the ledger.
     assert ledger_refusal(_task(), _job(active=1), problem, T0) == []
     assert ledger_refusal(_task({"state": "Succeeded"}), None, problem, T0) == []
+
+
+# ---- queued: Kueue at the hospital, unschedulable pods ----------------------------------------
+
+KUEUE_CONFIG = AgentConfig(site="a", store=STORE,
+                           training=TrainingPlacement(local_queue="gpu-queue"))
+QUOTA_MESSAGE = ("couldn't assign flavors to pod set main: insufficient unused quota for "
+                 "nvidia.com/gpu in flavor gpu, 1 more needed")
+
+
+def test_a_kueue_local_queue_creates_the_job_suspended_with_its_queue_label() -> None:
+    create = next(a for a in decide_task(KUEUE_CONFIG, _task(), None, T0, EMPTY)
+                  if isinstance(a, CreateJob))
+    assert create.manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpu-queue"
+    assert create.manifest["spec"]["suspend"] is True
+    plain = next(a for a in decide_task(CONFIG, _task(), None, T0, EMPTY)
+                 if isinstance(a, CreateJob))
+    assert KUEUE_QUEUE_LABEL not in plain.manifest["metadata"]["labels"]
+    assert "suspend" not in plain.manifest["spec"]
+
+
+def test_a_job_held_by_kueue_is_queued_then_running_once_admitted() -> None:
+    accepted = {"state": "Accepted", "jobName": NAME, "heartbeatTime": rfc3339(T0)}
+    held = _job(suspended=True, queue="gpu-queue", queue_message=QUOTA_MESSAGE)
+    st = _only_report(decide_task(KUEUE_CONFIG, _task(accepted), held, T0, EMPTY))
+    assert (st.state, st.reason) == (TaskState.QUEUED, "QueuedByKueue")
+    assert st.message == f"waiting in Kueue LocalQueue gpu-queue: {QUOTA_MESSAGE}"
+    queued = st.model_dump(mode="json", by_alias=True, exclude_none=True)
+    # Reported once; later passes only heartbeat it.
+    assert decide_task(KUEUE_CONFIG, _task(queued), held, T0 + timedelta(seconds=5),
+                       EMPTY) == []
+    # Before Kueue made a Workload for it, the task names the queue.
+    st = _only_report(decide_task(KUEUE_CONFIG, _task(accepted),
+                                  _job(suspended=True, queue="gpu-queue"), T0, EMPTY))
+    assert (st.state, st.message) == (TaskState.QUEUED, "waiting in Kueue LocalQueue gpu-queue")
+    # Kueue admitted it (unsuspended, its pod runs): Running, and the queue's reason is gone.
+    st = _only_report(decide_task(KUEUE_CONFIG, _task(queued), _job(active=1, ready=1),
+                                  T0 + timedelta(seconds=10), EMPTY))
+    assert (st.state, st.message, st.reason) == (TaskState.RUNNING, "training", None)
+    # Done between two passes, never seen running: the queue's reason is gone all the same.
+    done = _job(succeeded=1, outcome="Complete", log=_result_line())
+    (report_,) = [a for a in decide_task(KUEUE_CONFIG, _task(queued), done, T0, EMPTY)
+                  if isinstance(a, ReportTask)]
+    assert (report_.status.state, report_.status.reason) == (TaskState.SUCCEEDED, None)
+
+
+def test_an_unschedulable_trainer_pod_is_queued_with_the_schedulers_reason() -> None:
+    accepted = {"state": "Accepted", "jobName": NAME, "heartbeatTime": rfc3339(T0)}
+    scheduler = "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
+    st = _only_report(decide_task(CONFIG, _task(accepted),
+                                  _job(active=1, unschedulable=scheduler), T0, EMPTY))
+    assert (st.state, st.reason) == (TaskState.QUEUED, "Unschedulable")
+    assert st.message == f"trainer pod unschedulable: {scheduler}"
+    # A pod the scheduler has not answered for yet is not Running (it may never be).
+    assert decide_task(CONFIG, _task(accepted), _job(active=1, unplaced=True), T0, EMPTY) == []
+    # A pod on a node, not ready yet (no scheduler message), is Running.
+    st = _only_report(decide_task(CONFIG, _task(accepted), _job(active=1), T0, EMPTY))
+    assert st.state == TaskState.RUNNING
+
+
+def test_a_job_still_queued_at_the_deadline_is_deleted_and_its_task_fails() -> None:
+    deadline = datetime(2030, 7, 8, 10, 0, tzinfo=UTC)
+    queued = {"state": "Queued", "reason": "QueuedByKueue", "jobName": NAME,
+              "heartbeatTime": rfc3339(deadline), "message": "waiting in Kueue LocalQueue q"}
+    held = _job(suspended=True, queue="q")
+    ledger = _reserved()  # the run's reservation stays: nothing more to write
+    before = deadline - timedelta(seconds=1)
+    assert decide_task(KUEUE_CONFIG, _task(queued), held, before, ledger) == []
+    delete, failed = decide_task(KUEUE_CONFIG, _task(queued), held, deadline, ledger)
+    assert delete == DeleteJob(NAME, "its round's deadline passed")
+    assert isinstance(failed, ReportTask)
+    assert (failed.status.state, failed.status.reason) == (TaskState.FAILED, "DeadlineExceeded")
+    assert failed.status.message == ("the round's deadline passed with the Job still queued "
+                                     "(waiting in Kueue LocalQueue q); training Job deleted")
+    # A Job Kueue started late may run past the deadline (suspended time does not count
+    # against activeDeadlineSeconds): deleted once the grace has passed too.
+    running = {**queued, "state": "Running", "message": "training"}
+    late = deadline + timedelta(seconds=DEADLINE_GRACE_SECONDS)
+    assert decide_task(KUEUE_CONFIG, _task(running), _job(active=1, ready=1),
+                       late - timedelta(seconds=1), ledger) == []
+    delete, failed = decide_task(KUEUE_CONFIG, _task(running), _job(active=1, ready=1), late,
+                                 ledger)
+    assert isinstance(delete, DeleteJob) and isinstance(failed, ReportTask)
+    assert failed.status.message == ("the round's deadline passed with the Job still running; "
+                                     "training Job deleted")
+
+
+def test_queued_jobs_pending_pods_and_kueue_workloads_as_the_api_returns_them() -> None:
+    job = job_view({"metadata": {"name": NAME, "labels": {KUEUE_QUEUE_LABEL: "q"}},
+                    "spec": {"suspend": True},
+                    "status": {"conditions": [{"type": "Suspended", "status": "True"}]}})
+    assert (job.suspended, job.queue, job.starting) == (True, "q", False)
+    starting = job_view({"metadata": {"name": NAME}, "status": {"active": 1, "ready": 0}})
+    assert starting.starting and not job_view(
+        {"metadata": {"name": NAME}, "status": {"active": 1, "ready": 1}}).starting
+    pending = {"metadata": {"labels": {"batch.kubernetes.io/job-name": NAME}},
+               "status": {"phase": "Pending", "conditions": [
+                   {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                    "message": "0/2 nodes are available: 1 Insufficient nvidia.com/gpu,\n"
+                               "  1 node(s) didn't match Pod's node affinity/selector."}]}}
+    placed = {"metadata": {"labels": {"batch.kubernetes.io/job-name": "other"}},
+              "status": {"phase": "Pending", "conditions": [
+                  {"type": "PodScheduled", "status": "True"}]}}
+    assert unschedulable_pods([pending, placed]) == {
+        NAME: "0/2 nodes are available: 1 Insufficient nvidia.com/gpu, 1 node(s) didn't "
+              "match Pod's node affinity/selector."}
+    workload = {"metadata": {"ownerReferences": [{"kind": "Job", "name": NAME}]},
+                "status": {"conditions": [
+                    {"type": "QuotaReserved", "status": "False", "reason": "Pending",
+                     "message": QUOTA_MESSAGE}]}}
+    admitted = {"metadata": {"ownerReferences": [{"kind": "Job", "name": "other"}]},
+                "status": {"conditions": [{"type": "QuotaReserved", "status": "True"},
+                                          {"type": "Admitted", "status": "True"}]}}
+    assert admission_messages([workload, admitted]) == {NAME: QUOTA_MESSAGE}
+
+
+def test_a_bad_kueue_local_queue_name_is_refused_naming_the_field() -> None:
+    try:
+        parse_agent_config({"site": "a", "training": {"localQueue": "GPU_Queue"}},
+                           "site agent config agent.yaml")
+    except ConfigError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("a LocalQueue name that is no DNS label was accepted")
+    assert message.startswith("site agent config agent.yaml: training.localQueue: ")
+    assert "must name a Kueue LocalQueue in the training namespace" in message
+    assert "got 'GPU_Queue'" in message and "\n" not in message

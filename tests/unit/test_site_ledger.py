@@ -439,9 +439,11 @@ def test_ledger_a_dp_trainer_job_is_never_retried() -> None:
     assert isinstance(dp_create, CreateJob) and isinstance(plain_create, CreateJob)
     dp, plain = dp_create.manifest["spec"], plain_create.manifest["spec"]
     assert dp["backoffLimit"] == 0
-    assert [r["action"] for r in dp["podFailurePolicy"]["rules"]] == ["FailJob"]
+    # A store outage's exit code is counted against backoffLimit 0: no second run either.
+    assert [r["action"] for r in dp["podFailurePolicy"]["rules"]] == ["FailJob", "Count"]
     assert plain["backoffLimit"] == 1
-    assert [r["action"] for r in plain["podFailurePolicy"]["rules"]] == ["FailJob", "Ignore"]
+    assert [r["action"] for r in plain["podFailurePolicy"]["rules"]] == ["FailJob", "Count",
+                                                                         "Ignore"]
 
 
 # ---- the reservation bounds the run at every order ------------------------------------------

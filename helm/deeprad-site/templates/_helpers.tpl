@@ -86,6 +86,7 @@ digest pins it. Each part matches deeprad.operator.api.images (values.schema.jso
 {{- with (include "deeprad-site.dataClaim" .) }}{{ $_ := set $training "dataClaim" . }}{{ end -}}
 {{- with $t.maxTaskDuration }}{{ $_ := set $training "maxTaskDuration" . }}{{ end -}}
 {{- with $t.serviceAccount }}{{ $_ := set $training "serviceAccount" . }}{{ end -}}
+{{- with $t.localQueue }}{{ $_ := set $training "localQueue" . }}{{ end -}}
 {{- with $t.datasetName }}{{ $_ := set $training "datasetName" . }}{{ end -}}
 {{- with $t.datasetRecords }}{{ $_ := set $training "datasetRecords" (int .) }}{{ end -}}
 {{- $config := dict

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from deeprad.core.errors import ConfigError
 from deeprad.core.protocol import NORMALIZATIONS, ModelSpec, StrategySpec, TrainConfig
-from deeprad.core.secagg.protocol import DEFAULT_THREAT_MODEL, THREAT_MODELS, ThreatModel
+from deeprad.core.secagg.threat import DEFAULT_THREAT_MODEL, THREAT_MODELS, ThreatModel
 from deeprad.core.strategies import secure_sum_strategies, strategy_info
 
 

@@ -29,6 +29,11 @@ class ObjectNotFound(StoreError):
     """The requested key does not exist."""
 
 
+class StoreUnavailable(StoreError):
+    """The store stayed unreachable (connection refused, timeouts, 5xx) past the retry window
+    or the task's deadline: a transient fault, never bad input (a Job exits 75 on it)."""
+
+
 class CheckpointError(DeepRadError):
     """A checkpoint is missing, corrupt, or does not match its manifest."""
 

@@ -39,7 +39,7 @@ from deeprad.core.errors import ConfigError, PolicyViolation, field_problems
 from deeprad.core.model_catalogue import MODEL_NAMES, model_digest
 from deeprad.core.privacy import DPSteps, epsilon_of, make_accountant, merge_runs, round_steps
 from deeprad.core.protocol import TrainingTask
-from deeprad.core.secagg.protocol import DEFAULT_THREAT_MODEL, ThreatModel, threshold_for
+from deeprad.core.secagg.threat import DEFAULT_THREAT_MODEL, ThreatModel, threshold_for
 from deeprad.core.signing import canonical_json
 
 # What the site agent hands its trainer Job: the policy (JSON, camelCase), the trainer image it

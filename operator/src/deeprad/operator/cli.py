@@ -14,8 +14,10 @@ import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
+from deeprad.operator import leader
 from deeprad.operator.options import HubOptions
 
 MODES = ("hub", "site")
@@ -39,14 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Prometheus /metrics port; 0 disables (default: %(default)s)")
     parser.add_argument("--metrics-address", default="0.0.0.0",
                         help="address /metrics listens on (default: %(default)s)")
-    parser.add_argument("--peering", metavar="NAME",
-                        help="KopfPeering name for several replicas (default: run alone)")
+    add_leader_election_arguments(parser)
     parser.add_argument("--site-interval", type=float, default=HubOptions.site_interval,
                         metavar="S", help="seconds between heartbeat checks of a site")
     parser.add_argument("--study-interval", type=float, default=HubOptions.study_interval,
                         metavar="S", help="seconds between passes over a study")
     parser.add_argument("--round-interval", type=float, default=HubOptions.round_interval,
                         metavar="S", help="seconds between passes over a running round")
+    parser.add_argument("--task-history", type=float, default=HubOptions.task_history,
+                        metavar="S", help="seconds an ended round keeps its SiteTasks")
+    parser.add_argument("--sweep-interval", type=float, default=HubOptions.sweep_interval,
+                        metavar="S", help="seconds between sweeps for orphaned SiteTasks and "
+                                          "hub Jobs")
     hub = parser.add_argument_group("hub mode: running rounds")
     hub.add_argument("--store", default=os.environ.get("DEEPRAD_STORE"), metavar="URL",
                      help="object store, s3://BUCKET?endpoint=HOST:PORT[&secure=false]; keys "
@@ -89,6 +95,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def add_leader_election_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the Lease-based leader election that lets several replicas run (leader.py)."""
+    group = parser.add_argument_group(
+        "leader election (several replicas: one acts, the others stand by)")
+    group.add_argument("--leader-election", action=argparse.BooleanOptionalAction,
+                       default=False,
+                       help="act only while holding a coordination.k8s.io Lease; a standby "
+                            "waits, answering --liveness, and takes over when the leader's "
+                            "lease runs out (default: off, one process acts alone)")
+    group.add_argument("--leader-election-namespace", metavar="NS",
+                       default=os.environ.get("POD_NAMESPACE"),
+                       help="namespace of the Lease (default: $POD_NAMESPACE, else the hub's "
+                            "--jobs-namespace or the site's training namespace)")
+    group.add_argument("--leader-election-lease-name", metavar="NAME",
+                       help="name of the Lease (default: deeprad-operator in hub mode, "
+                            "deeprad-site-agent in site mode)")
+    group.add_argument("--leader-election-lease-duration", type=float, metavar="S",
+                       default=leader.LEASE_DURATION,
+                       help="seconds a standby waits after the leader's last renewal before "
+                            "taking over (default: %(default)s)")
+    group.add_argument("--leader-election-renew-deadline", type=float, metavar="S",
+                       default=leader.RENEW_DEADLINE,
+                       help="seconds the leader goes on without a successful renewal before "
+                            "it exits; shorter than the lease (default: %(default)s)")
+    group.add_argument("--leader-election-retry-period", type=float, metavar="S",
+                       default=leader.RETRY_PERIOD,
+                       help="seconds between renewals and between a standby's attempts "
+                            "(default: %(default)s)")
+
+
 def image_reference(value: str) -> str:
     """argparse type: an image reference, by the rule of deeprad.operator.api.images."""
     # Imported here: the API types load pydantic, and `deeprad --help` stays fast.
@@ -117,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the operator until SIGINT/SIGTERM."""
     # kopf and the API client load here, not at import: `deeprad --help` stays fast.
     import kopf
+    import kubernetes
 
     from deeprad.operator import metrics
     from deeprad.operator.api.names import SITE_NAMESPACE_PREFIX
@@ -133,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
         return run_site(args)
     options = HubOptions(
         site_interval=args.site_interval, study_interval=args.study_interval,
-        round_interval=args.round_interval, store_url=args.store,
+        round_interval=args.round_interval, task_history=args.task_history,
+        sweep_interval=args.sweep_interval, store_url=args.store,
         public_store_endpoint=args.public_store_endpoint, jobs_namespace=args.jobs_namespace,
         job_image=args.job_image, image_pull_policy=args.image_pull_policy,
         store_credentials_secret=args.store_credentials_secret,
@@ -154,10 +192,55 @@ def run(args: argparse.Namespace) -> int:
     # exists, so the operator's own namespace, which always does, is in the list.
     namespaces = [*args.namespaces, f"{SITE_NAMESPACE_PREFIX}*", args.jobs_namespace] \
         if args.namespaces else []
-    kopf.run(registry=build_registry(options), settings=operator_settings(peering=args.peering),
-             memo=memo, clusterwide=not namespaces, namespaces=namespaces,
-             liveness_endpoint=args.liveness or None, standalone=args.peering is None)
+    registry = build_registry(options)
+    elector = None
+    if args.leader_election:
+        from deeprad.operator.client import load_configuration
+
+        api = kubernetes.client.ApiClient(load_configuration(args.kubeconfig, args.context))
+        elector = _elector(args, api, "deeprad-operator", args.jobs_namespace)
+        if elector is None:
+            return 2
+        if not _stand_by(elector, args.liveness):
+            return 0
+    try:
+        # standalone: kopf's peering pauses only for peers of higher priority, so it elects no
+        # leader; with several replicas the Lease above decides which one runs.
+        kopf.run(registry=registry, settings=operator_settings(), memo=memo,
+                 clusterwide=not namespaces, namespaces=namespaces,
+                 liveness_endpoint=args.liveness or None, standalone=True)
+    finally:
+        if elector is not None:
+            elector.release()
     return 0
+
+
+def _elector(args: argparse.Namespace, api: Any, lease_name: str, namespace: str
+             ) -> leader.LeaderElector | None:
+    """The candidate the flags describe; None (after saying why) when their durations cannot
+    guarantee one leader."""
+    timing = leader.Timing(args.leader_election_lease_duration,
+                           args.leader_election_renew_deadline,
+                           args.leader_election_retry_period)
+    problem = timing.problem()
+    if problem:
+        print(f"deeprad operator --mode {args.mode}: {problem}", file=sys.stderr)
+        return None
+    return leader.LeaderElector(api, args.leader_election_namespace or namespace,
+                                args.leader_election_lease_name or lease_name, timing=timing)
+
+
+def _stand_by(elector: leader.LeaderElector, liveness: str,
+              stop: threading.Event | None = None) -> bool:
+    """Block as a standby until `elector` leads (True) or SIGINT/SIGTERM arrives (False)."""
+    stop = stop or threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return leader.stand_by(elector, liveness, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_site(args: argparse.Namespace) -> int:
@@ -184,19 +267,30 @@ def run_site(args: argparse.Namespace) -> int:
     _report_token_expiry(token_expiry(hub_config))
     hub = kubernetes.client.ApiClient(hub_config)
     local = kubernetes.client.ApiClient(load_configuration(args.kubeconfig, args.context))
+    if args.metrics_port:
+        metrics.serve(args.metrics_port, args.metrics_address)
+    stop = threading.Event()
+    elector = None
+    if args.leader_election:  # the Lease lives on the hospital's cluster, beside the agent
+        elector = _elector(args, local, "deeprad-site-agent", config.training.namespace)
+        if elector is None:
+            return 2
+        if not _stand_by(elector, args.liveness, stop):
+            return 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     agent = SiteAgent(config, hub, local)
     if args.liveness:
         url = urlparse(args.liveness)
         serve_health(agent, url.hostname or "0.0.0.0", url.port or 8080)
-    if args.metrics_port:
-        metrics.serve(args.metrics_port, args.metrics_address)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     logging.getLogger("deeprad.agent").info(
         "site agent for %s: hub namespace %s%s, training namespace %s", config.site,
         SITE_NAMESPACE_PREFIX, config.site, config.training.namespace)
-    agent.run(stop)
+    try:
+        agent.run(stop)
+    finally:
+        if elector is not None:
+            elector.release()
     return 0
 
 

@@ -13,6 +13,8 @@ class HubOptions:
     site_interval: float = 15.0  # re-read each site's heartbeat Lease
     study_interval: float = 10.0  # re-derive each study from its rounds
     round_interval: float = 5.0  # re-derive each running round from its tasks, Jobs and store
+    task_history: float = 600.0  # seconds an ended round keeps its SiteTasks (hub/cleanup.py)
+    sweep_interval: float = 60.0  # seconds between garbage sweeps (hub/cleanup.py)
     store_url: str | None = None  # s3://bucket?endpoint=HOST:PORT (keys from the environment)
     public_store_endpoint: str | None = None  # HOST:PORT the sites reach the store at
     jobs_namespace: str = "deeprad-system"  # where prepare and aggregator Jobs run

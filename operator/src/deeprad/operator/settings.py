@@ -11,10 +11,15 @@ import logging
 
 import kopf
 
+from deeprad.operator.render import site as site_render
+
 PREFIX = "deeprad.io"
+# No handler needs a finalizer any more (hub/cleanup.py); naming it still matters: kopf takes it
+# off the objects an older operator put it on.
 FINALIZER = f"{PREFIX}/finalizer"
 DIFFBASE_KEY = "last-handled-configuration"
 COMPONENT = "deeprad-operator"
+AGENT_LEASES = ("coordination.k8s.io", "v1", "leases")
 
 
 def operator_settings(standalone: bool = True, peering: str | None = None
@@ -44,3 +49,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
     settings.networking.request_timeout = 60
+    # The agents' heartbeat Leases are watched (hub/sites.py): only those, selected by the
+    # server, so no other Lease (nodes', controllers') reaches the operator; the name selector
+    # is also what lets RBAC grant list/watch on these Leases alone (resourceNames).
+    settings.watching.field_selectors[AGENT_LEASES] = f"metadata.name={site_render.AGENT}"
+    settings.watching.label_selectors[AGENT_LEASES] = \
+        f"app.kubernetes.io/component={site_render.COMPONENT}"

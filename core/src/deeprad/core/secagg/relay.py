@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from deeprad.core.distributed_dp import padded_length
 from deeprad.core.errors import ConfigError, ObjectNotFound
 from deeprad.core.layout import StudyLayout
 from deeprad.core.protocol import SecAggSpec
 from deeprad.core.secagg.errors import SecAggAborted
-from deeprad.core.secagg.protocol import SecAggConfig
 from deeprad.core.store import ObjectStore
+
+if TYPE_CHECKING:  # the protocol and distributed DP need numpy, which the operator never loads
+    from deeprad.core.secagg.protocol import SecAggConfig
 
 M = TypeVar("M", bound=BaseModel)
 ABORTED = "aborted"
@@ -69,6 +70,9 @@ def round_config(namespace: str, study: str, round_no: int, spec: SecAggSpec,
                  update_length: int) -> SecAggConfig:
     """The round's protocol config: the update's values plus one carrying the site's weight,
     or with distributed DP the update rotated to a power-of-two length (every site weighs 1)."""
+    from deeprad.core.distributed_dp import padded_length
+    from deeprad.core.secagg.protocol import SecAggConfig
+
     ddp = spec.distributed_dp
     length = update_length + 1 if ddp is None else padded_length(update_length)
     config = SecAggConfig.create(namespace, study, round_no, spec.roster, length,

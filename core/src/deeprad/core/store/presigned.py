@@ -24,7 +24,6 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -37,13 +36,13 @@ from deeprad.core.layout import StudyLayout
 from deeprad.core.secagg.relay import HUB_BROADCASTS, HUB_ROUTED, SITE_POSTS
 from deeprad.core.store.base import ObjectStore, check_key
 from deeprad.core.store.endpoint import StoreEndpoint
+from deeprad.core.store.retry import RetryPolicy, transient_cause
 from deeprad.core.store.sigv4 import WRITE_ONCE
 
 Method = Literal["GET", "PUT"]
 URLS_ENV = "DEEPRAD_PRESIGNED_URLS"
 ENDPOINT_ENV = "DEEPRAD_STORE_ENDPOINT"
 _CHUNK = 1 << 20
-_RETRIES = 4  # transient network errors (connection reset, 5xx) are retried with backoff
 _NOT_SENT = (ConnectionRefusedError, socket.gaierror)  # the request never reached the store
 log = logging.getLogger("deeprad.store")
 
@@ -89,8 +88,8 @@ class PresignedStore(ObjectStore):
     URL leads to `endpoint` (the store the site allows); PolicyViolation before any request
     otherwise."""
 
-    def __init__(self, urls: Mapping[str, str], endpoint: str, timeout_s: float = 120.0
-                 ) -> None:
+    def __init__(self, urls: Mapping[str, str], endpoint: str, timeout_s: float = 120.0,
+                 retry: RetryPolicy | None = None) -> None:
         self.endpoint = StoreEndpoint.parse(endpoint, ENDPOINT_ENV)
         for key, url in urls.items():
             try:
@@ -100,6 +99,7 @@ class PresignedStore(ObjectStore):
                                       "no request was sent") from None
         self.urls = {check_key(k): v for k, v in urls.items()}
         self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy.from_env()
         self.url = f"presigned:({len(self.urls)} objects at {self.endpoint.text})"
         self.uri_prefix = "presigned:/"
         self._opener = urllib.request.build_opener(_RefuseRedirects())
@@ -124,7 +124,7 @@ class PresignedStore(ObjectStore):
             raise ConfigError(f"{URLS_ENV} is not JSON: {exc}") from None
         if not isinstance(urls, dict) or not all(isinstance(v, str) for v in urls.values()):
             raise ConfigError(f"{URLS_ENV} must be a JSON object of key -> URL strings")
-        return cls(urls, endpoint)
+        return cls(urls, endpoint, retry=RetryPolicy.from_env(env))
 
     def _url(self, key: str) -> str:
         try:
@@ -136,11 +136,14 @@ class PresignedStore(ObjectStore):
     def _open(self, key: str, method: Method, data: bytes | None = None,
               body_path: Path | None = None, headers: dict[str, str] | None = None
               ) -> urllib.response.addinfourl | None:
-        """Send one request, retrying transient faults; None only for a write-once PUT whose
-        retry found the object that an earlier attempt (whose answer was lost) stored."""
+        """Send one request, retried on transient faults (`deeprad.core.store.retry`); None
+        only for a write-once PUT whose retry found the object that an earlier attempt (whose
+        answer was lost) stored."""
         url = self._url(key)
         landed = False  # an earlier attempt may have reached the store
-        for attempt in range(_RETRIES + 1):
+
+        def attempt() -> urllib.response.addinfourl | None:
+            nonlocal landed
             body: Any = data
             hdrs = dict(headers or {})
             if method == "PUT":
@@ -148,8 +151,7 @@ class PresignedStore(ObjectStore):
             if body_path is not None:
                 hdrs["Content-Length"] = str(body_path.stat().st_size)
                 body = body_path.open("rb")
-            req = urllib.request.Request(url, data=body, method=method,
-                                         headers=hdrs)
+            req = urllib.request.Request(url, data=body, method=method, headers=hdrs)
             try:
                 return self._opener.open(req, timeout=self.timeout_s)
             except urllib.error.HTTPError as exc:
@@ -166,21 +168,22 @@ class PresignedStore(ObjectStore):
                         f"presigned store: PUT {key!r} refused (412 Precondition Failed): the "
                         "object exists and objects a site writes are write-once, so the first "
                         "upload stands; send a new update in a later round") from None
-                # 409: a concurrent conditional write to the key; S3 asks for a retry.
-                if (exc.code < 500 and exc.code != 409) or attempt == _RETRIES:
+                if transient_cause(exc) is None:
                     detail = exc.read(300).decode("utf-8", "replace")
                     raise StoreError(f"presigned store: {method} {key!r} failed: HTTP "
-                                     f"{exc.code} {detail}") from None
+                                     f"{exc.code} {' '.join(detail.split())}") from None
                 landed = True
+                raise
             except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-                if attempt == _RETRIES:
-                    raise StoreError(f"presigned store: {method} {key!r} failed: {exc}") from None
                 landed = landed or not isinstance(getattr(exc, "reason", exc), _NOT_SENT)
+                if transient_cause(exc) is None:
+                    raise StoreError(f"presigned store: {method} {key!r} failed: {exc}") from None
+                raise
             finally:
                 if body_path is not None and hasattr(body, "close"):
                     body.close()
-            time.sleep(0.5 * 2 ** attempt)
-        raise AssertionError("unreachable")
+
+        return self.retry.call(self.endpoint.text, attempt)
 
     def _get(self, key: str, headers: dict[str, str] | None = None
              ) -> urllib.response.addinfourl:

@@ -6,25 +6,28 @@ import contextlib
 import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from minio import Minio
 from minio.error import S3Error
 
 from deeprad.core.errors import ObjectNotFound, StoreError
 from deeprad.core.store.base import ObjectStore, check_key
+from deeprad.core.store.retry import RetryPolicy
 from deeprad.core.store.sigv4 import MAX_EXPIRES, WRITE_ONCE, presign_url
 
 # fput_object switches to multipart above this size; S3 refuses single PUTs above 5 GiB.
 PART_SIZE = 64 * 1024 * 1024
 DEFAULT_REGION = "us-east-1"  # presigning needs the region; MinIO's default
+T = TypeVar("T")
 
 
 class S3Store(ObjectStore):
-    """Objects live under `s3://bucket/prefix/`; an S3 PUT is atomic: readers see whole objects."""
+    """Objects live under `s3://bucket/prefix/`; an S3 PUT is atomic: readers see whole objects.
+    Every request is retried on transient faults under `retry` (`deeprad.core.store.retry`)."""
 
     def __init__(
         self,
@@ -35,6 +38,7 @@ class S3Store(ObjectStore):
         secret_key: str,
         secure: bool = True,
         region: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix
@@ -49,6 +53,11 @@ class S3Store(ObjectStore):
         scheme = "https" if secure else "http"
         self.url = f"s3://{bucket}/{prefix}?endpoint={endpoint}&secure={str(secure).lower()}"
         self.endpoint_url = f"{scheme}://{endpoint}"
+        self.retry = retry or RetryPolicy.from_env()
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """One request (or a streamed read), retried on transient faults."""
+        return self.retry.call(self.endpoint_url, fn)
 
     def _name(self, key: str) -> str:
         check_key(key)
@@ -77,25 +86,34 @@ class S3Store(ObjectStore):
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist yet."""
-        if not self.client.bucket_exists(self.bucket):
-            self.client.make_bucket(self.bucket)
+        if not self._call(lambda: self.client.bucket_exists(self.bucket)):
+            self._call(lambda: self.client.make_bucket(self.bucket))
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
+        name = self._name(key)
+        self._call(lambda: self.client.put_object(self.bucket, name, io.BytesIO(data),
+                                                  len(data)))
 
     def put_file(self, key: str, path: Path) -> None:
-        self.client.fput_object(self.bucket, self._name(key), str(path), part_size=PART_SIZE)
+        name = self._name(key)
+        self._call(lambda: self.client.fput_object(self.bucket, name, str(path),
+                                                   part_size=PART_SIZE))
 
     def get_bytes(self, key: str) -> bytes:
+        name = self._name(key)
+
+        def fetch() -> bytes:
+            response = self.client.get_object(self.bucket, name)
+            try:
+                return bytes(response.read())
+            finally:
+                response.close()
+                response.release_conn()
+
         try:
-            response = self.client.get_object(self.bucket, self._name(key))
+            return self._call(fetch)
         except S3Error as exc:
             raise self._translate(key, exc) from None
-        try:
-            return response.read()
-        finally:
-            response.close()
-            response.release_conn()
 
     @contextlib.contextmanager
     def local_copy(self, key: str) -> Iterator[Path]:
@@ -103,7 +121,8 @@ class S3Store(ObjectStore):
         os.close(fd)
         try:
             try:
-                self.client.fget_object(self.bucket, self._name(key), tmp)
+                name = self._name(key)
+                self._call(lambda: self.client.fget_object(self.bucket, name, tmp))
             except S3Error as exc:
                 raise self._translate(key, exc) from None
             yield Path(tmp)
@@ -113,7 +132,8 @@ class S3Store(ObjectStore):
 
     def exists(self, key: str) -> bool:
         try:
-            self.client.stat_object(self.bucket, self._name(key))
+            name = self._name(key)
+            self._call(lambda: self.client.stat_object(self.bucket, name))
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
                 return False
@@ -122,7 +142,8 @@ class S3Store(ObjectStore):
 
     def size(self, key: str) -> int:
         try:
-            return int(self.client.stat_object(self.bucket, self._name(key)).size or 0)
+            name = self._name(key)
+            return int(self._call(lambda: self.client.stat_object(self.bucket, name)).size or 0)
         except S3Error as exc:
             raise self._translate(key, exc) from None
 
@@ -131,11 +152,16 @@ class S3Store(ObjectStore):
             check_key(prefix.rstrip("/"))
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
-        objects = self.client.list_objects(self.bucket, prefix=full, recursive=True)
-        return sorted(o.object_name[strip:] for o in objects if o.object_name)
+
+        def names() -> list[str]:
+            objects = self.client.list_objects(self.bucket, prefix=full, recursive=True)
+            return sorted(o.object_name[strip:] for o in objects if o.object_name)
+
+        return self._call(names)
 
     def delete(self, key: str) -> None:
-        self.client.remove_object(self.bucket, self._name(key))
+        name = self._name(key)
+        self._call(lambda: self.client.remove_object(self.bucket, name))
 
     def _translate(self, key: str, exc: S3Error) -> Exception:
         if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):

@@ -9,7 +9,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field
 
 from deeprad.core.model_catalogue import MODEL_NAMES, MODELS
-from deeprad.core.secagg.protocol import DEFAULT_THREAT_MODEL, ThreatModel
+from deeprad.core.secagg.threat import DEFAULT_THREAT_MODEL, ThreatModel
 from deeprad.core.strategies import CATALOGUE, Parameter, number_text, secure_sum_strategies
 from deeprad.operator.api.names import DNS_LABEL_PATTERN, SITE_NAME_MAX
 from deeprad.operator.api.schema import ApiModel, Kube, Rule

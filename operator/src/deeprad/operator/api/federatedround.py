@@ -21,7 +21,16 @@ from deeprad.operator.api.common import (
     SiteName,
     Timestamp,
 )
-from deeprad.operator.api.federatedstudy import SHARE_DESCRIPTION, SharedWith, SiteNames
+from deeprad.operator.api.federatedstudy import (
+    ADMISSION_TIMEOUT_DEFAULT,
+    ADMISSION_TIMEOUT_DESCRIPTION,
+    PRIORITY_DESCRIPTION,
+    SHARE_DESCRIPTION,
+    AdmissionTimeout,
+    Priority,
+    SharedWith,
+    SiteNames,
+)
 from deeprad.operator.api.names import MAX_ROUND_SITES, MAX_ROUNDS, ROUND_NAME_MAX
 from deeprad.operator.api.schema import AGE, ApiModel, Kind, Kube, PrinterColumn, Rule
 
@@ -67,16 +76,21 @@ class FederatedRoundSpec(RoundSettings):
     sites: SiteNames | None = Field(
         default=None, description="HospitalSites asked to train; empty: every Ready site "
                                   "that allows this namespace (HospitalSite "
-                                  "spec.studyNamespaces). Sites not Ready at scheduling time, "
-                                  "or not allowing this namespace, are excluded.")
+                                  "spec.studyNamespaces). Once minSites of them are "
+                                  "admissible the round starts with those; the rest are "
+                                  "excluded, with the reason.")
     share_checkpoints_with: SharedWith | None = Field(
         default=None, description=SHARE_DESCRIPTION + " Only for rounds made by hand (whose "
                                                       "store study is their own name); fixed "
                                                       "once the round starts.")
+    admission_timeout: AdmissionTimeout = Field(default=ADMISSION_TIMEOUT_DEFAULT,
+                                                description=ADMISSION_TIMEOUT_DESCRIPTION)
+    priority: Priority = Field(default=0, description=PRIORITY_DESCRIPTION)
 
 
 class RoundState(StrEnum):
     PENDING = "Pending"
+    QUEUED = "Queued"  # waiting for enough admissible sites, up to the admission timeout
     SCHEDULING = "Scheduling"
     TRAINING = "Training"
     AGGREGATING = "Aggregating"
@@ -91,6 +105,8 @@ class RoundState(StrEnum):
 
 class SiteState(StrEnum):
     PENDING = "Pending"  # admitted, work item not yet picked up
+    WAITING = "Waiting"  # not admissible yet; the round waits up to its admission timeout
+    QUEUED = "Queued"  # the site's Job waits at the hospital (Kueue quota, unschedulable pod)
     EXCLUDED = "Excluded"  # not admitted: namespace, not Ready, suspended, maintenance, GPUs, data
     TRAINING = "Training"  # the site's Job runs
     REPORTED = "Reported"  # update uploaded and result reported
@@ -103,10 +119,14 @@ class SiteRoundStatus(ApiModel):
     """One site's part in the round."""
 
     site: SiteName = Field(description="HospitalSite name (the list's key).")
-    state: SiteState = Field(description="Pending, Excluded, Training, Reported, Failed, "
+    state: SiteState = Field(description="Waiting (the round is Queued and this site not "
+                                         "admissible yet, or admissible and waiting for "
+                                         "the others), Pending, Queued (its Job waits at the "
+                                         "hospital), Excluded, Training, Reported, Failed, "
                                          "Dropped or Rejected.")
     reason: Annotated[str, Field(max_length=128)] | None = Field(
-        default=None, description="CamelCase reason for the state, e.g. InMaintenanceWindow.")
+        default=None, description="CamelCase reason for the state, e.g. InMaintenanceWindow, "
+                                  "AtCapacity or QueuedBehind.")
     message: Message | None = Field(default=None, description="Details for humans.")
     task: ObjectName | None = Field(default=None,
                                     description="Name of the site's SiteTask in its namespace.")
@@ -124,7 +144,8 @@ class RoundTimings(ApiModel):
     """How long each phase took, in seconds."""
 
     scheduling_seconds: float | None = Field(default=None, ge=0,
-                                             description="Creation to SitesScheduled.")
+                                             description="Creation to SitesScheduled (time "
+                                                         "spent Queued included).")
     training_seconds: float | None = Field(default=None, ge=0,
                                            description="SitesScheduled to aggregation start.")
     aggregation_seconds: float | None = Field(default=None, ge=0,
@@ -141,13 +162,23 @@ class FederatedRoundStatus(ApiModel):
     conditions: Conditions | None = Field(
         default=None, description="SitesScheduled, Training, Aggregating, Succeeded, Failed.")
     state: RoundState | None = Field(
-        default=None, description="Summary for humans: Pending, Scheduling, Training, "
-                                  "Aggregating, Succeeded or Failed; conditions say why.")
+        default=None, description="Summary for humans: Pending, Queued (waiting for "
+                                  "sites), Scheduling, Training, Aggregating, Succeeded or "
+                                  "Failed; conditions say why.")
+    queued_since: Timestamp | None = Field(
+        default=None, description="When the round first waited for sites; "
+                                  "spec.admissionTimeout counts from here, and among waiting "
+                                  "rounds of equal spec.priority the earlier is served first.")
+    waiting_for: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None, description="While Queued, each site that is not admissible and why "
+                                  "(site:Reason ...); empty once the round is admitted.")
     start_time: Timestamp | None = Field(
-        default=None, description="When the operator started the round; from then on the spec "
-                                  "is immutable and this field cannot change.")
-    deadline_time: Timestamp | None = Field(default=None,
-                                            description="startTime + spec.deadline.")
+        default=None, description="When the round was admitted (minSites sites admissible) and "
+                                  "started; from then on the spec is immutable and this field "
+                                  "cannot change.")
+    deadline_time: Timestamp | None = Field(
+        default=None, description="startTime + spec.deadline: time spent Queued does not "
+                                  "count.")
     aggregation_start_time: Timestamp | None = Field(default=None,
                                                      description="When aggregation started.")
     completion_time: Timestamp | None = Field(default=None,
@@ -191,6 +222,8 @@ FEDERATED_ROUND = Kind(
         PrinterColumn("Reported", "integer", ".status.reportedSites", "Sites that reported."),
         PrinterColumn("Admitted", "integer", ".status.admittedSites", "Sites admitted."),
         PrinterColumn("State", "string", ".status.state", "Round state."),
+        PrinterColumn("Waiting", "string", ".status.waitingFor",
+                      "While Queued: the sites not admissible and why."),
         PrinterColumn("AUROC", "number", ".status.aggregateMetrics.auroc",
                       "AUROC of the new global model."),
         PrinterColumn("Strategy", "string", ".spec.strategy.name", "Aggregation strategy.",

@@ -12,6 +12,7 @@ from deeprad.operator.api.common import (
     CheckpointRef,
     Conditions,
     DataSelector,
+    Duration,
     LabelSelector,
     ModelSpec,
     ObjectName,
@@ -68,6 +69,27 @@ SiteNames = Annotated[list[SiteName], Field(min_length=1, max_length=256),
                       Kube(list_type="set")]
 # Namespaces a study (or a hand-made round) lets start from its checkpoints.
 SharedWith = Annotated[list[ObjectName], Field(max_length=64), Kube(list_type="set")]
+# How a round waits for sites (FederatedStudy spec, copied into each FederatedRound it makes).
+AdmissionTimeout = Annotated[Duration, Kube(rules=(
+    Rule("duration(self) <= duration('720h')", "admissionTimeout must be at most 720h"),))]
+ADMISSION_TIMEOUT_DEFAULT = "6h"
+ADMISSION_TIMEOUT_DESCRIPTION = (
+    "How long a round waits for minSites admissible HospitalSites before it fails with "
+    "InsufficientSites (a Go duration from 0s to 720h, counted from status.queuedSince; 0s "
+    "fails at once). While it waits the round is Queued: its deadline has not started, "
+    "status.sites says why each site is not admissible and status.waitingFor sums it up. "
+    "Only reasons that can clear by waiting queue a round (Suspended, NotReady, "
+    "InMaintenanceWindow, InsufficientGPUs, AtCapacity, QueuedBehind); too few sites left "
+    "once the permanent ones are set aside (NotFound, NamespaceNotAllowed, DataMismatch, "
+    "SampleCountUnknown, InvalidMaintenanceWindow) fails the round at once.")
+Priority = Annotated[int, Field(ge=-1000, le=1000)]
+PRIORITY_DESCRIPTION = (
+    "Order among rounds waiting for the same HospitalSite (-1000 to 1000, default 0). A "
+    "site's free task slots (spec.limits.maxConcurrentTasks less the rounds it already serves) "
+    "go to the rounds waiting for it in this order: higher priority first, then the one "
+    "waiting longest (status.queuedSince), then the older (creationTimestamp), then by "
+    "namespace/name. A round behind others for a site waits with reason QueuedBehind, naming "
+    "the round ahead. Waiting rounds hold no slot, and a running round is never preempted.")
 SHARE_DESCRIPTION = (
     "Other hub namespaces whose rounds may start from this object's checkpoints "
     "(spec.inputCheckpoint). Empty (the default): only rounds in its own namespace may. A grant "
@@ -122,6 +144,12 @@ class FederatedStudySpec(ApiModel):
                                   "spec.shareCheckpointsWith to list this namespace.")
     share_checkpoints_with: SharedWith | None = Field(default=None,
                                                       description=SHARE_DESCRIPTION)
+    admission_timeout: AdmissionTimeout = Field(
+        default=ADMISSION_TIMEOUT_DEFAULT,
+        description=ADMISSION_TIMEOUT_DESCRIPTION + " Each round the study creates copies it.")
+    priority: Priority = Field(
+        default=0, description=PRIORITY_DESCRIPTION + " Each round the study creates copies "
+                                                      "it.")
 
 
 class StudyState(StrEnum):

@@ -12,7 +12,6 @@ from deeprad.operator.api.common import (
     Conditions,
     Duration,
     Modality,
-    ObjectName,
     Quantity,
     SecretKeyRef,
     ShortText,
@@ -188,30 +187,24 @@ class GpuCapacity(ApiModel):
                                       description="GPU product label, e.g. NVIDIA-H100.")
 
 
-class ParticipationRecord(ApiModel):
-    """The site's part in one round."""
-
-    namespace: ObjectName = Field(description="Namespace of the round.")
-    round_name: ObjectName = Field(description="Name of the FederatedRound.")
-    study: ObjectName | None = Field(default=None, description="Study of the round, if any.")
-    round: int = Field(ge=1, description="Round number.")
-    state: Literal["Excluded", "Reported", "Failed", "Dropped", "Rejected"] = Field(
-        description="How the site's part ended (see FederatedRound status.sites[].state).")
-    time: Timestamp = Field(description="When it ended.")
-
-
 class Participation(ApiModel):
-    """Counters and the most recent rounds of the site."""
+    """What the site contributed, counted over the FederatedRounds that exist now (a deleted
+    round no longer counts); the rounds' status.sites hold the per-round details."""
 
+    studies: Annotated[list[Annotated[str, Field(max_length=127)]], Field(max_length=64),
+                       Kube(list_type="atomic")] | None = Field(
+        default=None, description="Studies the site was admitted to, as namespace/name, "
+                                  "sorted (at most 64; a round made by hand counts under its "
+                                  "own name).")
     rounds_joined: int = Field(default=0, ge=0, description="Rounds the site was admitted to.")
     rounds_reported: int = Field(default=0, ge=0,
-                                 description="Rounds whose update the aggregator used.")
+                                 description="Rounds in which the site reported its update.")
     rounds_failed: int = Field(default=0, ge=0,
                                description="Rounds the site failed, dropped out of or had its "
                                            "update rejected in.")
-    recent: Annotated[list[ParticipationRecord], Field(max_length=20),
-                      Kube(list_type="atomic")] | None = Field(
-        default=None, description="Up to 20 most recent rounds, newest first.")
+    last_contribution_time: Timestamp | None = Field(
+        default=None, description="When the site last reported an update (its latest "
+                                  "Reported round's reportTime).")
 
 
 class HospitalSiteStatus(ApiModel):

@@ -126,6 +126,9 @@ class SiteTaskSpec(ApiModel):
 class TaskState(StrEnum):
     PENDING = "Pending"
     ACCEPTED = "Accepted"
+    # The Job exists but its pod does not run yet: waiting in the hospital's Kueue LocalQueue
+    # (reason QueuedByKueue) or refused by the scheduler (reason Unschedulable, with its message).
+    QUEUED = "Queued"
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"

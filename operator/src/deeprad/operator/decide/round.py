@@ -4,11 +4,17 @@
 The round moves through phases, each derived again on every pass from what the API server and
 the object store hold (never from memory), so a restarted operator picks up where it was:
 
-1. start: `status.startTime` and `deadlineTime` are fixed (from then on the spec is immutable);
-2. input: the input checkpoint (round n-1 of the study's store) must exist; a prepare Job in
-   the hub writes it (a fresh model, or an imported checkpoint re-signed by the hub);
-3. admission: each candidate HospitalSite is admitted or excluded once, with the reason, and
-   the result is kept in `status.sites` (fewer than `minSites` admitted fails the round);
+1. admission: each candidate HospitalSite is admissible, waiting (a reason that can clear by
+   itself, or other rounds ahead of this one in `decide.queue`'s order) or excluded. With
+   fewer than `minSites` admissible the round is Queued, each site's reason in `status.sites`,
+   up to spec.admissionTimeout from `status.queuedSince`; it fails InsufficientSites at that
+   timeout, or at once when the sites that could ever be admitted are too few;
+2. start: at admission `status.startTime` and `deadlineTime` are fixed (from then on the spec
+   is immutable), so time spent Queued does not eat into the deadline;
+3. input: the input checkpoint (round n-1 of the study's store) must exist; a prepare Job in
+   the hub writes it (a fresh model, or an imported checkpoint re-signed by the hub). It runs
+   after admission: it reads a spec that is still editable while the round waits, and a queue
+   of waiting rounds then costs the hub no Jobs;
 4. training: one SiteTask per admitted site; each site's state follows its task; at the
    deadline an unfinished site is Dropped;
 5. aggregation: when every admitted site finished, or at the deadline with `minSites` reports,
@@ -23,7 +29,7 @@ the object store hold (never from memory), so a restarted operator picks up wher
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Final, Literal
 
@@ -40,6 +46,14 @@ from deeprad.operator.api.federatedround import (
 from deeprad.operator.api.names import MAX_SECAGG_SITES
 from deeprad.operator.api.sitetask import TaskResult, TaskState
 from deeprad.operator.decide.conditions import Desired, merge
+from deeprad.operator.decide.queue import (
+    AVAILABLE,
+    QUEUED_BEHIND,
+    TRANSIENT,
+    QueuedRound,
+    queued_behind,
+    waiting_summary,
+)
 from deeprad.operator.decide.sites import SiteView, admit
 from deeprad.operator.decide.tenancy import (
     NAMESPACE_NOT_ALLOWED,
@@ -118,6 +132,8 @@ class RoundWorld:
     aggregator: JobView | None = None
     store: StoreView = field(default_factory=StoreView)
     input_problem: str | None = None  # why spec.inputCheckpoint cannot be used, if it cannot
+    # Other rounds waiting for sites, by the site they want (`decide.queue` orders them).
+    queue: Mapping[str, Sequence[QueuedRound]] = field(default_factory=dict)
 
 
 # ---- actions ----------------------------------------------------------------------------------
@@ -189,14 +205,14 @@ def decide_round(name: str, generation: int | None, spec: FederatedRoundSpec,
     decision = RoundDecision(status.model_copy(deep=True))
     if decision.status.state and decision.status.state.terminal:
         return decision
-    current = _start(name, generation, spec, world, decision)
+    current = _pass(name, generation, spec, world, decision)
+    if current.status.start_time is None or not current.status.sites:
+        waiting = _admit_sites(current)
+        if waiting is not None:
+            return waiting
     parent = world.store.input_manifest
     if parent is None:
         return _await_input(current)
-    if not current.status.sites:
-        refused = _admit_sites(current)
-        if refused is not None:
-            return refused
     progress = _follow_sites(current, parent.payload_sha256)
     aggregator = world.aggregator
     if aggregator is None:
@@ -282,23 +298,32 @@ class _Progress:
         return f"{len(self.reported)} of {len(self.roster)} site(s) reported"
 
 
-def _start(name: str, generation: int | None, spec: FederatedRoundSpec, world: RoundWorld,
-           decision: RoundDecision) -> _Pass:
-    """Phase 1: the first pass fixes startTime and deadlineTime (the spec is immutable from
-    then on)."""
+def _pass(name: str, generation: int | None, spec: FederatedRoundSpec, world: RoundWorld,
+          decision: RoundDecision) -> _Pass:
+    """This pass over the round; its deadline passes only once the round has started."""
     status = decision.status
-    if status.start_time is None:
-        status.start_time = rfc3339(world.now)
-        status.deadline_time = rfc3339(world.now + parse_duration(
-            spec.deadline, f"FederatedRound {name}: spec.deadline"))
-    deadline = parse_time(status.deadline_time or status.start_time)
-    return _Pass(name, generation, spec, world, decision, past_deadline=world.now >= deadline,
+    started = status.deadline_time or status.start_time
+    return _Pass(name, generation, spec, world, decision,
+                 past_deadline=started is not None and world.now >= parse_time(started),
                  secure=spec.privacy.secure_aggregation)
 
 
+def _start(current: _Pass) -> None:
+    """Phase 2, at admission: fix startTime and deadlineTime (the spec is immutable from then
+    on); a round that started before it was admitted keeps its times."""
+    status = current.status
+    if status.start_time is None:
+        status.start_time = rfc3339(current.now)
+        status.deadline_time = rfc3339(current.now + parse_duration(
+            current.spec.deadline, f"FederatedRound {current.name}: spec.deadline"))
+    current.past_deadline = current.now >= parse_time(status.deadline_time
+                                                      or status.start_time)
+
+
 def _await_input(current: _Pass) -> RoundDecision:
-    """Phase 2: round n-1's checkpoint is not in the store yet. Run the prepare Job once; fail
-    when the input cannot be used, the Job failed or the deadline passed."""
+    """Phase 3: round n-1's checkpoint is not in the store yet. Run the prepare Job once; fail
+    when the input cannot be used, the Job failed or the deadline passed. The sites are
+    admitted already (SitesScheduled stays True): training waits for the input."""
     world, name = current.world, current.name
     if world.input_problem:
         return current.fail("InvalidInputCheckpoint",
@@ -313,35 +338,104 @@ def _await_input(current: _Pass) -> RoundDecision:
     if world.prepare is None:
         current.act(PrepareInput())
     current.status.state = RoundState.SCHEDULING
-    current.set_conditions(Desired.false(SITES_SCHEDULED, "PreparingInput",
+    current.set_conditions(Desired.false(TRAINING, "PreparingInput",
                                          "writing the input checkpoint"))
     return current.decision
 
 
 def _admit_sites(current: _Pass) -> RoundDecision | None:
-    """Phase 3, once: admit or exclude each candidate, with the reason. The failed round when
-    too few (or, with secure aggregation, too many) sites were admitted; else None."""
-    admitted, excluded = _admit(current.spec, current.world)
-    status, name, spec = current.status, current.name, current.spec
-    status.sites = [SiteRoundStatus(site=s, state=SiteState.PENDING, reason="Admitted")
-                    for s in admitted] + excluded
-    status.admitted_sites = len(admitted)
-    status.timings = RoundTimings(scheduling_seconds=_seconds(current.world.created,
-                                                              current.now))
-    if len(admitted) < spec.min_sites:
-        why = "; ".join(f"{e.site}: {e.reason}" for e in excluded) or (
-            f"no HospitalSite allows namespace {current.world.namespace} in its "
-            "spec.studyNamespaces" if not spec.sites and current.world.candidates
-            else "no candidate sites")
-        return current.fail(
-            "InsufficientSites",
-            f"FederatedRound {name}: {len(admitted)} site(s) admitted, spec.minSites is "
-            f"{spec.min_sites} ({why}); make more sites Ready or lower minSites")
+    """Phase 1: admit the round once minSites sites are admissible (None: go on), or keep it
+    Queued saying why each site is not, or fail it: at once when waiting cannot help, at
+    spec.admissionTimeout otherwise, or with too many sites for secure aggregation."""
+    world, status, name, spec = current.world, current.status, current.name, current.spec
+    if world.input_problem:
+        return current.fail("InvalidInputCheckpoint",
+                            f"FederatedRound {name}: spec.inputCheckpoint: {world.input_problem}")
+    since = parse_time(status.queued_since) if status.queued_since else current.now
+    me = QueuedRound(f"{world.namespace}/{name}", spec.priority, since, world.created)
+    available, waiting, excluded = _admit(spec, world, me)
+    refused = [*waiting, *excluded]
+    if len(available) >= spec.min_sites:
+        return _admitted(current, available, refused)
+    why = "; ".join(f"{e.site}: {e.reason}" for e in refused) or (
+        f"no HospitalSite allows namespace {world.namespace} in its spec.studyNamespaces"
+        if not spec.sites and world.candidates else "no candidate sites")
+    shortfall = (f"FederatedRound {name}: {len(available)} site(s) admissible, spec.minSites "
+                 f"is {spec.min_sites} ({why})")
+    if len(available) + len(waiting) < spec.min_sites:
+        status.sites = _entries(available, refused, SiteState.EXCLUDED)
+        return current.fail("InsufficientSites", f"{shortfall}; waiting cannot help: fix the "
+                                                 "sites' reasons or lower minSites")
+    timeout = parse_duration(spec.admission_timeout,
+                             f"FederatedRound {name}: spec.admissionTimeout")
+    if current.now >= since + timeout:
+        status.sites = _entries(available, refused, SiteState.EXCLUDED)
+        return current.fail("InsufficientSites", f"{shortfall}; still short after "
+                                                 f"spec.admissionTimeout {spec.admission_timeout}"
+                                                 "; make more sites Ready or lower minSites")
+    return _queued(current, since, timeout, available, waiting, excluded)
+
+
+def _entries(available: Sequence[str], refused: Sequence[SiteRoundStatus], state: SiteState
+             ) -> list[SiteRoundStatus]:
+    """status.sites of a round not admitted: the available sites in `state` (with the refused
+    ones as they are), or every site Excluded once the round failed."""
+    entries = [SiteRoundStatus(site=s, state=state, reason=AVAILABLE,
+                               message=f"HospitalSite {s}: admissible") for s in available]
+    for entry in refused:
+        if state == SiteState.EXCLUDED and entry.state == SiteState.WAITING:
+            entry = entry.model_copy(update={"state": SiteState.EXCLUDED})
+        entries.append(entry)
+    return sorted(entries, key=lambda e: e.site)
+
+
+def _queued(current: _Pass, since: datetime, timeout: timedelta, available: Sequence[str],
+            waiting: Sequence[SiteRoundStatus], excluded: Sequence[SiteRoundStatus]
+            ) -> RoundDecision:
+    """The round waits for sites: Queued, each site's reason in status.sites and the refused
+    ones summed up in status.waitingFor."""
+    status, spec = current.status, current.spec
+    refused = [*waiting, *excluded]
+    if status.state != RoundState.QUEUED:
+        current.event("Normal", "Queued",
+                      f"{len(available)} of spec.minSites {spec.min_sites} site(s) "
+                      f"admissible; waiting up to spec.admissionTimeout "
+                      f"{spec.admission_timeout}")
+    status.state = RoundState.QUEUED
+    status.queued_since = rfc3339(since)
+    status.sites = _entries(available, refused, SiteState.WAITING)
+    status.waiting_for = waiting_summary(sorted((e.site, e.reason or "") for e in refused))
+    reasons = "; ".join(f"{e.site}: {e.reason}" for e in refused)
+    current.set_conditions(Desired.false(
+        SITES_SCHEDULED, "WaitingForSites",
+        f"{len(available)} site(s) admissible, spec.minSites is {spec.min_sites} ({reasons}); "
+        f"waiting until {rfc3339(since + timeout)} (spec.admissionTimeout "
+        f"{spec.admission_timeout})"[:MESSAGE_LIMIT]))
+    return current.decision
+
+
+def _admitted(current: _Pass, admitted: Sequence[str], refused: Sequence[SiteRoundStatus]
+              ) -> RoundDecision | None:
+    """The round is admitted with these sites (the refused ones are excluded, with their
+    reasons) and starts; None, or the failed round with too many sites for secure
+    aggregation."""
+    status, name = current.status, current.name
     if current.secure and len(admitted) > MAX_SECAGG_SITES:
+        status.sites = _entries(admitted, refused, SiteState.EXCLUDED)
         return current.fail("TooManySites",
                             f"FederatedRound {name}: secure aggregation supports at most "
                             f"{MAX_SECAGG_SITES} sites, {len(admitted)} were admitted; list "
                             "fewer sites or turn it off")
+    excluded = [e.model_copy(update={"state": SiteState.EXCLUDED}) for e in refused]
+    status.sites = sorted([SiteRoundStatus(site=s, state=SiteState.PENDING, reason="Admitted")
+                           for s in admitted] + excluded, key=lambda e: e.site)
+    status.admitted_sites = len(admitted)
+    if status.waiting_for is not None:
+        status.waiting_for = ""  # a status patch cannot drop the field; empty clears the column
+    status.timings = RoundTimings(scheduling_seconds=_seconds(current.world.created,
+                                                              current.now))
+    _start(current)
+    current.status.state = RoundState.SCHEDULING
     current.set_conditions(Desired.true(
         SITES_SCHEDULED, "SitesAdmitted",
         f"{len(admitted)} site(s) admitted, {len(excluded)} excluded"))
@@ -381,7 +475,8 @@ def _follow_sites(current: _Pass, parent_digest: str) -> _Progress:
 
 
 def _follow_task(current: _Pass, entry: SiteRoundStatus, task: TaskView | None) -> None:
-    """Update one admitted site's entry from its task; Dropped at the deadline."""
+    """Update one admitted site's entry from its task (Queued while its Job waits at the
+    hospital, Training while it runs); Dropped at the deadline."""
     if entry.state in (SiteState.REPORTED, SiteState.FAILED, SiteState.DROPPED,
                        SiteState.REJECTED):
         return
@@ -400,13 +495,24 @@ def _follow_task(current: _Pass, entry: SiteRoundStatus, task: TaskView | None) 
             entry.message = (task.message or "the site's training Job failed")[:4000]
             current.event("Warning", "SiteFailed", f"site {entry.site}: {entry.message[:500]}")
             return
-        if task.state in (TaskState.ACCEPTED, TaskState.RUNNING):
+        if task.state == TaskState.QUEUED:
+            # The Job waits at the hospital (its Kueue LocalQueue, or a pod the scheduler
+            # cannot place); the deadline still applies, as below.
+            entry.state, entry.reason = SiteState.QUEUED, task.reason or "JobQueued"
+            entry.message = (task.message or "the site's training Job waits to run")[:4000]
+        elif task.state in (TaskState.ACCEPTED, TaskState.RUNNING):
             entry.state, entry.reason = SiteState.TRAINING, "JobRunning"
+            entry.message = None
     if current.past_deadline:
         entry.state, entry.reason = SiteState.DROPPED, "DeadlineExceeded"
-        entry.message = "no report by the round's deadline"
+        last = (task.message or "").strip().splitlines() if task is not None else []
+        # The site's last word names the cause where the agent could still say it (e.g. its
+        # cluster's API unreachable, a Job still queued at the hospital).
+        entry.message = "no report by the round's deadline" + (
+            f"; the site's last report: {last[0][:300]}" if last else "")
         current.event("Warning", "SiteDropped",
-                      f"site {entry.site} did not report by the deadline")
+                      f"site {entry.site} did not report by the deadline"
+                      + (f" ({last[0][:300]})" if last else ""))
 
 
 def _await_sites(current: _Pass, progress: _Progress) -> RoundDecision:
@@ -467,41 +573,53 @@ def _await_aggregate(current: _Pass, progress: _Progress, aggregator: JobView
     return current.decision
 
 
-def _admit(spec: FederatedRoundSpec, world: RoundWorld
-           ) -> tuple[list[str], list[SiteRoundStatus]]:
-    """Admitted site names (sorted) and the excluded sites with their reasons. A site named in
-    spec.sites that does not exist, or does not allow the round's namespace, is excluded too;
-    without spec.sites, only the sites that allow the namespace are candidates at all."""
+def _admit(spec: FederatedRoundSpec, world: RoundWorld, me: QueuedRound
+           ) -> tuple[list[str], list[SiteRoundStatus], list[SiteRoundStatus]]:
+    """The admissible site names (sorted), the sites worth waiting for (Waiting, with a reason
+    in `decide.queue.TRANSIENT`) and the excluded ones. A site named in spec.sites that does
+    not exist, or does not allow the round's namespace, is excluded; without spec.sites, only
+    the sites that allow the namespace are candidates at all. An admissible site whose free
+    slots go to rounds ahead of this one in the queue is Waiting with reason QueuedBehind."""
     views = {v.name: v for v in world.candidates}
     names = sorted(spec.sites) if spec.sites else sorted(
         name for name, view in views.items()
         if namespace_allowed(view.spec.study_namespaces, world.namespace))
-    admitted: list[str] = []
+    available: list[str] = []
+    waiting: list[SiteRoundStatus] = []
     excluded: list[SiteRoundStatus] = []
+
+    def refuse(site: str, reason: str, message: str) -> None:
+        state = SiteState.WAITING if reason in TRANSIENT else SiteState.EXCLUDED
+        (waiting if state == SiteState.WAITING else excluded).append(
+            SiteRoundStatus(site=site, state=state, reason=reason, message=message[:4000]))
+
+    me = replace(me, sites=frozenset(names))
     for site in names:
         view = views.get(site)
         if view is None:
-            excluded.append(SiteRoundStatus(
-                site=site, state=SiteState.EXCLUDED, reason="NotFound",
-                message=f"HospitalSite {site} does not exist"))
+            refuse(site, "NotFound", f"HospitalSite {site} does not exist")
             continue
         if not namespace_allowed(view.spec.study_namespaces, world.namespace):
-            excluded.append(SiteRoundStatus(
-                site=site, state=SiteState.EXCLUDED, reason=NAMESPACE_NOT_ALLOWED,
-                message=namespace_refusal(site, view.spec.study_namespaces, world.namespace)))
+            refuse(site, NAMESPACE_NOT_ALLOWED,
+                   namespace_refusal(site, view.spec.study_namespaces, world.namespace))
             continue
         verdict = admit(view, spec.data, world.now)
+        free = view.spec.limits.max_concurrent_tasks - view.running_tasks
+        ahead = (queued_behind(me, world.queue.get(site, ()), site, free)
+                 if verdict.admitted else None)
         if verdict.admitted and spec.privacy.secure_aggregation and view.spec.data is None:
-            excluded.append(SiteRoundStatus(
-                site=site, state=SiteState.EXCLUDED, reason="SampleCountUnknown",
-                message=f"HospitalSite {site}: secure aggregation weights each site by its "
-                        "declared spec.data.sampleCount, which is not set; declare it"))
+            refuse(site, "SampleCountUnknown",
+                   f"HospitalSite {site}: secure aggregation weights each site by its "
+                   "declared spec.data.sampleCount, which is not set; declare it")
+        elif ahead is not None:
+            refuse(site, QUEUED_BEHIND,
+                   f"HospitalSite {site}: its {free} free task slot(s) go first to "
+                   f"{ahead.describe()}, ahead in the queue")
         elif verdict.admitted:
-            admitted.append(site)
+            available.append(site)
         else:
-            excluded.append(SiteRoundStatus(site=site, state=SiteState.EXCLUDED,
-                                            reason=verdict.reason, message=verdict.message))
-    return admitted, excluded
+            refuse(site, verdict.reason, verdict.message)
+    return available, waiting, excluded
 
 
 def _quorum_message(name: str, spec: FederatedRoundSpec, by_site: Mapping[str, SiteRoundStatus],

@@ -37,6 +37,8 @@ AGENT_VERSION_ANNOTATION = "deeprad.io/agent-version"
 OBSERVED_GPUS_ANNOTATION = "deeprad.io/observed-gpus"  # GpuCapacity as JSON
 POLICY_DIGEST_ANNOTATION = "deeprad.io/policy-digest"  # sha256:<hex> of the site's policy
 _POLICY_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# How stale status.lastHeartbeat may get behind the Lease before it is written again.
+HEARTBEAT_RECORD_EVERY = timedelta(minutes=5)
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
@@ -82,14 +84,32 @@ def read_lease(site: str, lease: Mapping[str, Any] | None) -> AgentReport:
     return AgentReport(heartbeat, version, gpus, policy_digest=digest)
 
 
-def observed_status(status: HospitalSiteStatus, report: AgentReport) -> HospitalSiteStatus:
+def observed_status(status: HospitalSiteStatus, report: AgentReport,
+                    record_every: timedelta = HEARTBEAT_RECORD_EVERY) -> HospitalSiteStatus:
     """`status` with the agent's report copied in (fields it did not report are kept)."""
     return status.model_copy(update={
-        "last_heartbeat": rfc3339(report.heartbeat) if report.heartbeat else
-        status.last_heartbeat,
+        "last_heartbeat": recorded_heartbeat(status.last_heartbeat, report.heartbeat,
+                                             record_every),
         "agent_version": report.agent_version or status.agent_version,
         "observed_gpus": report.gpus or status.observed_gpus,
         "policy_digest": report.policy_digest or status.policy_digest})
+
+
+def recorded_heartbeat(recorded: str | None, heartbeat: datetime | None,
+                       record_every: timedelta) -> str | None:
+    """status.lastHeartbeat: the Lease's renewTime, copied only when the recorded one is
+    `record_every` older (or absent, or unreadable, or newer: a reset agent clock). The Lease
+    is the live heartbeat, read from a watch; copying each renewal into status would cost a
+    status write per site per pass."""
+    if heartbeat is None:
+        return recorded
+    try:
+        before = parse_time(recorded) if recorded else None
+    except ValueError:
+        before = None
+    if before is None or heartbeat < before or heartbeat - before >= record_every:
+        return rfc3339(heartbeat)
+    return recorded
 
 
 # ---- reachability and readiness ---------------------------------------------------------------
@@ -114,12 +134,18 @@ def reachable(site: str, spec: HospitalSiteSpec, heartbeat: datetime | None,
                              f"the site chart at {site} with this hub's address")
     age = now - heartbeat
     if age > timeout:
+        # The age in whole minutes: the message (and so the status) changes once a minute,
+        # not on every pass.
+        shown = timedelta(minutes=age // timedelta(minutes=1)) if age >= \
+            timedelta(minutes=1) else age
         return Desired.false(REACHABLE, "HeartbeatExpired",
-                             f"last heartbeat {rfc3339(heartbeat)}, {format_duration(age)} ago, "
-                             f"older than spec.connection.heartbeatTimeout "
+                             f"last heartbeat {rfc3339(heartbeat)}, {format_duration(shown)} "
+                             f"ago, older than spec.connection.heartbeatTimeout "
                              f"{spec.connection.heartbeat_timeout}")
+    # No timestamp here: the message stays the same while the agent keeps renewing.
     return Desired.true(REACHABLE, "HeartbeatRecent",
-                        f"last heartbeat {rfc3339(heartbeat)}")
+                        f"the site agent renews its heartbeat Lease within "
+                        f"spec.connection.heartbeatTimeout {spec.connection.heartbeat_timeout}")
 
 
 def ready(site: str, spec: HospitalSiteSpec, status: HospitalSiteStatus,
@@ -245,7 +271,8 @@ class SiteView:
     spec: HospitalSiteSpec
     conditions: Sequence[Condition] = ()
     status: HospitalSiteStatus = field(default_factory=HospitalSiteStatus)
-    running_tasks: int = 0  # the site's SiteTasks not yet finished, in any round
+    # Task slots other rounds take: unfinished SiteTasks, or admitted before their task exists.
+    running_tasks: int = 0
 
 
 @dataclass(frozen=True)
@@ -280,7 +307,8 @@ def data_mismatch(spec: HospitalSiteSpec, selector: DataSelector) -> str | None:
 def admit(site: SiteView, selector: DataSelector, now: datetime) -> Admission:
     """Admit a site to a round, or refuse it with the first reason that applies: Suspended,
     NotReady, InvalidMaintenanceWindow, InMaintenanceWindow, InsufficientGPUs, AtCapacity,
-    DataMismatch."""
+    DataMismatch. A round waits for the reasons that can clear by themselves
+    (`decide.queue.TRANSIENT`); the others need a spec changed."""
 
     def refuse(reason: str, message: str) -> Admission:
         return Admission(site.name, False, reason, f"HospitalSite {site.name}: {message}")
@@ -306,7 +334,7 @@ def admit(site: SiteView, selector: DataSelector, now: datetime) -> Admission:
         return refuse("InsufficientGPUs", short)
     limit = site.spec.limits.max_concurrent_tasks
     if site.running_tasks >= limit:
-        return refuse("AtCapacity", f"runs {site.running_tasks} task(s), "
+        return refuse("AtCapacity", f"serves {site.running_tasks} other round(s), "
                                     f"spec.limits.maxConcurrentTasks is {limit}")
     mismatch = data_mismatch(site.spec, selector)
     if mismatch:

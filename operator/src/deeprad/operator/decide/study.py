@@ -61,9 +61,10 @@ from deeprad.operator.decide.timeutil import rfc3339
 PROGRESSING: Final = "Progressing"
 SUCCEEDED: Final = "Succeeded"
 FAILED: Final = "Failed"
-# A site in one of these states may have taken DP-SGD steps in the round: its ε counts.
-SPENT_STATES = (SiteState.TRAINING, SiteState.REPORTED, SiteState.FAILED, SiteState.DROPPED,
-                SiteState.REJECTED)
+# A site in one of these states may have taken DP-SGD steps in the round: its ε counts (a
+# Queued site's Job exists at the hospital and may start at any moment).
+SPENT_STATES = (SiteState.QUEUED, SiteState.TRAINING, SiteState.REPORTED, SiteState.FAILED,
+                SiteState.DROPPED, SiteState.REJECTED)
 
 
 # ---- inputs -----------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ render manifests and apply them; one module per resource it reconciles.
   is created when due (deterministic name, create-or-get: a restart never duplicates one).
 - `rounds`: FederatedRound. A timer runs one pass at a time (`round_pass`: observe, decide,
   act, through `round_children`); on delete, its SiteTasks and hub Jobs go too.
+- `cleanup`: lifecycles. No finalizers (every object can be deleted with the operator
+  absent); a sweep collects ended rounds' SiteTasks and what deleted rounds left behind.
 - `memo`: what every handler shares; `resources`: the kinds watched and how status is written.
 
 Nothing lives only in memory: kopf's indices are caches of the API that it rebuilds at start,
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import kopf
 
-from deeprad.operator.hub import rounds, sites, studies
+from deeprad.operator.hub import cleanup, rounds, sites, studies
 from deeprad.operator.hub.memo import HubMemo, login, make_memo
 from deeprad.operator.options import HubOptions
 
@@ -31,6 +33,8 @@ def build_registry(options: HubOptions) -> kopf.OperatorRegistry:
     sites.register(registry, options)
     studies.register(registry, options)
     rounds.register(registry, options)
+    cleanup.register(registry, options)
+    cleanup.without_finalizers(registry)
     return registry
 
 

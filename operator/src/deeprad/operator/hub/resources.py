@@ -25,11 +25,25 @@ def reads_indices(handler: Callable[..., None]) -> Any:
 
 def write_status(kube: Kube, kind: str, name: str, namespace: str | None, old: BaseModel,
                  new: BaseModel) -> None:
-    """Merge-patch the status fields that changed (an idle pass sends nothing). Written here
-    rather than through kopf's patch: a refused kopf patch ends a timer for good, while an
-    ApiException here becomes a TemporaryError and the next pass tries again."""
+    """Merge-patch the status fields that changed (an idle pass sends nothing; a top-level
+    field the new status leaves out keeps its value). Written here rather than through kopf's
+    patch: a refused kopf patch ends a timer for good, while an ApiException here becomes a
+    TemporaryError and the next pass tries again."""
     before = old.model_dump(mode="json", exclude_none=True)
     after = new.model_dump(mode="json", exclude_none=True)
-    changed = {k: v for k, v in after.items() if before.get(k) != v}
+    changed = {k: nested_patch(before.get(k), v) for k, v in after.items()
+               if before.get(k) != v}
     if changed:
         kube.patch_status(API_VERSION, kind, name, namespace, changed)
+
+
+def nested_patch(before: Any, after: Any) -> Any:
+    """The merge patch of one changed status field: inside an object, keys it no longer has
+    are sent as null (a merge patch would keep them, and every pass would write again)."""
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return after
+    patch: dict[str, Any] = dict.fromkeys(before.keys() - after.keys())
+    for key, value in after.items():
+        if before.get(key) != value:
+            patch[key] = nested_patch(before.get(key), value)
+    return patch

@@ -29,8 +29,8 @@ from deeprad.core.protocol import (
     SecAggSpec,
     StrategySpec,
 )
-from deeprad.core.secagg import threshold_for
 from deeprad.core.secagg.relay import StoreRelay
+from deeprad.core.secagg.threat import threshold_for
 from deeprad.core.store import ObjectStore
 from deeprad.core.store.presigned import site_grants
 from deeprad.operator.api import API_VERSION
@@ -110,9 +110,28 @@ class RoundHub:
         if "Failed" in true_conditions:
             failed = true_conditions["Failed"]
             return rules.JobView.failed(failed.get("reason", "Failed"),
-                                        failed.get("message", ""), self.pod_log(name),
+                                        failed.get("message", ""), self.failure_cause(name),
                                         start_time=start)
         return rules.JobView("Running", start_time=start)
+
+    def failure_cause(self, job: str) -> str:
+        """Why a hub Job's last pod failed: its container's termination message (the one line
+        `deeprad.core.jobargs` writes there; with FallbackToLogsOnError kubelet puts the log's
+        tail there when the process wrote nothing, e.g. when it was killed), else its log's
+        tail. `JobView.failed` quotes the last line."""
+        try:
+            pods = self.kube.list_objects("v1", "Pod", self.options.jobs_namespace,
+                                          label_selector=f"batch.kubernetes.io/job-name={job}")
+        except kubernetes.client.ApiException:
+            pods = []
+        failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+        if failed:
+            newest = max(failed, key=lambda p: str(p["metadata"].get("creationTimestamp") or ""))
+            for status in (newest.get("status") or {}).get("containerStatuses") or ():
+                message = ((status.get("state") or {}).get("terminated") or {}).get("message")
+                if message and message.strip():
+                    return str(message)
+        return self.pod_log(job)
 
     def pod_log(self, job: str) -> str:
         return job_pod_log(self.core, self.options.jobs_namespace, job,

@@ -27,6 +27,7 @@ from deeprad.operator.api.names import aggregator_job_name, prepare_job_name
 from deeprad.operator.api.sitetask import TaskResult, TaskState
 from deeprad.operator.decide import round as rules
 from deeprad.operator.decide import tenancy
+from deeprad.operator.decide.queue import QueuedRound
 from deeprad.operator.decide.sites import SiteView
 from deeprad.operator.decide.timeutil import now, parse_time
 from deeprad.operator.hub.round_children import (
@@ -56,8 +57,10 @@ class TaskFacts:
 def reconcile_round(hub: RoundHub, name: str, namespace: str, uid: str, meta: Mapping[str, Any],
                     spec: FederatedRoundSpec, status: FederatedRoundStatus,
                     tasks: Sequence[TaskFacts], sites: Sequence[SiteView],
-                    body: kopf.Body) -> FederatedRoundStatus:
-    """One pass over a round: observe, decide, act; returns the status to write."""
+                    body: kopf.Body, queue: Mapping[str, Sequence[QueuedRound]] | None = None
+                    ) -> FederatedRoundStatus:
+    """One pass over a round: observe, decide, act; returns the status to write. `queue`:
+    the other rounds waiting for sites, by site (read while this one is not admitted)."""
     target = RoundTarget(name, namespace, uid, spec, store_owner_uid(uid, spec, meta))
     mine = {f.site: f for f in tasks if f.round_uid == uid}
     if status.state and status.state.terminal:
@@ -66,7 +69,7 @@ def reconcile_round(hub: RoundHub, name: str, namespace: str, uid: str, meta: Ma
         hub.delete_tasks([(f.site, f.name) for f in mine.values()
                           if not (f.state and f.state.terminal)])
         return status
-    world = observe(hub, target, meta, status, mine, sites)
+    world = observe(hub, target, meta, status, mine, sites, queue or {})
     decision = rules.decide_round(name, meta.get("generation"), spec, status, world)
     act(hub, target, decision, sites, world.now, body)
     new = decision.status
@@ -79,18 +82,21 @@ def reconcile_round(hub: RoundHub, name: str, namespace: str, uid: str, meta: Ma
 
 def observe(hub: RoundHub, target: RoundTarget, meta: Mapping[str, Any],
             status: FederatedRoundStatus, tasks: Mapping[str, TaskFacts],
-            sites: Sequence[SiteView]) -> rules.RoundWorld:
-    """What the pass decides on: the candidate sites, the round's tasks, its hub Jobs (the
-    aggregator only once sites were admitted) and its objects in the store."""
+            sites: Sequence[SiteView], queue: Mapping[str, Sequence[QueuedRound]]
+            ) -> rules.RoundWorld:
+    """What the pass decides on: the candidate sites and the queue, the round's tasks, its
+    hub Jobs (none before admission: a waiting round runs no Job) and its objects in the
+    store."""
     observed_at = now()
-    aggregator = (hub.job_view(aggregator_job_name(target.name, target.uid)) if status.sites
+    started = status.start_time is not None and bool(status.sites)
+    aggregator = (hub.job_view(aggregator_job_name(target.name, target.uid)) if started
                   else None)
     store = hub.store_view(target.layout, target.spec.round, aggregating=aggregator is not None)
-    prepare = (None if store.input_manifest
+    prepare = (None if store.input_manifest or not started
                else hub.job_view(prepare_job_name(target.name, target.uid)))
     return rules.RoundWorld(
         now=observed_at, created=api_time(meta.get("creationTimestamp")) or observed_at,
-        candidates=sites, namespace=target.namespace,
+        candidates=sites, namespace=target.namespace, queue=queue,
         tasks={site: rules.TaskView(f.name, f.state, f.message, f.result, f.completion_time,
                                     f.reason)
                for site, f in tasks.items()},

@@ -1,23 +1,35 @@
 """FederatedRound: a timer runs one pass at a time over each round (`round_pass`); on delete,
-the round's SiteTasks and hub Jobs, which ownerReferences cannot reach, are deleted."""
+the round's SiteTasks and hub Jobs, which ownerReferences cannot reach, are deleted. Rounds are
+indexed by the sites they hold and the sites they wait for, so each admission pass sees every
+site's taken slots and the queue (`decide.queue`)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
+import time
 from collections.abc import Collection, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import kopf
 from pydantic import ValidationError
 
 from deeprad.operator.api import API_VERSION
-from deeprad.operator.api.federatedround import FederatedRoundSpec, FederatedRoundStatus
+from deeprad.operator.api.federatedround import (
+    FederatedRoundSpec,
+    FederatedRoundStatus,
+    SiteState,
+)
 from deeprad.operator.api.hospitalsite import HospitalSiteSpec, HospitalSiteStatus
 from deeprad.operator.api.sitetask import SiteTaskStatus
 from deeprad.operator.client import Kube, parse, reconciling
 from deeprad.operator.decide import round as round_rules
+from deeprad.operator.decide.queue import QueuedRound
 from deeprad.operator.decide.sites import SiteView
-from deeprad.operator.decide.timeutil import now
+from deeprad.operator.decide.timeutil import now, parse_time
+from deeprad.operator.hub.cleanup import deleted
 from deeprad.operator.hub.memo import HubMemo
 from deeprad.operator.hub.resources import (
     FEDERATED_ROUNDS,
@@ -65,12 +77,77 @@ def round_tasks(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.
                            task_status.completion_time, task_status.reason)}
 
 
+@dataclass(frozen=True)
+class SiteClaim:
+    """Index entry of a round for one site: it holds one of the site's task slots (admitted,
+    not done there), or it waits for the site at its place in the queue."""
+
+    round_uid: str
+    holds: bool
+    waiting: QueuedRound | None = None
+
+
+# Site states of a started round that take one of the site's task slots.
+HOLDING = (SiteState.PENDING, SiteState.QUEUED, SiteState.TRAINING)
+
+
+def round_claims(name: str, namespace: str | None, uid: str, meta: Mapping[str, Any],
+                 spec: Mapping[str, Any], status: Mapping[str, Any], **_: Any
+                 ) -> dict[str, SiteClaim]:
+    """Index of FederatedRounds by site: the sites a running round holds, and the sites a
+    Queued round waits for (an ended round claims nothing)."""
+    try:
+        observed = parse(FederatedRoundStatus, status)
+    except ValidationError:
+        return {}
+    if observed.state and observed.state.terminal:
+        return {}
+    entries = observed.sites or []
+    if observed.start_time is not None:
+        return {e.site: SiteClaim(uid, holds=True) for e in entries if e.state in HOLDING}
+    if observed.queued_since is None:
+        return {}
+    created = meta.get("creationTimestamp")
+    since = parse_time(observed.queued_since)
+    wanted = frozenset(e.site for e in entries if e.state == SiteState.WAITING)
+    waiting = QueuedRound(f"{namespace}/{name}", int(spec.get("priority") or 0), since,
+                          parse_time(created) if created else since, wanted)
+    return {site: SiteClaim(uid, holds=False, waiting=waiting) for site in wanted}
+
+
+class AdmissionGate:
+    """One admission pass at a time in this operator, and the admissions it made that kopf's
+    index may not show yet: two rounds deciding at once, or one deciding on an index that has
+    not seen the other's status write, would both take a site's last slot."""
+
+    RECENT_SECONDS = 60.0  # a watch event is normally seconds behind the write, not minutes
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._recent: dict[str, tuple[frozenset[str], float]] = {}
+
+    def record(self, round_uid: str, sites: Collection[str]) -> None:
+        """Round `round_uid` was just admitted to `sites`."""
+        self._recent[round_uid] = (frozenset(sites), time.monotonic())
+
+    def recent(self, indexed: Collection[str]) -> dict[str, frozenset[str]]:
+        """Sites per round of the admissions the index (rounds `indexed` as holding) lacks."""
+        cutoff = time.monotonic() - self.RECENT_SECONDS
+        for uid in [u for u, (_, at) in self._recent.items() if u in indexed or at < cutoff]:
+            del self._recent[uid]
+        return {uid: sites for uid, (sites, _) in self._recent.items()}
+
+
 def reconcile(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.Spec,
               status: kopf.Status, body: kopf.Body, memo: HubMemo,
               site_views: kopf.Index[None, SiteView], round_tasks: kopf.Index[str, TaskFacts],
-              **_: Any) -> None:
-    """On a timer: one pass over the round; a hub without the store or its keys says so."""
-    with reconciling("FederatedRound", f"{namespace}/{name}"):
+              round_claims: kopf.Index[str, SiteClaim], gate: AdmissionGate, **_: Any
+              ) -> None:
+    """On a timer: one pass over the round; a hub without the store or its keys says so.
+    Passes of rounds not admitted yet run one at a time (`AdmissionGate`)."""
+    admitting = not (status.get("startTime") and status.get("sites"))
+    with reconciling("FederatedRound", f"{namespace}/{name}"), \
+            (gate.lock if admitting else contextlib.nullcontext()):
         if memo.rounds is not None:
             # The body a timer gets can lag the API by many seconds when thousands of
             # HospitalSites update at once: a pass on a stale body would write status fields
@@ -85,18 +162,25 @@ def reconcile(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.S
             new = round_rules.hub_not_configured(old, memo.options.missing_for_rounds(),
                                                  meta.get("generation"), now())
         else:
-            if old.sites:
+            queue: dict[str, list[QueuedRound]] = {}
+            if old.start_time and old.sites:
                 sites = list(site_views.get(None, ()))
             else:
-                # Admission happens once per round, on the sites as the API has them now: the
-                # index can lag far behind the sites' Ready conditions at scale. One LIST.
-                running = running_tasks(round_tasks, uid)
-                sites = [replace(v, running_tasks=running.get(v.name, 0))
+                # Admission decides on the sites as the API has them now: the index can lag
+                # far behind the sites' Ready conditions at scale. One LIST per pass.
+                claims = {site: list(round_claims.get(site, ())) for site in round_claims}
+                taken = held_slots(round_tasks, claims, gate.recent(
+                    {c.round_uid for cs in claims.values() for c in cs if c.holds}), uid)
+                queue = {site: [c.waiting for c in cs if c.waiting and c.round_uid != uid]
+                         for site, cs in claims.items()}
+                sites = [replace(v, running_tasks=taken.get(v.name, 0))
                          for v in listed_sites(memo.kube)]
             new = reconcile_round(memo.rounds, name, namespace, uid, meta,
                                   parse(FederatedRoundSpec, spec), old,
-                                  list(round_tasks.get(uid, ())), sites, body)
+                                  list(round_tasks.get(uid, ())), sites, body, queue)
         write_status(memo.kube, "FederatedRound", name, namespace, old, new)
+        if not (old.start_time and old.sites) and new.start_time and new.sites:
+            gate.record(uid, [e.site for e in new.sites if e.state in HOLDING])
 
 
 def listed_sites(kube: Kube) -> list[SiteView]:
@@ -121,25 +205,37 @@ def register(registry: kopf.OperatorRegistry, options: HubOptions) -> None:
     """Add the FederatedRound handlers, and the indices they read, to `registry`."""
     kopf.index(*HOSPITAL_SITES, id="site_views", registry=registry)(site_views)
     kopf.index(*SITE_TASKS, id="round_tasks", registry=registry)(round_tasks)
+    kopf.index(*FEDERATED_ROUNDS, id="round_claims", registry=registry)(round_claims)
     # Rounds are driven by the timer alone: kopf runs one object's timer passes one after
     # another, so two passes never race to set status.startTime (which CEL freezes once set).
     # It fires at once for a new object and at resume, then every round_interval.
     kopf.timer(*FEDERATED_ROUNDS, id="round-timer", interval=options.round_interval,
-               registry=registry)(reads_indices(reconcile))
-    kopf.on.delete(*FEDERATED_ROUNDS, id="round-cleanup", registry=registry)(reads_indices(cleanup))
+               registry=registry)(reads_indices(functools.partial(reconcile,
+                                                                  gate=AdmissionGate())))
+    # On the DELETED event, not on.delete: that would need a finalizer (see hub/cleanup.py).
+    kopf.on.event(*FEDERATED_ROUNDS, id="round-cleanup", when=deleted,
+                  registry=registry)(reads_indices(cleanup))
 
 
 # ---- admission's view of the sites ------------------------------------------------------------
 
 
-def running_tasks(tasks_by_round: Mapping[str, Collection[TaskFacts]], exclude_round: str
-                  ) -> dict[str, int]:
-    """Unfinished SiteTasks per site, of rounds other than `exclude_round` (by uid)."""
-    counts: dict[str, int] = {}
+def held_slots(tasks_by_round: Mapping[str, Collection[TaskFacts]],
+               claims_by_site: Mapping[str, Collection[SiteClaim]],
+               recent: Mapping[str, Collection[str]], exclude_round: str) -> dict[str, int]:
+    """Task slots taken per site by rounds other than `exclude_round` (by uid): a round takes
+    one when it has an unfinished SiteTask there, when it was admitted there and has not
+    finished with it (before its task exists: its input checkpoint is prepared first), or
+    when this operator has just admitted it there."""
+    holders: dict[str, set[str]] = {}
     for round_uid, tasks in tasks_by_round.items():
-        if round_uid == exclude_round:
-            continue
         for task in tasks:
             if not (task.state and task.state.terminal):
-                counts[task.site] = counts.get(task.site, 0) + 1
-    return counts
+                holders.setdefault(task.site, set()).add(round_uid)
+    for site, claims in claims_by_site.items():
+        holders.setdefault(site, set()).update(c.round_uid for c in claims if c.holds)
+    for round_uid, sites in recent.items():
+        for site in sites:
+            holders.setdefault(site, set()).add(round_uid)
+    return {site: len(uids - {exclude_round}) for site, uids in holders.items()
+            if uids - {exclude_round}}

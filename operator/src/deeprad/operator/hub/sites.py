@@ -1,5 +1,11 @@
 """HospitalSite: reserve the site's hub namespace and its agent's RBAC and Lease, derive
-Reachable and Ready from that Lease, and run a push-mode site's agent inside the hub."""
+Reachable and Ready from that Lease, count the site's participation from the rounds' status,
+and run a push-mode site's agent inside the hub.
+
+The agents' Leases are watched (one watch, selected by name and labels on the server) into the
+`agent_leases` index, so a heartbeat pass reads no Lease from the API: the Lease reads per
+heartbeat interval do not grow with the number of sites. A pass writes status only when
+something changed (see `decide.sites.recorded_heartbeat`)."""
 
 from __future__ import annotations
 
@@ -12,16 +18,24 @@ import kubernetes
 from deeprad.core.errors import ConfigError
 from deeprad.operator import metrics
 from deeprad.operator.api.hospitalsite import HospitalSiteSpec, HospitalSiteStatus
-from deeprad.operator.api.names import site_namespace
+from deeprad.operator.api.names import SITE_NAMESPACE_PREFIX
 from deeprad.operator.client import Kube, parse, reconciling
 from deeprad.operator.decide import conditions as cond
+from deeprad.operator.decide import participation as part_rules
 from deeprad.operator.decide import sites as site_rules
 from deeprad.operator.decide.timeutil import now
+from deeprad.operator.hub.cleanup import sweep_if_due
 from deeprad.operator.hub.memo import HubMemo
 from deeprad.operator.hub.push import push_agent
-from deeprad.operator.hub.resources import HOSPITAL_SITES, write_status
+from deeprad.operator.hub.resources import (
+    FEDERATED_ROUNDS,
+    HOSPITAL_SITES,
+    reads_indices,
+    write_status,
+)
 from deeprad.operator.options import HubOptions
 from deeprad.operator.render import site as site_render
+from deeprad.operator.settings import AGENT_LEASES
 from deeprad.operator.site.agent import SiteAgent
 
 PUSH_RELOAD_SECONDS = 60.0
@@ -31,19 +45,39 @@ PUSH_RELOAD_SECONDS = 60.0
 
 
 def reserve(name: str, uid: str, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status,
-            memo: HubMemo, **_: Any) -> None:
+            memo: HubMemo, agent_leases: kopf.Index[str, site_rules.AgentReport],
+            site_rounds: kopf.Index[str, part_rules.RoundPart], **_: Any) -> None:
     """On create, update and resume: apply the site's objects, then refresh its status."""
     with reconciling("HospitalSite", name):
         for manifest in site_render.site_objects(name, uid):
             memo.kube.apply(manifest)
-        refresh_status(memo.kube, name, meta, spec, status)
+        refresh_status(memo.kube, name, meta, spec, status, agent_leases, site_rounds)
 
 
 def heartbeat(name: str, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status, memo: HubMemo,
-              **_: Any) -> None:
-    """On a timer: Reachable and Ready from the heartbeat Lease."""
+              agent_leases: kopf.Index[str, site_rules.AgentReport],
+              site_rounds: kopf.Index[str, part_rules.RoundPart], **indices: Any) -> None:
+    """On a timer: Reachable and Ready from the heartbeat Lease, participation from the
+    rounds; then the hub's garbage sweep, when due (`cleanup`)."""
     with reconciling("HospitalSite", name):
-        refresh_status(memo.kube, name, meta, spec, status)
+        refresh_status(memo.kube, name, meta, spec, status, agent_leases, site_rounds)
+    sweep_if_due(memo, indices)
+
+
+def agent_lease(name: str, namespace: str | None, body: kopf.Body, **_: Any
+                ) -> dict[str, site_rules.AgentReport]:
+    """Index of the agents' heartbeat Leases by site: what each agent reported."""
+    if name != site_render.AGENT or not namespace or \
+            not namespace.startswith(SITE_NAMESPACE_PREFIX):
+        return {}
+    site = namespace[len(SITE_NAMESPACE_PREFIX):]
+    return {site: site_rules.read_lease(site, body)}
+
+
+def round_parts(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
+                **_: Any) -> dict[str, part_rules.RoundPart]:
+    """Index of FederatedRounds by site: the part each admitted site had in the round."""
+    return part_rules.round_parts(namespace or "", name, spec, status)
 
 
 def is_push(spec: kopf.Spec, **_: Any) -> bool:
@@ -76,11 +110,13 @@ def push_daemon(name: str, spec: kopf.Spec, body: kopf.Body, memo: HubMemo,
 
 
 def register(registry: kopf.OperatorRegistry, options: HubOptions) -> None:
-    """Add the HospitalSite handlers to `registry`."""
+    """Add the HospitalSite handlers, and the indices they read, to `registry`."""
+    kopf.index(*AGENT_LEASES, id="agent_leases", registry=registry)(agent_lease)
+    kopf.index(*FEDERATED_ROUNDS, id="site_rounds", registry=registry)(round_parts)
     for on in (kopf.on.update, kopf.on.create, kopf.on.resume):
-        on(*HOSPITAL_SITES, id="site-reserve", registry=registry)(reserve)
+        on(*HOSPITAL_SITES, id="site-reserve", registry=registry)(reads_indices(reserve))
     kopf.timer(*HOSPITAL_SITES, id="site-heartbeat", interval=options.site_interval,
-               registry=registry)(heartbeat)
+               registry=registry)(reads_indices(heartbeat))
     kopf.daemon(*HOSPITAL_SITES, id="push-agent", registry=registry, cancellation_timeout=10,
                 when=is_push)(push_daemon)
 
@@ -89,18 +125,20 @@ def register(registry: kopf.OperatorRegistry, options: HubOptions) -> None:
 
 
 def refresh_status(kube: Kube, name: str, meta: kopf.Meta, spec: kopf.Spec,
-                   status: kopf.Status) -> None:
-    """Derive the site's status from its Lease and write what changed."""
+                   status: kopf.Status, leases: kopf.Index[str, site_rules.AgentReport],
+                   rounds: kopf.Index[str, part_rules.RoundPart]) -> None:
+    """Derive the site's status from its Lease and its rounds; write what changed."""
     old = parse(HospitalSiteStatus, status)
-    new = site_status(kube, name, meta.get("generation"), parse(HospitalSiteSpec, spec), old)
+    report = next(iter(leases.get(name, ())), site_rules.AgentReport())
+    new = site_status(name, meta.get("generation"), parse(HospitalSiteSpec, spec), old, report)
+    new.participation = part_rules.participation(rounds.get(name, ()))
     write_status(kube, "HospitalSite", name, None, old, new)
 
 
-def site_status(kube: Kube, name: str, generation: int | None, spec: HospitalSiteSpec,
-                status: HospitalSiteStatus) -> HospitalSiteStatus:
-    """The site's status from its Lease: heartbeat, agent report, Reachable and Ready."""
-    lease = kube.get("coordination.k8s.io/v1", "Lease", site_render.AGENT, site_namespace(name))
-    report = site_rules.read_lease(name, lease)
+def site_status(name: str, generation: int | None, spec: HospitalSiteSpec,
+                status: HospitalSiteStatus, report: site_rules.AgentReport
+                ) -> HospitalSiteStatus:
+    """The site's status from its agent's report: heartbeat, agent report, Reachable, Ready."""
     observed = site_rules.observed_status(status, report)
     checked = now()
     desired = site_rules.site_conditions(name, spec, observed, report, checked)

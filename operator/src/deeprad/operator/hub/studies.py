@@ -24,6 +24,7 @@ from deeprad.operator.decide import conditions as cond
 from deeprad.operator.decide import sites as site_rules
 from deeprad.operator.decide import study as study_rules
 from deeprad.operator.decide.timeutil import now
+from deeprad.operator.hub.cleanup import deleted
 from deeprad.operator.hub.memo import HubMemo
 from deeprad.operator.hub.privacy import LedgerReader
 from deeprad.operator.hub.resources import (
@@ -112,8 +113,8 @@ def register(registry: kopf.OperatorRegistry, options: HubOptions) -> None:
         on(*FEDERATED_STUDIES, id="study", registry=registry)(reads_indices(reconcile))
     kopf.timer(*FEDERATED_STUDIES, id="study-timer", interval=options.study_interval,
                registry=registry)(reads_indices(reconcile))
-    kopf.on.delete(*FEDERATED_STUDIES, id="study-gone", optional=True,
-                   registry=registry)(forget)
+    kopf.on.event(*FEDERATED_STUDIES, id="study-gone", when=deleted,
+                  registry=registry)(forget)
 
 
 def forget(name: str, namespace: str | None, **_: Any) -> None:

@@ -21,6 +21,8 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel
 
+from deeprad.core.jobargs import EXIT_BAD_INPUT, EXIT_TRANSIENT, TERMINATION_LOG_ENV
+from deeprad.core.store.retry import RETRY_SECONDS_ENV
 from deeprad.operator.decide.timeutil import parse_duration
 from deeprad.operator.render.meta import (
     LABEL_ROUND,
@@ -40,10 +42,15 @@ IDENTITY_DIR = "/var/run/deeprad/identity"
 DATA_DIR = "/data"
 TMP_DIR = "/tmp"
 RUN_AS = 65532  # the distroless "nonroot" user; any non-zero uid works with the images
-EXIT_BAD_INPUT = 2  # the entrypoints exit 2 on a task they refuse: retrying cannot help
+# The entrypoints exit EXIT_BAD_INPUT (2) on a task they refuse, where retrying cannot help
+# (FailJob), and EXIT_TRANSIENT (75) when the store stayed unreachable, which counts against
+# backoffLimit like any other failure: another pod may succeed (a DP trainer's Job has none).
+TERMINATION_LOG = "/dev/termination-log"  # the one-line cause of a failure (deeprad.core.jobargs)
 ACCESS_KEY = "access-key"  # keys of the store-credentials Secret
 SECRET_KEY = "secret-key"
 TTL_SECONDS = 24 * 3600
+# The label by which Kueue takes a Job into a LocalQueue (training.localQueue of a site).
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
 @dataclass(frozen=True)
@@ -122,9 +129,19 @@ def _volumes(identity_secret: str | None, data_claim: str | None
     return volumes, mounts
 
 
+def _store_retry_seconds(deadline_seconds: int) -> int:
+    """How long a Job's store calls may keep retrying an outage: until a little before its
+    activeDeadlineSeconds, so it still ends on its own and says why (not DeadlineExceeded)."""
+    return max(1, deadline_seconds - min(60, deadline_seconds // 5))
+
+
 def _job(ctx: JobContext, component: str, command: list[str], extra_labels: dict[str, str],
          container: Manifest, pod: Manifest, deadline_seconds: int, backoff_limit: int
          ) -> Manifest:
+    container = {**container, "env": [
+        *container.get("env", ()),
+        {"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG},
+        {"name": RETRY_SECONDS_ENV, "value": str(_store_retry_seconds(deadline_seconds))}]}
     meta_labels = labels(component, **{LABEL_STUDY: ctx.study, LABEL_ROUND: ctx.round_name},
                          **extra_labels)
     return {
@@ -138,6 +155,9 @@ def _job(ctx: JobContext, component: str, command: list[str], extra_labels: dict
                 {"action": "FailJob", "onExitCodes": {"containerName": component,
                                                       "operator": "In",
                                                       "values": [EXIT_BAD_INPUT]}},
+                {"action": "Count", "onExitCodes": {"containerName": component,
+                                                    "operator": "In",
+                                                    "values": [EXIT_TRANSIENT]}},
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]},
             "template": {
@@ -151,7 +171,9 @@ def _job(ctx: JobContext, component: str, command: list[str], extra_labels: dict
                     "containers": [{
                         "name": component, "image": ctx.image,
                         "imagePullPolicy": ctx.image_pull_policy, "command": command,
-                        "securityContext": _security_context(), **container}],
+                        "securityContext": _security_context(),
+                        "terminationMessagePath": TERMINATION_LOG,
+                        "terminationMessagePolicy": "FallbackToLogsOnError", **container}],
                 },
             },
         },
@@ -164,7 +186,8 @@ def trainer_job(ctx: JobContext, site: str, placement: TrainingPlacement, task: 
                 retries: bool = True) -> Manifest:
     """A site's training Job: GPUs, placement, identity Secret and data volume as the site
     configured them, the round's deadline (capped by the site's maxTaskDuration), the data
-    read-only at /data. `extra_env` carries the presigned URLs of a pull-mode task.
+    read-only at /data. `extra_env` carries the presigned URLs of a pull-mode task. With a
+    Kueue LocalQueue configured, the Job carries its queue label and is created suspended.
 
     `retries=False` (a DP-SGD task): backoffLimit 0 and no rule that ignores an evicted pod.
     The site's privacy ledger holds one reservation per task, one run's worth of ε; a second
@@ -201,6 +224,13 @@ def trainer_job(ctx: JobContext, site: str, placement: TrainingPlacement, task: 
     if not retries:
         policy = job["spec"]["podFailurePolicy"]
         policy["rules"] = [r for r in policy["rules"] if r["action"] != "Ignore"]
+    if placement.local_queue:
+        # Created suspended: Kueue unsuspends it once the queue's ClusterQueue has quota, so
+        # no Kueue webhook has to intercept the create. Suspended time does not count against
+        # activeDeadlineSeconds (the Job's startTime is set on resume); the agent ends a Job
+        # that outlives its round's deadline (`site.decide`).
+        job["metadata"]["labels"][KUEUE_QUEUE_LABEL] = placement.local_queue
+        job["spec"]["suspend"] = True
     return job
 
 

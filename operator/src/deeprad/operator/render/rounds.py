@@ -19,8 +19,9 @@ from deeprad.operator.render.meta import (
 
 def round_spec(study: str, spec: FederatedStudySpec, create: CreateRound) -> FederatedRoundSpec:
     """Round `create.number` of the study: the template's settings, the study's model and data,
-    the input checkpoint and the sites; DP's δ is the study budget's, its noise multiplier the
-    one the study decided (the template's, or calibrated to the budget)."""
+    the input checkpoint and the sites, and the study's admissionTimeout and priority (how long
+    the round waits for sites, and its place in their queue); DP's δ is the study budget's, its
+    noise multiplier the one the study decided (the template's, or calibrated to the budget)."""
     template = spec.round_template.model_copy(deep=True)
     dp = template.privacy.differential_privacy
     if dp is not None and spec.privacy_budget is not None:
@@ -31,7 +32,8 @@ def round_spec(study: str, spec: FederatedStudySpec, create: CreateRound) -> Fed
         **{k: getattr(template, k) for k in type(template).model_fields},
         study_ref=StudyRef(name=study), round=create.number, model=spec.model, data=spec.data,
         input_checkpoint=create.input_checkpoint,
-        sites=list(create.sites) if create.sites is not None else None)
+        sites=list(create.sites) if create.sites is not None else None,
+        admission_timeout=spec.admission_timeout, priority=spec.priority)
 
 
 def federated_round(study: str, namespace: str, uid: str, spec: FederatedStudySpec,

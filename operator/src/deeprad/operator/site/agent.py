@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
@@ -50,6 +51,12 @@ from deeprad.operator.site.decide import (
     renew_lease,
 )
 from deeprad.operator.site.ledger import LEDGER_CONFIGMAP, Ledger, read_ledger, with_entry
+from deeprad.operator.site.outage import (
+    Outages,
+    api_fault,
+    reachable_report,
+    unreachable_report,
+)
 
 log = logging.getLogger("deeprad.agent")
 
@@ -63,7 +70,9 @@ class SiteAgent:
         self.namespace = site_namespace(config.site)
         self.last_pass: float = 0.0
         self.last_heartbeat: float = 0.0
+        self.last_step: float = 0.0
         self._hub_api, self._local_api = hub, local
+        self.outages = Outages(config.poll_seconds)
         if config.store.endpoint is None:
             log.warning("store.endpoint is not set: every task will be refused, since its "
                         "presigned URLs could lead anywhere; set it to the hub's object store")
@@ -102,7 +111,19 @@ class SiteAgent:
     def sync(self) -> None:
         """One pass over every task and Job."""
         tasks = observe.tasks(self.hub, self.namespace)
-        jobs = observe.jobs(self.local, self.config)
+        self.outages.answered("hub")
+        try:
+            jobs = observe.jobs(self.local, self.config)
+        except Exception as exc:
+            cause = api_fault(exc)
+            if cause is not None:  # the hub still answers: tell it why nothing moves here
+                self.outages.failed("cluster", cause)
+                wait = self.outages.wait_seconds()
+                self.apply([r for t in tasks
+                            if (r := unreachable_report(t, cause, now(), wait))])
+            raise
+        if self.outages.answered("cluster"):
+            self.apply([r for t in tasks if (r := reachable_report(t, now()))])
         try:
             ledger: Ledger | None = observe.ledger(self.local, self.config)
             unreadable = ""
@@ -121,6 +142,8 @@ class SiteAgent:
                 log.warning("task %s: API call failed (%s %s); retrying next pass", task.name,
                             exc.status, exc.reason)
             except Exception as exc:  # deterministic: retrying cannot help, so say so
+                if api_fault(exc) is not None:
+                    raise  # an outage, not the task's fault: the pass is retried later
                 log.exception("task %s: the agent cannot handle it", task.name)
                 self.apply([agent_failure(task, exc, now())])
         self.apply(orphan_jobs(tasks, jobs))
@@ -154,8 +177,11 @@ class SiteAgent:
                 self.local.delete("batch/v1", "Job", action.name, self.config.training.namespace)
             elif isinstance(action, ReportTask):
                 status = action.status
+                body = status.model_dump(mode="json", exclude_none=True)
+                if status.reason is None:  # merge patch: a Queued state's reason ends with it
+                    body["reason"] = None
                 self.hub.patch_status(API_VERSION, "SiteTask", action.name, self.namespace,
-                                      status.model_dump(mode="json", exclude_none=True))
+                                      body)
                 log.info("task %s: %s — %s", action.name, status.state,
                          (status.message or "").partition("\n")[0][:200])
         return written
@@ -189,28 +215,45 @@ class SiteAgent:
         """One iteration: the heartbeat when due, then a sync pass; API errors are logged
         and retried on the next step."""
         if heartbeat_due(self.config, time.monotonic() - self.last_heartbeat):
-            _guard("heartbeat", self.heartbeat)
-        _guard("sync", self.sync)
+            self._guard("heartbeat", self.heartbeat)
+        self._guard("sync", self.sync)
+        self.last_step = time.monotonic()
+
+    def _guard(self, what: str, fn: Callable[[], None]) -> None:
+        """Run one step; an API outage is logged once (`Outages`), anything else as before."""
+        try:
+            fn()
+        except Exception as exc:  # keep the agent alive; the next pass retries from the API
+            cause = api_fault(exc)
+            if cause is not None:
+                self.outages.failed(self._api_of(exc), cause)
+            elif isinstance(exc, ApiException):
+                log.warning("%s: API call failed (%s %s): %s", what, exc.status, exc.reason,
+                            (exc.body or "")[:300])
+            else:
+                log.exception("%s failed", what)
+
+    def _api_of(self, exc: BaseException) -> str:
+        """Which API a failed call went to, by the server address urllib3 names."""
+        pool = getattr(exc, "pool", None)
+        for api, client in (("hub", self._hub_api), ("cluster", self._local_api)):
+            where = urlsplit(client.configuration.host)
+            if pool is not None and (pool.host, pool.port) == (where.hostname, where.port):
+                return api
+        return "hub or cluster"
 
     def run(self, stop: threading.Event) -> None:
-        """Step until `stop` is set."""
+        """Step until `stop` is set; passes back off while an API is unreachable."""
         while not stop.is_set():
             self.step()
-            stop.wait(self.config.poll_seconds)
+            stop.wait(self.outages.wait_seconds())
 
     def healthy(self) -> bool:
-        """Alive when a sync pass finished recently."""
-        return time.monotonic() - self.last_pass < max(60.0, 6 * self.config.poll_seconds)
-
-
-def _guard(what: str, fn: Callable[[], None]) -> None:
-    try:
-        fn()
-    except ApiException as exc:
-        log.warning("%s: API call failed (%s %s): %s", what, exc.status, exc.reason,
-                    (exc.body or "")[:300])
-    except Exception:  # keep the agent alive; the next pass retries from the API's state
-        log.exception("%s failed", what)
+        """Alive when a sync pass finished recently, or the loop keeps retrying an API outage
+        (a restart would not bring the API back)."""
+        latest = max(self.last_pass, self.last_step if self.outages.since else 0.0)
+        return time.monotonic() - latest < max(60.0, 6 * self.config.poll_seconds,
+                                               2 * self.outages.wait_seconds())
 
 
 def serve_health(agent: SiteAgent, address: str, port: int) -> ThreadingHTTPServer:

@@ -7,12 +7,14 @@ local epochs, whether DP and secure aggregation are required, the largest ε per
 dataset (`training.datasetName` names the dataset, `training.datasetRecords` sizes it). The hub
 never chooses any of these; it only says what to train and where to upload. The rest of what a
 hospital decides is here too: the hub it works for (hubSigningKey), the store its trainers may
-reach (store.endpoint), the GPUs per training pod (training.gpu: a task cannot ask for GPUs)
-and the longest a trainer Job may run (training.maxTaskDuration).
+reach (store.endpoint), the GPUs per training pod (training.gpu: a task cannot ask for GPUs),
+the longest a trainer Job may run (training.maxTaskDuration) and the Kueue LocalQueue its Jobs
+wait in for the hospital's quota (training.localQueue).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from deeprad.core.store.endpoint import ENDPOINT_FORM, StoreEndpoint
 from deeprad.operator.api.common import Duration, ObjectName, Quantity, SiteName
 from deeprad.operator.api.hospitalsite import PUBLIC_KEY_PATTERN, GpuDefaults
 from deeprad.operator.api.images import ImageReference
+from deeprad.operator.api.names import DNS_LABEL_MAX, DNS_LABEL_PATTERN
 from deeprad.operator.api.schema import ApiModel
 
 
@@ -82,6 +85,23 @@ class TrainingPlacement(ApiModel):
                                   "deadline).")
     service_account: ObjectName | None = Field(
         default=None, description="ServiceAccount of trainer pods (no token is mounted).")
+    local_queue: ObjectName | None = Field(
+        default=None, description="Kueue LocalQueue (in the training namespace) that admits "
+                                  "trainer Jobs within the hospital's quotas: they carry its "
+                                  "queue-name label and are created suspended, and a task "
+                                  "reports Queued while Kueue holds its Job. Empty: Jobs start "
+                                  "at once.")
+
+    @field_validator("local_queue", mode="before")
+    @classmethod
+    def _local_queue(cls, value: object) -> object:
+        # Checked before the pattern, to say what the name is for rather than quote a regex.
+        if isinstance(value, str) and not (len(value) <= DNS_LABEL_MAX
+                                           and re.fullmatch(DNS_LABEL_PATTERN, value)):
+            raise ValueError(f"must name a Kueue LocalQueue in the training namespace, a DNS "
+                             f"label (lowercase letters, digits and '-', at most "
+                             f"{DNS_LABEL_MAX} characters), got {value!r}")
+        return value
 
 
 class AllowedStore(ApiModel):

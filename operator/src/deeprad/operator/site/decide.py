@@ -20,6 +20,10 @@ For each SiteTask in its hub namespace, with the trainer Job of the same name (i
   never created. A DP task's Job is never retried (`trainer_job`). The Job gets the policy,
   the trainer image, the study's and the dataset's privacy ledger and the reservation, so the
   trainer checks the task again;
+- a Job that cannot run yet reports Queued: Kueue holds it (suspended; reason QueuedByKueue,
+  with its Workload's message) or the scheduler has no node for its pod (reason Unschedulable,
+  with the scheduler's message); a Job still queued at the round's deadline, or still running
+  `DEADLINE_GRACE_SECONDS` after it, is deleted and its task fails (DeadlineExceeded);
 - a running Job reports Running; a finished Job reports Succeeded with the trainer's result
   (the last JSON line of its log), after replacing the reservation with the DP-SGD steps the
   trainer reported, or Failed with the log's tail (its reservation stays: the run may have
@@ -80,6 +84,10 @@ from deeprad.operator.site.training import presigned_env, task_result, training_
 LABEL_TASK_UID = "deeprad.io/task-uid"
 PRESIGNED_STORE = "presigned:"
 TASK_HEARTBEAT_SECONDS = 30.0
+# A Job still running this long after its round's deadline is deleted: one that waited in
+# Kueue started its activeDeadlineSeconds late (suspended time does not count), and its
+# presigned URLs have expired, so nothing it does can reach the round any more.
+DEADLINE_GRACE_SECONDS = 30.0
 LOG_TAIL_SHOWN = 15  # lines of a trainer's log quoted in a task's message
 MESSAGE_LIMIT = 4000  # characters of a task's message (its end is kept)
 
@@ -103,7 +111,11 @@ class TaskView:
 class JobView:
     """A trainer Job on the site's cluster. `outcome` is its true Complete or Failed condition,
     `failure` that Failed condition's message; `log` is its pod's log tail, read only when the
-    outcome is to be reported (see `needs_log`)."""
+    outcome is to be reported (see `needs_log`). `suspended`: spec.suspend (Kueue holds it;
+    `queue` is its LocalQueue label, `queue_message` why Kueue has not admitted it, from its
+    Workload); `unschedulable`: the scheduler's message for its pending pod, `unplaced`: none
+    of its pods is on a node yet (both read only for a Job whose pods are active, none
+    ready)."""
 
     name: str
     task_uid: str | None
@@ -113,6 +125,18 @@ class JobView:
     outcome: Literal["Complete", "Failed"] | None = None
     failure: str = "failed"
     log: str | None = None
+    ready: int = 0
+    suspended: bool = False
+    queue: str | None = None
+    queue_message: str | None = None
+    unschedulable: str | None = None
+    unplaced: bool = False  # no pod of it is on a node yet (the scheduler has not answered)
+
+    @property
+    def starting(self) -> bool:
+        """Running pods, none ready yet: the pods may wait for the scheduler."""
+        return self.outcome is None and not self.suspended and self.active > 0 \
+            and self.ready == 0
 
 
 @dataclass(frozen=True)
@@ -180,6 +204,12 @@ Action = CreateJob | DeleteJob | RecordPrivacy | ReportTask
 POLICY_VIOLATION = "PolicyViolation"
 PRIVACY_CEILING = "PrivacyCeiling"
 REFUSED = "Refused"
+# SiteTask status.reason while state is Queued: Kueue holds the Job (its LocalQueue has no
+# quota left), or the scheduler cannot place its pod (the message is the scheduler's).
+QUEUED_BY_KUEUE = "QueuedByKueue"
+UNSCHEDULABLE = "Unschedulable"
+SUSPENDED = "Suspended"  # suspended by someone else than Kueue
+QUEUED_REASONS = (QUEUED_BY_KUEUE, UNSCHEDULABLE, SUSPENDED)
 
 
 # ---- tasks ------------------------------------------------------------------------------------
@@ -356,13 +386,16 @@ def _follow(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, job: JobVie
     name = task.name
     status = task.status.model_copy(update={
         "job_name": name, "attempts": job.active + job.succeeded + job.failed})
+    waiting = _waiting(job)
+    if waiting is None and status.reason in QUEUED_REASONS:
+        status.reason = None  # a Queued state's reason ends with it (the patch removes it)
     if job.outcome == "Complete":
         text = job.log or ""
         result = last_result(text)
         if result is None:
             return [*_keep_reserved(config, task, spec, ledger),
                     report(name, status, TaskState.FAILED, "the trainer finished but printed "
-                           "no result; log tail:\n" + tail(text), now, terminal=True,
+                           f"no result: {cause_line(text)}", now, terminal=True,
                            reason="NoResult")]
         status.result = task_result(result, spec)
         done = report(name, status, TaskState.SUCCEEDED, f"update uploaded "
@@ -378,16 +411,46 @@ def _follow(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, job: JobVie
         return [RecordPrivacy(ledger_key(namespace, spec.study), entry), done]
     if job.outcome == "Failed":
         return [*_keep_reserved(config, task, spec, ledger),
-                report(name, status, TaskState.FAILED, f"training Job failed ({job.failure}); "
-                       "log tail:\n" + tail(job.log or ""), now, terminal=True,
+                report(name, status, TaskState.FAILED, f"training Job failed ({job.failure}): "
+                       f"{cause_line(job.log or '')}", now, terminal=True,
                        reason=_failure_reason(job.log or ""))]
-    if job.active and status.state != TaskState.RUNNING:
+    deadline = parse_time(spec.deadline)
+    if waiting is not None or job.active:
+        overdue = (now - deadline).total_seconds()
+        if overdue >= (0.0 if waiting is not None else DEADLINE_GRACE_SECONDS):
+            where = (f"with the Job still queued ({waiting[1]})" if waiting is not None
+                     else "with the Job still running")
+            return [*_keep_reserved(config, task, spec, ledger),
+                    DeleteJob(name, "its round's deadline passed"),
+                    report(name, status, TaskState.FAILED, f"the round's deadline passed "
+                           f"{where}; training Job deleted", now, terminal=True,
+                           reason="DeadlineExceeded")]
+    if waiting is not None:
+        reason, message = waiting
+        if (status.state, status.reason, status.message) != (TaskState.QUEUED, reason, message):
+            return [report(name, status, TaskState.QUEUED, message, now, reason=reason)]
+    elif job.active and not job.unplaced and status.state != TaskState.RUNNING:
         return [report(name, status, TaskState.RUNNING, "training", now)]
     if _age(status.heartbeat_time, now) > TASK_HEARTBEAT_SECONDS:
         # The task's heartbeat tells the hub the agent still follows a long Job.
         return [report(name, status, status.state or TaskState.ACCEPTED,
                        status.message or "training", now)]
     return []
+
+
+def _waiting(job: JobView) -> tuple[str, str] | None:
+    """(reason, message) while a Job that has not finished cannot run yet: Kueue holds it
+    (suspended), or the scheduler has no node for its pod; None otherwise."""
+    if job.outcome is not None:
+        return None
+    if job.suspended:
+        if not job.queue:
+            return SUSPENDED, "training Job suspended (not by Kueue: it has no queue label)"
+        detail = f": {job.queue_message}" if job.queue_message else ""
+        return QUEUED_BY_KUEUE, f"waiting in Kueue LocalQueue {job.queue}{detail}"
+    if job.unschedulable is not None:
+        return UNSCHEDULABLE, f"trainer pod unschedulable: {job.unschedulable}"
+    return None
 
 
 def _keep_reserved(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, ledger: Ledger
@@ -412,11 +475,14 @@ def _keep_reserved(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, ledg
 
 def _failure_reason(log: str) -> str:
     """PrivacyCeiling or PolicyViolation when the trainer refused the task under the site's
-    policy (its last words name the rule), JobFailed otherwise."""
+    policy (its last words name the rule), StoreUnavailable when it gave up on a store outage
+    (deeprad.core.store.retry), JobFailed otherwise."""
     last = tail(log, 3)
     if "PrivacyCeiling: policy." in last:
         return PRIVACY_CEILING
-    return POLICY_VIOLATION if "PolicyViolation: policy." in last else "JobFailed"
+    if "PolicyViolation: policy." in last:
+        return POLICY_VIOLATION
+    return "StoreUnavailable" if ": the store was unreachable for " in last else "JobFailed"
 
 
 def last_result(text: str) -> SiteResult | None:
@@ -429,6 +495,14 @@ def last_result(text: str) -> SiteResult | None:
             except ValidationError:
                 continue
     return None
+
+
+def cause_line(log: str) -> str:
+    """A failed trainer's cause in one line: the last line of its log, which the trainer
+    writes as its one-line cause (deeprad.core.jobargs); the hub never sees a traceback tail,
+    which the hospital reads in its own cluster (kubectl logs)."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "no log"
 
 
 def tail(text: str, lines: int = LOG_TAIL_SHOWN) -> str:

@@ -1,18 +1,21 @@
-"""What the site agent reads: its SiteTasks and Lease on the hub, its trainer Jobs, their
-pods' logs, its privacy ledger and the nodes on its own cluster, as the plain typed views
-`site.decide` takes."""
+"""What the site agent reads: its SiteTasks and Lease on the hub, its trainer Jobs (with their
+Kueue Workloads and pending pods while they wait), their pods' logs, its privacy ledger and the
+nodes on its own cluster, as the plain typed views `site.decide` takes."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
 from pydantic import ValidationError
 
 from deeprad.operator.api import API_VERSION
 from deeprad.operator.api.sitetask import SiteTaskSpec, SiteTaskStatus
 from deeprad.operator.client import Kube
+from deeprad.operator.render.jobs import KUEUE_QUEUE_LABEL
 from deeprad.operator.render.meta import LABEL_SITE, Manifest
 from deeprad.operator.render.site import AGENT
 from deeprad.operator.site.config import AgentConfig
@@ -24,6 +27,9 @@ log = logging.getLogger("deeprad.agent")
 LABEL_COMPONENT = "app.kubernetes.io/component"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 LOG_TAIL_LINES = 40
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set on a Job's pods by the Job controller
+KUEUE_API_VERSION = "kueue.x-k8s.io/v1beta2"
+MESSAGE_CHARS = 400  # of a scheduler's or Kueue's message quoted in a task's status
 
 
 def tasks(hub: Kube, namespace: str) -> list[TaskView]:
@@ -32,11 +38,77 @@ def tasks(hub: Kube, namespace: str) -> list[TaskView]:
 
 
 def jobs(local: Kube, config: AgentConfig) -> dict[str, JobView]:
-    """The agent's trainer Jobs, by name."""
+    """The agent's trainer Jobs, by name, with why a Job cannot run yet: its Workload's
+    message for a Job Kueue holds, the scheduler's for a pending pod. At most one list of pods
+    and one of Workloads per pass, and only while some Job waits."""
     selector = f"{LABEL_SITE}={config.site},{LABEL_COMPONENT}=trainer"
-    found = local.list_objects("batch/v1", "Job", config.training.namespace,
-                               label_selector=selector)
-    return {view.name: view for view in map(job_view, found)}
+    namespace = config.training.namespace
+    found = local.list_objects("batch/v1", "Job", namespace, label_selector=selector)
+    views = {view.name: view for view in map(job_view, found)}
+    if any(v.starting for v in views.values()):
+        pods = local.list_objects("v1", "Pod", namespace, label_selector=selector)
+        placed = {_labels(p).get(JOB_NAME_LABEL) for p in pods
+                  if (p.get("spec") or {}).get("nodeName")}
+        unschedulable = unschedulable_pods(pods)
+        for name, view in views.items():
+            if view.starting:
+                views[name] = dataclasses.replace(view, unschedulable=unschedulable.get(name),
+                                                  unplaced=name not in placed)
+    if any(v.suspended and v.queue and v.outcome is None for v in views.values()):
+        for job, message in workload_messages(local, namespace).items():
+            if job in views and views[job].suspended:
+                views[job] = dataclasses.replace(views[job], queue_message=message)
+    return views
+
+
+def workload_messages(local: Kube, namespace: str) -> dict[str, str]:
+    """Why Kueue has not admitted each Job yet, by Job name, from its Workload's QuotaReserved
+    or Admitted condition; empty when Workloads cannot be read (no Kueue, no RBAC): the task
+    then just names its LocalQueue."""
+    try:
+        found = local.list_objects(KUEUE_API_VERSION, "Workload", namespace)
+    except (ApiException, ResourceNotFoundError) as exc:
+        log.debug("cannot list Kueue Workloads in %s: %s", namespace, exc)
+        return {}
+    return admission_messages(found)
+
+
+def admission_messages(workloads: list[Manifest]) -> dict[str, str]:
+    """The message of each Workload's unmet QuotaReserved (else Admitted) condition, by the
+    name of the Job that owns it."""
+    messages = {}
+    for workload in workloads:
+        owners = [o["name"] for o in workload["metadata"].get("ownerReferences") or ()
+                  if o.get("kind") == "Job"]
+        conditions = {c.get("type"): c for c in
+                      (workload.get("status") or {}).get("conditions") or ()}
+        for kind in ("QuotaReserved", "Admitted"):
+            cond = conditions.get(kind)
+            if cond and cond.get("status") != "True" and cond.get("message"):
+                messages.update(dict.fromkeys(owners, one_line(cond["message"])))
+                break
+    return messages
+
+
+def unschedulable_pods(pods: list[Manifest]) -> dict[str, str]:
+    """The scheduler's message for each Job whose pending pod it cannot place, by Job name."""
+    found = {}
+    for pod in pods:
+        status = pod.get("status") or {}
+        job = _labels(pod).get(JOB_NAME_LABEL)
+        if not job or status.get("phase") != "Pending":
+            continue
+        for cond in status.get("conditions") or ():
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
+                    and cond.get("reason") == "Unschedulable":
+                found[job] = one_line(cond.get("message") or "no node fits the pod")
+    return found
+
+
+def one_line(text: str, limit: int = MESSAGE_CHARS) -> str:
+    """`text` on one line, whitespace collapsed, cut at `limit` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
 
 
 def job_log(local: Kube, config: AgentConfig, job: JobView) -> str:
@@ -101,7 +173,10 @@ def job_view(obj: Manifest) -> JobView:
         failed=int(status.get("failed") or 0),
         outcome="Complete" if "Complete" in conditions else "Failed" if failed else None,
         failure=(failed.get("message") or failed.get("reason") or "failed") if failed
-        else "failed")
+        else "failed",
+        ready=int(status.get("ready") or 0),
+        suspended=bool((obj.get("spec") or {}).get("suspend")),
+        queue=_labels(obj).get(KUEUE_QUEUE_LABEL))
 
 
 def node_view(obj: Manifest, resource: str) -> NodeView:

@@ -9,7 +9,7 @@ from functools import cache
 from pathlib import Path
 
 KUBE_TOOLS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
-GO_TOOLS = (*KUBE_TOOLS, "helm", "kwok", "versitygw")
+GO_TOOLS = (*KUBE_TOOLS, "helm", "kwok", "versitygw", "kueue")
 SYSTEM_TOOLS = ("prometheus", "promtool")
 
 

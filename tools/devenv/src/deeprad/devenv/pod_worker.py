@@ -4,6 +4,9 @@ What kubelet would do, minus containers: prepare volumes and env, run init conta
 run the containers as local process groups, restart them per restartPolicy (backoff 1 s doubling
 to 60 s, shorter than kubelet's 10 s to 5 min so tests stay fast), enforce activeDeadlineSeconds,
 report status, and on deletion stop the processes within the grace period and remove the Pod.
+Each container gets an empty file at its terminationMessagePath (a host file, like every
+mount); what the process wrote there becomes its terminated state's message, or with
+FallbackToLogsOnError and a failed exit the log's tail, as kubelet does.
 Probes and resource limits are not enforced.
 """
 
@@ -32,6 +35,9 @@ JSON = dict[str, Any]
 log = logging.getLogger(__name__)
 
 SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # the container's default
+TERMINATION_MESSAGE_BYTES = 4096  # kubelet's limit on a message
+FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048  # what FallbackToLogsOnError takes
 _PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV",
                     "SSL_CERT_FILE", "DEEPRAD_TOOLS_DIR")
 _TICK = 0.2
@@ -251,6 +257,10 @@ class PodWorker(threading.Thread):
     def _exec_plan(self, c: ContainerState) -> tuple[list[str], dict[str, str], Path]:
         assert self._volumes is not None
         paths = self._volumes.path_map(c.spec)
+        message_file = self._termination_file(c)
+        message_file.parent.mkdir(parents=True, exist_ok=True)
+        message_file.write_bytes(b"")
+        paths.add(c.spec.get("terminationMessagePath") or TERMINATION_MESSAGE_PATH, message_file)
         base = self._base_env(c, paths)
         env = EnvResolver(self.client, self.pod).resolve(c.spec, base)
         # Only the pod's own values name paths inside the pod; the agent's (KUBECONFIG, TMPDIR,
@@ -328,6 +338,29 @@ class PodWorker(threading.Thread):
             self._wake.clear()
         return None
 
+    def _termination_file(self, c: ContainerState) -> Path:
+        return self.dir / "termination" / c.name / str(c.restart_count)
+
+    def _termination_message(self, c: ContainerState, code: int) -> str:
+        """What the run wrote to its terminationMessagePath; with FallbackToLogsOnError and a
+        failed exit, the log's last lines when it wrote nothing."""
+        try:
+            with self._termination_file(c).open("rb") as f:
+                text = f.read(TERMINATION_MESSAGE_BYTES).decode("utf-8", "replace")
+        except OSError:
+            text = ""
+        if text.strip() or code == 0 or \
+                c.spec.get("terminationMessagePolicy") != "FallbackToLogsOnError":
+            return text
+        assert c.process is not None
+        try:
+            lines = c.process.log_path.read_bytes().splitlines()[-FALLBACK_LOG_LINES:]
+        except OSError:
+            return ""
+        # CRI log lines: `<time> <stream> <tag> <text>`; the message is the text alone.
+        texts = [line.split(b" ", 3)[3] if line.count(b" ") >= 3 else b"" for line in lines]
+        return b"\n".join(texts)[-FALLBACK_LOG_BYTES:].decode("utf-8", "replace")
+
     def _record_exit(self, c: ContainerState, code: int) -> None:
         assert c.process is not None
         c.state = {"terminated": {
@@ -337,6 +370,9 @@ class PodWorker(threading.Thread):
             "finishedAt": c.process.finished_at or now_rfc3339(),
             "containerID": f"devenv://{self.uid}/{c.name}/{c.restart_count}",
         }}
+        message = self._termination_message(c, code)
+        if message:
+            c.state["terminated"]["message"] = message
         self._push_status()
 
     def _schedule_restart(self, c: ContainerState) -> None:
