@@ -445,7 +445,8 @@ def test_replicas_elect_a_leader_on_a_lease_they_alone_may_renew(
         chart: Path, key: str, lease_suffix: str, replicas: int) -> None:
     """Each replica runs with --leader-election on a Lease in the release namespace, named
     after the release; its identity is the pod's name; only that Lease may be renewed."""
-    objs = render(chart, None, f"{key}.replicas=2", namespace="deeprad")
+    objs = render(chart, None, f"{key}.replicas=2", f"{key}.leaderElection.enabled=true",
+                  namespace="deeprad")
     (deployment,) = by_kind(objs, "Deployment")
     assert deployment["spec"]["replicas"] == 2
     assert deployment["spec"]["strategy"] == {
@@ -473,12 +474,15 @@ def test_replicas_elect_a_leader_on_a_lease_they_alone_may_renew(
     assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == \
         deployment["spec"]["selector"]["matchLabels"]
-    # The chart's own default: two hub operators, one site agent (HA opt-in at hospitals).
+    # The chart's own default: two elected hub operators, one site agent without election (HA
+    # opt-in at hospitals: an elected agent cannot report its own cluster's API outage).
     (default,) = by_kind(render(chart), "Deployment")
     assert default["spec"]["replicas"] == replicas
+    assert any(a == "--leader-election" for a in
+               default["spec"]["template"]["spec"]["containers"][0]["args"]) is (replicas > 1)
     assert bool(by_kind(render(chart), "PodDisruptionBudget")) is (replicas > 1)
     # A user's affinity replaces the default spreading.
-    own = by_kind(render(chart, None, f"{key}.replicas=2",
+    own = by_kind(render(chart, None, f"{key}.replicas=2", f"{key}.leaderElection.enabled=true",
                          f"{key}.affinity.nodeAffinity.x=y"), "Deployment")[0]
     assert own["spec"]["template"]["spec"]["affinity"] == {"nodeAffinity": {"x": "y"}}
 

@@ -36,7 +36,7 @@ from deeprad.operator.api.hospitalsite import HospitalSiteSpec
 from deeprad.operator.api.sitetask import PublicKeys, RoundRef, SiteTaskSpec, TaskResult, TaskState
 from deeprad.operator.decide import round as rules
 from deeprad.operator.decide.conditions import Desired, set_condition
-from deeprad.operator.decide.queue import QueuedRound, queued_behind, waiting_ahead
+from deeprad.operator.decide.queue import OpenSites, QueuedRound, queued_behind, waiting_ahead
 from deeprad.operator.decide.sites import READY, SiteView
 from deeprad.operator.hub.round_pass import TaskFacts
 from deeprad.operator.hub.rounds import AdmissionGate, SiteClaim, held_slots, round_claims
@@ -224,8 +224,13 @@ def test_permanent_reasons_fail_a_round_at_once_instead_of_queueing() -> None:
 
 
 def _waiting(name: str, priority: int = 0, since: datetime = T0, sites: str = "ab",
-             created: datetime | None = None) -> QueuedRound:
-    return QueuedRound(f"research/{name}", priority, since, created or since, frozenset(sites))
+             created: datetime | None = None, min_sites: int = 1, namespace: str = "research"
+             ) -> QueuedRound:
+    return QueuedRound(f"{namespace}/{name}", priority, since, created or since, min_sites,
+                       frozenset(sites))
+
+
+ALL_OPEN = OpenSites(lambda site: True)
 
 
 def test_queue_order_is_priority_then_fifo_then_creation_then_name() -> None:
@@ -233,16 +238,57 @@ def test_queue_order_is_priority_then_fifo_then_creation_then_name() -> None:
     early, late = _waiting("early", since=T0 - timedelta(minutes=1)), _waiting("late",
                                                                               since=T0 + SEC)
     urgent = _waiting("urgent", priority=5, since=T0 + timedelta(hours=1))
-    assert waiting_ahead(me, [late, urgent, early], "a") == [urgent, early]
-    assert waiting_ahead(me, [late, urgent, early], "c") == []  # nobody else wants c
+    assert waiting_ahead(me, [late, urgent, early], "a", ALL_OPEN) == [urgent, early]
+    assert waiting_ahead(me, [late, urgent, early], "c", ALL_OPEN) == []  # nobody wants c
     # Same priority and queuedSince: the older round first, then the name.
     older = _waiting("zz", created=T0 - timedelta(hours=1))
     twin = _waiting("aa")
-    assert waiting_ahead(me, [older, twin], "a") == [older, twin]
+    assert waiting_ahead(me, [older, twin], "a", ALL_OPEN) == [older, twin]
     # A site with k free slots goes to the first k rounds that want it.
-    assert queued_behind(me, [urgent, early], "a", free=2) == urgent
-    assert queued_behind(me, [urgent, early], "a", free=3) is None
-    assert queued_behind(replace(me, priority=6), [urgent, early], "a", free=1) is None
+    assert queued_behind(me, [urgent, early], "a", 2, ALL_OPEN) == urgent
+    assert queued_behind(me, [urgent, early], "a", 3, ALL_OPEN) is None
+    assert queued_behind(replace(me, priority=6), [urgent, early], "a", 1, ALL_OPEN) is None
+
+
+def test_a_waiting_round_that_could_not_start_with_a_site_is_not_ahead_there() -> None:
+    me = _waiting("me", sites="a")
+    # Ahead in the order, but it needs 2 of a, b and c, and only a is open.
+    stuck = _waiting("stuck", priority=1000, sites="abc", min_sites=2)
+    only_a = OpenSites(lambda site: site == "a")
+    assert waiting_ahead(me, [stuck], "a", only_a) == []
+    assert queued_behind(me, [stuck], "a", 1, only_a) is None
+    # With b open too it could start given a, so it keeps its place there.
+    a_and_b = OpenSites(lambda site: site in "ab")
+    assert queued_behind(me, [stuck], "a", 1, a_and_b) == stuck
+    # Given b (were it free), a would make two: there it could start. Each site is asked
+    # once per pass.
+    asked: list[str] = []
+
+    def only_a_asked(site: str) -> bool:
+        asked.append(site)
+        return site == "a"
+
+    counting = OpenSites(only_a_asked)
+    assert not counting.could_start(stuck, "a") and counting.could_start(stuck, "b")
+    assert sorted(asked) == ["a", "b", "c"]
+
+
+def test_a_high_priority_round_waiting_for_a_notready_site_leaves_the_shared_site_to_others(
+        ) -> None:
+    # A study author's round at priority 1000 wants shared site a and site n, which is
+    # NotReady; with minSites 2 it cannot start, so a's free slot goes to the round behind.
+    author = _waiting("author-r1", priority=1000, since=T0 - timedelta(hours=1), sites="an",
+                      min_sites=2, namespace="author")
+    world = _world(candidates=[_view("a"), _view("n", ready=False)],
+                   queue={"a": [author], "n": [author]})
+    decision = _decide(_spec(sites=["a"], minSites=1), FederatedRoundStatus(), world)
+    assert decision.status.admitted_sites == 1
+    assert {s.site: s.state for s in decision.status.sites or ()} == {"a": SiteState.PENDING}
+    # Once n is Ready the author's round could start with a, and keeps its place there.
+    ready = replace(world, candidates=[_view("a"), _view("n")])
+    behind = _decide(_spec(sites=["a"], minSites=1), FederatedRoundStatus(), ready)
+    assert behind.status.state == RoundState.QUEUED
+    assert behind.status.waiting_for == "a:QueuedBehind"
 
 
 def test_a_round_behind_others_in_the_queue_waits_queued_behind_naming_the_round_ahead() -> None:
@@ -265,6 +311,20 @@ def test_a_round_behind_others_in_the_queue_waits_queued_behind_naming_the_round
     # A higher priority goes first even though it queued later.
     first = _decide(_spec(minSites=2, priority=1), FederatedRoundStatus(), world)
     assert first.status.admitted_sites == 3
+
+
+def test_a_round_ahead_in_another_namespace_is_not_named_in_this_rounds_status() -> None:
+    ahead = _waiting("secret-trial-r1", priority=7, since=T0 - timedelta(minutes=3),
+                     sites="ab", namespace="oncology")
+    world = _world(candidates=[_view("a"), _view("b"), _view("c")], queue={"a": [ahead],
+                                                                           "b": [ahead]})
+    status = _decide(_spec(minSites=2), FederatedRoundStatus(), world).status
+    by_site = {s.site: s for s in status.sites or ()}
+    assert by_site["a"].message == (
+        "HospitalSite a: its 1 free task slot(s) go first to a FederatedRound of another "
+        "namespace (priority 7, waiting since 2030-07-08T08:57:00Z), ahead in the queue")
+    written = status.model_dump_json()
+    assert "secret-trial" not in written and "oncology" not in written
 
 
 def test_a_queued_sitetask_maps_to_a_queued_site_not_training_and_drops_at_the_deadline() -> None:
@@ -610,8 +670,11 @@ def test_the_round_index_shows_what_a_round_holds_and_what_it_waits_for() -> Non
         {"site": "c", "state": "Excluded", "reason": "NotFound"}]}
     claims = round_claims(**_round_object(waiting, priority=3))
     queued = QueuedRound("research/r2", 3, T0 - timedelta(minutes=30),
-                         T0 - timedelta(hours=1), frozenset("ab"))
+                         T0 - timedelta(hours=1), 2, frozenset("ab"))  # minSites' default
     assert claims == {"a": SiteClaim("u2", False, queued), "b": SiteClaim("u2", False, queued)}
+    quorum = _round_object(waiting, priority=3)
+    quorum["spec"]["minSites"] = 1
+    assert round_claims(**quorum)["a"].waiting == replace(queued, min_sites=1)
     running = {"state": "Training", "startTime": "2030-07-08T09:00:00Z", "sites": [
         {"site": "a", "state": "Training"}, {"site": "b", "state": "Reported"},
         {"site": "c", "state": "Queued"}, {"site": "d", "state": "Excluded"}]}
@@ -622,8 +685,26 @@ def test_the_round_index_shows_what_a_round_holds_and_what_it_waits_for() -> Non
 
 
 def test_the_admission_gate_remembers_admissions_until_the_index_shows_them() -> None:
-    gate = AdmissionGate()
+    clock = [1000.0]
+    gate = AdmissionGate(clock=lambda: clock[0])
     gate.record("u1", ["a", "b"])
-    assert gate.recent(indexed=set()) == {"u1": frozenset("ab")}
-    assert gate.recent(indexed={"u1"}) == {}
-    assert gate.recent(indexed=set()) == {}  # forgotten once the index had it
+    assert gate.recent(indexed={}) == {"u1": frozenset("ab")}
+    # The index shows u1 holding a: its admission to b is kept, even when the index lags
+    # minutes behind (a second round must not take b's last slot meanwhile).
+    assert gate.recent(indexed={"u1": {"a"}}) == {"u1": frozenset("b")}
+    clock[0] += 300
+    assert gate.recent(indexed={"u1": {"a"}}) == {"u1": frozenset("b")}
+    assert gate.recent(indexed={"u1": {"a", "b"}}) == {}
+    assert gate.recent(indexed={}) == {}  # forgotten once the index had it
+    # A round that let a site go (done there), ended or was deleted frees its admissions.
+    gate.record("u2", ["a", "b"])
+    gate.settle("u2", holding=["b"])
+    assert gate.recent(indexed={}) == {"u2": frozenset("b")}
+    gate.settle("u2")
+    assert gate.recent(indexed={}) == {}
+    # A guard against leaks only: an admission the index never shows goes after 10 minutes.
+    gate.record("u3", ["c"])
+    clock[0] += AdmissionGate.LEAK_GUARD_SECONDS - 1
+    assert gate.recent(indexed={}) == {"u3": frozenset("c")}
+    clock[0] += 2
+    assert gate.recent(indexed={}) == {}

@@ -5,9 +5,12 @@ a withdrawn task, and renew the heartbeat Lease."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from redteam import refused
 
 from deeprad.core import __version__
 from deeprad.core.errors import ConfigError
@@ -56,6 +59,7 @@ from deeprad.operator.site.decide import (
 from deeprad.operator.site.ledger import Ledger, read_ledger, with_entry
 from deeprad.operator.site.observe import (
     admission_messages,
+    evicted_jobs,
     job_view,
     node_view,
     task_view,
@@ -384,7 +388,8 @@ def test_jobs_and_nodes_as_the_api_returns_them() -> None:
                     "status": {"failed": 2, "conditions": [
                         {"type": "FailureTarget", "status": "True"},
                         {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}})
-    assert job == JobView(NAME, UID, failed=2, outcome="Failed", failure="BackoffLimitExceeded")
+    assert job == JobView(NAME, UID, failed=2, outcome="Failed", failure="BackoffLimitExceeded",
+                          ran=True)
     done = job_view({"metadata": {"name": NAME}, "status": {"succeeded": 1, "conditions": [
         {"type": "Complete", "status": "True"}, {"type": "Failed", "status": "False"}]}})
     assert (done.task_uid, done.outcome, done.succeeded) == (None, "Complete", 1)
@@ -450,6 +455,45 @@ def test_a_job_held_by_kueue_is_queued_then_running_once_admitted() -> None:
     (report_,) = [a for a in decide_task(KUEUE_CONFIG, _task(queued), done, T0, EMPTY)
                   if isinstance(a, ReportTask)]
     assert (report_.status.state, report_.status.reason) == (TaskState.SUCCEEDED, None)
+
+
+def test_redteam_a_dp_job_preempted_by_kueue_never_trains_twice() -> None:
+    """Kueue preempts by suspending the Job; resumed, a fresh pod would train the same data
+    again under one reservation (ε spent twice, recorded once). The agent deletes a suspended
+    DP Job that started, fails the task and keeps the reservation; a plain Job just waits."""
+    running = {"state": "Running", "jobName": NAME, "heartbeatTime": rfc3339(T0)}
+    held = _job(suspended=True, queue="gpu-queue", queue_message=QUOTA_MESSAGE)
+    ledger = _reserved()
+    for task, job in ((_task(running), held),  # seen Running, now suspended
+                      (_task({"state": "Queued", "jobName": NAME}),
+                       dataclasses.replace(held, ran=True))):  # ran between two passes
+        actions = decide_task(KUEUE_CONFIG, task, job, T0, ledger)
+        deletes = [a for a in actions if isinstance(a, DeleteJob)]
+        assert [d.name for d in deletes] == [NAME]
+        (report_,) = [a for a in actions if isinstance(a, ReportTask)]
+        assert (report_.status.state, report_.status.reason) == (TaskState.FAILED, "Preempted")
+        assert "a second run would spend ε again" in report_.status.message
+        assert not [a for a in actions if isinstance(a, RecordPrivacy)]  # reservation kept
+        refused("a DP training Job preempted by the hospital's Kueue and resumed",
+                "site agent (SiteTask Preempted)", report_.status.message)
+    plain = _task(running, privacy={"secureAggregation": False})
+    st = _only_report(decide_task(KUEUE_CONFIG, plain, held, T0, EMPTY))
+    assert (st.state, st.reason) == (TaskState.QUEUED, "QueuedByKueue")
+
+
+def test_a_workload_kueue_evicted_marks_its_job_as_having_run() -> None:
+    owner = {"ownerReferences": [{"kind": "Job", "name": NAME}]}
+    evicted = {"metadata": {"name": "w1", **owner}, "status": {"conditions": [
+        {"type": "Evicted", "status": "False", "reason": "Preempted"}]}}
+    requeued = {"metadata": {"name": "w2", "ownerReferences": [{"kind": "Job", "name": "b"}]},
+                "status": {"requeueState": {"count": 1}}}
+    fresh = {"metadata": {"name": "w3", "ownerReferences": [{"kind": "Job", "name": "c"}]},
+             "status": {"conditions": [{"type": "QuotaReserved", "status": "False"}]}}
+    assert evicted_jobs([evicted, requeued, fresh]) == {NAME, "b"}
+    assert job_view({"metadata": {"name": NAME}, "spec": {"suspend": True},
+                     "status": {"startTime": "2030-07-08T10:00:00Z"}}).ran
+    assert not job_view({"metadata": {"name": NAME}, "spec": {"suspend": True},
+                         "status": {}}).ran
 
 
 def test_an_unschedulable_trainer_pod_is_queued_with_the_schedulers_reason() -> None:

@@ -11,6 +11,7 @@ import threading
 import urllib.error
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ import urllib3
 from minio.error import S3Error, ServerError
 
 from deeprad.core.errors import CheckpointError, ObjectNotFound, StoreError, StoreUnavailable
+from deeprad.core.jobargs import EXIT_BAD_INPUT, EXIT_TRANSIENT, exit_for
 from deeprad.core.store.presigned import PresignedStore
 from deeprad.core.store.retry import RETRY_SECONDS_ENV, RetryPolicy, transient_cause
 from deeprad.devenv.ports import free_port
@@ -30,6 +32,22 @@ def _http_error(code: int) -> urllib.error.HTTPError:
 def _s3_error(code: str, status: int) -> S3Error:
     response = urllib3.HTTPResponse(status=status)
     return S3Error(response, code, "message", "/b/k", "req", "host")
+
+
+def _raised_while_handling(inner: BaseException, outer: BaseException,
+                            suppress: bool = False) -> BaseException:
+    """`outer` as Python leaves it when raised in an `except` block for `inner` (with
+    `from None` when `suppress`)."""
+    try:
+        try:
+            raise inner
+        except BaseException:
+            if suppress:
+                raise outer from None
+            raise outer  # noqa: B904 - the implicit __context__ is what is under test
+    except BaseException as exc:
+        return exc
+    raise AssertionError("unreachable")
 
 
 def _refused_by_urllib3() -> BaseException:
@@ -65,6 +83,12 @@ TRANSIENT: list[tuple[str, Callable[[], BaseException], str]] = [
     ("SlowDown", lambda: _s3_error("SlowDown", 503), "HTTP 503 SlowDown"),
     ("InternalError", lambda: _s3_error("InternalError", 500), "HTTP 500 InternalError"),
     ("non-XML 502", lambda: ServerError("bad gateway", 502), "HTTP 502"),
+    ("409 OperationAborted", lambda: _s3_error("OperationAborted", 409),
+     "HTTP 409 OperationAborted"),
+    ("409 ConditionalRequestConflict", lambda: _s3_error("ConditionalRequestConflict", 409),
+     "HTTP 409 ConditionalRequestConflict"),
+    ("unavailable, from the outage", lambda: _raised_while_handling(
+        ConnectionResetError(104, "reset"), StoreUnavailable("gave up")), "connection reset"),
 ]
 
 BAD_INPUT: list[tuple[str, Callable[[], BaseException]]] = [
@@ -78,6 +102,14 @@ BAD_INPUT: list[tuple[str, Callable[[], BaseException]]] = [
     ("invalid data", lambda: ValueError("not JSON")),
     ("missing object", lambda: ObjectNotFound("no object 'x'")),
     ("no such file", lambda: FileNotFoundError(2, "No such file", "/data/x")),
+    ("409 BucketAlreadyOwnedByYou", lambda: _s3_error("BucketAlreadyOwnedByYou", 409)),
+    ("409 without an S3 code", lambda: _http_error(409)),
+    ("digest mismatch while handling a reset", lambda: _raised_while_handling(
+        ConnectionResetError(104, "reset"), CheckpointError("sha256 of the payload differs"))),
+    ("a plain error raised from None while handling a reset", lambda: _raised_while_handling(
+        ConnectionResetError(104, "reset"), ValueError("not JSON"), suppress=True)),
+    ("404 while handling a refused connection", lambda: _raised_while_handling(
+        ConnectionRefusedError(111, "refused"), _http_error(404))),
 ]
 
 
@@ -90,6 +122,15 @@ def test_transient_faults_are_named(exc: Callable[[], BaseException], cause: str
 @pytest.mark.parametrize("exc", [e for _, e in BAD_INPUT], ids=[i for i, _ in BAD_INPUT])
 def test_bad_input_is_not_transient(exc: Callable[[], BaseException]) -> None:
     assert transient_cause(exc()) is None
+
+
+def test_a_digest_mismatch_found_after_a_reset_ends_the_job_as_bad_input() -> None:
+    # The trainer's read hit a reset, and the check of what it read then failed: exit 2 at
+    # once, not 75 after retrying a mismatch for ten minutes.
+    mismatch = _raised_while_handling(ConnectionResetError(104, "reset"),
+                                      CheckpointError("global model: sha256 differs"))
+    assert exit_for(mismatch) == (EXIT_BAD_INPUT, "global model: sha256 differs")
+    assert exit_for(ConnectionResetError(104, "reset"))[0] == EXIT_TRANSIENT
 
 
 class FakeTime:
@@ -195,11 +236,16 @@ def test_the_deadline_comes_from_the_job(monkeypatch: pytest.MonkeyPatch) -> Non
 # ---- PresignedStore against a real HTTP server ------------------------------------------------
 
 
-class _Server:
-    """A loopback HTTP server answering each request with the next status of `script`."""
+Answer = int | tuple[int, str]  # a status, or a status and an S3 error code
 
-    def __init__(self, script: list[int]) -> None:
+
+class _Server:
+    """A loopback HTTP server answering each request with the next answer of `script`; a GET
+    answered 200 returns `stored`."""
+
+    def __init__(self, script: list[Answer], stored: bytes = b"payload") -> None:
         self.script = list(script)
+        self.stored = stored
         self.requests: list[str] = []
         outer = self
 
@@ -209,8 +255,10 @@ class _Server:
                 length = int(self.headers.get("Content-Length") or 0)
                 if length:
                     self.rfile.read(length)
-                status = outer.script.pop(0) if outer.script else 200
-                body = b"payload" if status == 200 and self.command == "GET" else b"<Error/>"
+                answer = outer.script.pop(0) if outer.script else 200
+                status, code = answer if isinstance(answer, tuple) else (answer, "")
+                body = (outer.stored if status == 200 and self.command == "GET" else
+                        f"<Error><Code>{code}</Code></Error>".encode())
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -233,12 +281,15 @@ class _Server:
                               retry=_policy(time, window_s=120))
 
 
+ServerFactory = Callable[..., _Server]
+
+
 @pytest.fixture
-def server_factory() -> Iterator[Callable[[list[int]], _Server]]:
+def server_factory() -> Iterator[ServerFactory]:
     made: list[_Server] = []
 
-    def make(script: list[int]) -> _Server:
-        made.append(_Server(script))
+    def make(script: list[Answer], stored: bytes = b"payload") -> _Server:
+        made.append(_Server(script, stored))
         return made[-1]
 
     yield make
@@ -247,23 +298,51 @@ def server_factory() -> Iterator[Callable[[list[int]], _Server]]:
         server.http.server_close()
 
 
-def test_presigned_get_heals_after_503s(server_factory: Callable[[list[int]], _Server]) -> None:
+def test_presigned_get_heals_after_503s(server_factory: ServerFactory) -> None:
     server, time = server_factory([503, 503, 502]), FakeTime()
     assert server.store(time).get_bytes("a/in.bin") == b"payload"
     assert server.requests == ["GET"] * 4 and len(time.sleeps) == 3
 
 
+@pytest.mark.parametrize("via", ["bytes", "file"])
 def test_presigned_put_after_a_lost_answer_counts_as_done(
-        server_factory: Callable[[list[int]], _Server]) -> None:
-    # The first PUT reached the store (500 after storing), the retry hears 412: it landed.
-    server, time = server_factory([500, 412]), FakeTime()
-    server.store(time).put_bytes("a/out.bin", b"update")
+        server_factory: ServerFactory, tmp_path: Path, via: str) -> None:
+    # The first PUT reached the store (500 after storing) and the retry hears 412: it landed
+    # (the signed manifest names the payload's digest; other bytes would be refused).
+    server, time = server_factory([500, 412], stored=b"update"), FakeTime()
+    store = server.store(time)
+    if via == "bytes":
+        store.put_bytes("a/out.bin", b"update")
+    else:
+        (tmp_path / "u.bin").write_bytes(b"update")
+        store.put_file("a/out.bin", tmp_path / "u.bin")
     assert server.requests == ["PUT", "PUT"]
+
+
+def test_presigned_put_after_a_conflict_is_not_taken_as_ours(
+        server_factory: ServerFactory) -> None:
+    # 409: another write to the key was in flight. It is retried, and the 412 that follows
+    # means the other writer won, not that this upload landed: the write-once error.
+    server = server_factory([(409, "ConditionalRequestConflict"), 412], stored=b"update")
+    time = FakeTime()
+    with pytest.raises(StoreError, match=r"refused \(412 Precondition Failed\): the object "
+                                         "exists and objects a site writes are write-once"):
+        server.store(time).put_bytes("a/out.bin", b"update")
+    assert server.requests == ["PUT", "PUT"] and len(time.sleeps) == 1
+
+
+def test_presigned_conflict_without_a_retry_code_is_not_retried(
+        server_factory: ServerFactory) -> None:
+    server, time = server_factory([(409, "BucketAlreadyOwnedByYou")]), FakeTime()
+    with pytest.raises(StoreError, match=r"^presigned store: PUT 'a/out.bin' failed: HTTP 409 "
+                                         "<Error><Code>BucketAlreadyOwnedByYou"):
+        server.store(time).put_bytes("a/out.bin", b"update")
+    assert server.requests == ["PUT"] and time.sleeps == []
 
 
 @pytest.mark.parametrize(("status", "error"), [(403, StoreError), (404, ObjectNotFound),
                                                (400, StoreError)])
-def test_presigned_bad_input_is_not_retried(server_factory: Callable[[list[int]], _Server],
+def test_presigned_bad_input_is_not_retried(server_factory: ServerFactory,
                                             status: int, error: type[Exception]) -> None:
     server, time = server_factory([status]), FakeTime()
     with pytest.raises(error) as info:

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+from concurrent.futures import Executor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -203,16 +204,30 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if not _stand_by(elector, args.liveness):
             return 0
+    settings = operator_settings()
     try:
         # standalone: kopf's peering pauses only for peers of higher priority, so it elects no
         # leader; with several replicas the Lease above decides which one runs.
-        kopf.run(registry=registry, settings=operator_settings(), memo=memo,
+        kopf.run(registry=registry, settings=settings, memo=memo,
                  clusterwide=not namespaces, namespaces=namespaces,
                  liveness_endpoint=args.liveness or None, standalone=True)
     finally:
         if elector is not None:
-            elector.release()
+            _stop_leading(settings.execution.executor, elector)
     return 0
+
+
+def _stop_leading(executor: Executor, elector: leader.LeaderElector) -> None:
+    """Release the Lease once no handler of this replica can act any more.
+
+    kopf returns after its cancellation timeout even while a sync handler still runs in its
+    executor (a thread cannot be cancelled). Releasing then would let a standby lead beside
+    that thread, so wait for the executor first, still renewing: a handler that never ends
+    keeps this replica the only leader until the kubelet kills the pod, and the Lease then
+    expires on its own.
+    """
+    executor.shutdown(wait=True, cancel_futures=True)  # queued, not yet started: dropped
+    elector.release()
 
 
 def _elector(args: argparse.Namespace, api: Any, lease_name: str, namespace: str

@@ -13,6 +13,8 @@ object, so a site cannot swap its update after the round aggregated it. A retrie
 first attempt may have landed (the answer was lost) counts as done when the retry hears 412:
 S3 writes are atomic, only this task holds the URL, and the signed manifest names the payload's
 digest, so bytes that were not this upload's would be refused by the aggregator, never used.
+A 409 (S3's ConditionalRequestConflict: another write to the key is in flight) is retried but
+never taken as a sign that this upload landed.
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ from deeprad.core.layout import StudyLayout
 from deeprad.core.secagg.relay import HUB_BROADCASTS, HUB_ROUTED, SITE_POSTS
 from deeprad.core.store.base import ObjectStore, check_key
 from deeprad.core.store.endpoint import StoreEndpoint
-from deeprad.core.store.retry import RetryPolicy, transient_cause
+from deeprad.core.store.retry import (
+    RetryableAnswer,
+    RetryPolicy,
+    answer_cause,
+    s3_error_code,
+    transient_cause,
+)
 from deeprad.core.store.sigv4 import WRITE_ONCE
 
 Method = Literal["GET", "PUT"]
@@ -45,6 +53,17 @@ ENDPOINT_ENV = "DEEPRAD_STORE_ENDPOINT"
 _CHUNK = 1 << 20
 _NOT_SENT = (ConnectionRefusedError, socket.gaierror)  # the request never reached the store
 log = logging.getLogger("deeprad.store")
+
+
+def _url_map(name: str, text: str) -> dict[str, str]:
+    """The JSON object of object key -> URL in environment variable `name`."""
+    try:
+        urls = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not JSON: {exc}") from None
+    if not isinstance(urls, dict) or not all(isinstance(v, str) for v in urls.values()):
+        raise ConfigError(f"{name} must be a JSON object of key -> URL strings")
+    return urls
 
 
 def site_grants(layout: StudyLayout, round_no: int, site: str, secure_aggregation: bool
@@ -118,13 +137,7 @@ class PresignedStore(ObjectStore):
             raise PolicyViolation(f"store 'presigned:' needs {ENDPOINT_ENV}, the store endpoint "
                                   "this site allows (the site agent sets it from its "
                                   "store.endpoint); no presigned URL is followed without it")
-        try:
-            urls = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"{URLS_ENV} is not JSON: {exc}") from None
-        if not isinstance(urls, dict) or not all(isinstance(v, str) for v in urls.values()):
-            raise ConfigError(f"{URLS_ENV} must be a JSON object of key -> URL strings")
-        return cls(urls, endpoint, retry=RetryPolicy.from_env(env))
+        return cls(_url_map(URLS_ENV, text), endpoint, retry=RetryPolicy.from_env(env))
 
     def _url(self, key: str) -> str:
         try:
@@ -168,12 +181,15 @@ class PresignedStore(ObjectStore):
                         f"presigned store: PUT {key!r} refused (412 Precondition Failed): the "
                         "object exists and objects a site writes are write-once, so the first "
                         "upload stands; send a new update in a later round") from None
-                if transient_cause(exc) is None:
-                    detail = exc.read(300).decode("utf-8", "replace")
+                detail = " ".join(exc.read(1000).decode("utf-8", "replace").split())
+                cause = answer_cause(exc.code, s3_error_code(detail))
+                if cause is None:
                     raise StoreError(f"presigned store: {method} {key!r} failed: HTTP "
-                                     f"{exc.code} {' '.join(detail.split())}") from None
-                landed = True
-                raise
+                                     f"{exc.code} {detail[:300]}") from None
+                # A 5xx may come after the store wrote the object; a 409 says another write
+                # to the key is in flight, which is not ours landing.
+                landed = landed or exc.code != 409
+                raise RetryableAnswer(cause) from exc
             except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
                 landed = landed or not isinstance(getattr(exc, "reason", exc), _NOT_SENT)
                 if transient_cause(exc) is None:

@@ -5,7 +5,9 @@ each heals on its own, and a Job that gave up at the first refused connection fa
 that would have succeeded a minute later (worse, a DP-SGD trainer's Job is never re-run, since
 a second run spends ε again, so the trainer's own retry is what heals it). A 403 (expired or
 altered URL), a 404, a digest or signature mismatch or a malformed object will not change by
-waiting, so they are never retried: they fail at once and, in a Job, exit 2 (bad input).
+waiting, so they are never retried: they fail at once and, in a Job, exit 2 (bad input). A 409
+is retried only when S3 says why (OperationAborted, ConditionalRequestConflict): any other
+conflict, such as BucketAlreadyOwnedByYou, is an answer that waiting will not change.
 
 `transient_cause` is the one classification; `RetryPolicy.call` is the one retry loop, used by
 both backends (`S3Store` through minio, `PresignedStore` through urllib). It retries with
@@ -22,6 +24,7 @@ import http.client
 import logging
 import os
 import random
+import re
 import socket
 import time
 import urllib.error
@@ -29,17 +32,19 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from deeprad.core.errors import StoreUnavailable
+from deeprad.core.errors import DeepRadError, StoreUnavailable
 
 T = TypeVar("T")
 log = logging.getLogger("deeprad.store")
 
 RETRY_SECONDS_ENV = "DEEPRAD_STORE_RETRY_SECONDS"
 DEFAULT_WINDOW_S = 600.0
-TRANSIENT_HTTP = frozenset({408, 409, 429, 500, 502, 503, 504})  # 409: S3 asks for a retry
+TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
+# With these codes S3 asks for a retry, whatever the status (409 for the last two).
 TRANSIENT_S3_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError",
-                                "RequestTimeout", "OperationAborted", "Throttling",
+                                "RequestTimeout", "Throttling", "OperationAborted",
                                 "ConditionalRequestConflict"})
+_S3_CODE = re.compile(r"<Code>\s*([^<\s]+)\s*</Code>")
 _REFUSED = (ConnectionRefusedError,)
 _RESET = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
           http.client.RemoteDisconnected, http.client.IncompleteRead)
@@ -47,20 +52,52 @@ _NETWORK_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.
                    errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE}
 
 
+class RetryableAnswer(Exception):
+    """A server's answer that asks for a retry, raised by a client that had to read the
+    answer's body to tell (an S3 error code behind a urllib HTTPError)."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+def answer_cause(status: int | None, s3_code: str | None = None) -> str | None:
+    """A few words naming a transient answer (HTTP 408/429/5xx, S3's SlowDown and friends,
+    a 409 only with OperationAborted or ConditionalRequestConflict); None for a final one."""
+    if s3_code in TRANSIENT_S3_CODES or status in TRANSIENT_HTTP:
+        return " ".join(p for p in (f"HTTP {status}" if status else "", s3_code or "") if p)
+    return None
+
+
+def s3_error_code(body: str) -> str | None:
+    """The `<Code>` of an S3 error answer's XML body, if it has one."""
+    match = _S3_CODE.search(body)
+    return match.group(1) if match else None
+
+
 def transient_cause(exc: BaseException) -> str | None:
     """A few words naming the fault when `exc` is one that waiting can heal (connection
-    refused or reset, a timeout, a DNS failure, HTTP 408/409/429/5xx or S3's SlowDown and
-    friends); None for everything else, bad input above all."""
+    refused or reset, a timeout, a DNS failure, a transient answer: `answer_cause`); None for
+    everything else, bad input above all. The first server answer or Deep-Rad bad-input error
+    met along the chain decides: what it was raised while handling no longer counts."""
     for link in _chain(exc):
-        cause = _http_cause(link) or _network_cause(link)
+        if isinstance(link, RetryableAnswer):
+            return link.cause
+        answered, cause = _answer(link)
+        if answered:
+            return cause
+        cause = _network_cause(link)
         if cause is not None:
             return cause
+        if isinstance(link, DeepRadError) and not isinstance(link, StoreUnavailable):
+            return None  # e.g. a digest mismatch found while handling a reset connection
     return None
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """`exc` and what it wraps: __cause__/__context__, urllib's and urllib3's `reason`, and
-    exceptions among its args (urllib3's ProtocolError carries the socket error there)."""
+    """`exc` and what it wraps: __cause__, __context__ (unless raised `from` something, None
+    included), urllib's and urllib3's `reason`, and exceptions among its args (urllib3's
+    ProtocolError carries the socket error there)."""
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
@@ -69,28 +106,27 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(link))
         yield link
-        nested = [getattr(link, "reason", None), link.__cause__, link.__context__,
+        context = None if link.__suppress_context__ else link.__context__
+        nested = [getattr(link, "reason", None), link.__cause__, context,
                   *getattr(link, "args", ())]
         todo += [n for n in nested if isinstance(n, BaseException)]
 
 
-def _http_cause(exc: BaseException) -> str | None:
-    """A transient answer from the server: an HTTP status or an S3 error code."""
+def _answer(exc: BaseException) -> tuple[bool, str | None]:
+    """Whether `exc` is a server's answer (an HTTP status or an S3 error code), and its
+    transient cause if it is one."""
     if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code}" if exc.code in TRANSIENT_HTTP else None
+        return True, answer_cause(exc.code)
     status = getattr(exc, "status_code", None)  # minio's ServerError (a non-XML 5xx)
     if isinstance(status, int):
-        return f"HTTP {status}" if status in TRANSIENT_HTTP else None
+        return True, answer_cause(status)
     code = getattr(exc, "code", None)  # minio's S3Error
     response = getattr(exc, "response", None)
     if isinstance(code, str) and response is not None:
-        status = getattr(response, "status", None)
-        if code in TRANSIENT_S3_CODES or status in TRANSIENT_HTTP:
-            return f"HTTP {status} {code}" if status else code
-        return None
+        return True, answer_cause(getattr(response, "status", None), code)
     if type(exc).__name__ == "ResponseError" and "too many" in str(exc):
-        return str(exc)  # urllib3 gave up on repeated 5xx answers
-    return None
+        return True, str(exc)  # urllib3 gave up on repeated 5xx answers
+    return False, None
 
 
 def _network_cause(exc: BaseException) -> str | None:

@@ -85,9 +85,14 @@ class S3Store(ObjectStore):
             headers=WRITE_ONCE if method == "PUT" else None)
 
     def ensure_bucket(self) -> None:
-        """Create the bucket if it does not exist yet."""
+        """Create the bucket if it does not exist yet (another process creating it at the
+        same moment is fine)."""
         if not self._call(lambda: self.client.bucket_exists(self.bucket)):
-            self._call(lambda: self.client.make_bucket(self.bucket))
+            try:
+                self._call(lambda: self.client.make_bucket(self.bucket))
+            except S3Error as exc:
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
 
     def put_bytes(self, key: str, data: bytes) -> None:
         name = self._name(key)

@@ -88,8 +88,11 @@ PRIORITY_DESCRIPTION = (
     "site's free task slots (spec.limits.maxConcurrentTasks less the rounds it already serves) "
     "go to the rounds waiting for it in this order: higher priority first, then the one "
     "waiting longest (status.queuedSince), then the older (creationTimestamp), then by "
-    "namespace/name. A round behind others for a site waits with reason QueuedBehind, naming "
-    "the round ahead. Waiting rounds hold no slot, and a running round is never preempted.")
+    "namespace/name. A waiting round is ahead at a site only if, given that site, it could "
+    "start now (enough of its other sites admissible to reach its minSites); otherwise the "
+    "rounds behind it may take the site. A round behind others for a site waits with reason "
+    "QueuedBehind, naming the round ahead if it is in the same namespace. Waiting rounds hold "
+    "no slot, and a running round is never preempted.")
 SHARE_DESCRIPTION = (
     "Other hub namespaces whose rounds may start from this object's checkpoints "
     "(spec.inputCheckpoint). Empty (the default): only rounds in its own namespace may. A grant "

@@ -9,15 +9,19 @@ InvalidMaintenanceWindow) needs a person to change a spec, so the round does not
 
 The order among waiting rounds that want the same site is higher spec.priority first, then the
 earlier status.queuedSince, then the earlier creationTimestamp, then namespace/name: a site with
-k free slots goes to the first k waiting rounds that want it. Waiting rounds hold no slot, so
-the first round in the order is never behind anyone and the queue cannot deadlock; a round at
-the head of a site's queue that waits for another site keeps the rounds behind it waiting (no
-backfill), which keeps the order predictable.
+k free slots goes to the first k waiting rounds that want it and could start with it. A waiting
+round counts as ahead at a site only if, given that site, it would be admissible now: enough of
+the other sites it waits for are open (admit a round and have a free slot) to reach its
+minSites. A round that cannot start anyway (say, another site it needs is NotReady) leaves the
+site to the rounds behind it rather than hold its place there up to its admissionTimeout. Waiting
+rounds hold no slot and running rounds are never preempted, so the queue cannot deadlock; the
+price of this backfill is that a round wanting several busy sites may see rounds behind it take
+each one as it frees, until its admissionTimeout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -38,6 +42,7 @@ class QueuedRound:
     priority: int
     since: datetime  # status.queuedSince
     created: datetime  # metadata.creationTimestamp
+    min_sites: int  # spec.minSites: how many of `sites` it needs to start
     sites: frozenset[str] = frozenset()  # the sites it waits for
 
     @property
@@ -45,25 +50,61 @@ class QueuedRound:
         """The sort key of the queue: smaller comes first."""
         return (-self.priority, self.since, self.created, self.name)
 
-    def describe(self) -> str:
-        """`FederatedRound ns/name (priority p, queued since t)`, for messages."""
+    @property
+    def namespace(self) -> str:
+        """The round's namespace."""
+        return self.name.split("/", 1)[0]
+
+    def describe(self, viewer_namespace: str) -> str:
+        """`FederatedRound ns/name (priority p, queued since t)`, for a message in a round of
+        `viewer_namespace`; a round of another namespace is not named (tenant isolation)."""
+        if self.namespace != viewer_namespace:
+            return (f"a FederatedRound of another namespace (priority {self.priority}, waiting "
+                    f"since {rfc3339(self.since)})")
         return (f"FederatedRound {self.name} (priority {self.priority}, queued since "
                 f"{rfc3339(self.since)})")
 
 
-def waiting_ahead(me: QueuedRound, waiting: Iterable[QueuedRound], site: str
-                  ) -> list[QueuedRound]:
-    """The other rounds waiting for `site` that come before `me`, in order."""
+class OpenSites:
+    """Which sites are open now (they would admit a round and have a free task slot), each
+    asked once per pass, and which waiting rounds could start with a given site."""
+
+    def __init__(self, is_open: Callable[[str], bool]) -> None:
+        self._is_open = is_open
+        self._sites: dict[str, bool] = {}
+        self._counts: dict[str, int] = {}  # open sites among a waiting round's, by round
+
+    def __call__(self, site: str) -> bool:
+        """Whether `site` is open now."""
+        if site not in self._sites:
+            self._sites[site] = self._is_open(site)
+        return self._sites[site]
+
+    def could_start(self, waiting: QueuedRound, site: str) -> bool:
+        """Whether `waiting`, given `site`, would be admissible now: enough of the other sites
+        it waits for are open to reach its minSites."""
+        if waiting.name not in self._counts:
+            self._counts[waiting.name] = sum(1 for s in waiting.sites if self(s))
+        others = self._counts[waiting.name] - (1 if site in waiting.sites and self(site) else 0)
+        return 1 + others >= waiting.min_sites
+
+
+def waiting_ahead(me: QueuedRound, waiting: Iterable[QueuedRound], site: str,
+                  open_sites: OpenSites) -> list[QueuedRound]:
+    """The other rounds waiting for `site` that come before `me` and could start with it, in
+    order (one that could not start anyway does not hold its place)."""
     return sorted((w for w in waiting
-                   if site in w.sites and w.name != me.name and w.order < me.order),
+                   if site in w.sites and w.name != me.name and w.order < me.order
+                   and open_sites.could_start(w, site)),
                   key=lambda w: w.order)
 
 
-def queued_behind(me: QueuedRound, waiting: Iterable[QueuedRound], site: str, free: int
-                  ) -> QueuedRound | None:
-    """None when `me` is among the first `free` waiting rounds that want `site`, so one of the
-    site's free slots is its; else the round at the head of the site's queue."""
-    ahead = waiting_ahead(me, waiting, site)
+def queued_behind(me: QueuedRound, waiting: Iterable[QueuedRound], site: str, free: int,
+                  open_sites: OpenSites) -> QueuedRound | None:
+    """None when `me` is among the first `free` waiting rounds that want `site` and could
+    start with it, so one of the site's free slots is its; else the round at the head of the
+    site's queue."""
+    ahead = waiting_ahead(me, waiting, site, open_sites)
     return ahead[0] if ahead and len(ahead) >= free else None
 
 

@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from typing import Final, Literal
 
 from deeprad.core.protocol import AggregateReport, CheckpointManifest, ClinicalMetrics
-from deeprad.operator.api.common import Metrics
+from deeprad.operator.api.common import DataSelector, Metrics
 from deeprad.operator.api.federatedround import (
     FederatedRoundSpec,
     FederatedRoundStatus,
@@ -50,6 +50,7 @@ from deeprad.operator.decide.queue import (
     AVAILABLE,
     QUEUED_BEHIND,
     TRANSIENT,
+    OpenSites,
     QueuedRound,
     queued_behind,
     waiting_summary,
@@ -70,6 +71,7 @@ FAILED: Final = "Failed"
 SITE_DONE: Final = (SiteState.REPORTED, SiteState.FAILED, SiteState.DROPPED,
                     SiteState.REJECTED, SiteState.EXCLUDED)
 MESSAGE_LIMIT: Final = 1000  # a failed Job's cause, as one line of a condition
+ANY_DATA: Final = DataSelector()  # a site open to any round (each round's data is its own)
 
 
 # ---- the observed world -----------------------------------------------------------------------
@@ -352,7 +354,8 @@ def _admit_sites(current: _Pass) -> RoundDecision | None:
         return current.fail("InvalidInputCheckpoint",
                             f"FederatedRound {name}: spec.inputCheckpoint: {world.input_problem}")
     since = parse_time(status.queued_since) if status.queued_since else current.now
-    me = QueuedRound(f"{world.namespace}/{name}", spec.priority, since, world.created)
+    me = QueuedRound(f"{world.namespace}/{name}", spec.priority, since, world.created,
+                     spec.min_sites)
     available, waiting, excluded = _admit(spec, world, me)
     refused = [*waiting, *excluded]
     if len(available) >= spec.min_sites:
@@ -579,8 +582,13 @@ def _admit(spec: FederatedRoundSpec, world: RoundWorld, me: QueuedRound
     in `decide.queue.TRANSIENT`) and the excluded ones. A site named in spec.sites that does
     not exist, or does not allow the round's namespace, is excluded; without spec.sites, only
     the sites that allow the namespace are candidates at all. An admissible site whose free
-    slots go to rounds ahead of this one in the queue is Waiting with reason QueuedBehind."""
+    slots go to rounds ahead of this one in the queue is Waiting with reason QueuedBehind; the
+    round ahead is named only when it is in this round's namespace."""
     views = {v.name: v for v in world.candidates}
+    # A waiting round counts as ahead at a site only if its other open sites reach minSites
+    # (a site its data does not fit is Excluded in its status, so it does not wait for it).
+    open_sites = OpenSites(lambda s: s in views and admit(views[s], ANY_DATA,
+                                                          world.now).admitted)
     names = sorted(spec.sites) if spec.sites else sorted(
         name for name, view in views.items()
         if namespace_allowed(view.spec.study_namespaces, world.namespace))
@@ -605,7 +613,7 @@ def _admit(spec: FederatedRoundSpec, world: RoundWorld, me: QueuedRound
             continue
         verdict = admit(view, spec.data, world.now)
         free = view.spec.limits.max_concurrent_tasks - view.running_tasks
-        ahead = (queued_behind(me, world.queue.get(site, ()), site, free)
+        ahead = (queued_behind(me, world.queue.get(site, ()), site, free, open_sites)
                  if verdict.admitted else None)
         if verdict.admitted and spec.privacy.secure_aggregation and view.spec.data is None:
             refuse(site, "SampleCountUnknown",
@@ -614,7 +622,7 @@ def _admit(spec: FederatedRoundSpec, world: RoundWorld, me: QueuedRound
         elif ahead is not None:
             refuse(site, QUEUED_BEHIND,
                    f"HospitalSite {site}: its {free} free task slot(s) go first to "
-                   f"{ahead.describe()}, ahead in the queue")
+                   f"{ahead.describe(world.namespace)}, ahead in the queue")
         elif verdict.admitted:
             available.append(site)
         else:

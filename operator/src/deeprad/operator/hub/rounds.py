@@ -9,7 +9,7 @@ import contextlib
 import functools
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -89,6 +89,7 @@ class SiteClaim:
 
 # Site states of a started round that take one of the site's task slots.
 HOLDING = (SiteState.PENDING, SiteState.QUEUED, SiteState.TRAINING)
+MIN_SITES_DEFAULT = int(FederatedRoundSpec.model_fields["min_sites"].default)
 
 
 def round_claims(name: str, namespace: str | None, uid: str, meta: Mapping[str, Any],
@@ -111,31 +112,55 @@ def round_claims(name: str, namespace: str | None, uid: str, meta: Mapping[str, 
     since = parse_time(observed.queued_since)
     wanted = frozenset(e.site for e in entries if e.state == SiteState.WAITING)
     waiting = QueuedRound(f"{namespace}/{name}", int(spec.get("priority") or 0), since,
-                          parse_time(created) if created else since, wanted)
+                          parse_time(created) if created else since,
+                          int(spec.get("minSites") or MIN_SITES_DEFAULT), wanted)
     return {site: SiteClaim(uid, holds=False, waiting=waiting) for site in wanted}
 
 
 class AdmissionGate:
     """One admission pass at a time in this operator, and the admissions it made that kopf's
     index may not show yet: two rounds deciding at once, or one deciding on an index that has
-    not seen the other's status write, would both take a site's last slot."""
+    not seen the other's status write, would both take a site's last slot. An admission to a
+    site is kept until the index shows the round holding it, or the round lets the site go
+    (done there, ended, deleted); LEAK_GUARD_SECONDS only bounds what a lost event would
+    leave behind, far beyond any lag of the index."""
 
-    RECENT_SECONDS = 60.0  # a watch event is normally seconds behind the write, not minutes
+    LEAK_GUARD_SECONDS = 600.0
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.lock = threading.Lock()
+        self._clock = clock
+        self._mutex = threading.Lock()  # passes of started rounds settle outside `lock`
         self._recent: dict[str, tuple[frozenset[str], float]] = {}
 
     def record(self, round_uid: str, sites: Collection[str]) -> None:
         """Round `round_uid` was just admitted to `sites`."""
-        self._recent[round_uid] = (frozenset(sites), time.monotonic())
+        with self._mutex:
+            self._recent[round_uid] = (frozenset(sites), self._clock())
 
-    def recent(self, indexed: Collection[str]) -> dict[str, frozenset[str]]:
-        """Sites per round of the admissions the index (rounds `indexed` as holding) lacks."""
-        cutoff = time.monotonic() - self.RECENT_SECONDS
-        for uid in [u for u, (_, at) in self._recent.items() if u in indexed or at < cutoff]:
-            del self._recent[uid]
-        return {uid: sites for uid, (sites, _) in self._recent.items()}
+    def settle(self, round_uid: str, holding: Collection[str] = ()) -> None:
+        """Round `round_uid`, by its own latest status, now holds only `holding` (nothing once
+        it ended or was deleted): the admissions to the other sites are over."""
+        with self._mutex:
+            if round_uid in self._recent:
+                sites, at = self._recent[round_uid]
+                self._keep(round_uid, sites & frozenset(holding), at)
+
+    def recent(self, indexed: Mapping[str, Collection[str]]) -> dict[str, frozenset[str]]:
+        """Sites per round of the admissions the index lacks; `indexed`: the sites the index
+        shows each round (by uid) holding."""
+        cutoff = self._clock() - self.LEAK_GUARD_SECONDS
+        with self._mutex:
+            for uid, (sites, at) in list(self._recent.items()):
+                self._keep(uid, frozenset() if at < cutoff
+                           else sites - frozenset(indexed.get(uid, ())), at)
+            return {uid: sites for uid, (sites, _) in self._recent.items()}
+
+    def _keep(self, round_uid: str, sites: frozenset[str], at: float) -> None:
+        if sites:
+            self._recent[round_uid] = (sites, at)
+        else:
+            del self._recent[round_uid]
 
 
 def reconcile(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.Spec,
@@ -169,8 +194,12 @@ def reconcile(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.S
                 # Admission decides on the sites as the API has them now: the index can lag
                 # far behind the sites' Ready conditions at scale. One LIST per pass.
                 claims = {site: list(round_claims.get(site, ())) for site in round_claims}
-                taken = held_slots(round_tasks, claims, gate.recent(
-                    {c.round_uid for cs in claims.values() for c in cs if c.holds}), uid)
+                indexed: dict[str, set[str]] = {}
+                for site, site_claims in claims.items():
+                    for claim in site_claims:
+                        if claim.holds:
+                            indexed.setdefault(claim.round_uid, set()).add(site)
+                taken = held_slots(round_tasks, claims, gate.recent(indexed), uid)
                 queue = {site: [c.waiting for c in cs if c.waiting and c.round_uid != uid]
                          for site, cs in claims.items()}
                 sites = [replace(v, running_tasks=taken.get(v.name, 0))
@@ -179,8 +208,12 @@ def reconcile(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.S
                                   parse(FederatedRoundSpec, spec), old,
                                   list(round_tasks.get(uid, ())), sites, body, queue)
         write_status(memo.kube, "FederatedRound", name, namespace, old, new)
+        holding = [] if new.state and new.state.terminal else [
+            e.site for e in new.sites or () if e.state in HOLDING]
         if not (old.start_time and old.sites) and new.start_time and new.sites:
-            gate.record(uid, [e.site for e in new.sites if e.state in HOLDING])
+            gate.record(uid, holding)
+        elif old.start_time:
+            gate.settle(uid, holding)
 
 
 def listed_sites(kube: Kube) -> list[SiteView]:
@@ -192,9 +225,10 @@ def listed_sites(kube: Kube) -> list[SiteView]:
 
 
 def cleanup(name: str, namespace: str | None, uid: str, memo: HubMemo,
-            round_tasks: kopf.Index[str, TaskFacts], **_: Any) -> None:
+            round_tasks: kopf.Index[str, TaskFacts], gate: AdmissionGate, **_: Any) -> None:
     """On delete: SiteTasks live in the sites' namespaces and hub Jobs in the jobs namespace,
     out of reach of ownerReferences, so delete them here. The store keeps the study's data."""
+    gate.settle(uid)  # its sites' slots are free
     with reconciling("FederatedRound", f"{namespace}/{name}"):
         if memo.rounds is not None:
             memo.rounds.delete_tasks([(f.site, f.name) for f in round_tasks.get(uid, ())])
@@ -209,12 +243,12 @@ def register(registry: kopf.OperatorRegistry, options: HubOptions) -> None:
     # Rounds are driven by the timer alone: kopf runs one object's timer passes one after
     # another, so two passes never race to set status.startTime (which CEL freezes once set).
     # It fires at once for a new object and at resume, then every round_interval.
+    gate = AdmissionGate()
     kopf.timer(*FEDERATED_ROUNDS, id="round-timer", interval=options.round_interval,
-               registry=registry)(reads_indices(functools.partial(reconcile,
-                                                                  gate=AdmissionGate())))
+               registry=registry)(reads_indices(functools.partial(reconcile, gate=gate)))
     # On the DELETED event, not on.delete: that would need a finalizer (see hub/cleanup.py).
     kopf.on.event(*FEDERATED_ROUNDS, id="round-cleanup", when=deleted,
-                  registry=registry)(reads_indices(cleanup))
+                  registry=registry)(reads_indices(functools.partial(cleanup, gate=gate)))
 
 
 # ---- admission's view of the sites ------------------------------------------------------------

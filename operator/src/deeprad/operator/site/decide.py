@@ -131,6 +131,10 @@ class JobView:
     queue_message: str | None = None
     unschedulable: str | None = None
     unplaced: bool = False  # no pod of it is on a node yet (the scheduler has not answered)
+    # A pod of it may have trained already: a start time, pods that ended or are ending, or a
+    # Workload that Kueue evicted (preempted) once. A suspended DP Job with this set must not
+    # run again: a second run would spend ε its reservation does not cover.
+    ran: bool = False
 
     @property
     def starting(self) -> bool:
@@ -207,6 +211,7 @@ REFUSED = "Refused"
 # SiteTask status.reason while state is Queued: Kueue holds the Job (its LocalQueue has no
 # quota left), or the scheduler cannot place its pod (the message is the scheduler's).
 QUEUED_BY_KUEUE = "QueuedByKueue"
+PREEMPTED = "Preempted"  # a DP Job suspended by the hospital's queue after it started
 UNSCHEDULABLE = "Unschedulable"
 SUSPENDED = "Suspended"  # suspended by someone else than Kueue
 QUEUED_REASONS = (QUEUED_BY_KUEUE, UNSCHEDULABLE, SUSPENDED)
@@ -386,6 +391,14 @@ def _follow(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, job: JobVie
     name = task.name
     status = task.status.model_copy(update={
         "job_name": name, "attempts": job.active + job.succeeded + job.failed})
+    if job.suspended and job.outcome is None and spec.privacy.differential_privacy is not None \
+            and (job.ran or status.state == TaskState.RUNNING):
+        return [*_keep_reserved(config, task, spec, ledger),
+                DeleteJob(name, "a DP run suspended after it started must not run again"),
+                report(name, status, TaskState.FAILED, "the hospital's queue suspended the DP "
+                       "training Job after it started (Kueue preemption or eviction); a second "
+                       "run would spend ε again, so the task fails and its reservation stays "
+                       "in the site's privacy ledger", now, terminal=True, reason=PREEMPTED)]
     waiting = _waiting(job)
     if waiting is None and status.reason in QUEUED_REASONS:
         status.reason = None  # a Queued state's reason ends with it (the patch removes it)

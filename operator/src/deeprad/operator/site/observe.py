@@ -55,22 +55,39 @@ def jobs(local: Kube, config: AgentConfig) -> dict[str, JobView]:
                 views[name] = dataclasses.replace(view, unschedulable=unschedulable.get(name),
                                                   unplaced=name not in placed)
     if any(v.suspended and v.queue and v.outcome is None for v in views.values()):
-        for job, message in workload_messages(local, namespace).items():
+        messages, evicted = workload_messages(local, namespace)
+        for job, message in messages.items():
             if job in views and views[job].suspended:
                 views[job] = dataclasses.replace(views[job], queue_message=message)
+        for job in evicted & set(views):
+            views[job] = dataclasses.replace(views[job], ran=True)
     return views
 
 
-def workload_messages(local: Kube, namespace: str) -> dict[str, str]:
+def workload_messages(local: Kube, namespace: str) -> tuple[dict[str, str], set[str]]:
     """Why Kueue has not admitted each Job yet, by Job name, from its Workload's QuotaReserved
-    or Admitted condition; empty when Workloads cannot be read (no Kueue, no RBAC): the task
-    then just names its LocalQueue."""
+    or Admitted condition, and the Jobs whose Workload Kueue evicted once (`evicted_jobs`);
+    empty when Workloads cannot be read (no Kueue, no RBAC): the task then just names its
+    LocalQueue."""
     try:
         found = local.list_objects(KUEUE_API_VERSION, "Workload", namespace)
     except (ApiException, ResourceNotFoundError) as exc:
         log.debug("cannot list Kueue Workloads in %s: %s", namespace, exc)
-        return {}
-    return admission_messages(found)
+        return {}, set()
+    return admission_messages(found), evicted_jobs(found)
+
+
+def evicted_jobs(workloads: list[Manifest]) -> set[str]:
+    """Jobs whose Workload Kueue evicted (preempted, requeued) at least once: their pods may
+    have run before."""
+    evicted: set[str] = set()
+    for workload in workloads:
+        status = workload.get("status") or {}
+        types = {c.get("type") for c in status.get("conditions") or ()}
+        if "Evicted" in types or status.get("requeueState"):
+            evicted |= {o["name"] for o in workload["metadata"].get("ownerReferences") or ()
+                        if o.get("kind") == "Job"}
+    return evicted
 
 
 def admission_messages(workloads: list[Manifest]) -> dict[str, str]:
@@ -176,7 +193,9 @@ def job_view(obj: Manifest) -> JobView:
         else "failed",
         ready=int(status.get("ready") or 0),
         suspended=bool((obj.get("spec") or {}).get("suspend")),
-        queue=_labels(obj).get(KUEUE_QUEUE_LABEL))
+        queue=_labels(obj).get(KUEUE_QUEUE_LABEL),
+        ran=bool(status.get("startTime") or status.get("failed") or status.get("succeeded")
+                 or status.get("terminating") or status.get("uncountedTerminatedPods")))
 
 
 def node_view(obj: Manifest, resource: str) -> NodeView:
