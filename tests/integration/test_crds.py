@@ -310,8 +310,9 @@ def test_get_federatedrounds_shows_progress_columns(hub: Cluster, ns: str) -> No
                 "--subresource=status", "--type=merge", "-p", json.dumps(status))
     lines = hub.kubectl("get", "federatedrounds", "-n", ns).stdout.splitlines()
     assert lines[0].split() == ["NAME", "STUDY", "ROUND", "REPORTED", "ADMITTED", "STATE",
-                                "AUROC", "AGE"]
+                                "WAITING", "AUROC", "AGE"]
     row = next(ln for ln in lines if ln.startswith("tumor-detection-r1")).split()
+    # WAITING is empty for an admitted round.
     assert row[1:7] == ["tumor-detection", "1", "2", "2", "Succeeded", "0.974"]
     selected = hub.kubectl("get", "fround", "-n", ns, "--field-selector",
                            "spec.studyRef.name=tumor-detection", "-o", "name").stdout

@@ -289,7 +289,12 @@ def test_redteam_cross_namespace_input_checkpoint_without_a_grant(
         gone, "Failed")
     assert _job(fed, f"stale-{stale['metadata']['uid'][:8]}-prepare") is None
 
-    # A namespace the owner shares with imports the checkpoint, re-signed for its round.
+    # A namespace the owner shares with imports the checkpoint, re-signed for its round. A
+    # round prepares its input once admitted: the sites now serve FRIEND too, with room for
+    # its round beside the owner's unfinished ones (no agent runs here).
+    for site in SITES:
+        fed.hub.kubectl("patch", "hospitalsite", site, "--type", "merge", "-p", json.dumps(
+            {"spec": {"studyNamespaces": [OWNER, FRIEND], "limits": {"maxConcurrentTasks": 10}}}))
     borrow = _apply(fed, FRIEND, _hand_round("borrow", inputCheckpoint={
         "uri": _uri(new.layout), "digest": new.parent.payload_sha256}))
     mine = StudyLayout(FRIEND, "borrow", borrow["metadata"]["uid"])
