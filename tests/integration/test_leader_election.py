@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import kubernetes
 import pytest
+from deeprad_processes import wait
 
 from deeprad.devenv.cluster import Cluster
 from deeprad.operator.client import load_configuration
@@ -75,25 +76,15 @@ def _read(hub_cluster: Cluster, lease: str) -> dict:
         .to_dict()
 
 
-def _until(what: str, check, timeout: float = 15.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def test_candidates_racing_for_a_lease_elect_exactly_one(candidates: list[Candidate],
                                                         hub_cluster: Cluster,
                                                         lease: str) -> None:
     for c in candidates:
         c.start()
-    leaders = _until("a leader", lambda: [c for c in candidates if c.elector.leading])
+    leaders = wait("a leader", lambda: [c for c in candidates if c.elector.leading])
     # Several renewals later there is still exactly one, and the Lease names it.
     deadline = time.monotonic() + 3 * TIMING.retry_period + 0.5
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # an observation window, not a wait
         assert len([c for c in candidates if c.elector.leading]) == 1
         time.sleep(0.02)
     spec = _read(hub_cluster, lease)["spec"]
@@ -107,7 +98,7 @@ def test_leader_failover_when_it_is_cut_off_never_two_leaders(candidates: list[C
                                                               lease: str) -> None:
     first, second, _ = candidates
     first.start()
-    _until("the first leader", lambda: first.elector.leading)
+    wait("the first leader", lambda: first.elector.leading)
     second.start()
     last_renewal = time.monotonic()
     first.cut_off()
@@ -118,7 +109,7 @@ def test_leader_failover_when_it_is_cut_off_never_two_leaders(candidates: list[C
             overlap.append(time.monotonic())
         return second.led_at is not None
 
-    _until("the standby to take over", both_lead, timeout=TIMING.lease_duration + 5)
+    wait("the standby to take over", both_lead, TIMING.lease_duration + 5, interval=0.02)
     assert not overlap, "two candidates led at once"
     # The cut-off leader gave up within its renew deadline (plus a watchdog tick), before the
     # lease ran out; the standby took over once it had.
@@ -138,20 +129,30 @@ def test_a_released_lease_hands_over_at_once_and_a_usurped_leader_stops(
         candidates: list[Candidate], hub_cluster: Cluster, lease: str) -> None:
     first, second, third = candidates
     first.start()
-    _until("the first leader", lambda: first.elector.leading)
+    wait("the first leader", lambda: first.elector.leading)
     second.start()
     released = time.monotonic()
     first.elector.release()
-    _until("the standby to lead after the release", lambda: second.led_at)
+    wait("the standby to lead after the release", lambda: second.led_at)
     assert second.led_at is not None
     assert second.led_at - released < TIMING.retry_period + 1.0  # not a whole lease
     assert not first.elector.leading and not first.lost
     # Someone else writes itself into the Lease (an admin, a split brain): the leader notices
     # at its next renewal and stops, instead of acting beside it.
     api = kubernetes.client.CoordinationV1Api(third.api)
-    body = api.read_namespaced_lease(lease, NAMESPACE)
-    body.spec.holder_identity = "usurper"
-    api.replace_namespaced_lease(lease, NAMESPACE, body)
-    _until("the usurped leader to stop", lambda: second.lost)
+
+    def usurp() -> bool:
+        body = api.read_namespaced_lease(lease, NAMESPACE)
+        body.spec.holder_identity = "usurper"
+        try:
+            api.replace_namespaced_lease(lease, NAMESPACE, body)
+        except kubernetes.client.exceptions.ApiException as exc:
+            if exc.status == 409:  # the leader renewed in between: read again
+                return False
+            raise
+        return True
+
+    wait("the Lease written by the usurper", usurp, 10.0, interval=0.02)
+    wait("the usurped leader to stop", lambda: second.lost)
     assert "held by usurper" in second.lost[0][1]
     assert not second.elector.leading

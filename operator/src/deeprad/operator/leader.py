@@ -35,9 +35,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlparse
+
+from deeprad.operator.health import serve_health
 
 log = logging.getLogger("deeprad.leader")
 
@@ -403,22 +405,8 @@ def serve_standby_health(liveness: str) -> ThreadingHTTPServer | None:
     if not liveness:
         return None
     url = urlparse(liveness)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps({"ok": True, "leader": False}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer((url.hostname or "0.0.0.0", url.port or 8080), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True, name="standby-health").start()
-    return server
+    return serve_health(url.hostname or "0.0.0.0", url.port or 8080,
+                        lambda: {"ok": True, "leader": False}, name="standby-health")
 
 
 def stand_by(elector: LeaderElector, liveness: str, stop: threading.Event) -> bool:

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from deeprad.core.errors import ConfigError
+from deeprad.operator import health
 from deeprad.operator.api import API_VERSION
 from deeprad.operator.api.names import site_namespace
 from deeprad.operator.client import Kube
@@ -258,20 +257,4 @@ class SiteAgent:
 
 def serve_health(agent: SiteAgent, address: str, port: int) -> ThreadingHTTPServer:
     """/healthz answers 200 while sync passes keep finishing."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            ok = agent.healthy()
-            body = json.dumps({"ok": ok}).encode()
-            self.send_response(200 if ok else 503)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer((address, port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True, name="health").start()
-    return server
+    return health.serve_health(address, port, lambda: {"ok": agent.healthy()})
