@@ -14,6 +14,7 @@ INSTALL_STAMP := $(VENV)/.deeprad-installed
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-unit test-integration test-e2e lint bench bench-fedavg \
         bench-simulate bench-cluster bench-secagg bench-trainer bench-operator bench-gpu bench-dp \
+        bench-seg bench-seg-trainer \
         bench-ddp chaos \
         bench-footprint crds \
         admission dashboards dev-up dev-down clean
@@ -91,6 +92,12 @@ bench-secagg: install ## secure-aggregation CPU time and upload size vs plain up
 
 bench-trainer: install ## the trainer's step time vs a bare PyTorch loop (CPU)
 	$(PYTHON) benchmarks/bench_trainer.py
+
+bench-seg-trainer: install ## the trainer's 3D segmentation epoch vs a bare MONAI loop on the same batches (goal <= 1.10)
+	$(PYTHON) benchmarks/bench_seg_trainer.py
+
+bench-seg: install ## the default 3D segmentation study over 5 seeds vs the acceptance (federated vs centralized / local-only, held-out hospital; ~1 h)
+	$(PYTHON) benchmarks/bench_seg_study.py
 
 bench-operator: install tools ## the hub operator with 1000 HospitalSites and one round over all (kwok)
 	$(PYTHON) benchmarks/bench_operator_scale.py

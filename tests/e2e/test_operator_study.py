@@ -115,9 +115,15 @@ def _wait_study(fed: Federation, ns: str, what: str) -> dict[str, Any]:
                     f"{_round_report(fed, ns)}")
 
 
+def _trained(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training rounds (not the final evaluation round)."""
+    return [r for r in rounds if r["spec"].get("mode", "train") == "train"]
+
+
 def _check_study(fed: Federation, ns: str, study: dict[str, Any]) -> list[dict[str, Any]]:
-    """The study's outcome as a user checks it; returns its rounds."""
-    rounds = sorted(items(fed, "federatedrounds", "-n", ns), key=lambda r: r["spec"]["round"])
+    """The study's outcome as a user checks it; returns its training rounds."""
+    every = sorted(items(fed, "federatedrounds", "-n", ns), key=lambda r: r["spec"]["round"])
+    rounds = _trained(every)
     done = study["status"]["completedRounds"]
     assert done == len(rounds) and done >= 2, _round_report(fed, ns)
     if done < 3:
@@ -155,13 +161,43 @@ def _check_study(fed: Federation, ns: str, study: dict[str, Any]) -> list[dict[s
     aurocs = [r["status"]["inputMetrics"]["auroc"] for r in rounds]
     assert all(b > a for a, b in itertools.pairwise(aurocs)), aurocs
     assert aurocs[-1] >= aurocs[0] + 0.05, aurocs
-    # Each round's aggregateMetrics is the next round's input, filled in by the study.
-    for prev, nxt in itertools.pairwise(rounds):
+    # Each round's aggregateMetrics is the next round's input, filled in by the study; the
+    # last one's is the final evaluation round's (the final model on validation data).
+    assert len(every) == len(rounds) + 1 and every[-1]["spec"]["mode"] == "evaluate"
+    for prev, nxt in itertools.pairwise(every):
         fresh = fed.get("federatedround", prev["metadata"]["name"], "-n", ns) or {}
         assert fresh["status"]["aggregateMetrics"] == nxt["status"]["inputMetrics"]
     last = rounds[-1]["status"]["outputCheckpoint"]
     assert study["status"]["latestCheckpoint"] == last
+    _check_final_evaluation(fed, ns, study, every[-1], "auroc")
     return rounds
+
+
+def _check_final_evaluation(fed: Federation, ns: str, study: dict[str, Any],
+                            evaluation: dict[str, Any], metric: str) -> None:
+    """The final model was scored by every site in an evaluation round that uploaded nothing
+    and wrote no checkpoint; the study's status holds the pooled and per-site scores."""
+    st, final = evaluation["status"], study["status"]["finalEvaluation"]
+    assert st["state"] == "Succeeded", _round_report(fed, ns)
+    assert evaluation["spec"]["inputCheckpoint"] == study["status"]["latestCheckpoint"]
+    assert "outputCheckpoint" not in st and not any(s.get("updateDigest") for s in st["sites"])
+    assert (final["round"], final["state"], final["metric"]) == (
+        evaluation["metadata"]["name"], "Succeeded", metric)
+    assert final["checkpoint"] == study["status"]["latestCheckpoint"]
+    pooled = study["status"]["finalMetrics"]
+    assert pooled == st["testMetrics"] and 0.0 <= pooled[metric] <= 1.0
+    assert final["value"] == pooled[metric]
+    assert sorted(s["site"] for s in final["sites"]) == sorted(HOSPITALS)
+    for site in final["sites"]:
+        assert site["split"] in ("test", "validation") and 0 <= site["metrics"][metric] <= 1
+    # Pooled over the sites' records, not averaged: the counts add up.
+    assert pooled["n"] == sum(s["metrics"]["n"] for s in final["sites"])
+    layout = StudyLayout(ns, study["metadata"]["name"], study["metadata"]["uid"])
+    number = evaluation["spec"]["round"]
+    assert not list(fed.s3.client().list_objects(
+        BUCKET, prefix=layout.updates_prefix(number), recursive=True))
+    report = AggregateReport.model_validate(fed.store_json(layout.aggregate(number)))
+    assert report.contributors == [] and sorted(report.evaluated_sites) == sorted(HOSPITALS)
 
 
 def _check_audit_trail(fed: Federation, ns: str, rounds: int) -> None:
@@ -237,9 +273,9 @@ def test_study_survives_operator_and_agent_kill_9(fed: Federation) -> None:
         tasks = [t for t in items(fed, "sitetasks", "-n", f"deeprad-site-{site}")
                  if t["spec"]["roundRef"]["namespace"] == ns]
         assert len(tasks) == len(rounds), [t["metadata"]["name"] for t in tasks]
-    # Every accepted nonce once: no update counted twice.
+    # Every accepted nonce once: no update counted twice (the evaluation round sends none).
     nonces = fed.store_json(StudyLayout(ns, STUDY, study["metadata"]["uid"]).seen_nonces())
-    assert len(nonces) == 2 * len(rounds), nonces
+    assert len(nonces) == 2 * len(_trained(rounds)), nonces
 
 
 def _hand_round(name: str, sites: list[str], min_sites: int) -> dict[str, Any]:
@@ -325,7 +361,8 @@ def test_fedadam_study_with_secure_aggregation(fed: Federation) -> None:
     assert done["status"]["completedRounds"] == 2, _round_report(fed, ns)
     hub_keys = PublicIdentity.load(fed.workdir / "keys" / "hub-public")
     layout = StudyLayout(ns, STUDY, done["metadata"]["uid"])
-    for r in sorted(items(fed, "federatedrounds", "-n", ns), key=lambda r: r["spec"]["round"]):
+    for r in _trained(sorted(items(fed, "federatedrounds", "-n", ns),
+                             key=lambda r: r["spec"]["round"])):
         n, st = r["spec"]["round"], r["status"]
         assert st["state"] == "Succeeded", _round_report(fed, ns)
         assert {s["site"]: s["state"] for s in st["sites"]} == dict.fromkeys(HOSPITALS,
@@ -434,6 +471,8 @@ def test_ledger_dp_study_spends_its_budget_and_no_edit_lowers_it(fed: Federation
     rounds = study["completedRounds"]
     assert rounds == 3, study
     assert {s["site"]: s["runs"] for s in privacy["sites"]} == dict.fromkeys(HOSPITALS, rounds)
+    # The final evaluation round carries the training rounds' settings (the sites' policies
+    # judge it as training) and spends nothing.
     round_z = {r["spec"]["privacy"]["differentialPrivacy"]["noiseMultiplier"]
                for r in items(fed, "federatedrounds", "-n", ns)}
     assert round_z == {privacy["noiseMultiplier"]}

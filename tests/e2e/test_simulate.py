@@ -80,7 +80,7 @@ def test_default_demo_meets_its_promise(tmp_path: Path) -> None:
     (["--strategy", "fedbest"], "unknown strategy 'fedbest'"),
     (["--model", "unet9000"], "unknown model 'unet9000'"),
     (["--rounds", "0"], "--rounds must be >= 1"),
-    (["--dataset", "/no/such/folder"], "not 'phantom' and not a folder"),
+    (["--dataset", "/no/such/folder"], "not one of phantom, anatomy and not a folder"),
     (["--strategy-params", "[1]"], "expected a JSON object"),
 ])
 def test_bad_options_fail_fast_with_a_clear_message(tmp_path: Path, args: list[str],

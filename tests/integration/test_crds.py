@@ -137,6 +137,18 @@ BAD_INPUT: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("too many rounds", _edit(_study(), {"spec.rounds": 5000}),
      ("spec.rounds", "less than or equal to 1000")),
     ("unknown model", _edit(_study(), {"spec.model.name": "gpt"}), ("spec.model.name",)),
+    ("a segmentation network in a classification study",
+     _edit(_study(), {"spec.model.name": "unet3d"}),
+     ("spec.model.task", "model.task is classification but unet3d is a segmentation network: "
+                         "set model.task: segmentation")),
+    ("a classification network in a segmentation round",
+     _edit(_round(), {"spec.model.task": "segmentation"}),
+     ("spec.model.task", "tumor-cnn is a classification network")),
+    ("unknown round mode", _edit(_round(), {"spec.mode": "infer"}),
+     ("spec.mode", "Unsupported value")),
+    ("a Dice target above 1", _edit(_study(), {"spec.stopping": {"metric": "dice",
+                                                                 "target": 1.5}}),
+     ("spec.stopping.target", "between 0 and 1")),
     ("negative epochs", _edit(_study(), {"spec.roundTemplate.training.localEpochs": -1}),
      ("spec.roundTemplate.training.localEpochs", "greater than or equal to 1")),
     ("zero learning rate", _edit(_study(), {"spec.roundTemplate.training.lr": 0}),
@@ -300,7 +312,7 @@ def test_get_federatedrounds_shows_progress_columns(hub: Cluster, ns: str) -> No
     _apply(hub, rnd, "-n", ns, check=True)
     status = {"status": {
         "startTime": "2030-01-01T10:00:00Z", "state": "Succeeded", "admittedSites": 2,
-        "reportedSites": 2, "aggregateMetrics": {"auroc": 0.974},
+        "reportedSites": 2, "aggregateMetrics": {"auroc": 0.974, "dice": 0.81},
         "sites": [{"site": "st-marys", "state": "Reported", "samples": 1200},
                   {"site": "charite", "state": "Reported", "samples": 800}],
         "conditions": [{"type": "Succeeded", "status": "True", "reason": "Aggregated",
@@ -310,10 +322,10 @@ def test_get_federatedrounds_shows_progress_columns(hub: Cluster, ns: str) -> No
                 "--subresource=status", "--type=merge", "-p", json.dumps(status))
     lines = hub.kubectl("get", "federatedrounds", "-n", ns).stdout.splitlines()
     assert lines[0].split() == ["NAME", "STUDY", "ROUND", "REPORTED", "ADMITTED", "STATE",
-                                "WAITING", "AUROC", "AGE"]
+                                "WAITING", "AUROC", "DICE", "AGE"]
     row = next(ln for ln in lines if ln.startswith("tumor-detection-r1")).split()
     # WAITING is empty for an admitted round.
-    assert row[1:7] == ["tumor-detection", "1", "2", "2", "Succeeded", "0.974"]
+    assert row[1:8] == ["tumor-detection", "1", "2", "2", "Succeeded", "0.974", "0.81"]
     selected = hub.kubectl("get", "fround", "-n", ns, "--field-selector",
                            "spec.studyRef.name=tumor-detection", "-o", "name").stdout
     assert selected.strip() == "federatedround.deeprad.io/tumor-detection-r1"

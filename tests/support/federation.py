@@ -46,6 +46,8 @@ class SitePlan:
     cluster: Cluster
     profile: int
     namespace: str = TRAINING_NAMESPACE
+    dataset: dict[str, Any] | None = None  # the agent's training.dataset; None: phantoms
+    data: dict[str, Any] | None = None  # the HospitalSite's spec.data; None: 2D MRI slices
 
 
 @dataclass
@@ -162,8 +164,8 @@ def register_site(fed: Federation, site: SitePlan, keys: Path,
                                             *served)))
     secret = next(d for d in docs if d["kind"] == "Secret")
     hsite = next(d for d in docs if d["kind"] == "HospitalSite")
-    hsite["spec"]["data"] = {"modality": "mri", "labels": ["normal", "tumor"],
-                             "sampleCount": SAMPLES_PER_SITE}
+    hsite["spec"]["data"] = site.data or {"modality": "mri", "labels": ["normal", "tumor"],
+                                          "sampleCount": SAMPLES_PER_SITE}
     hsite["spec"]["connection"] = connection or {"mode": "pull", "heartbeatTimeout": "30s"}
     hsite["spec"]["limits"] = {"maxConcurrentTasks": 2}  # the dropout test runs two rounds
     fed.hub.kubectl("apply", "-f", "-", input=json.dumps(hsite))
@@ -181,7 +183,7 @@ def agent_config(site: SitePlan, hub_signing: str, s3: S3Server) -> dict[str, An
         "training": {
             "namespace": site.namespace, "image": "deeprad:test",
             "identitySecret": "deeprad-site-identity",
-            "dataset": {"kind": "phantom", "options": {
+            "dataset": site.dataset or {"kind": "phantom", "options": {
                 "profile": profile.as_dict(), "samples": SAMPLES_PER_SITE,
                 "seed": 1000 + site.profile}},
             "resources": {"cpu": "1", "memory": "2Gi"},

@@ -79,7 +79,7 @@ def test_one_crd_per_kind_with_status_subresource_and_columns() -> None:
     columns = [c["name"] for c in kinds["FederatedRound"]["spec"]["versions"][0][
         "additionalPrinterColumns"] if not c.get("priority")]
     assert columns == ["Study", "Round", "Reported", "Admitted", "State", "Waiting", "AUROC",
-                       "Age"]
+                       "Dice", "Age"]
 
 
 def test_every_property_has_a_description() -> None:

@@ -27,3 +27,14 @@ def test_a_tie_goes_to_the_earlier_round_and_unscored_rounds_are_skipped() -> No
     assert best is not None and best["round"] == 2
     assert best_round([_row(1, None, 0.9)]) is None
     assert best_round([]) is None
+
+
+def test_a_segmentation_study_picks_its_round_on_validation_dice() -> None:
+    rounds = [{"round": 1, "validation_pooled": {"dice": 0.61, "auroc": 0.99},
+               "global": {"dice": 0.90}},
+              {"round": 2, "validation_pooled": {"dice": 0.66, "auroc": 0.70},
+               "global": {"dice": 0.40}}]
+    best = best_round(rounds, "dice")
+    assert best is not None
+    assert (best["round"], best["chosen_on"], best["test"]) == (2, "pooled validation Dice",
+                                                                {"dice": 0.40})

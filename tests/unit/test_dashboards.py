@@ -86,6 +86,7 @@ def test_the_topics_of_the_issue_are_covered() -> None:
     text = " ".join(panel_expressions().values())
     for metric in ("deeprad_site_ready", "deeprad_site_reachable", "deeprad_site_gpus",
                    "deeprad_site_last_heartbeat_timestamp_seconds", "deeprad_global_auroc",
+                   "deeprad_global_dice",
                    "deeprad_global_loss", "deeprad_study_epsilon_spent",
                    "deeprad_study_epsilon_budget", "deeprad_site_epsilon_spent",
                    "deeprad_round_phase_duration_seconds",

@@ -17,7 +17,7 @@ from deeprad.core.data import ImageSet
 from deeprad.core.errors import ConfigError, DataError
 from deeprad.core.layout import StudyLayout
 from deeprad.core.metrics import clinical_metrics, combine
-from deeprad.core.model_catalogue import MODELS
+from deeprad.core.model_catalogue import MODEL_TASKS, MODELS
 from deeprad.core.models import FACTORIES, GaussianJet, build_model, model_weights
 from deeprad.core.privacy import DPConfig
 from deeprad.core.protocol import DatasetSpec, ModelSpec, TrainConfig, TrainingTask
@@ -32,10 +32,16 @@ def tiny_net() -> nn.Module:
 def test_registered_models_build_without_batchnorm() -> None:
     assert set(FACTORIES) == set(MODELS)  # every catalogue entry has a builder
     for name in MODELS:
-        model = build_model(ModelSpec(name=name))
+        if MODEL_TASKS[name] == "segmentation":  # 3D, several sequences, a logit per voxel
+            model = build_model(ModelSpec(name=name, task="segmentation",
+                                          kwargs={"in_channels": 3}))
+            out = model(torch.rand(2, 3, 16, 16, 16))
+            assert out.shape == (2, 1, 16, 16, 16)
+        else:
+            model = build_model(ModelSpec(name=name))
+            out = model(torch.rand(2, 1, 64, 64))
+            assert out.shape == (2, 1)
         assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        out = model(torch.rand(2, 1, 64, 64))
-        assert out.shape == (2, 1)
     n = sum(p.numel() for p in build_model(ModelSpec(name="resnet18")).parameters())
     assert 11_000_000 < n < 11_300_000
 
@@ -81,6 +87,9 @@ def test_bring_your_own_model_and_errors() -> None:
         build_model(ModelSpec(name=f"{__name__}:missing"), allow_code=True)
     with pytest.raises(ConfigError, match="bad kwargs"):
         build_model(ModelSpec(name="tumor-cnn", kwargs={"depth": 3}))
+    with pytest.raises(ConfigError, match=r"'unet3d' is a segmentation network.*task: "
+                                          r"segmentation"):
+        build_model(ModelSpec(name="unet3d"))
 
 
 def test_clinical_metrics_by_hand() -> None:
@@ -93,7 +102,9 @@ def test_clinical_metrics_by_hand() -> None:
     assert m.auroc == pytest.approx(4 / 6)
     both = combine([m, clinical_metrics(torch.tensor([5.0, -5.0]), torch.tensor([1.0, 0.0]))])
     assert both is not None and both.n == 7
-    assert both.auroc == pytest.approx((4 / 6 * 5 + 1.0 * 2) / 7)
+    # pooled, not averaged: positives 3, -2, 2, 5 vs negatives 1, -1, -5 rank 10 of 12 pairs
+    assert both.auroc == pytest.approx(10 / 12)
+    assert both.sensitivity == pytest.approx(3 / 4) and both.specificity == pytest.approx(2 / 3)
 
 
 def _data(n: int = 32, seed: int = 0) -> ImageSet:

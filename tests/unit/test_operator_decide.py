@@ -220,7 +220,8 @@ def test_waits_while_the_newest_round_runs() -> None:
     ({"stopping": {"metric": "loss", "target": 0.15}}, [0.6, 0.9], "TargetReached"),
 ])
 def test_stopping_rules(spec: dict[str, Any], aurocs: list[float], reason: str) -> None:
-    d = _decide(_study(**spec), [_done(i + 1, a) for i, a in enumerate(aurocs)])
+    d = _decide(_study(**spec, finalEvaluation=False),
+                [_done(i + 1, a) for i, a in enumerate(aurocs)])
     assert isinstance(d.action, study.Stop) and d.action.reason == reason, d.action
     assert d.status.state == "Succeeded" and d.status.completion_time == "2030-07-07T12:00:00Z"
     assert cond.is_true(d.status.conditions, "Succeeded")
@@ -309,7 +310,7 @@ def test_dp_steps_match_opacus_batches() -> None:
 
 def test_privacy_budget_stops_the_study_before_it_would_be_exceeded() -> None:
     sites_ = [_candidate("a", 1000), _candidate("b", 400)]
-    spec = _dp_study(epsilon=1.5)
+    spec = _dp_study(epsilon=1.5).model_copy(update={"final_evaluation": False})
     trained = {"a": SiteState.REPORTED, "b": SiteState.REPORTED}
     history: list[study.RoundView] = []
     created = 0

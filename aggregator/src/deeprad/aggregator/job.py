@@ -18,7 +18,12 @@ import time
 from deeprad.aggregator.audit import write_hub_record
 from deeprad.aggregator.plain import aggregate_plain
 from deeprad.aggregator.replay_ledger import ReplayLedger
-from deeprad.aggregator.report import finished_report, write_report
+from deeprad.aggregator.report import (
+    finished_report,
+    site_results,
+    write_evaluation_report,
+    write_report,
+)
 from deeprad.aggregator.secure import secure_mean
 from deeprad.aggregator.strategies import make_strategy
 from deeprad.aggregator.verification import UpdateVerifier
@@ -32,6 +37,7 @@ from deeprad.core.checkpoint import (
 from deeprad.core.errors import ConfigError, DeepRadError
 from deeprad.core.identity import KeyRegistry, load_job_identity
 from deeprad.core.layout import StudyLayout
+from deeprad.core.manifests import read_manifest
 from deeprad.core.privacy_ledger import index_site_records
 from deeprad.core.protocol import (
     AggregateReport,
@@ -50,6 +56,22 @@ class QuorumNotMet(DeepRadError):
     """Fewer valid updates than the round's minSites."""
 
 
+def _evaluation_report(task: AggregationTask, store: ObjectStore, layout: StudyLayout,
+                       start: float) -> AggregateReport:
+    """An evaluation round: pool the sites' scores of the round's input checkpoint. No update
+    is read and no checkpoint written, so no key is needed."""
+    sites = sorted(task.sites or [])
+    results = site_results(store, layout, task.round, sites)
+    missing = [s for s in sites if s not in results]
+    if len(results) < task.min_sites:
+        raise QuorumNotMet(f"study {task.study} round {task.round} (evaluation): "
+                           f"{len(results)} site result(s), minSites is {task.min_sites} "
+                           f"(missing: {', '.join(missing) or 'none'})")
+    evaluated = read_manifest(store, layout, task.round - 1)
+    return write_evaluation_report(store, layout, task, results, missing,
+                                   evaluated.payload_sha256, start)
+
+
 def run_aggregation_task(task: AggregationTask, store: ObjectStore) -> AggregateReport:
     """Aggregate round `task.round`'s updates into the round's global checkpoint."""
     start = time.perf_counter()
@@ -57,6 +79,8 @@ def run_aggregation_task(task: AggregationTask, store: ObjectStore) -> Aggregate
     done = finished_report(store, layout, task.round)
     if done is not None:  # already aggregated: idempotent
         return done
+    if task.mode == "evaluate":
+        return _evaluation_report(task, store, layout, start)
     hub = load_job_identity(task.identity_dir, "hub")
     registry = KeyRegistry.from_json(task.registry_json)
     if registry.require_hub().signing_key != hub.public().signing_key:

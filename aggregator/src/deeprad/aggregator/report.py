@@ -56,6 +56,32 @@ def write_report(store: ObjectStore, layout: StudyLayout, task: AggregationTask,
     return report
 
 
+def write_evaluation_report(store: ObjectStore, layout: StudyLayout, task: AggregationTask,
+                            results: dict[str, SiteResult], missing: list[str],
+                            checkpoint_sha256: str, started: float) -> AggregateReport:
+    """Write and return an evaluation round's report: the sites' scores of the checkpoint the
+    round evaluated, pooled (validation as `federated_metrics`, held-out as `test_metrics`);
+    nothing was aggregated, so it has no contributors."""
+    report = AggregateReport(
+        study=task.study, round=task.round, strategy=task.strategy, contributors=[],
+        rejected=[], missing=missing,
+        federated_metrics=combine([r.global_metrics for r in results.values()
+                                   if r.global_metrics is not None]),
+        test_metrics=combine([r.test_metrics for r in results.values()
+                              if r.test_metrics is not None]),
+        evaluated_sites=sorted(results), checkpoint_sha256=checkpoint_sha256,
+        duration_s=time.perf_counter() - started)
+    store.put_text(layout.aggregate(task.round), report.model_dump_json(indent=2))
+    return report
+
+
+def site_results(store: ObjectStore, layout: StudyLayout, round_no: int,
+                 sites: list[str]) -> dict[str, SiteResult]:
+    """The results the sites wrote for round `round_no`, by site (unreadable ones left out)."""
+    found = {site: _site_result(store, layout, round_no, site) for site in sites}
+    return {site: result for site, result in found.items() if result is not None}
+
+
 def _site_result(store: ObjectStore, layout: StudyLayout, round_no: int,
                  site: str) -> SiteResult | None:
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deeprad.cli import audit, catalogue, inference, keys, privacy, simulate
+from deeprad.cli import audit, bundle, catalogue, inference, keys, privacy, simulate
 from deeprad.cli.simulate import apply_recipe
 from deeprad.core import __version__
 from deeprad.core.errors import DeepRadError
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     simulate.register(sub)
     catalogue.register(sub)
+    bundle.register(sub)
     inference.register(sub)
     register_operator(sub)
     keys.register(sub)

@@ -102,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     pending: list[int] = []
     last: HubRoundRecord | None = None
     for number in rounds:
+        if _evaluation_round(store, layout, number):
+            continue  # it scored the previous checkpoint: no update, checkpoint or record
         found, hub_rows = _round_rows(store, layout, number, hub)
         rows += hub_rows
         if found is None and not hub_rows:
@@ -149,6 +151,18 @@ def _only_uid(store: ObjectStore, bare: StudyLayout) -> str | None:
         raise ConfigError(f"study {bare.namespace}/{bare.study}: the store holds {len(owners)} "
                           f"studies of that name (uids {uids}), one per re-creation; pass --uid")
     return next(iter(owners), None)
+
+
+def _evaluation_round(store: ObjectStore, layout: StudyLayout, number: int) -> bool:
+    """Whether round `number` is a study's final evaluation (its report pools the sites'
+    scores of an existing checkpoint and aggregates nothing)."""
+    from deeprad.core.errors import ObjectNotFound
+    from deeprad.core.protocol import AggregateReport
+    try:
+        report = AggregateReport.model_validate_json(store.get_bytes(layout.aggregate(number)))
+    except (ObjectNotFound, ValueError):
+        return False
+    return bool(report.evaluated_sites) and not report.contributors
 
 
 def _round_numbers(store: ObjectStore, layout: StudyLayout) -> list[int]:

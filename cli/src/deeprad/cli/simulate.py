@@ -18,15 +18,19 @@ def _json_arg(text: str) -> dict[str, object]:
 
 
 def apply_recipe(args: argparse.Namespace) -> None:
-    """Fill the model and training flags left out with the demo's defaults, or with the DP
-    recipe's when a privacy budget is given."""
-    from deeprad.simulate.config import DEFAULT_RECIPE, DP_RECIPE
+    """Fill the data, model and training flags left out with the task's defaults: the demo's,
+    the DP recipe's when a privacy budget is given, or the 3D segmentation study's."""
+    from deeprad.simulate.config import BENCHMARKS, default_held_out, recipe_for
 
     private = args.dp_epsilon is not None or args.distributed_dp_epsilon is not None
-    recipe = DP_RECIPE if private else DEFAULT_RECIPE
+    recipe = recipe_for(args.task, private)
     for name, default in vars(recipe).items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if args.dataset is None:
+        args.dataset = BENCHMARKS[args.task]
+    if args.held_out_sites is None:
+        args.held_out_sites = default_held_out(args.task, args.dataset)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise flag_error(exc) from None
     cfg = SimulationConfig(
-        sites=site_count(args.dataset, args.sites), rounds=args.rounds,
-        model=ModelSpec(name=args.model, kwargs=args.model_kwargs),
+        sites=site_count(args.dataset, args.sites, args.held_out_sites), rounds=args.rounds,
+        task=args.task, held_out_sites=args.held_out_sites, leave_one_out=args.leave_one_out,
+        model=ModelSpec(name=args.model, kwargs=args.model_kwargs, task=args.task),
         strategy=StrategySpec(name=args.strategy, params=args.strategy_params),
         train=train,
         dataset=args.dataset, normalize=args.normalize, positive_label=args.positive_label,
@@ -78,18 +83,40 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Simulated hospitals train in local worker processes with the real trainer "
                     "and aggregator; prints a per-round table and compares the federated model "
                     "with centralized and local-only training.")
+    sim.add_argument("--task", choices=["classification", "segmentation"],
+                     default="classification",
+                     help="classification (default): tumour or not per 2D slice, scored by "
+                          "AUROC; segmentation: lesion masks in 3D multi-sequence volumes, "
+                          "scored by Dice, HD95 and lesion sensitivity at fixed false positives "
+                          "per scan, with its own defaults (anatomy benchmark, unet3d, 48^3, "
+                          "batch 2, Adam lr 3e-3, 8 local epochs, 16 patients per hospital "
+                          "before size skew, one hospital held out)")
     sim.add_argument("--sites", type=int,
-                     help="number of hospitals (default 4 phantom hospitals; with --dataset, "
-                          "the folder's site entries decide, and a different --sites is refused)")
+                     help="number of hospitals that train (default 4 benchmark hospitals; with "
+                          "--dataset, the folder's site entries less the held-out ones decide, "
+                          "and a different --sites is refused)")
+    sim.add_argument("--held-out-sites", type=int, metavar="K",
+                     help="hospitals kept out of training and scored apart (default 1 for the "
+                          "segmentation benchmark, else 0); a --dataset folder's last K entries "
+                          "in name order")
+    sim.add_argument("--leave-one-out", action="store_true",
+                     help="also run the federated study once without each training hospital "
+                          "and score it on that hospital's held-out split (about sites x the "
+                          "federated study's time)")
     sim.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
     sim.add_argument("--model",
                      help="network: see `deeprad models`, or package.module:factory (default "
-                          "tumor-cnn; tumor-jet with --dp-epsilon)")
+                          "tumor-cnn; tumor-jet with --dp-epsilon; unet3d with --task "
+                          "segmentation)")
     sim.add_argument("--model-kwargs", type=_json_arg, default={}, metavar="JSON",
-                     help="keyword arguments for the model factory")
-    sim.add_argument("--dataset", default="phantom",
-                     help="'phantom' (synthetic, default) or a folder with one sub-folder "
-                          "(<class>/<images>) or .npz file per hospital")
+                     help="keyword arguments for the model factory (segmentation: in_channels "
+                          "defaults to the data's number of sequences)")
+    sim.add_argument("--dataset",
+                     help="'phantom' (synthetic 2D slices, the classification default), "
+                          "'anatomy' (synthetic lesions on real MNI152 anatomy, the segmentation "
+                          "default), or a folder with one entry per hospital: a sub-folder "
+                          "(<class>/<images>) or .npz file for classification, a sub-folder of "
+                          "patient volumes and masks for segmentation")
     sim.add_argument("--normalize", choices=["image", "dataset", "none"], default="image",
                      help="a --dataset folder's intensity scaling: each image min-max scaled on "
                           "its own (image, default), one min-max over the site's whole set, "
@@ -98,19 +125,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="a --dataset folder's tumour class: the class folder's name, or a "
                           ".npz file's label values, comma-separated (default: a folder named "
                           "tumor/lesion/positive/..., else the second; .npz: any nonzero label)")
-    sim.add_argument("--samples-per-site", type=int, default=240,
-                     help="phantom slices per hospital before size skew (default 240)")
-    sim.add_argument("--image-size", type=int, default=64, help="pixels per side (default 64)")
+    sim.add_argument("--samples-per-site", type=int,
+                     help="benchmark samples per hospital before size skew: phantom slices "
+                          "(default 240) or anatomy patients (default 16)")
+    sim.add_argument("--image-size", type=int,
+                     help="pixels per side (default 64), or voxels per volume edge with --task "
+                          "segmentation (default 48)")
     sim.add_argument("--strategy", default="fedavg", help="see `deeprad strategies`")
     sim.add_argument("--strategy-params", type=_json_arg, default={}, metavar="JSON",
                      help='strategy hyper-parameters, e.g. \'{"server_lr": 0.01}\'')
     sim.add_argument("--local-epochs", type=int,
-                     help="epochs per round (default 3; 6 with --dp-epsilon)")
+                     help="epochs per round (default 3; 6 with --dp-epsilon; 8 with --task "
+                          "segmentation)")
     sim.add_argument("--batch-size", type=int,
                      help="batch size (default 16; 64 with --dp-epsilon, the expected size of "
-                          "the Poisson batches)")
+                          "the Poisson batches; 2 volumes with --task segmentation)")
     sim.add_argument("--lr", type=float,
-                     help="local learning rate (default 3e-3; 0.3 with --dp-epsilon)")
+                     help="local learning rate (default 3e-3, also with --task segmentation; "
+                          "0.3 with --dp-epsilon)")
     sim.add_argument("--optimizer", choices=["adam", "sgd"],
                      help="local optimizer (default adam; sgd with momentum 0.9 with "
                           "--dp-epsilon)")

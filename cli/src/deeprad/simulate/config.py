@@ -9,7 +9,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from deeprad.core.errors import ConfigError
-from deeprad.core.protocol import NORMALIZATIONS, ModelSpec, StrategySpec, TrainConfig
+from deeprad.core.model_catalogue import MODEL_TASKS
+from deeprad.core.protocol import NORMALIZATIONS, TASKS, ModelSpec, StrategySpec, TrainConfig
 from deeprad.core.secagg.threat import DEFAULT_THREAT_MODEL, THREAT_MODELS, ThreatModel
 from deeprad.core.strategies import secure_sum_strategies, strategy_info
 
@@ -33,13 +34,35 @@ class Recipe:
     batch_size: int
     local_epochs: int
     max_grad_norm: float  # per-record clipping bound (DP-SGD only)
+    image_size: int = 64  # pixels per side (2D) or voxels per edge (3D)
+    samples_per_site: int = 240  # phantom slices, or anatomy patients, before SIZE_SKEW
 
 
 # Quantity skew across hospitals: some are big teaching hospitals, some small clinics.
 SIZE_SKEW = (1.5, 1.0, 0.75, 0.5)
 
 
-DEFAULT_SITES = 4  # phantom hospitals when --sites is left out
+# The fewest samples a benchmark hospital may have before SIZE_SKEW: 2D slices, or 3D patients
+# (each split needs a patient with and one without a lesion).
+MIN_SAMPLES = {"classification": 8, "segmentation": 6}
+
+
+DEFAULT_SITES = 4  # benchmark hospitals that train when --sites is left out
+
+# The built-in synthetic data of each task (--dataset left out): 2D tumour phantoms for
+# classification, synthetic lesions on real MNI152 anatomy for segmentation.
+BENCHMARKS: dict[str, str] = {"classification": "phantom", "segmentation": "anatomy"}
+
+
+def is_benchmark(dataset: str) -> bool:
+    """True for generated (synthetic) data, False for a folder of the user's own."""
+    return dataset in BENCHMARKS.values()
+
+
+def default_held_out(task: str, dataset: str) -> int:
+    """Hospitals kept out of training when --held-out-sites is left out: one for the anatomy
+    benchmark (its hospitals differ like scanners do, so it tests generalisation), else none."""
+    return 1 if task == "segmentation" and dataset == BENCHMARKS["segmentation"] else 0
 
 
 def site_entries(root: Path) -> list[Path]:
@@ -47,40 +70,50 @@ def site_entries(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() or p.suffix == ".npz")
 
 
-def site_count(dataset: str, sites: int | None) -> int:
-    """How many hospitals the study has: --sites for phantoms (default 4); for a dataset
-    folder, its site entries, so no hospital is dropped without a word (a --sites that
-    disagrees is refused)."""
-    if dataset == "phantom":
+def site_count(dataset: str, sites: int | None, held_out: int = 0) -> int:
+    """How many hospitals train: --sites for a benchmark (default 4; `held_out` more are
+    generated); for a dataset folder, its site entries less the `held_out` ones, so no hospital
+    is dropped without a word (a --sites that disagrees is refused)."""
+    if is_benchmark(dataset):
         return DEFAULT_SITES if sites is None else sites
     root = Path(dataset)
     if not root.is_dir():
-        raise ConfigError(f"--dataset {dataset!r}: not 'phantom' and not a folder")
+        raise ConfigError(f"--dataset {dataset!r}: not one of {', '.join(BENCHMARKS.values())} "
+                          "and not a folder")
     found = len(site_entries(root))
     if found == 0:
         raise ConfigError(f"--dataset {root}: no site sub-folders or .npz files in it; put "
                           "one per hospital there")
-    if sites is not None and sites != found:
+    if held_out >= found:
+        raise ConfigError(f"--held-out-sites {held_out}: --dataset {root} holds only {found} "
+                          "site folders / .npz files; at least one must train")
+    if sites is not None and sites != found - held_out:
         raise ConfigError(f"--dataset {root} holds {found} site folders / .npz files but "
                           f"--sites is {sites}: leave --sites out (the folder decides) or "
-                          f"pass --sites {found}")
-    return found
+                          f"pass --sites {found - held_out}")
+    return found - held_out
 
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    sites: int = 4
+    sites: int = 4  # hospitals that train
     rounds: int = 5
+    task: str = "classification"  # protocol.TASKS; model.task must agree
     model: ModelSpec = field(default_factory=ModelSpec)
     strategy: StrategySpec = field(default_factory=StrategySpec)
     train: TrainConfig = field(default_factory=TrainConfig)
-    dataset: str = "phantom"  # "phantom", or a folder with one sub-folder / .npz file per site
-    samples_per_site: int = 240  # phantoms only; scaled per site by SIZE_SKEW
+    # "phantom" / "anatomy" (BENCHMARKS), or a folder with one sub-folder / .npz file per site
+    dataset: str = "phantom"
+    samples_per_site: int = 240  # benchmarks only (slices or patients); scaled by SIZE_SKEW
     test_samples_per_site: int = 100  # phantoms only: the held-out test set
     image_size: int = 64
     normalize: str = "image"  # intensity scaling of a dataset folder: image, dataset or none
     positive_label: str | None = None  # a dataset folder's tumour class / .npz label values
     seed: int = 0
+    # hospitals never trained on, scored apart (the last ones: generated after the training
+    # hospitals, or a dataset folder's last entries in name order)
+    held_out_sites: int = 0
+    leave_one_out: bool = False  # also run the study once without each training hospital
     output: Path = Path("runs/demo")
     workers: int = 0  # 0: one per core, at most one per site
     baselines: bool = True
@@ -107,15 +140,26 @@ class SimulationConfig:
             raise ConfigError(f"--sites must be >= 1, got {self.sites}")
         if self.rounds < 1:
             raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
-        if self.samples_per_site < 8:
-            raise ConfigError(f"--samples-per-site must be >= 8, got {self.samples_per_site}")
+        self._check_task()
+        least = MIN_SAMPLES[self.task]
+        if self.samples_per_site < least:
+            raise ConfigError(f"--samples-per-site must be >= {least}, got "
+                              f"{self.samples_per_site}")
+        if self.held_out_sites < 0:
+            raise ConfigError(f"--held-out-sites must be >= 0, got {self.held_out_sites}")
+        if self.leave_one_out and self.sites < 2:
+            raise ConfigError(f"--leave-one-out needs >= 2 training hospitals (--sites), got "
+                              f"{self.sites}")
         if self.normalize not in NORMALIZATIONS:
             raise ConfigError(f"--normalize must be one of {', '.join(NORMALIZATIONS)}, got "
                               f"{self.normalize!r}")
-        if self.dataset == "phantom" and (self.positive_label is not None
-                                          or self.normalize != "image"):
+        if is_benchmark(self.dataset) and (self.positive_label is not None
+                                           or self.normalize != "image"):
             raise ConfigError("--positive-label and --normalize apply to a --dataset folder; "
-                              "the phantoms are labelled and scaled by their generator")
+                              "the benchmarks are labelled and scaled by their generator")
+        if self.task == "segmentation" and self.positive_label is not None:
+            raise ConfigError("--positive-label applies to classification; a segmentation "
+                              "site's lesions are the nonzero voxels of its masks")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if self.dp_epsilon is not None and not self.dp_epsilon > 0:
@@ -142,6 +186,25 @@ class SimulationConfig:
                               f"({', '.join(secure_sum_strategies())}): the hub sees only the "
                               f"sum of the updates; got --strategy {self.strategy.name}")
 
+    def _check_task(self) -> None:
+        """The task, the model and the data agree (one line naming the flag otherwise)."""
+        if self.task not in TASKS:
+            raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.model.task != self.task:
+            raise ConfigError(f"model task {self.model.task!r} but --task {self.task}: build "
+                              "the ModelSpec with the study's task")
+        made_for = MODEL_TASKS.get(self.model.name)
+        if made_for is not None and made_for != self.task:
+            fits = ", ".join(n for n, t in MODEL_TASKS.items() if t == self.task)
+            raise ConfigError(f"--model {self.model.name} is a {made_for} network but --task "
+                              f"is {self.task}: pass --model one of {fits} (or leave --model "
+                              "out)")
+        for task, benchmark in BENCHMARKS.items():
+            if self.dataset == benchmark and task != self.task:
+                raise ConfigError(f"--dataset {benchmark} is the {task} benchmark but --task "
+                                  f"is {self.task}: leave --dataset out for the "
+                                  f"{BENCHMARKS[self.task]} benchmark, or pass --task {task}")
+
     @property
     def worker_count(self) -> int:
         cores = len(os.sched_getaffinity(0))
@@ -166,3 +229,20 @@ DEFAULT_RECIPE = Recipe(model=ModelSpec().name, optimizer=_TRAIN.optimizer, lr=_
 # bound sits just above the per-record gradient norms at initialisation (1.1-1.4).
 DP_RECIPE = Recipe(model="tumor-jet", optimizer="sgd", lr=0.3, batch_size=64, local_epochs=6,
                    max_grad_norm=1.5)
+# --task segmentation: the 3D study on the anatomy benchmark (synthetic lesions on real MNI152
+# anatomy, 3 sequences). A small MONAI UNet (151k parameters, instance norm) on 48^3 volumes,
+# Adam, batches of 2 volumes. Chosen on pooled VALIDATION Dice / lesion sensitivity (never the
+# test set), on a loaded machine and so only coarsely: at lr 1e-3 and 2 local epochs neither the
+# federated nor the centralized model found lesions after 5 rounds (validation Dice at the
+# "predict nothing" level); centralized at lr 3e-3 starts finding them after ~150 steps, so the
+# recipe takes lr 3e-3 and 8 local epochs. `make bench-seg` checks it over 5 seeds.
+SEG_RECIPE = Recipe(model="unet3d", optimizer="adam", lr=3e-3, batch_size=2, local_epochs=8,
+                    max_grad_norm=1.0, image_size=48, samples_per_site=16)
+
+
+def recipe_for(task: str, private: bool) -> Recipe:
+    """The defaults a study's flags left out take: the task's, or the DP recipe's for a
+    private classification study."""
+    if task == "segmentation":
+        return SEG_RECIPE
+    return DP_RECIPE if private else DEFAULT_RECIPE

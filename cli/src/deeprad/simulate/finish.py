@@ -1,5 +1,6 @@
 """The end of a local study: the last global model copied out (`final.safetensors` and its
-manifest `final.json`), then the report — printed, plotted and written as JSON."""
+manifest `final.json`), every model scored on the hospitals held out of training, then the
+report — printed, plotted and written as JSON."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ from deeprad.core.checkpoint import read_checkpoint
 from deeprad.core.secagg.quantize import VectorLayout
 from deeprad.simulate.baselines import Baselines
 from deeprad.simulate.cross_site import best_round, cross_site_matrix
-from deeprad.simulate.report import build_report
-from deeprad.simulate.scoring import metrics_json, score_weights
+from deeprad.simulate.report import build_report, mean_metrics
+from deeprad.simulate.scoring import POOLED, metrics_json, primary_metric, score_sets, score_weights
+from deeprad.simulate.sites import held_out_data
 from deeprad.simulate.study import LocalStudy
 
 
 def finish(study: LocalStudy, rounds: list[dict[str, Any]], baselines: Baselines,
-           stopped: str | None, started: float) -> dict[str, Any]:
+           stopped: str | None, started: float,
+           leave_one_out: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the final model and the report of `rounds` (one line per round run); `stopped`
-    says why the study ended early, `started` is the study's perf_counter start."""
+    says why the study ended early, `started` is the study's perf_counter start,
+    `leave_one_out` the leave-one-site-out results (None: not run)."""
     cfg, store, layout = study.cfg, study.store, study.layout
     last = len(rounds)
     final_weights, manifest = read_checkpoint(store, layout, last, hub=study.hub.public())
@@ -34,12 +38,35 @@ def finish(study: LocalStudy, rounds: list[dict[str, Any]], baselines: Baselines
                      ddp, VectorLayout.of(study.initial_weights).size, last)},
              "initial_metrics": metrics_json(score_weights(study.initial_weights, cfg,
                                                            study.test_set)),
-             "best_round": best_round(rounds),
+             "best_round": best_round(rounds, primary_metric(cfg)),
              "cross_site": cross_site_matrix(cfg, study.sites, {
                  "federated": final_weights, **dict(sorted(baselines.weights.items()))})
-             if rounds else None}
+             if rounds else None,
+             "held_out": held_out_scores(study, {"federated": final_weights,
+                                                 **dict(sorted(baselines.weights.items()))}),
+             "held_out_hospitals": {s.name: s.dataset.model_dump() for s in study.held_out},
+             "leave_one_out": leave_one_out}
     return build_report(cfg, study.sites, rounds, baselines.curves,
                         time.perf_counter() - started, extra)
+
+
+def held_out_scores(study: LocalStudy, models: dict[str, Any]) -> dict[str, Any] | None:
+    """Every model of the study on everything the held-out hospitals hold (pooled over them):
+    shaped like the report's `final`. None when no hospital was held out."""
+    if not study.held_out:
+        return None
+    sets = {s.name: held_out_data(s) for s in study.held_out}
+    pooled = {name: score_sets(weights, study.cfg, sets)[POOLED]
+              for name, weights in models.items()}
+    local = {name.split(":", 1)[1]: metrics_json(m) for name, m in pooled.items()
+             if name.startswith("local:")}
+    out: dict[str, Any] = {"sites": list(sets), "data": "every split of the hospitals held "
+                           "out of training", "federated": metrics_json(pooled["federated"])}
+    if "centralized" in pooled:
+        out["centralized"] = metrics_json(pooled["centralized"])
+        out["local_only"] = {"mean": mean_metrics([m for m in local.values() if m]),
+                             "sites": local}
+    return out
 
 
 def _privacy_summary(study: LocalStudy) -> dict[str, Any] | None:

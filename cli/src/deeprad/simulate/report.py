@@ -1,5 +1,7 @@
 """The end-of-study report: a per-round table, the comparison with centralized and local-only
-training, a PNG of the curves, and the same data as JSON."""
+training (on the test set and on the hospitals held out of training), leave-one-site-out when
+run, a PNG of the curves, and the same data as JSON. Classification is read by AUROC;
+segmentation by Dice, with HD95 and lesion sensitivity at 1 false positive per scan beside."""
 
 from __future__ import annotations
 
@@ -9,21 +11,31 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from deeprad.core.protocol import ClinicalMetrics
-from deeprad.simulate.config import SimulationConfig
+from deeprad.core.protocol import PRIMARY_METRIC, ClinicalMetrics
+from deeprad.simulate.config import SimulationConfig, is_benchmark
 from deeprad.simulate.sites import Site
+
+# Lesion sensitivity is read at this many false positives per scan (a ClinicalMetrics
+# lesion_sensitivity key).
+FP_PER_SCAN = "1"
 
 
 def _fmt(x: float | None) -> str:
     return "  n/a" if x is None else f"{x:.3f}"
 
 
-def _mean_metrics(ms: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("loss", "auroc", "sensitivity", "specificity", "accuracy")
+def mean_metrics(ms: list[dict[str, Any]]) -> dict[str, Any]:
+    """The plain mean of each metric over models (the local-only mean): every model counts
+    once, whatever its data set's size. Segmentation's fields only where some model has them."""
     out: dict[str, Any] = {}
-    for k in keys:
+    for k in ("loss", "auroc", "sensitivity", "specificity", "accuracy", "dice", "hd95"):
         vals = [m[k] for m in ms if m.get(k) is not None]
-        out[k] = statistics.fmean(vals) if vals else None
+        if vals or k not in ("dice", "hd95"):
+            out[k] = statistics.fmean(vals) if vals else None
+    curves = [m["lesion_sensitivity"] for m in ms if m.get("lesion_sensitivity")]
+    if curves:
+        out["lesion_sensitivity"] = {fp: statistics.fmean(c[fp] for c in curves)
+                                     for fp in curves[0]}
     return out
 
 
@@ -39,13 +51,18 @@ def build_report(cfg: SimulationConfig, sites: list[Site], rounds: list[dict[str
         final["centralized"] = curves["centralized"][-1].model_dump()
         local = {n.split(":", 1)[1]: c[-1].model_dump() for n, c in curves.items()
                  if n.startswith("local:")}
-        final["local_only"] = {"mean": _mean_metrics(list(local.values())), "sites": local}
+        final["local_only"] = {"mean": mean_metrics(list(local.values())), "sites": local}
         # The baselines train without DP-SGD even in a private study: they show what the data
         # allow, not a private alternative, and the report says so beside them.
         final["baselines_private"] = False
+    if extra.get("held_out") is not None:
+        final["held_out"] = extra["held_out"]
     report: dict[str, Any] = {
         "deeprad_report_version": 1,
-        "synthetic_data": cfg.dataset == "phantom",
+        "task": cfg.task,
+        "primary_metric": PRIMARY_METRIC[cfg.task],
+        "synthetic_data": is_benchmark(cfg.dataset),
+        "data": _data_note(cfg),
         "config": {
             **{k: v for k, v in asdict(cfg).items()
                if k not in ("model", "strategy", "train", "output", "report_json")},
@@ -53,6 +70,7 @@ def build_report(cfg: SimulationConfig, sites: list[Site], rounds: list[dict[str
             "train": cfg.train.model_dump(), "output": str(cfg.output),
         },
         "sites": {s.name: s.dataset.model_dump() for s in sites},
+        "held_out_hospitals": extra.get("held_out_hospitals", {}),
         "rounds": rounds,
         "curves": {name: [m.model_dump() for m in c] for name, c in curves.items()},
         "final": final,
@@ -63,6 +81,7 @@ def build_report(cfg: SimulationConfig, sites: list[Site], rounds: list[dict[str
         "distributed_dp": extra.get("distributed_dp"),
         "best_round": extra.get("best_round"),
         "cross_site": extra.get("cross_site"),
+        "leave_one_out": extra.get("leave_one_out"),
         "stopped": extra.get("stopped"),
         "final_round": extra.get("final_round", len(rounds)),
         "wall_time_s": wall_s,
@@ -79,7 +98,27 @@ def build_report(cfg: SimulationConfig, sites: list[Site], rounds: list[dict[str
     return report
 
 
+def _data_note(cfg: SimulationConfig) -> str:
+    """What the data are, in the report's words (synthetic data say so)."""
+    if cfg.dataset == "phantom":
+        return "SYNTHETIC 2D tumour phantoms (not patient data)"
+    if cfg.dataset == "anatomy":
+        from deeprad.core.data.anatomy import DESCRIPTION
+
+        return DESCRIPTION
+    return f"the dataset folder {cfg.dataset}"
+
+
 def print_report(report: dict[str, Any]) -> None:
+    """The task's report: AUROC for classification, Dice and lesion detection for
+    segmentation."""
+    if report.get("task") == "segmentation":
+        print_segmentation_report(report)
+    else:
+        print_classification_report(report)
+
+
+def print_classification_report(report: dict[str, Any]) -> None:
     """Per-round table (global model on the held-out test set; AUROC on each site's
     validation split), then the comparison with the baselines."""
     names = list(report["sites"])
@@ -155,6 +194,96 @@ def print_report(report: dict[str, Any]) -> None:
           f"plot {report['plot']}")
 
 
+def _sens(m: dict[str, Any] | None) -> float | None:
+    return ((m or {}).get("lesion_sensitivity") or {}).get(FP_PER_SCAN)
+
+
+def _hd(x: float | None) -> str:
+    return "  n/a" if x is None else f"{x:.1f}"
+
+
+def _seg_line(name: str, m: dict[str, Any] | None, extra: str = "") -> str:
+    m = m or {}
+    return (f"{name[:26]:<26} {_fmt(m.get('dice')):>6} {_hd(m.get('hd95')):>8} "
+            f"{_fmt(_sens(m)):>9} {_fmt(m.get('auroc')):>10}{extra}")
+
+
+def _seg_table(title: str, final: dict[str, Any]) -> None:
+    """Dice, HD95, lesion sensitivity and scan AUROC of the federated model and the baselines,
+    with the acceptance's two comparisons on Dice."""
+    print(title)
+    print(f"{'model':<26} {'Dice':>6} {'HD95 mm':>8} {'sens@1FP':>9} {'scan AUROC':>10}")
+    print(_seg_line("federated", final.get("federated")))
+    if "centralized" not in final:
+        return
+    print(_seg_line("centralized (pooled data)", final["centralized"]))
+    for name, m in final["local_only"]["sites"].items():
+        print(_seg_line(f"{name} alone", m))
+    mean = final["local_only"]["mean"]
+    print(_seg_line("local-only mean", mean))
+    fed = (final.get("federated") or {}).get("dice")
+    cen = (final["centralized"] or {}).get("dice")
+    loc = mean.get("dice")
+    if fed is not None and cen:
+        print(f"Dice: federated / centralized = {fed / cen:.3f}   federated - local-only mean "
+              f"= {fed - (loc or 0):+.3f}")
+
+
+def print_segmentation_report(report: dict[str, Any]) -> None:
+    """Per-round table (global model on the test set; Dice on each hospital's validation
+    split), the final models on the test set and on the held-out hospitals, leave-one-site-out
+    when run, the cross-site matrix."""
+    names = list(report["sites"])
+    print(f"\nData: {report['data']}")
+    head = (f"{'round':>5} {'loss':>6} {'Dice':>6} {'HD95':>6} {'sens@1FP':>8} {'AUROC':>6}  "
+            + " ".join(f"{n[-12:]:>12}" for n in names))
+    print("Global model per round: test-set loss / Dice / HD95 (mm) / lesion sensitivity at 1 "
+          "false positive per scan / scan-level AUROC; then Dice on each hospital's validation "
+          "split")
+    print(head)
+    print("-" * len(head))
+    for row in report["rounds"]:
+        g = row["global"]
+        site_dice = " ".join(
+            f"{_fmt((row['sites'][n]['validation'] or {}).get('dice')):>12}" for n in names)
+        print(f"{row['round']:>5} {g['loss']:>6.3f} {_fmt(g.get('dice')):>6} "
+              f"{_hd(g.get('hd95')):>6} {_fmt(_sens(g)):>8} {_fmt(g.get('auroc')):>6}  "
+              f"{site_dice}")
+        for rej in row["rejected"]:
+            print(f"      rejected {rej['site']}: {rej['reason']}")
+    if report.get("privacy"):
+        print("(the baselines below train without DP-SGD: the non-private reference)")
+    if report.get("stopped"):
+        print(f"Study stopped early: {report['stopped']}")
+    final = report["final"]
+    _seg_table("\nFinal models on the test set (the training hospitals' own test patients):",
+               final)
+    held = final.get("held_out")
+    if held:
+        _seg_table(f"\nHeld-out hospital{'s' if len(held['sites']) > 1 else ''} "
+                   f"{', '.join(held['sites'])} (never trained on; all its patients):", held)
+    loso = report.get("leave_one_out")
+    if loso:
+        print("\nLeave-one-site-out: the federated study without each hospital, scored on that "
+              "hospital's test split (in brackets: the full study's model, which trained there)")
+        print(f"{'left out':<26} {'Dice':>6} {'HD95 mm':>8} {'sens@1FP':>9} {'scan AUROC':>10}")
+        for name, row in loso["sites"].items():
+            with_it = (row.get("with_site") or {}).get("dice")
+            print(_seg_line(name, row["without_site"], f"   ({_fmt(with_it)})"))
+        print(_seg_line("mean", loso["mean"]))
+    best = report.get("best_round")
+    if best:
+        print(f"best round on validation data: {best['round']} (pooled validation Dice "
+              f"{_fmt(best['validation'].get('dice'))}, its test Dice "
+              f"{_fmt(best['test'].get('dice'))})")
+    print_cross_site(report.get("cross_site"))
+    if report["synthetic_data"]:
+        print("(SYNTHETIC lesions on real MNI152 anatomy: these numbers demonstrate the "
+              "pipeline, not a clinical result)")
+    print(f"wall time {report['wall_time_s']:.1f}s; checkpoint {report['checkpoint']}; "
+          f"plot {report['plot']}")
+
+
 def print_cross_site(matrix: dict[str, Any] | None) -> None:
     """Each model (row) on each hospital's held-out validation split and pooled (columns)."""
     if not matrix:
@@ -170,7 +299,8 @@ def print_cross_site(matrix: dict[str, Any] | None) -> None:
 
 
 def plot_curves(report: dict[str, Any], path: Path) -> None:
-    """Test-set AUROC per round: federated, centralized, and each hospital alone."""
+    """The task's primary metric on the test set per round: federated, centralized, and each
+    hospital alone."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,18 +312,21 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return
-    ax.plot(xs, [row["global"]["auroc"] for row in report["rounds"]], "o-", lw=2.5,
+    metric = report.get("primary_metric", "auroc")
+    label = "AUROC" if metric == "auroc" else metric.capitalize()
+    ax.plot(xs, [row["global"][metric] for row in report["rounds"]], "o-", lw=2.5,
             label="federated")
     for name, curve in report["curves"].items():
         style = "s--" if name == "centralized" else ":"
-        ax.plot(xs, [m["auroc"] for m in curve], style, lw=1.5 if name == "centralized" else 1,
+        ax.plot(xs, [m[metric] for m in curve], style, lw=1.5 if name == "centralized" else 1,
                 label=name.replace("local:", "alone: "))
     ax.set_xticks(xs)
     ax.set_xlabel("round (or the same number of epochs)")
-    ax.set_ylabel("test-set AUROC")
+    ax.set_ylabel(f"test-set {label}")
     title = "Deep-Rad local study"
     if report["synthetic_data"]:
-        title += " (synthetic phantoms)"
+        title += (" (synthetic lesions on real MNI152 anatomy)"
+                  if report.get("task") == "segmentation" else " (synthetic phantoms)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from deeprad.aggregator.job import run_aggregation_task
 from deeprad.core.checkpoint import read_checkpoint
-from deeprad.core.data import ImageSet, load_dataset
+from deeprad.core.data import load_dataset
 from deeprad.core.errors import DeepRadError
 from deeprad.core.privacy import PrivacyBudgetExceeded
 from deeprad.core.protocol import (
@@ -29,9 +29,9 @@ from deeprad.core.protocol import (
     TrainingTask,
 )
 from deeprad.core.secagg.relay import StoreRelay
-from deeprad.simulate.scoring import metrics_json, score_weights
+from deeprad.simulate.scoring import POOLED, metrics_json, score_sets, score_weights
 from deeprad.simulate.sites import Site
-from deeprad.simulate.study import NAMESPACE, STUDY, LocalStudy
+from deeprad.simulate.study import LocalStudy
 from deeprad.simulate.workers import train_site_round
 
 
@@ -48,15 +48,17 @@ class _Trained:
     failed: dict[str, str]  # site -> the error that dropped it
 
 
-def run_round(study: LocalStudy, round_no: int, pool: Executor, hub_thread: Executor
-              ) -> dict[str, Any] | Stop:
-    """Run round `round_no`; returns its line of the report, or Stop."""
+def run_round(study: LocalStudy, round_no: int, pool: Executor, hub_thread: Executor,
+              scored: bool = True) -> dict[str, Any] | Stop:
+    """Run round `round_no`; returns its line of the report (with `scored`, the new global
+    model's metrics; else only the round number), or Stop."""
     started = time.perf_counter()
     epsilon = _check_budget(study, round_no)
     if isinstance(epsilon, Stop):
         return epsilon
     task = AggregationTask(
-        namespace=NAMESPACE, study=STUDY, round=round_no, strategy=study.cfg.strategy,
+        namespace=study.layout.namespace, study=study.layout.study, round=round_no,
+        strategy=study.cfg.strategy,
         sites=[s.name for s in study.sites], registry_json=study.keys.registry.to_json(),
         identity_dir=str(study.keys.hub_dir), privacy=epsilon, secagg=study.secagg)
     # With secure aggregation the hub relays the exchange while the sites run.
@@ -72,6 +74,8 @@ def run_round(study: LocalStudy, round_no: int, pool: Executor, hub_thread: Exec
         stop = Stop(f"round {round_no} failed: {exc}")
         print(f"study stopped: {stop.reason}", file=sys.stderr)
         return stop
+    if not scored:
+        return {"round": round_no, "seconds": time.perf_counter() - started}
     return _round_row(study, round_no, report, trained, started)
 
 
@@ -90,7 +94,8 @@ def _check_budget(study: LocalStudy, round_no: int) -> RoundEpsilon | Stop | Non
 def _site_task(study: LocalStudy, site: Site, index: int, round_no: int) -> TrainingTask:
     cfg = study.cfg
     seed = cfg.train.seed + 100_003 * round_no + 1009 * index
-    return TrainingTask(namespace=NAMESPACE, study=STUDY, round=round_no, site=site.name,
+    return TrainingTask(namespace=study.layout.namespace, study=study.layout.study,
+                        round=round_no, site=site.name,
                         model=cfg.model, dataset=site.dataset,
                         train=cfg.train.model_copy(update={"seed": seed}),
                         registry_json=study.keys.registry.to_json(),
@@ -127,16 +132,16 @@ def _round_row(study: LocalStudy, round_no: int, report: AggregateReport, traine
     """One line of the report: the new global model's metrics and what each site did."""
     weights, _ = read_checkpoint(study.store, study.layout, round_no)
     results = trained.results
+    validation = score_sets(weights, study.cfg,
+                            {s.name: load_dataset(s.dataset)[1] for s in study.sites})
     return {
         "round": round_no,
         "global": metrics_json(score_weights(weights, study.cfg, study.test_set)),
         "federated_evaluation": metrics_json(report.federated_metrics),
-        "validation_pooled": metrics_json(score_weights(weights, study.cfg, ImageSet.concat(
-            [load_dataset(s.dataset)[1] for s in study.sites]))),
+        "validation_pooled": metrics_json(validation[POOLED]),
         "sites": {
             s.name: {
-                "validation": metrics_json(score_weights(weights, study.cfg,
-                                                         load_dataset(s.dataset)[1])),
+                "validation": metrics_json(validation[s.name]),
                 **({"num_samples": results[s.name].num_samples,
                     "train_loss": results[s.name].train_loss,
                     "train_seconds": results[s.name].duration_s}

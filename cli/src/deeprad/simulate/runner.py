@@ -8,7 +8,8 @@ against it before it starts and the study stops rather than exceed it. With secu
 aggregation the aggregator runs beside the trainers and relays the exchange through the store.
 
 The phases live beside this file, each readable alone: `study` (set up), `round` (one round),
-`baselines` (the comparisons) and `finish` (final model and report).
+`baselines` (the comparisons), `leave_one_out` (the study again without each hospital, on
+request) and `finish` (final model, held-out hospitals and report).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from deeprad.simulate.baselines import Baselines, run_baselines
 from deeprad.simulate.config import SimulationConfig
 from deeprad.simulate.finish import finish
+from deeprad.simulate.leave_one_out import run_leave_one_out
 from deeprad.simulate.round import Stop, run_round
 from deeprad.simulate.study import set_up
 from deeprad.simulate.workers import start_pool
@@ -35,6 +37,7 @@ def run_simulation(cfg: SimulationConfig) -> dict[str, Any]:
     rounds: list[dict[str, Any]] = []
     baselines = Baselines()
     stopped: str | None = None
+    loso: dict[str, Any] | None = None
     with start_pool(cfg.worker_count, cfg.threads_per_worker, study.test_set) as pool, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub") as hub_thread:
         for round_no in tqdm(range(1, cfg.rounds + 1), desc="rounds", unit="round",
@@ -46,4 +49,6 @@ def run_simulation(cfg: SimulationConfig) -> dict[str, Any]:
             rounds.append(outcome)
         if cfg.baselines:
             baselines = run_baselines(study, pool, len(rounds))
-    return finish(study, rounds, baselines, stopped, started)
+        if cfg.leave_one_out and rounds:
+            loso = run_leave_one_out(study, pool, hub_thread, len(rounds))
+    return finish(study, rounds, baselines, stopped, started, loso)

@@ -1,5 +1,6 @@
 """Scoring a model on one machine: the global model of a round (and the initial one) on the
-held-out test set or a site's validation split, as the report's JSON wants it."""
+held-out test set, a site's validation split or a held-out hospital, as the report's JSON
+wants it; several sets at once with their pooled score."""
 
 from __future__ import annotations
 
@@ -7,11 +8,19 @@ from typing import Any
 
 import torch
 
-from deeprad.core.data import ImageSet
+from deeprad.core.data import Samples, concat_samples
+from deeprad.core.metrics import combine
 from deeprad.core.models import build_model
-from deeprad.core.protocol import ClinicalMetrics
+from deeprad.core.protocol import PRIMARY_METRIC, ClinicalMetrics
 from deeprad.simulate.config import SimulationConfig
 from deeprad.trainer import evaluate
+
+POOLED = "pooled"
+
+
+def primary_metric(cfg: SimulationConfig) -> str:
+    """The metric that ranks rounds and heads the report: AUROC or Dice."""
+    return PRIMARY_METRIC[cfg.task]
 
 
 def metrics_json(metrics: ClinicalMetrics | None) -> dict[str, Any] | None:
@@ -19,9 +28,28 @@ def metrics_json(metrics: ClinicalMetrics | None) -> dict[str, Any] | None:
     return metrics.model_dump() if metrics is not None else None
 
 
-def score_weights(weights: dict[str, torch.Tensor], cfg: SimulationConfig, data: ImageSet
+def score_weights(weights: dict[str, torch.Tensor], cfg: SimulationConfig, data: Samples
                   ) -> ClinicalMetrics | None:
     """The study's model with `weights`, scored on `data` on the CPU."""
     model = build_model(cfg.model, allow_code=True)
     model.load_state_dict(weights)
     return evaluate(model, data, torch.device("cpu"))
+
+
+def score_sets(weights: dict[str, torch.Tensor], cfg: SimulationConfig,
+               sets: dict[str, Samples]) -> dict[str, ClinicalMetrics | None]:
+    """The model on each set, and on all of them pooled (`POOLED`): one score over the pooled
+    predictions, never a mean of per-set scores. Segmentation pools the sets' exact sufficient
+    statistics (`combine`: per-scan Dice, HD95 cases, FROC counts, score histograms) instead of
+    scoring every volume twice."""
+    model = build_model(cfg.model, allow_code=True)
+    model.load_state_dict(weights)
+    cpu = torch.device("cpu")
+    scores = {name: evaluate(model, data, cpu) if len(data) else None
+              for name, data in sets.items()}
+    if cfg.task == "segmentation":
+        scores[POOLED] = combine([m for m in scores.values() if m is not None])
+    else:
+        pooled = concat_samples(list(sets.values()))
+        scores[POOLED] = evaluate(model, pooled, cpu) if len(pooled) else None
+    return scores

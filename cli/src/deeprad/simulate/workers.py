@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save
 
 from deeprad.core.checkpoint import read_checkpoint
-from deeprad.core.data import ImageSet, load_dataset
+from deeprad.core.data import Samples, concat_samples, load_dataset
 from deeprad.core.layout import StudyLayout
 from deeprad.core.models import build_model
 from deeprad.core.protocol import ClinicalMetrics, DatasetSpec, TrainConfig, TrainingTask
@@ -19,16 +19,16 @@ from deeprad.trainer import evaluate, train_epochs
 from deeprad.trainer.job import run_training_task
 from deeprad.trainer.local_training import select_device
 
-_TEST_SET: ImageSet | None = None
+_TEST_SET: Samples | None = None
 
 
-def _init(threads: int, test_set: ImageSet) -> None:
+def _init(threads: int, test_set: Samples) -> None:
     global _TEST_SET
     torch.set_num_threads(threads)
     _TEST_SET = test_set
 
 
-def start_pool(workers: int, threads: int, test_set: ImageSet) -> ProcessPoolExecutor:
+def start_pool(workers: int, threads: int, test_set: Samples) -> ProcessPoolExecutor:
     """Worker processes started once per study (spawned: no forked torch thread pools)."""
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init, initargs=(threads, test_set))
@@ -55,8 +55,8 @@ def train_baseline(name: str, datasets: list[str], cfg_json: str, store_url: str
     model.load_state_dict(weights)
     device = select_device(cfg.device)
     model.to(device)
-    train = ImageSet.concat([load_dataset(DatasetSpec.model_validate_json(d))[0]
-                             for d in datasets])
+    train = concat_samples([load_dataset(DatasetSpec.model_validate_json(d))[0]
+                            for d in datasets])
     curve: list[ClinicalMetrics] = []
     for r in range(rounds):
         train_epochs(model, train, cfg.model_copy(update={"seed": cfg.seed + r}), device)

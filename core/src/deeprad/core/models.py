@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 from monai.networks.blocks import Convolution
-from monai.networks.nets import DenseNet121, resnet18
+from monai.networks.nets import DenseNet121, DynUNet, SegResNet, UNet, resnet18
 from torch import nn
 from torch.nn import functional as F
 
 from deeprad.core.errors import ConfigError
 from deeprad.core.importing import is_import_path, load_object
-from deeprad.core.model_catalogue import MODELS
+from deeprad.core.model_catalogue import MODEL_TASKS, MODELS
 from deeprad.core.protocol import ModelSpec
 
 
@@ -169,12 +169,42 @@ def _resnet18(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
     return fixed
 
 
+def _unet3d(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    channels = tuple(kwargs.pop("channels", (8, 16, 32, 64)))
+    return UNet(spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
+                channels=channels,
+                strides=tuple(kwargs.pop("strides", (2,) * (len(channels) - 1))),
+                num_res_units=kwargs.pop("num_res_units", 1), norm=kwargs.pop("norm", "instance"),
+                **kwargs)
+
+
+def _segresnet3d(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    kwargs.setdefault("init_filters", 8)
+    kwargs.setdefault("norm", ("group", {"num_groups": 8}))
+    return SegResNet(spatial_dims=3, in_channels=in_channels, out_channels=num_classes, **kwargs)
+
+
+def _dynunet3d(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    kernels = [tuple(k) if isinstance(k, list) else k
+               for k in kwargs.pop("kernel_size", [3, 3, 3, 3])]
+    strides = [tuple(s) if isinstance(s, list) else s
+               for s in kwargs.pop("strides", [1, 2, 2, 2])]
+    kwargs.setdefault("filters", [8, 16, 32, 64][: len(kernels)])
+    kwargs.setdefault("norm_name", "instance")
+    return DynUNet(spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
+                   kernel_size=kernels,
+                   strides=strides, upsample_kernel_size=strides[1:], **kwargs)
+
+
 # The builder of every network in the catalogue (deeprad.core.model_catalogue), by name.
 FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "tumor-cnn": _tumor_cnn,
     "tumor-jet": _tumor_jet,
     "densenet121": _densenet121,
     "resnet18": _resnet18,
+    "unet3d": _unet3d,
+    "segresnet3d": _segresnet3d,
+    "dynunet3d": _dynunet3d,
 }
 if set(FACTORIES) != set(MODELS):  # a catalogue entry without a builder, or the reverse
     raise RuntimeError(f"model builders {sorted(FACTORIES)} != catalogue {sorted(MODELS)}")
@@ -193,7 +223,17 @@ def build_model(spec: ModelSpec, in_channels: int = 1, num_classes: int = 1, *,
                 f"your own code; name a catalogue network ({', '.join(MODELS)})")
         factory = load_object(spec.name, "model")
         model = factory(**kwargs)
+    elif spec.name == "bundle":  # a MONAI bundle by digest: verified, allowlisted targets only
+        from deeprad.core.bundle_model import build_bundle_model
+
+        model = build_bundle_model(spec, allow_code=allow_code)
     elif spec.name in FACTORIES:
+        if MODEL_TASKS[spec.name] != spec.task:
+            raise ConfigError(f"model {spec.name!r} is a {MODEL_TASKS[spec.name]} network but "
+                              f"the study's task is {spec.task}; set model.task: "
+                              f"{MODEL_TASKS[spec.name]} or name a {spec.task} network")
+        # the number of input sequences is part of the architecture, so the spec may fix it
+        in_channels = int(kwargs.pop("in_channels", in_channels))
         try:
             model = FACTORIES[spec.name](in_channels, num_classes, **kwargs)
         except TypeError as exc:

@@ -27,11 +27,25 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# What a site's trainer does in a round: train and upload an update, or only score the
+# round's input checkpoint (the study's final model) on held-out data.
+TaskMode = Literal["train", "evaluate"]
+EVALUATED_SPLITS: tuple[str, ...] = ("test", "validation")
+
+# What a study's model does. Each task has its data (2D slices with a label, or 3D multi-sequence
+# volumes with a lesion mask), its loss, its metrics and the metric that ranks its rounds.
+TaskKind = Literal["classification", "segmentation"]
+TASKS: tuple[str, ...] = ("classification", "segmentation")
+PRIMARY_METRIC: dict[str, str] = {"classification": "auroc", "segmentation": "dice"}
+
+
 class ModelSpec(Message):
-    """A registered network name (see `deeprad models`) or `package.module:factory`."""
+    """A registered network name (see `deeprad models`) or `package.module:factory`, and the
+    task it is trained for (a catalogue network serves exactly one task)."""
 
     name: str = "tumor-cnn"
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    task: TaskKind = "classification"
 
 
 # How a site's intensities are scaled (DatasetSpec.options["normalize"]):
@@ -42,10 +56,20 @@ class ModelSpec(Message):
 NORMALIZATIONS = ("image", "dataset", "none")
 
 
-class DatasetSpec(Message):
-    """Where a site's images come from and how they are split into train and validation."""
+# Dataset kinds that hold 3D volumes with lesion masks (segmentation); the others hold labelled
+# 2D images (classification).
+VOLUME_KINDS: tuple[str, ...] = ("anatomy", "volumes")
 
-    kind: Literal["phantom", "folder", "npz", "import"] = "phantom"
+
+class DatasetSpec(Message):
+    """Where a site's images come from and how they are split into train and validation.
+
+    `anatomy`: the synthetic-lesions-on-real-anatomy benchmark (deeprad.core.data.anatomy);
+    `volumes`: a folder of per-patient NIfTI volumes or DICOM series with NIfTI lesion masks
+    (deeprad.core.data.volumes). For both, `image_size` is the edge of the cubic volume the
+    network sees and splits are by patient."""
+
+    kind: Literal["phantom", "folder", "npz", "import", "anatomy", "volumes"] = "phantom"
     path: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     image_size: int = Field(default=64, ge=8, le=1024)
@@ -80,8 +104,34 @@ class StrategySpec(Message):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class ScoreHistogram(Message):
+    """Positive and negative cases counted per score bin [i/bins, (i+1)/bins): counts add up
+    across sites, so a pooled AUROC comes from the pooled predictions (exact up to the bin
+    width) while no single prediction leaves a hospital."""
+
+    positives: list[int]
+    negatives: list[int]
+
+
+class LesionCounts(Message):
+    """Lesion-level detection counts (FROC's sufficient statistics) at fixed score thresholds:
+    lesions found and false-positive components, summed over scans. They add up across scans
+    and sites, so pooled sensitivity at k false positives per scan is exact."""
+
+    thresholds: list[float]
+    hits: list[int]  # reference lesions detected at each threshold
+    false_positives: list[int]  # predicted components matching no lesion, at each threshold
+    lesions: int  # reference lesions (connected components of the masks)
+    scans: int
+
+
 class ClinicalMetrics(Message):
-    """Binary-classification metrics a clinician reads; sensitivity is recall on tumours."""
+    """Metrics a clinician reads. Classification: per image (sensitivity is recall on
+    tumours). Segmentation: `auroc`, `sensitivity`, `specificity` and `accuracy` are per scan
+    ("does this scan hold a lesion", scored by the largest lesion probability), `dice` is the
+    mean per-scan Dice, `hd95` the mean 95th-percentile Hausdorff distance in mm over scans
+    where both the reference and the prediction hold a lesion, and `lesion_sensitivity` the
+    share of lesions found at 1/8 … 8 false positives per scan (keys "0.125" … "8")."""
 
     n: int
     positives: int
@@ -90,6 +140,12 @@ class ClinicalMetrics(Message):
     sensitivity: float | None
     specificity: float | None
     accuracy: float
+    histogram: ScoreHistogram | None = None
+    dice: float | None = None
+    hd95: float | None = None
+    hd95_cases: int = 0  # the scans `hd95` averages over (its weight when pooled)
+    lesion_sensitivity: dict[str, float] | None = None
+    lesions: LesionCounts | None = None
 
 
 class DistributedDPSpec(Message):
@@ -162,6 +218,11 @@ class TrainingTask(Message):
     identity_dir: str | None = None
     privacy: DPConfig | None = None  # record-level DP-SGD; None trains without DP
     secagg: SecAggSpec | None = None
+    # "evaluate": score the round's input checkpoint on the site's held-out test split (the
+    # validation split where the site has none) and report it; nothing is trained or uploaded
+    # and no ε is spent. `privacy` and `secagg` stay as the study trains, so the hospital's
+    # policy allows an evaluation exactly where it would allow the training.
+    mode: TaskMode = "train"
 
 
 class SecAggUpload(Message):
@@ -226,6 +287,11 @@ class SiteResult(Message):
     update_sha256: str
     duration_s: float
     privacy: DPSteps | None = None  # the DP-SGD steps actually taken, for the study's ledger
+    # Evaluate mode: the checkpoint on the site's held-out split named by `test_split` ("test",
+    # or "validation" where the site has no test split); `update_sha256` is "" then (nothing
+    # was uploaded), `train_loss` 0 and `num_samples` the records scored.
+    test_metrics: ClinicalMetrics | None = None
+    test_split: Literal["test", "validation"] | None = None
 
 
 class Contribution(Message):
@@ -303,6 +369,10 @@ class AggregationTask(Message):
     # Who created the study (or the lone round): its deeprad.io/created-by annotation, which
     # an admission policy sets from the API server's view of the requester; for the audit.
     created_by: str | None = None
+    # "evaluate": the round's sites only scored its input checkpoint; pool their results into
+    # the report (no update is read, no checkpoint written). The operator cannot pool: exact
+    # pooling lives with the metrics, beside torch, which the operator never imports.
+    mode: TaskMode = "train"
 
 
 class CheckpointSource(Message):
@@ -353,3 +423,8 @@ class AggregateReport(Message):
     duration_s: float
     privacy: RoundEpsilon | None = None
     secagg: SecAggOutcome | None = None
+    # An evaluation round's report: the sites' scores of the checkpoint `checkpoint_sha256`
+    # (the round's input) on their held-out splits, pooled; `federated_metrics` is the same
+    # checkpoint on their validation splits, and `contributors` is empty (nothing aggregated).
+    test_metrics: ClinicalMetrics | None = None
+    evaluated_sites: list[str] = Field(default_factory=list)

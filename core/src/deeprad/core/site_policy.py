@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
+from deeprad.core.bundle import BUNDLE_MODEL
 from deeprad.core.errors import ConfigError, PolicyViolation, field_problems
 from deeprad.core.model_catalogue import MODEL_NAMES, model_digest
 from deeprad.core.privacy import DPSteps, epsilon_of, make_accountant, merge_runs, round_steps
@@ -104,8 +105,10 @@ class SitePolicy(BaseModel):
     models: list[str] = Field(
         default_factory=lambda: list(MODEL_NAMES), max_length=256,
         description="Allowed models: a catalogue name allows that network with any kwargs; "
-                    "sha256:<64 hex> (a model digest) allows exactly one network with exactly "
-                    "its kwargs.")
+                    "sha256:<64 hex> allows exactly one network: a model digest (`deeprad "
+                    "models --digest`) one catalogue network with exactly its kwargs, a bundle "
+                    "digest (`deeprad bundle verify`) one MONAI bundle with exactly its "
+                    "content.")
     max_local_epochs: int | None = Field(
         default=None, ge=1, description="Largest localEpochs a round may ask for; unset: any.")
     require_differential_privacy: bool = Field(
@@ -194,6 +197,17 @@ class SitePolicy(BaseModel):
             f"{self.secure_aggregation_threat_model} in the study (study author) or lower "
             "policy.secureAggregationThreatModel (hospital admin)")
 
+    def _check_bundle(self, digest: object, where: str) -> None:
+        """A bundle runs only where its content digest is listed: a catalogue name never allows
+        one, nor does the model digest of the spec that names it (see `deeprad.core.bundle`)."""
+        if isinstance(digest, str) and DIGEST_PATTERN.match(digest) and digest in self.models:
+            return
+        raise _violation("models", f"{where} asks for MONAI bundle {digest!r}",
+                         f"this site allows {_listed(self.models)}",
+                         "use an allowed model (study author) or review the bundle "
+                         "(`deeprad bundle inspect`) and add its digest (`deeprad bundle "
+                         "verify` prints it) to policy.models (hospital admin)")
+
     def _check_study(self, task: TrainingTask, where: str) -> None:
         if not any(_study_matches(p, task.namespace, task.study) for p in self.studies):
             raise _violation("studies", f"{where} is from hub namespace {task.namespace}",
@@ -203,6 +217,9 @@ class SitePolicy(BaseModel):
 
     def _check_model(self, task: TrainingTask, where: str) -> None:
         name, kwargs = task.model.name, dict(task.model.kwargs)
+        if name == BUNDLE_MODEL:
+            self._check_bundle(kwargs.get("digest"), where)
+            return
         if name in self.models:
             return
         digest = model_digest(name, kwargs)

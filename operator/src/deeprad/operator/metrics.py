@@ -46,6 +46,9 @@ UPDATE_BYTES = Histogram("deeprad_update_bytes", "Size of one site's uploaded up
 GLOBAL_AUROC = Gauge("deeprad_global_auroc",
                      "AUROC of the study's newest global model on the sites' validation data.",
                      ["namespace", "study"], registry=REGISTRY)
+GLOBAL_DICE = Gauge("deeprad_global_dice",
+                    "Dice of the study's newest global model on the sites' validation data "
+                    "(segmentation studies), pooled.", ["namespace", "study"], registry=REGISTRY)
 GLOBAL_LOSS = Gauge("deeprad_global_loss",
                     "Validation loss of the study's newest global model.",
                     ["namespace", "study"], registry=REGISTRY)
@@ -102,7 +105,7 @@ RECONCILE_ERRORS = Counter("deeprad_reconcile_errors",
 
 # Every metric labelled by study: what a deleted study leaves behind unless it is forgotten.
 _PER_STUDY = (ROUNDS, ROUND_DURATION, ROUND_SITES, AGGREGATION_DURATION, UPDATE_BYTES,
-              GLOBAL_AUROC, GLOBAL_LOSS, STUDY_ROUNDS_COMPLETED, STUDY_ROUNDS_PLANNED,
+              GLOBAL_AUROC, GLOBAL_DICE, GLOBAL_LOSS, STUDY_ROUNDS_COMPLETED, STUDY_ROUNDS_PLANNED,
               STUDY_EPSILON_SPENT, ROUNDS_CREATED, ROUND_DEADLINE, ROUND_NUMBER,
               SITE_ROUND_DURATION, SITES_DROPPED, UPDATES_REJECTED, STUDY_EPSILON_BUDGET,
               SITE_EPSILON_SPENT)

@@ -38,11 +38,25 @@ class PrivateTraining:
         return epsilon_of([self.spent()], delta, accountant)
 
 
+def _unsupported_networks() -> dict[type, str]:
+    """Networks whose layers pass Opacus' validator but whose per-sample gradients fail at the
+    first step (found by training each catalogue network with DP-SGD), and why."""
+    from monai.networks.nets import DynUNet, SegResNet
+
+    return {SegResNet: "its residual blocks add in place (x += identity), which Opacus' "
+                       "backward hooks forbid",
+            DynUNet: "its blocks fail Opacus' functorch fallback for per-sample gradients"}
+
+
 def check_model(model: Any) -> None:
     """Raise ConfigError when Opacus cannot compute per-sample gradients for `model` (e.g.
     BatchNorm, which mixes records within a batch)."""
     from opacus.validators import ModuleValidator
 
+    for network, why in _unsupported_networks().items():
+        if isinstance(model, network):
+            raise ConfigError(f"model cannot train with DP-SGD: MONAI {network.__name__}: "
+                              f"{why}; use unet3d for private segmentation")
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ConfigError(f"model cannot train with DP-SGD: {errors[0]}; use a GroupNorm or "

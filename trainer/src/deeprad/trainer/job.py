@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
+from typing import Literal
 
 import numpy as np
+import torch
 
 from deeprad.core import __version__, distributed_dp
 from deeprad.core.checkpoint import read_checkpoint, sha256_bytes, update_bytes, write_update
-from deeprad.core.data import load_dataset
+from deeprad.core.data import load_dataset, load_split
 from deeprad.core.envelope import EnvelopeContext, seal
 from deeprad.core.errors import ConfigError
 from deeprad.core.identity import Identity, KeyRegistry, load_job_identity
 from deeprad.core.layout import StudyLayout
+from deeprad.core.models import build_model
 from deeprad.core.protocol import (
     CheckpointManifest,
     DistributedDPSpec,
@@ -48,7 +52,13 @@ from deeprad.core.signing import new_nonce, sign_statement
 from deeprad.core.store import ObjectStore
 from deeprad.trainer import site_checks
 from deeprad.trainer.audit_record import write_site_record
-from deeprad.trainer.local_training import SiteTraining, train_site
+from deeprad.trainer.local_training import (
+    SiteTraining,
+    evaluate,
+    limit_threads,
+    select_device,
+    train_site,
+)
 
 log = logging.getLogger("deeprad.trainer")
 
@@ -70,9 +80,12 @@ def run_training_task(task: TrainingTask, store: ObjectStore, *,
     weights, parent = read_checkpoint(store, layout, task.round - 1, hub=hub)
     if parent.model != task.model:
         raise ConfigError(
-            f"site {task.site}, round {task.round}: task model {task.model.name!r} differs from "
-            f"the checkpoint's {parent.model.name!r}; the checkpoint decides the architecture"
+            f"site {task.site}, round {task.round}: task model {task.model.name!r} "
+            f"({task.model.task}) differs from the checkpoint's {parent.model.name!r} "
+            f"({parent.model.task}); the checkpoint decides the architecture and task"
         )
+    if task.mode == "evaluate":
+        return _evaluate(task, store, layout, weights, allow_model_code=allow_model_code)
     train, val = load_dataset(task.dataset)
     if checks is not None:  # the ε ceiling, with the real record count, before any step
         checks.check_records(task, len(train))
@@ -103,6 +116,34 @@ def run_training_task(task: TrainingTask, store: ObjectStore, *,
     store.put_text(layout.result(task.round, task.site), result.model_dump_json(indent=2))
     if relay is not None and session is not None:
         _secagg_finish(session, relay, task.site)
+    return result
+
+
+def _evaluate(task: TrainingTask, store: ObjectStore, layout: StudyLayout,
+              weights: dict[str, torch.Tensor], *, allow_model_code: bool) -> SiteResult:
+    """Evaluate mode: score the verified checkpoint on the site's validation split and on its
+    held-out test split (the validation split where the site has none, which the result says),
+    and write the result. Nothing is trained or uploaded and no ε is spent: the site's ledger
+    gets no run, and the ε checks of a training run do not apply."""
+    start = time.perf_counter()
+    _, val = load_dataset(task.dataset)
+    test = load_split(task.dataset, "test")
+    split: Literal["test", "validation"] = "test"
+    if test is None or len(test) == 0:
+        log.warning("site %s: the data have no test split; the final model is scored on the "
+                    "validation split", task.site)
+        test, split = val, "validation"
+    limit_threads()
+    device = select_device(task.train.device)
+    model = build_model(task.model, allow_code=allow_model_code)
+    model.load_state_dict(weights)
+    model.to(device)
+    result = SiteResult(
+        study=task.study, round=task.round, site=task.site, num_samples=len(test),
+        global_metrics=evaluate(model, val, device), local_metrics=None, train_loss=0.0,
+        update_sha256="", duration_s=time.perf_counter() - start,
+        test_metrics=evaluate(model, test, device), test_split=split)
+    store.put_text(layout.result(task.round, task.site), result.model_dump_json(indent=2))
     return result
 
 

@@ -1,5 +1,7 @@
 """Local training of one site: federated evaluation, epochs with an optional FedProx term,
-and the weight delta that leaves the hospital.
+and the weight delta that leaves the hospital. One loop serves both tasks: labelled 2D images
+(classification, BCE) and 3D volumes with lesion masks (segmentation: loss and scoring in
+`deeprad.trainer.segmentation`).
 
 The same loop runs on a laptop CPU and on a hospital's GPU node. On CUDA it adds what a GPU
 needs to be kept busy (bf16/fp16 autocast, the whole dataset resident on the GPU or batches
@@ -13,7 +15,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,12 +23,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from deeprad.core.data import ImageSet
+from deeprad.core.data import Samples, VolumeSet
 from deeprad.core.errors import ConfigError, DataError
 from deeprad.core.metrics import clinical_metrics
 from deeprad.core.models import build_model, model_weights
 from deeprad.core.privacy import DPConfig, DPSteps
 from deeprad.core.protocol import ClinicalMetrics, ModelSpec, TrainConfig
+from deeprad.trainer.segmentation import evaluate_volumes, segmentation_loss
 
 # A dataset takes at most this share of the GPU's free memory to live there for a whole run.
 RESIDENT_FRACTION = 0.25
@@ -161,19 +164,26 @@ def _determinism(plan: ExecutionPlan) -> Iterator[None]:
         cudnn.benchmark, cudnn.deterministic = saved[2], saved[3]
 
 
+def _targets(data: Samples) -> torch.Tensor:
+    """What the loss compares the network's output with: labels [N] of images, lesion masks
+    [N, 1, D, H, W] of volumes (as float, once, rather than per step)."""
+    return data.masks.float() if isinstance(data, VolumeSet) else data.labels
+
+
 class BatchFeeder:
     """Training batches on the device, gathered by index from in-memory tensors.
 
-    Every loader hands the trainer an in-memory ImageSet, so a batch is one indexed copy:
-    DataLoader worker processes would only add inter-process copies, which is why there are
-    none and why the CPU limit sizes torch's threads instead (`limit_threads`). Modes:
+    Every loader hands the trainer an in-memory ImageSet or VolumeSet, so a batch is one
+    indexed copy: DataLoader worker processes would only add inter-process copies, which is
+    why there are none and why the CPU limit sizes torch's threads instead (`limit_threads`).
+    Modes:
     `direct` indexes host tensors and copies the batch (CPUs; the historical path);
     `resident` moves the whole set to the GPU once and indexes there (no host copies at all);
     `staged` gathers each batch into one of two pinned host buffers and copies it
     asynchronously, for sets too large to live on the GPU.
     """
 
-    def __init__(self, data: ImageSet, device: torch.device, batch_size: int,
+    def __init__(self, data: Samples, device: torch.device, batch_size: int,
                  channels_last: bool = False,
                  mode: Literal["auto", "direct", "resident", "staged"] = "auto") -> None:
         self.device, self.channels_last = device, channels_last
@@ -181,23 +191,24 @@ class BatchFeeder:
             mode = "direct" if device.type != "cuda" else (
                 "resident" if self._fits_on_gpu(data, device) else "staged")
         self.mode = mode
-        self.images, self.labels = data.images, data.labels
+        self.images, self.labels = data.images, _targets(data)
         pin = device.type == "cuda"
         if mode == "resident":
-            self.images = data.images.to(device, non_blocking=pin)
-            self.labels = data.labels.to(device, non_blocking=pin)
+            self.images = self.images.to(device, non_blocking=pin)
+            self.labels = self.labels.to(device, non_blocking=pin)
         elif mode == "staged":
             shape = (batch_size, *data.images.shape[1:])
-            self._host = [(torch.empty(shape, dtype=data.images.dtype, pin_memory=pin),
-                           torch.empty(batch_size, dtype=data.labels.dtype, pin_memory=pin))
+            self._host = [(torch.empty(shape, dtype=self.images.dtype, pin_memory=pin),
+                           torch.empty((batch_size, *self.labels.shape[1:]),
+                                       dtype=self.labels.dtype, pin_memory=pin))
                           for _ in range(2)]
             self._copied: list[torch.cuda.Event | None] = [None, None]
             self._turn = 0
 
     @staticmethod
-    def _fits_on_gpu(data: ImageSet, device: torch.device) -> bool:
+    def _fits_on_gpu(data: Samples, device: torch.device) -> bool:
         free, _ = torch.cuda.mem_get_info(device)
-        size = data.images.nbytes + data.labels.nbytes
+        size = data.images.nbytes + _targets(data).nbytes
         return size <= RESIDENT_FRACTION * free
 
     def epoch_order(self, order: torch.Tensor) -> torch.Tensor:
@@ -205,7 +216,7 @@ class BatchFeeder:
         return order.to(self.device, non_blocking=True) if self.mode == "resident" else order
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images and labels at `idx` (from `epoch_order`), on the device."""
+        """Inputs and targets at `idx` (from `epoch_order`), on the device."""
         if self.mode == "staged":
             x, y = self._staged(idx)
         elif self.mode == "resident":
@@ -238,10 +249,14 @@ class BatchFeeder:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageSet, device: torch.device,
-             batch_size: int = 256) -> ClinicalMetrics | None:
+def evaluate(model: nn.Module, data: Samples, device: torch.device,
+             batch_size: int = 256, *, roi_size: Sequence[int] | None = None
+             ) -> ClinicalMetrics | None:
     """Clinical metrics of `model` on `data`; None for an empty set. Always fp32, so metrics
-    do not depend on the training precision."""
+    do not depend on the training precision. Volumes: segmentation metrics, a few scans per
+    pass, by sliding windows of `roi_size` where a volume is larger (`evaluate_volumes`)."""
+    if isinstance(data, VolumeSet):
+        return evaluate_volumes(model, data, device, roi_size)
     if len(data) == 0:
         return None
     model.eval()
@@ -270,10 +285,23 @@ def _forward_module(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
     return compiled
 
 
-def train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, device: torch.device,
+def _loss_function(data: Samples, per_record: bool = False
+                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training objective for `data`'s task, from the network's fp32 output and the
+    targets: BCE on one logit per image, or Dice + cross-entropy on lesion logit maps (Dice
+    over the batch, or per volume when `per_record`: DP-SGD's loss must be a mean of
+    per-record losses)."""
+    if isinstance(data, VolumeSet):
+        dice_ce = segmentation_loss(per_volume=per_record)
+        return lambda logits, masks: dice_ce(logits.float(), masks)
+    bce = nn.BCEWithLogitsLoss()
+    return lambda logits, labels: bce(logits.flatten().float(), labels)
+
+
+def train_epochs(model: nn.Module, data: Samples, cfg: TrainConfig, device: torch.device,
                  epochs: int | None = None) -> float:
     """Train `model` (already on `device`) in place for `epochs` (default cfg.local_epochs);
-    returns the mean loss.
+    returns the mean loss. Images train with BCE, volumes with Dice + cross-entropy.
 
     With cfg.fedprox_mu > 0 the loss gains (mu/2)·||w − w_start||², FedProx's pull towards the
     received global model that keeps heterogeneous sites from drifting apart. cfg.precision,
@@ -291,7 +319,7 @@ def train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, device: tor
         scaler = torch.amp.GradScaler(device.type) if plan.grad_scaler else None
         anchor = ([p.detach().clone() for p in model.parameters()]
                   if cfg.fedprox_mu > 0 else None)
-        loss_fn = nn.BCEWithLogitsLoss()
+        loss_fn = _loss_function(data)
         feeder = BatchFeeder(data, device, cfg.batch_size, plan.channels_last)
         model.train()
         # Summed on the device in float64 (what Python floats are): reading each loss back
@@ -308,7 +336,7 @@ def train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, device: tor
                 else:
                     with torch.autocast(device.type, dtype=plan.autocast_dtype):
                         logits = forward(x)
-                loss = loss_fn(logits.flatten().float(), y)
+                loss = loss_fn(logits, y)
                 if anchor is not None:
                     prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor,
                                                                     strict=True))
@@ -326,13 +354,14 @@ def train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, device: tor
     return float(total) / max(batches, 1)
 
 
-def train_epochs_private(model: nn.Module, data: ImageSet, cfg: TrainConfig, dp: DPConfig,
+def train_epochs_private(model: nn.Module, data: Samples, cfg: TrainConfig, dp: DPConfig,
                          device: torch.device) -> tuple[float, DPSteps]:
     """Train `model` in place with record-level DP-SGD (Opacus): Poisson-sampled batches of
     expected size cfg.batch_size, each record's gradient clipped to dp.max_grad_norm, Gaussian
     noise dp.noise_multiplier * max_grad_norm. Returns the mean loss and the steps taken, which
-    is what the study's accountant composes. fp32 only; FedProx is refused (its term is not a
-    per-record loss)."""
+    is what the study's accountant composes. A record is an image, or a patient's volume for
+    segmentation (whose loss is a mean of per-volume losses). fp32 only; FedProx is refused
+    (its term is not a per-record loss)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from deeprad.trainer.dp_sgd import make_private
@@ -342,12 +371,12 @@ def train_epochs_private(model: nn.Module, data: ImageSet, cfg: TrainConfig, dp:
     if cfg.fedprox_mu > 0:
         raise ConfigError("DP-SGD with FedProx is not supported: set fedprox_mu to 0")
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(TensorDataset(data.images, data.labels), batch_size=cfg.batch_size,
+    loader = DataLoader(TensorDataset(data.images, _targets(data)), batch_size=cfg.batch_size,
                         generator=gen)
     opt = _optimizer(model, cfg, device)
     model.train()
     private = make_private(model, opt, loader, dp)
-    loss_fn = nn.BCEWithLogitsLoss()
+    loss_fn = _loss_function(data, per_record=True)
     total, batches = 0.0, 0
     try:
         for _ in range(cfg.local_epochs):
@@ -355,14 +384,25 @@ def train_epochs_private(model: nn.Module, data: ImageSet, cfg: TrainConfig, dp:
                 x, y = x.to(device), y.to(device)
                 private.optimizer.zero_grad(set_to_none=True)
                 if len(x):
-                    loss = loss_fn(private.model(x).flatten(), y)
+                    loss = loss_fn(private.model(x), y)
                     loss.backward()
                     total += float(loss.detach())
                     batches += 1
+                else:
+                    _no_records(model)
                 private.optimizer.step()  # an empty Poisson batch still adds noise and counts
     finally:
         private.model._close()  # remove Opacus' hooks from the caller's module
     return total / max(batches, 1), private.spent()
+
+
+def _no_records(model: nn.Module) -> None:
+    """Per-record gradients of an empty Poisson batch: none, in the shape Opacus' optimizer
+    clips and sums (a step without them raises "per sample gradient is not initialized")."""
+    for param in model.parameters():
+        if param.requires_grad:
+            empty = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
+            param.grad_sample = empty  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -378,12 +418,17 @@ class SiteTraining:
     privacy: DPSteps | None = None  # DP-SGD steps taken, when trained with DP
 
 
-def train_site(model_spec: ModelSpec, global_weights: dict[str, torch.Tensor], train: ImageSet,
-               val: ImageSet, cfg: TrainConfig, dp: DPConfig | None = None, *,
+def train_site(model_spec: ModelSpec, global_weights: dict[str, torch.Tensor], train: Samples,
+               val: Samples, cfg: TrainConfig, dp: DPConfig | None = None, *,
                allow_model_code: bool = False) -> SiteTraining:
     """Evaluate the received global model on the site's validation split, train locally (with
     DP-SGD when `dp` is given), and return the update (delta) with its metrics. The library
-    function behind every trainer. `allow_model_code`: see `build_model` (simulate only)."""
+    function behind every trainer, for images (classification) and volumes (segmentation;
+    validation volumes larger than the training volumes are scored by sliding windows).
+    `allow_model_code`: see `build_model` (simulate only)."""
+    if type(train) is not type(val):
+        raise DataError(f"training data are {type(train).__name__} but validation data "
+                        f"{type(val).__name__}: one dataset kind per site")
     start = time.perf_counter()
     limit_threads()
     if cfg.deterministic:
@@ -393,13 +438,14 @@ def train_site(model_spec: ModelSpec, global_weights: dict[str, torch.Tensor], t
     model = build_model(model_spec, allow_code=allow_model_code)
     model.load_state_dict(global_weights)
     model.to(device)
-    global_metrics = evaluate(model, val, device)
+    roi = tuple(train.images.shape[2:]) if isinstance(train, VolumeSet) else None
+    global_metrics = evaluate(model, val, device, roi_size=roi)
     spent = None
     if dp is None:
         loss = train_epochs(model, train, cfg, device)
     else:
         loss, spent = train_epochs_private(model, train, cfg, dp, device)
-    local_metrics = evaluate(model, val, device)
+    local_metrics = evaluate(model, val, device, roi_size=roi)
     trained = model_weights(model)
     delta = {k: trained[k] - global_weights[k] for k in global_weights}
     return SiteTraining(delta, len(train), global_metrics, local_metrics, loss,

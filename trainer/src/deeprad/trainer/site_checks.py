@@ -10,6 +10,10 @@ with the real record count once the data is open, before its first training step
 with the reservation: it never takes more steps than the ledger holds for it. A refusal is the
 one-line PolicyViolation (or PrivacyCeiling); nothing is uploaded.
 
+A study's MONAI bundle (`ModelSpec(name="bundle", kwargs={"digest": ...})`) passes only where
+`policy.models` lists that bundle digest; `build_model` then finds the bundle in the site's
+$DEEPRAD_BUNDLES and checks its content against the digest before it instantiates anything.
+
 A trainer without $DEEPRAD_SITE_POLICY (`deeprad simulate`, a run on one's own machine) has
 no hospital policy to honour and skips these checks.
 """

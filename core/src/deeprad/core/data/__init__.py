@@ -1,6 +1,7 @@
-"""Medical image data: loaders, the synthetic phantom generator, in-memory image sets."""
+"""Medical image data: loaders, the synthetic generators, in-memory image and volume sets."""
 
 from deeprad.core.data.imageset import ImageSet
-from deeprad.core.data.loaders import load_dataset
+from deeprad.core.data.loaders import Samples, concat_samples, load_dataset, load_split
+from deeprad.core.data.volumeset import VolumeSet
 
-__all__ = ["ImageSet", "load_dataset"]
+__all__ = ["ImageSet", "Samples", "VolumeSet", "concat_samples", "load_dataset", "load_split"]

@@ -14,9 +14,14 @@ from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, Sca
 
 from deeprad.core.data.imageset import ImageSet
 from deeprad.core.data.phantoms import ScannerProfile, generate_phantoms
+from deeprad.core.data.volumeset import VolumeSet
 from deeprad.core.errors import DataError
 from deeprad.core.importing import load_object
-from deeprad.core.protocol import NORMALIZATIONS, DatasetSpec
+from deeprad.core.protocol import NORMALIZATIONS, VOLUME_KINDS, DatasetSpec
+
+# What a site's data is: labelled 2D images (classification) or volumes with masks
+# (segmentation); a dataset kind decides which (VOLUME_KINDS).
+Samples = ImageSet | VolumeSet
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz")
 POSITIVE_NAMES = ("tumor", "tumour", "lesion", "positive", "malignant", "1")
@@ -168,9 +173,43 @@ def _load(spec: DatasetSpec) -> ImageSet:
                     opts.get("positive_labels"), normalize)
 
 
-def load_split(spec: DatasetSpec, split: str) -> ImageSet | None:
-    """A `.npz` site's own `val` or `test` split (the same options as its training data), or
-    None when the site's data have no such split."""
+@functools.lru_cache(maxsize=8)
+def _volume_splits(spec_json: str) -> dict[str, VolumeSet]:
+    """A volume dataset's patient-level splits: "train", "val" and, where the data have one,
+    "test" (no patient in two of them)."""
+    spec = DatasetSpec.model_validate_json(spec_json)
+    if spec.kind == "anatomy":
+        from deeprad.core.data.anatomy import load_anatomy
+
+        splits = load_anatomy(spec)
+    else:
+        from deeprad.core.data.volumes import load_volumes
+
+        splits = load_volumes(spec)
+    if len(splits.get("train", ())) == 0:
+        raise DataError(f"dataset {spec.kind} {spec.path or ''}: no training volumes")
+    return splits
+
+
+def concat_samples(sets: list[Samples]) -> Samples:
+    """Pool several sites' samples (all images or all volumes)."""
+    if sets and all(isinstance(s, VolumeSet) for s in sets):
+        return VolumeSet.concat([s for s in sets if isinstance(s, VolumeSet)])
+    if all(isinstance(s, ImageSet) for s in sets):
+        return ImageSet.concat([s for s in sets if isinstance(s, ImageSet)])
+    raise DataError("cannot pool 2D images with 3D volumes: every site of a study holds the "
+                    "same kind of data")
+
+
+def load_split(spec: DatasetSpec, split: str) -> Samples | None:
+    """A site's own `val` or `test` split (a `.npz` file's, or a volume dataset's held-out
+    patients), or None when the site's data have no such split."""
+    if spec.kind in VOLUME_KINDS:
+        return _volume_splits(spec.model_dump_json()).get(split)
+    return _npz_split(spec, split)
+
+
+def _npz_split(spec: DatasetSpec, split: str) -> ImageSet | None:
     if spec.kind != "npz" or not spec.path or split not in npz_splits(Path(spec.path)):
         return None
     opts = dict(spec.options)
@@ -184,7 +223,7 @@ def _cached(spec_json: str) -> tuple[ImageSet, ImageSet]:
     data = _load(spec)
     if len(data) == 0:
         raise DataError(f"dataset {spec.kind} {spec.path or ''}: no samples")
-    own_val = load_split(spec, "val") if spec.options.get("split", "train") == "train" else None
+    own_val = _npz_split(spec, "val") if spec.options.get("split", "train") == "train" else None
     if own_val is not None:  # the site's own validation split, never a slice of its training
         return data, own_val
     train, val = data.split(spec.val_fraction, spec.split_seed)
@@ -194,6 +233,9 @@ def _cached(spec_json: str) -> tuple[ImageSet, ImageSet]:
     return train, val
 
 
-def load_dataset(spec: DatasetSpec) -> tuple[ImageSet, ImageSet]:
+def load_dataset(spec: DatasetSpec) -> tuple[Samples, Samples]:
     """(train, validation) for a spec; cached per process so warm workers load data once."""
+    if spec.kind in VOLUME_KINDS:
+        splits = _volume_splits(spec.model_dump_json())
+        return splits["train"], splits["val"]
     return _cached(spec.model_dump_json())

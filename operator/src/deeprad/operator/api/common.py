@@ -6,9 +6,11 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from deeprad.core.model_catalogue import MODEL_NAMES, MODELS
+from deeprad.core.model_catalogue import MODEL_NAMES, MODEL_TASKS, MODELS
+from deeprad.core.protocol import TASKS
+from deeprad.core.protocol import ModelSpec as CoreModelSpec
 from deeprad.core.secagg.threat import DEFAULT_THREAT_MODEL, ThreatModel
 from deeprad.core.strategies import CATALOGUE, Parameter, number_text, secure_sum_strategies
 from deeprad.operator.api.names import DNS_LABEL_PATTERN, SITE_NAME_MAX
@@ -139,9 +141,39 @@ ModelName = StrEnum(  # type: ignore[misc]
     "ModelName", {name.upper().replace("-", "_"): name for name in MODEL_NAMES})
 
 
+TaskName = StrEnum(  # type: ignore[misc]
+    "TaskName", {task.upper(): task for task in TASKS})
+# CEL map: catalogue network -> the task it serves (one source: the core's catalogue); a
+# network the catalogue ties to no task is not checked here.
+_CEL_MODEL_TASKS = "{" + ", ".join(f"'{name}': '{MODEL_TASKS[name]}'"
+                                   for name in MODEL_NAMES if name in MODEL_TASKS) + "}"
+
+
+def model_task_problem(name: str, task: str) -> str | None:
+    """Why catalogue network `name` cannot serve `task` (with the fix), or None."""
+    serves = MODEL_TASKS.get(name)
+    if serves is None or serves == task:
+        return None
+    return (f"model.task is {task} but {name} is a {serves} network: set model.task: {serves}, "
+            f"or choose a {task} network (see `deeprad models`)")
+
+
 class ModelSpec(ApiModel):
     """The network every site trains: a catalogue name (see `deeprad models`) with keyword
-    arguments."""
+    arguments, and the task it is trained for, which decides the data, loss, metrics and the
+    metric that ranks rounds."""
+
+    kube_schema: ClassVar[Kube] = Kube(rules=(
+        Rule(f"!(self.name in {_CEL_MODEL_TASKS}) || {_CEL_MODEL_TASKS}[self.name] == "
+             "self.task",
+             "model.task must be the task the network serves (see `deeprad models`)",
+             message_expression=(
+                 f"'model.task is ' + self.task + ' but ' + self.name + ' is a ' + "
+                 f"{_CEL_MODEL_TASKS}[self.name] + ' network: set model.task: ' + "
+                 f"{_CEL_MODEL_TASKS}[self.name] + ', or choose a ' + self.task + "
+                 "' network (see deeprad models)'"),
+             field_path=".task"),
+    ))
 
     name: ModelName = Field(
         description="A catalogue network (see `deeprad models`): " + "; ".join(
@@ -149,6 +181,26 @@ class ModelSpec(ApiModel):
             "path: code runs only in a trainer image the hospital pins.")
     kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = Field(
         default=None, description="Keyword arguments for the network's factory.")
+    task: TaskName = Field(
+        default=TaskName("classification"),
+        description="What the network is trained for: classification (2D slices, one label "
+                    "each; rounds ranked by AUROC) or segmentation (3D multi-sequence volumes "
+                    "with lesion masks; rounds ranked by Dice). It must be the task of the "
+                    "catalogue network, and every site's data must hold that kind of data "
+                    "(HospitalSite spec.data.kind).")
+
+    @model_validator(mode="after")
+    def _task_fits_network(self) -> ModelSpec:
+        problem = model_task_problem(self.name.value, self.task.value)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+    def core(self) -> CoreModelSpec:
+        """The core's ModelSpec (what checkpoints record and trainers build)."""
+        return CoreModelSpec.model_validate({"name": self.name.value,
+                                             "kwargs": dict(self.kwargs or {}),
+                                             "task": self.task.value})
 
 
 class Modality(StrEnum):
@@ -390,16 +442,57 @@ class RoundSettings(ApiModel):
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
-class Metrics(ApiModel):
-    """Binary-classification metrics on validation data (sensitivity is recall on tumours)."""
+# False positives per scan at which lesion sensitivity is reported (FROC operating points).
+FP_PER_SCAN: tuple[str, ...] = ("0.125", "0.25", "0.5", "1", "2", "4", "8")
 
-    n: int | None = Field(default=None, ge=0, description="Number of validation records.")
-    positives: int | None = Field(default=None, ge=0, description="Records with a tumour.")
-    loss: float | None = Field(default=None, description="Mean validation loss.")
+
+class Metrics(ApiModel):
+    """A model's metrics on held-out data. Classification: per record (sensitivity is recall
+    on tumours). Segmentation: auroc, sensitivity, specificity and accuracy are per scan (does
+    the scan hold a lesion), plus Dice, HD95 and lesion-level sensitivity. Pooled values
+    (aggregateMetrics, inputMetrics, finalMetrics) come from the sites' pooled statistics, not
+    from averaging their scores."""
+
+    n: int | None = Field(default=None, ge=0,
+                          description="Number of records (segmentation: scans) scored.")
+    positives: int | None = Field(default=None, ge=0,
+                                  description="Records with a tumour (scans with a lesion).")
+    loss: float | None = Field(default=None, description="Mean loss.")
     auroc: Fraction | None = Field(default=None, description="Area under the ROC curve.")
     sensitivity: Fraction | None = Field(default=None, description="True-positive rate.")
     specificity: Fraction | None = Field(default=None, description="True-negative rate.")
     accuracy: Fraction | None = Field(default=None, description="Share of correct predictions.")
+    dice: Fraction | None = Field(
+        default=None, description="Segmentation: mean per-scan Dice overlap of the predicted "
+                                  "and reference lesion masks (higher is better).")
+    hd95: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="Segmentation: mean 95th-percentile Hausdorff distance in mm "
+                                  "between predicted and reference lesion boundaries, over "
+                                  "scans where both hold a lesion (lower is better).")
+    lesion_sensitivity: Annotated[dict[str, Fraction], Field(max_length=len(FP_PER_SCAN)),
+                                  Kube(rules=(Rule(
+                                      f"self.all(k, k in {_cel_list(FP_PER_SCAN)})",
+                                      "keys are false positives per scan: "
+                                      + ", ".join(FP_PER_SCAN)),))] | None = Field(
+        default=None, description="Segmentation: share of reference lesions (connected "
+                                  "components) found at a given number of false positives per "
+                                  "scan, keyed by that number (" + ", ".join(FP_PER_SCAN)
+                                  + "; FROC operating points).")
+
+
+class RoundMode(StrEnum):
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+
+
+ROUND_MODE_DESCRIPTION = (
+    "train (the default): the sites train the input checkpoint and the aggregator combines "
+    "their updates. evaluate: the sites only score the input checkpoint on their held-out test "
+    "split (the validation split where they have none) and report it; nothing is uploaded, "
+    "no ε is spent and no checkpoint is written; the pooled scores go to status.testMetrics. "
+    "The sites' policies must allow the round's privacy settings as for training.")
+
+EvaluatedSplit = Literal["test", "validation"]
 
 
 class CheckpointRef(ApiModel):

@@ -8,14 +8,17 @@ from typing import Annotated, ClassVar
 from pydantic import Field
 
 from deeprad.operator.api.common import (
+    ROUND_MODE_DESCRIPTION,
     ROUND_SETTINGS_RULES,
     CheckpointRef,
     Conditions,
     DataSelector,
+    EvaluatedSplit,
     Message,
     Metrics,
     ModelSpec,
     ObjectName,
+    RoundMode,
     RoundSettings,
     Sha256,
     SiteName,
@@ -86,6 +89,7 @@ class FederatedRoundSpec(RoundSettings):
     admission_timeout: AdmissionTimeout = Field(default=ADMISSION_TIMEOUT_DEFAULT,
                                                 description=ADMISSION_TIMEOUT_DESCRIPTION)
     priority: Priority = Field(default=0, description=PRIORITY_DESCRIPTION)
+    mode: RoundMode = Field(default=RoundMode.TRAIN, description=ROUND_MODE_DESCRIPTION)
 
 
 class RoundState(StrEnum):
@@ -133,7 +137,13 @@ class SiteRoundStatus(ApiModel):
     samples: int | None = Field(default=None, ge=0, description="Training records used.")
     metrics: Metrics | None = Field(
         default=None, description="The site's model after local training, on its validation "
-                                  "data.")
+                                  "data (an evaluation round: the input model on it).")
+    test_metrics: Metrics | None = Field(
+        default=None, description="An evaluation round: the input model on the site's "
+                                  "held-out split (testSplit).")
+    test_split: EvaluatedSplit | None = Field(
+        default=None, description="The split testMetrics scored: test, or validation where "
+                                  "the site has no test split.")
     update_digest: Sha256 | None = Field(default=None,
                                          description="sha256 of the uploaded update envelope.")
     epsilon: float | None = Field(default=None, ge=0, description="ε of this site's training.")
@@ -196,6 +206,9 @@ class FederatedRoundStatus(ApiModel):
     aggregate_metrics: Metrics | None = Field(
         default=None, description="The new global model on the sites' validation data; known "
                                   "once the study's next round has evaluated it.")
+    test_metrics: Metrics | None = Field(
+        default=None, description="An evaluation round: the input model on the sites' "
+                                  "held-out test data, pooled from their statistics.")
     rejected_sites: int | None = Field(default=None, ge=0,
                                        description="Updates the aggregator refused.")
     output_checkpoint: CheckpointRef | None = Field(default=None,
@@ -225,7 +238,10 @@ FEDERATED_ROUND = Kind(
         PrinterColumn("Waiting", "string", ".status.waitingFor",
                       "While Queued: the sites not admissible and why."),
         PrinterColumn("AUROC", "number", ".status.aggregateMetrics.auroc",
-                      "AUROC of the new global model."),
+                      "AUROC of the new global model on validation data."),
+        PrinterColumn("Dice", "number", ".status.aggregateMetrics.dice",
+                      "Dice of the new global model on validation data (segmentation)."),
+        PrinterColumn("Mode", "string", ".spec.mode", "train or evaluate.", priority=1),
         PrinterColumn("Strategy", "string", ".spec.strategy.name", "Aggregation strategy.",
                       priority=1),
         PrinterColumn("Epsilon", "number", ".status.epsilon", "ε of this round.", priority=1),

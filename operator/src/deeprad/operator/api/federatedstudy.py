@@ -14,6 +14,8 @@ from deeprad.operator.api.common import (
     DataSelector,
     Duration,
     LabelSelector,
+    Message,
+    Metrics,
     ModelSpec,
     ObjectName,
     RoundSettings,
@@ -23,7 +25,10 @@ from deeprad.operator.api.common import (
 from deeprad.operator.api.names import MAX_ROUNDS, STUDY_NAME_MAX
 from deeprad.operator.api.schema import AGE, ApiModel, Kind, Kube, PrinterColumn, Rule
 
-MetricName = Literal["auroc", "sensitivity", "specificity", "accuracy", "loss"]
+MetricName = Literal["auroc", "sensitivity", "specificity", "accuracy", "loss", "dice",
+                     "hd95"]
+# Metrics where lower is better; every other MetricName is a fraction, higher is better.
+LOWER_IS_BETTER: tuple[str, ...] = ("loss", "hd95")
 
 
 class RoundTemplate(RoundSettings):
@@ -36,15 +41,16 @@ class StoppingRules(ApiModel):
     The monitored metric is the federated model's, on the sites' validation data."""
 
     kube_schema: ClassVar[Kube] = Kube(rules=(
-        Rule("!has(self.target) || self.metric == 'loss' || (self.target >= 0.0 && "
-             "self.target <= 1.0)",
-             "target must be between 0 and 1 for auroc, sensitivity, specificity and accuracy",
-             field_path=".target"),
+        Rule("!has(self.target) || (has(self.metric) && self.metric in ['loss', 'hd95']) || "
+             "(self.target >= 0.0 && self.target <= 1.0)",
+             "target must be between 0 and 1 for auroc, sensitivity, specificity, accuracy "
+             "and dice", field_path=".target"),
     ))
 
-    metric: MetricName = Field(
-        default="auroc", description="The metric that decides the best round; loss is "
-                                     "minimised, the others maximised.")
+    metric: MetricName | None = Field(
+        default=None, description="The metric that decides the best round; loss and hd95 are "
+                                  "minimised, the others maximised. Empty: the task's primary "
+                                  "metric (auroc for classification, dice for segmentation).")
     target: float | None = Field(
         default=None, description="Stop once the metric reaches this value; empty: no target.")
     patience: int | None = Field(
@@ -153,6 +159,13 @@ class FederatedStudySpec(ApiModel):
     priority: Priority = Field(
         default=0, description=PRIORITY_DESCRIPTION + " Each round the study creates copies "
                                                       "it.")
+    final_evaluation: bool = Field(
+        default=True,
+        description="After the last round (or a stopping rule), run one evaluation round "
+                    "(spec.mode: evaluate) in which each site scores the final global model on "
+                    "its held-out test split (its validation split where it has none) and "
+                    "uploads nothing, spending no ε; status.finalMetrics holds the pooled "
+                    "result. It runs only where the sites' policies would let the study train.")
 
 
 class StudyState(StrEnum):
@@ -168,6 +181,38 @@ class BestMetric(ApiModel):
     name: MetricName = Field(description="The metric (spec.stopping.metric).")
     value: float = Field(description="Its best value.")
     round: int = Field(ge=1, description="Round that reached it.")
+
+
+class SiteFinalMetrics(ApiModel):
+    """One site's score of the study's final global model."""
+
+    site: SiteName = Field(description="The HospitalSite.")
+    split: Literal["test", "validation"] | None = Field(
+        default=None, description="The held-out split scored: test, or validation where the "
+                                  "site has no test split.")
+    metrics: Metrics | None = Field(default=None, description="The final model on that split.")
+
+
+class FinalEvaluation(ApiModel):
+    """The evaluation round that scored the study's final global model."""
+
+    round: ObjectName = Field(description="The evaluation FederatedRound.")
+    checkpoint: CheckpointRef | None = Field(default=None,
+                                             description="The global model it scored.")
+    state: Annotated[str, Field(max_length=32)] | None = Field(
+        default=None, description="The evaluation round's state.")
+    message: Message | None = Field(default=None,
+                                    description="Why it failed, when it did.")
+    metric: MetricName | None = Field(
+        default=None, description="The task's primary metric (auroc or dice).")
+    value: float | None = Field(
+        default=None, description="Its pooled value in finalMetrics (the Final column).")
+    validation_metrics: Metrics | None = Field(
+        default=None, description="The final model on the sites' validation data, pooled "
+                                  "(the last training round's aggregateMetrics).")
+    sites: Annotated[list[SiteFinalMetrics], Field(max_length=1024),
+                     Kube(list_type="map", list_map_keys=("site",))] | None = Field(
+        default=None, description="Each site's score on its held-out split.")
 
 
 class SiteEpsilon(ApiModel):
@@ -221,7 +266,15 @@ class FederatedStudyStatus(ApiModel):
                                          description="Rounds that succeeded.")
     rounds_without_improvement: int | None = Field(
         default=None, ge=0, description="Rounds since the best metric last improved.")
-    best_metric: BestMetric | None = Field(default=None, description="Best value so far.")
+    best_metric: BestMetric | None = Field(
+        default=None, description="Best value so far of the monitored metric on the sites' "
+                                  "validation data, and the round that reached it.")
+    final_metrics: Metrics | None = Field(
+        default=None, description="The final global model on the sites' held-out test data, "
+                                  "pooled from their statistics (see finalEvaluation).")
+    final_evaluation: FinalEvaluation | None = Field(
+        default=None, description="The evaluation round of the final model and each site's "
+                                  "score.")
     epsilon_spent: float | None = Field(default=None, ge=0,
                                         description="ε spent so far at spec.privacyBudget.delta.")
     privacy: StudyPrivacy | None = Field(
@@ -250,8 +303,14 @@ FEDERATED_STUDY = Kind(
         PrinterColumn("Round", "integer", ".status.currentRound", "Current round."),
         PrinterColumn("Rounds", "integer", ".spec.rounds", "Rounds planned."),
         PrinterColumn("State", "string", ".status.state", "Pending, Running, Succeeded, Failed."),
+        PrinterColumn("Metric", "string", ".status.bestMetric.name",
+                      "The monitored metric (the task's primary metric by default)."),
         PrinterColumn("Best", "number", ".status.bestMetric.value",
-                      "Best value of the monitored metric."),
+                      "Best value of the monitored metric on validation data."),
+        PrinterColumn("Final", "number", ".status.finalEvaluation.value",
+                      "The final model's primary metric on held-out test data, pooled."),
+        PrinterColumn("Task", "string", ".spec.model.task",
+                      "classification or segmentation.", priority=1),
         PrinterColumn("Epsilon", "number", ".status.epsilonSpent", "ε spent so far."),
         PrinterColumn("Strategy", "string", ".spec.roundTemplate.strategy.name",
                       "Aggregation strategy.", priority=1),

@@ -92,10 +92,26 @@ class GpuDefaults(ApiModel):
         Field(default=None, description="RuntimeClass of the training pods, e.g. nvidia."))
 
 
+class DataKind(StrEnum):
+    SLICES = "slices"
+    VOLUMES = "volumes"
+
+
+# The data kind each task trains on (ModelSpec.task -> SiteData.kind).
+TASK_DATA_KIND = {"classification": DataKind.SLICES, "segmentation": DataKind.VOLUMES}
+
+
 class SiteData(ApiModel):
     """What the site's data holds (a description for admission, never the data itself)."""
 
     modality: Modality = Field(description="Imaging modality of the site's data.")
+    kind: DataKind = Field(
+        default=DataKind.SLICES,
+        description="slices (the default): labelled 2D images, for classification studies; "
+                    "volumes: 3D multi-sequence volumes with lesion masks (the site chart's "
+                    "training.dataset kind anatomy or volumes), for segmentation studies. A "
+                    "study whose model.task needs the other kind does not admit the site "
+                    "(DataMismatch).")
     labels: ClassLabels | None = Field(
         default=None, description="Class labels present in the data, e.g. [normal, tumor].")
     sample_count: int = Field(ge=0, description="Number of training records at the site.")

@@ -11,14 +11,17 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field
 
 from deeprad.operator.api.common import (
+    ROUND_MODE_DESCRIPTION,
     Conditions,
     DataSelector,
+    EvaluatedSplit,
     LocalTraining,
     Message,
     Metrics,
     ModelSpec,
     ObjectName,
     PresignedUrl,
+    RoundMode,
     RoundPrivacy,
     Sha256,
     ShortText,
@@ -121,6 +124,7 @@ class SiteTaskSpec(ApiModel):
         default=None, description="Set when the round uses secure aggregation.")
     deadline: Timestamp = Field(description="When the round stops waiting; the URLs expire "
                                             "then too.")
+    mode: RoundMode = Field(default=RoundMode.TRAIN, description=ROUND_MODE_DESCRIPTION)
 
 
 class TaskState(StrEnum):
@@ -150,8 +154,14 @@ class TaskResult(ApiModel):
         default=None, description="The received global model on the site's validation data.")
     local_metrics: Metrics | None = Field(
         default=None, description="The site's model after local training, same data.")
+    test_metrics: Metrics | None = Field(
+        default=None, description="Evaluate mode: the received model on the site's held-out "
+                                  "split (testSplit).")
+    test_split: EvaluatedSplit | None = Field(
+        default=None, description="The split testMetrics scored: test, or validation where the "
+                                  "site has no test split.")
     duration_seconds: float | None = Field(default=None, ge=0,
-                                           description="Training wall time.")
+                                           description="Training (or evaluation) wall time.")
     epsilon: float | None = Field(default=None, ge=0, description="ε of this training run.")
 
 

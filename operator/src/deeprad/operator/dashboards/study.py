@@ -1,5 +1,6 @@
-"""Study progress: global AUROC and loss round after round, rounds done against planned, and
-ε spent against the study's privacy budget, in total and per site."""
+"""Study progress: global AUROC (classification), Dice (segmentation) and loss round after
+round, rounds done against planned, and ε spent against the study's privacy budget, in total
+and per site."""
 
 from __future__ import annotations
 
@@ -57,6 +58,11 @@ def build() -> dashboard.Dashboard:
         .with_panel(series("Global AUROC", "AUROC of the newest global model on the sites' "
                                            "validation data; one step per round.",
                            [query(f"deeprad_global_auroc{{{SCOPE}}}", STUDY)],
+                           unit="percentunit", min_value=0, max_value=1))
+        .with_panel(series("Global Dice", "Dice of the newest global model on the sites' "
+                                          "validation data, pooled (segmentation studies); "
+                                          "one step per round.",
+                           [query(f"deeprad_global_dice{{{SCOPE}}}", STUDY)],
                            unit="percentunit", min_value=0, max_value=1))
         .with_panel(series("Global validation loss", "Validation loss of the newest global "
                                                      "model.",

@@ -24,17 +24,24 @@ the object store hold (never from memory), so a restarted operator picks up wher
 6. outcome: the aggregator's report and the new checkpoint's manifest fill the status; with
    secure aggregation the round ends as soon as the report exists and its contributors
    reported, so a site that dropped out of the exchange does not hold it to the deadline.
+
+An evaluation round (spec.mode: evaluate, a study's last) runs the same phases, but its sites
+only score the input checkpoint on held-out data and upload nothing: there is no exchange, and
+the aggregator Job, started once the sites reported, pools their scores (exact pooling needs
+the metrics code, which lives beside torch and so never in the operator) and writes no
+checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Final, Literal
 
 from deeprad.core.protocol import AggregateReport, CheckpointManifest, ClinicalMetrics
-from deeprad.operator.api.common import DataSelector, Metrics
+from deeprad.operator.api.common import FP_PER_SCAN, DataSelector, Metrics, RoundMode
 from deeprad.operator.api.federatedround import (
     FederatedRoundSpec,
     FederatedRoundStatus,
@@ -305,9 +312,11 @@ def _pass(name: str, generation: int | None, spec: FederatedRoundSpec, world: Ro
     """This pass over the round; its deadline passes only once the round has started."""
     status = decision.status
     started = status.deadline_time or status.start_time
+    # An evaluation round exchanges nothing: its sites upload no update, so the aggregator
+    # runs only once they reported, to pool their scores.
     return _Pass(name, generation, spec, world, decision,
                  past_deadline=started is not None and world.now >= parse_time(started),
-                 secure=spec.privacy.secure_aggregation)
+                 secure=spec.privacy.secure_aggregation and spec.mode == RoundMode.TRAIN)
 
 
 def _start(current: _Pass) -> None:
@@ -490,6 +499,9 @@ def _follow_task(current: _Pass, entry: SiteRoundStatus, task: TaskView | None) 
             entry.state, entry.reason = SiteState.REPORTED, "UpdateUploaded"
             entry.samples, entry.update_digest = result.samples, result.update_digest
             entry.metrics, entry.epsilon = result.local_metrics, result.epsilon
+            if current.spec.mode == RoundMode.EVALUATE:
+                entry.reason, entry.metrics = "ModelEvaluated", result.global_metrics
+                entry.test_metrics, entry.test_split = result.test_metrics, result.test_split
             entry.report_time = task.completion_time or rfc3339(current.now)
             entry.message = None
             return
@@ -563,6 +575,9 @@ def _await_aggregate(current: _Pass, progress: _Progress, aggregator: JobView
         return current.fail("AggregationFailed", f"FederatedRound {name}: the aggregator Job "
                                                   f"failed: {aggregator.message}")
     report, output = current.world.store.aggregate, current.world.store.output_manifest
+    if current.spec.mode == RoundMode.EVALUATE and aggregator.state == "Succeeded" \
+            and report is not None:
+        return _succeed_evaluation(current, progress, report)
     if aggregator.state == "Succeeded" and report is not None and output is not None:
         return _succeed(current, progress.by_site, report, output)
     if aggregator.state == "Succeeded":
@@ -611,7 +626,7 @@ def _admit(spec: FederatedRoundSpec, world: RoundWorld, me: QueuedRound
             refuse(site, NAMESPACE_NOT_ALLOWED,
                    namespace_refusal(site, view.spec.study_namespaces, world.namespace))
             continue
-        verdict = admit(view, spec.data, world.now)
+        verdict = admit(view, spec.data, world.now, spec.model.task.value)
         free = view.spec.limits.max_concurrent_tasks - view.running_tasks
         ahead = (queued_behind(me, world.queue.get(site, ()), site, free, open_sites)
                  if verdict.admitted else None)
@@ -666,6 +681,31 @@ def _succeed(current: _Pass, by_site: dict[str, SiteRoundStatus], report: Aggreg
     return current.decision
 
 
+def _succeed_evaluation(current: _Pass, progress: _Progress, report: AggregateReport
+                        ) -> RoundDecision:
+    """An evaluation round's outcome: the sites' scores of the input model, pooled by the
+    aggregator Job (validation as inputMetrics, held-out data as testMetrics)."""
+    status, now = current.status, current.now
+    status.sites = list(progress.by_site.values())
+    status.reported_sites = len(report.evaluated_sites)
+    status.rejected_sites = 0
+    status.input_metrics = to_metrics(report.federated_metrics)
+    status.test_metrics = to_metrics(report.test_metrics)
+    status.state = RoundState.SUCCEEDED
+    status.completion_time = rfc3339(now)
+    _finish_timings(status, current.world.created, now)
+    message = (f"{len(report.evaluated_sites)} site(s) scored checkpoint "
+               f"{report.checkpoint_sha256[:12]} on held-out data")
+    current.set_conditions(
+        Desired.false(TRAINING, "RoundSucceeded", ""),
+        Desired.false(AGGREGATING, "RoundSucceeded", ""),
+        Desired.true(SUCCEEDED, "RoundSucceeded", message),
+        Desired.false(FAILED, "RoundSucceeded", ""))
+    current.event("Normal", "RoundSucceeded", message)
+    current.decision.finished = True
+    return current.decision
+
+
 def _apply_report(current: _Pass, by_site: dict[str, SiteRoundStatus], report: AggregateReport
                   ) -> set[str]:
     """Each site's entry from the aggregator's verdict: rejected updates, secure-aggregation
@@ -703,9 +743,16 @@ def to_metrics(measured: ClinicalMetrics | None) -> Metrics | None:
     def frac(value: float | None) -> float | None:
         return None if value is None else min(1.0, max(0.0, float(value)))
 
+    hd95 = measured.hd95
+    lesions = measured.lesion_sensitivity
     return Metrics(n=measured.n, positives=measured.positives, loss=measured.loss,
                    auroc=frac(measured.auroc), sensitivity=frac(measured.sensitivity),
-                   specificity=frac(measured.specificity), accuracy=frac(measured.accuracy))
+                   specificity=frac(measured.specificity), accuracy=frac(measured.accuracy),
+                   dice=frac(measured.dice),
+                   hd95=max(0.0, float(hd95)) if hd95 is not None and math.isfinite(hd95)
+                   else None,
+                   lesion_sensitivity={k: frac(v) or 0.0 for k, v in sorted(lesions.items())
+                                       if k in FP_PER_SCAN} if lesions else None)
 
 
 def _max_epsilon(sites: Sequence[SiteRoundStatus] | None) -> float | None:

@@ -19,7 +19,9 @@ from pydantic import ValidationError
 
 from deeprad.operator.api.common import Condition, DataSelector, LabelSelector
 from deeprad.operator.api.hospitalsite import (
+    TASK_DATA_KIND,
     ConnectionMode,
+    DataKind,
     GpuCapacity,
     HospitalSiteSpec,
     HospitalSiteStatus,
@@ -285,13 +287,23 @@ class Admission:
     message: str
 
 
-def data_mismatch(spec: HospitalSiteSpec, selector: DataSelector) -> str | None:
-    """Why the site's declared data does not fit the study's data selector, or None."""
+def data_mismatch(spec: HospitalSiteSpec, selector: DataSelector,
+                  task: str | None = None) -> str | None:
+    """Why the site's declared data does not fit the study's data selector and task (None:
+    any task), or None. A segmentation study needs sites that declare volumes
+    (spec.data.kind); a site that declares no data holds slices."""
     wants = selector.modality is not None or bool(selector.labels) or selector.min_samples > 0
     data = spec.data
+    needs = TASK_DATA_KIND[task] if task is not None else None
     if data is None:
+        if needs is not None and needs != DataKind.SLICES:
+            return (f"spec.data is empty but the study trains {task}, which needs "
+                    f"spec.data.kind: {needs.value}; describe the site's data in spec.data")
         return ("spec.data is empty but the study selects data (modality, labels or "
                 "minSamples); describe the site's data in spec.data") if wants else None
+    if needs is not None and data.kind != needs:
+        return (f"spec.data.kind is {data.kind.value}, but the study trains {task}, which "
+                f"needs {needs.value}; choose a study of the site's kind of data")
     if selector.modality is not None and data.modality != selector.modality:
         return (f"spec.data.modality is {data.modality.value}, the study needs "
                 f"{selector.modality.value}")
@@ -304,7 +316,8 @@ def data_mismatch(spec: HospitalSiteSpec, selector: DataSelector) -> str | None:
     return None
 
 
-def admit(site: SiteView, selector: DataSelector, now: datetime) -> Admission:
+def admit(site: SiteView, selector: DataSelector, now: datetime,
+          task: str | None = None) -> Admission:
     """Admit a site to a round, or refuse it with the first reason that applies: Suspended,
     NotReady, InvalidMaintenanceWindow, InMaintenanceWindow, InsufficientGPUs, AtCapacity,
     DataMismatch. A round waits for the reasons that can clear by themselves
@@ -336,7 +349,7 @@ def admit(site: SiteView, selector: DataSelector, now: datetime) -> Admission:
     if site.running_tasks >= limit:
         return refuse("AtCapacity", f"serves {site.running_tasks} other round(s), "
                                     f"spec.limits.maxConcurrentTasks is {limit}")
-    mismatch = data_mismatch(site.spec, selector)
+    mismatch = data_mismatch(site.spec, selector, task)
     if mismatch:
         return refuse("DataMismatch", mismatch)
     return Admission(site.name, True, "Admitted", f"HospitalSite {site.name}: admitted")

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 from deeprad.core.audit import StudyRef as StoreStudyRef
 from deeprad.core.errors import ConfigError
@@ -33,23 +33,29 @@ from deeprad.core.privacy import (
     round_steps,
 )
 from deeprad.core.privacy_ledger import LedgerBudget, Reservation, Run
+from deeprad.core.protocol import PRIMARY_METRIC
 from deeprad.operator.api.common import (
     CheckpointRef,
     DataSelector,
     DifferentialPrivacy,
     LocalTraining,
     Metrics,
+    RoundMode,
 )
 from deeprad.operator.api.federatedround import RoundState, SiteState
 from deeprad.operator.api.federatedstudy import (
+    LOWER_IS_BETTER,
     BestMetric,
     FederatedStudySpec,
     FederatedStudyStatus,
+    FinalEvaluation,
+    MetricName,
     SiteEpsilon,
+    SiteFinalMetrics,
     StudyPrivacy,
     StudyState,
 )
-from deeprad.operator.api.names import round_name
+from deeprad.operator.api.names import MAX_ROUNDS, round_name
 from deeprad.operator.decide.conditions import Desired, merge
 from deeprad.operator.decide.tenancy import (
     NAMESPACE_NOT_ALLOWED,
@@ -77,6 +83,7 @@ class RoundView:
     number: int
     state: RoundState | None = None
     uid: str | None = None  # the FederatedRound's metadata.uid
+    input_checkpoint: CheckpointRef | None = None
     output_checkpoint: CheckpointRef | None = None
     metrics: Metrics | None = None  # the round's output model (aggregateMetrics)
     input_metrics: Metrics | None = None  # the round's input model, as its sites measured it
@@ -86,6 +93,14 @@ class RoundView:
     training: LocalTraining = field(default_factory=LocalTraining)
     data: DataSelector = field(default_factory=DataSelector)
     dp: DifferentialPrivacy | None = None
+    mode: RoundMode = RoundMode.TRAIN
+    test_metrics: Metrics | None = None  # an evaluation round's pooled held-out scores
+    site_scores: tuple[SiteFinalMetrics, ...] = ()  # an evaluation round's, per site
+
+    @property
+    def evaluates(self) -> bool:
+        """An evaluation round: it trains nothing and spends no ε."""
+        return self.mode == RoundMode.EVALUATE
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,7 @@ class CreateRound:
     sites: tuple[str, ...] | None  # None: every Ready site
     epsilon_after: float | None = None  # the study's ε once this round ran (planned)
     noise_multiplier: float | None = None  # DP: the multiplier the round trains with
+    evaluate: bool = False  # the final evaluation round (spec.mode: evaluate)
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,7 @@ class WaitForRound:
     """Round `number` runs; nothing to do until it ends."""
 
     number: int
+    evaluate: bool = False  # the final evaluation round
 
 
 @dataclass(frozen=True)
@@ -241,7 +258,7 @@ def _round_reservation(r: RoundView, count: Callable[[str], int | Blocked]
                        ) -> dict[str, DPSteps] | Blocked:
     """The planned steps of each site of round `r` that may have trained (an upper bound from
     the round's settings and the site's declared sampleCount), or Blocked."""
-    if r.dp is None or r.dp.noise_multiplier is None:
+    if r.dp is None or r.dp.noise_multiplier is None or r.evaluates:
         return {}
     out: dict[str, DPSteps] = {}
     for site, state in sorted(r.sites.items()):
@@ -264,7 +281,7 @@ def reservations_to_store(study: str, namespace: str, uid: str | None,
     stored = {h.round_uid: h for h in facts.reservations}
     out = []
     for r in rounds:
-        if r.uid is None or r.dp is None:
+        if r.uid is None or r.dp is None or r.evaluates:
             continue
         sites = _round_reservation(r, lambda s: counts.get(s) or Blocked("", ""))
         if isinstance(sites, Blocked) or not sites:
@@ -366,23 +383,29 @@ def _progress(spec: FederatedStudySpec, succeeded: Sequence[RoundView]) -> _Prog
     improvement, and the first round that reached the target. A round whose output has not
     been measured yet (the next round's sites measure it) counts neither way."""
     rules = spec.stopping
-    sign = -1.0 if rules.metric == "loss" else 1.0  # compare as "higher is better"
+    metric = monitored_metric(spec)
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0  # compare as "higher is better"
     best: BestMetric | None = None
     since = 0
     target_round: int | None = None
     for r in succeeded:
-        value = getattr(r.metrics, rules.metric, None) if r.metrics else None
+        value = getattr(r.metrics, metric, None) if r.metrics else None
         if value is None:
             continue
         if rules.target is not None and target_round is None and \
                 sign * value >= sign * rules.target:
             target_round = r.number
         if best is None or sign * value > sign * best.value + rules.min_delta:
-            best = BestMetric(name=rules.metric, value=value, round=r.number)
+            best = BestMetric(name=metric, value=value, round=r.number)
             since = 0
         else:
             since += 1
     return _Progress(best, since, target_round)
+
+
+def monitored_metric(spec: FederatedStudySpec) -> MetricName:
+    """spec.stopping.metric, else the primary metric of the study's task."""
+    return spec.stopping.metric or cast(MetricName, PRIMARY_METRIC[spec.model.task.value])
 
 
 # ---- the decision -----------------------------------------------------------------------------
@@ -399,11 +422,15 @@ def decide_study(name: str, generation: int | None, spec: FederatedStudySpec,
     to read one from, so only the rounds that exist are accounted)."""
     facts = facts if facts is not None else LedgerFacts()
     ordered = sorted(rounds, key=lambda r: r.number)
-    succeeded = [r for r in ordered if r.state == RoundState.SUCCEEDED]
+    trained = [r for r in ordered if not r.evaluates]
+    evaluation = next((r for r in ordered if r.evaluates), None)
+    succeeded = [r for r in trained if r.state == RoundState.SUCCEEDED]
     progress = _progress(spec, succeeded)
-    latest = ordered[-1] if ordered else None
-    action = _action(name, spec, status, ordered, succeeded, progress, candidates, namespace,
+    latest = trained[-1] if trained else None
+    action = _action(name, spec, status, trained, succeeded, progress, candidates, namespace,
                      uid, facts)
+    action = _final_evaluation(name, spec, action, succeeded, evaluation, candidates, namespace)
+    final_metrics, final = _final_status(name, spec, evaluation)
 
     spent, privacy = _spent(name, spec, status, ordered, candidates, facts, uid, action)
     checkpoint = next((r.output_checkpoint for r in reversed(succeeded) if r.output_checkpoint),
@@ -413,10 +440,13 @@ def decide_study(name: str, generation: int | None, spec: FederatedStudySpec,
     new = FederatedStudyStatus(
         observed_generation=generation,
         current_round=(action.number if isinstance(action, CreateRound)
+                       else evaluation.number if evaluation
                        else latest.number if latest else 0),
         completed_rounds=len(succeeded),
         rounds_without_improvement=progress.since_improvement,
         best_metric=progress.best,
+        final_metrics=final_metrics,
+        final_evaluation=final,
         epsilon_spent=spent,
         privacy=privacy,
         latest_checkpoint=checkpoint,
@@ -445,7 +475,7 @@ def _action(name: str, spec: FederatedStudySpec, status: FederatedStudyStatus,
     rules = spec.stopping
     if progress.target_round is not None:
         return Stop(SUCCEEDED, "TargetReached",
-                    f"{rules.metric} reached the target {rules.target:g} in round "
+                    f"{monitored_metric(spec)} reached the target {rules.target:g} in round "
                     f"{progress.target_round}")
     done = latest.number if latest else 0
     if done >= spec.rounds:
@@ -454,7 +484,8 @@ def _action(name: str, spec: FederatedStudySpec, status: FederatedStudyStatus,
         best = progress.best
         where = f"best {best.value:g} in round {best.round}" if best else "no value yet"
         return Stop(SUCCEEDED, "PatienceExhausted",
-                    f"{rules.metric} did not improve by more than {rules.min_delta:g} for "
+                    f"{monitored_metric(spec)} did not improve by more than "
+                    f"{rules.min_delta:g} for "
                     f"{progress.since_improvement} rounds ({where}); spec.stopping.patience is "
                     f"{rules.patience}")
     number = done + 1
@@ -513,6 +544,53 @@ def _action(name: str, spec: FederatedStudySpec, status: FederatedStudyStatus,
             return Blocked("NoiseNotCalibrated", f"FederatedStudy {name}: {exc}")
         epsilon_after = plan.spent_after
     return CreateRound(number, checkpoint, sites, epsilon_after, noise)
+
+
+def _final_evaluation(name: str, spec: FederatedStudySpec, action: Action,
+                      succeeded: Sequence[RoundView], evaluation: RoundView | None,
+                      candidates: Sequence[Candidate], namespace: str) -> Action:
+    """Before a study that succeeded stops: one evaluation round in which the sites score the
+    final global model on held-out data (spec.finalEvaluation), then the stop. An evaluation
+    that fails does not fail the study (its training succeeded); the condition says so."""
+    if not (isinstance(action, Stop) and action.outcome == SUCCEEDED and spec.final_evaluation):
+        return action
+    last = succeeded[-1] if succeeded else None
+    if last is None or last.output_checkpoint is None:
+        return action  # nothing was trained: no final model to score
+    if evaluation is None:
+        number = last.number + 1
+        if number > MAX_ROUNDS:
+            return Stop(SUCCEEDED, action.reason, f"{action.message}; no final evaluation: "
+                                                  f"round numbers end at {MAX_ROUNDS}")
+        allowed = [c for c in candidates if namespace_allowed(c.study_namespaces, namespace)]
+        return CreateRound(number, last.output_checkpoint, _round_sites(spec, allowed),
+                           noise_multiplier=last.dp.noise_multiplier if last.dp else None,
+                           evaluate=True)
+    rn = round_name(name, evaluation.number)
+    if not (evaluation.state and evaluation.state.terminal):
+        return WaitForRound(evaluation.number, evaluate=True)
+    if evaluation.state == RoundState.FAILED:
+        return Stop(SUCCEEDED, action.reason,
+                    f"{action.message}; the final evaluation (FederatedRound {rn}) failed: "
+                    f"{evaluation.failure or 'no reason recorded'}")
+    return Stop(SUCCEEDED, action.reason,
+                f"{action.message}; the final model was evaluated by FederatedRound {rn}")
+
+
+def _final_status(name: str, spec: FederatedStudySpec, evaluation: RoundView | None
+                  ) -> tuple[Metrics | None, FinalEvaluation | None]:
+    """status.finalMetrics and status.finalEvaluation from the evaluation round."""
+    if evaluation is None:
+        return None, None
+    metric = cast(MetricName, PRIMARY_METRIC[spec.model.task.value])
+    pooled = evaluation.test_metrics
+    return pooled, FinalEvaluation(
+        round=round_name(name, evaluation.number), checkpoint=evaluation.input_checkpoint,
+        state=evaluation.state.value if evaluation.state else None,
+        message=evaluation.failure, metric=metric,
+        value=getattr(pooled, metric, None) if pooled else None,
+        validation_metrics=evaluation.input_metrics,
+        sites=list(evaluation.site_scores) or None)
 
 
 def _mismatched_pin(budget: PrivacyBudget, facts: LedgerFacts) -> LedgerBudget | None:
@@ -588,6 +666,12 @@ def _state(action: Action, latest: RoundView | None) -> StudyState:
 
 
 def _conditions(name: str, action: Action) -> list[Desired]:
+    if isinstance(action, CreateRound | WaitForRound) and action.evaluate:
+        rn = round_name(name, action.number)
+        return [Desired.true(PROGRESSING, "EvaluatingFinalModel",
+                             f"FederatedRound {rn} scores the final model on the sites' "
+                             "held-out data"),
+                Desired.false(SUCCEEDED, "Running", ""), Desired.false(FAILED, "Running", "")]
     if isinstance(action, CreateRound):
         rn = round_name(name, action.number)
         return [Desired.true(PROGRESSING, "RoundCreated", f"created FederatedRound {rn}"),

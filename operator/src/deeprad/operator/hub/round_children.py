@@ -24,7 +24,6 @@ from deeprad.core.protocol import (
     AggregateReport,
     AggregationTask,
     CheckpointSource,
-    ModelSpec,
     PrepareTask,
     SecAggSpec,
     StrategySpec,
@@ -34,7 +33,7 @@ from deeprad.core.secagg.threat import threshold_for
 from deeprad.core.store import ObjectStore
 from deeprad.core.store.presigned import site_grants
 from deeprad.operator.api import API_VERSION
-from deeprad.operator.api.common import CheckpointRef
+from deeprad.operator.api.common import CheckpointRef, RoundMode
 from deeprad.operator.api.federatedround import FederatedRoundSpec
 from deeprad.operator.api.names import aggregator_job_name, prepare_job_name, site_namespace
 from deeprad.operator.api.sitetask import (
@@ -177,8 +176,7 @@ class RoundHub:
             source = checkpoint_source(self.store, spec.input_checkpoint)
         task = PrepareTask(namespace=target.namespace, study=target.study,
                            study_uid=target.store_uid, round=spec.round - 1,
-                           model=ModelSpec(name=spec.model.name,
-                                           kwargs=dict(spec.model.kwargs or {})),
+                           model=spec.model.core(),
                            seed=spec.training.seed, source=source,
                            registry_json=KeyRegistry.of([self.hub]).to_json())
         job_name = prepare_job_name(target.name, target.uid)
@@ -193,7 +191,8 @@ class RoundHub:
                   sites: Mapping[str, SiteView], deadline: datetime) -> None:
         """Create the aggregator Job."""
         spec = target.spec
-        secagg = self.task_secagg(spec, action.roster, sites, deadline)
+        evaluate = spec.mode == RoundMode.EVALUATE  # pools the sites' scores: no exchange
+        secagg = None if evaluate else self.task_secagg(spec, action.roster, sites, deadline)
         registry = KeyRegistry.of([self.hub, *(
             PublicIdentity(name=s, signing_key=sites[s].spec.identity.signing_key,
                            key_agreement_key=sites[s].spec.identity.key_agreement_key)
@@ -208,7 +207,8 @@ class RoundHub:
             secagg=None if secagg is None else SecAggSpec(
                 roster=sorted(action.roster), threshold=secagg.threshold, clip=secagg.clip,
                 weight_normalizer=secagg.weight_normalizer,
-                timeout_s=secagg.timeout_seconds))
+                timeout_s=secagg.timeout_seconds),
+            mode="evaluate" if evaluate else "train")
         budget = timedelta(seconds=self.options.aggregation_timeout)
         until = (deadline if secagg else now()) + budget
         job_name = aggregator_job_name(target.name, target.uid)

@@ -206,6 +206,8 @@ def count_finished_round(labels: dict[str, str], status: FederatedRoundStatus) -
     if status.input_metrics is not None:
         if status.input_metrics.auroc is not None:
             metrics.GLOBAL_AUROC.labels(**labels).set(status.input_metrics.auroc)
+        if status.input_metrics.dice is not None:
+            metrics.GLOBAL_DICE.labels(**labels).set(status.input_metrics.dice)
         if status.input_metrics.loss is not None:
             metrics.GLOBAL_LOSS.labels(**labels).set(status.input_metrics.loss)
 

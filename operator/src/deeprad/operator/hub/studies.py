@@ -16,6 +16,7 @@ from deeprad.operator.api.federatedround import FederatedRoundSpec, FederatedRou
 from deeprad.operator.api.federatedstudy import (
     FederatedStudySpec,
     FederatedStudyStatus,
+    SiteFinalMetrics,
     StudyState,
 )
 from deeprad.operator.api.names import round_name
@@ -132,12 +133,16 @@ def round_view(spec: FederatedRoundSpec, status: FederatedRoundStatus, uid: str 
     failed = cond.find(status.conditions, study_rules.FAILED)
     return study_rules.RoundView(
         number=spec.round, state=status.state, uid=uid,
-        output_checkpoint=status.output_checkpoint,
+        input_checkpoint=spec.input_checkpoint, output_checkpoint=status.output_checkpoint,
         metrics=status.aggregate_metrics, input_metrics=status.input_metrics,
         epsilon=status.epsilon,
         failure=failed.message if failed and failed.status == "True" else None,
         sites={s.site: s.state for s in status.sites or ()},
-        training=spec.training, data=spec.data, dp=spec.privacy.differential_privacy)
+        training=spec.training, data=spec.data, dp=spec.privacy.differential_privacy,
+        mode=spec.mode, test_metrics=status.test_metrics,
+        site_scores=tuple(SiteFinalMetrics(site=s.site, split=s.test_split,
+                                           metrics=s.test_metrics)
+                          for s in status.sites or () if s.test_metrics is not None))
 
 
 def candidates(spec: FederatedStudySpec, sites: list[SiteFacts]) -> list[study_rules.Candidate]:
@@ -174,7 +179,8 @@ def reconcile_study(kube: Kube, namespace: str, name: str, uid: str, generation:
     if isinstance(action, study_rules.Stop) and status.completion_time is None:
         kind = "Normal" if action.outcome == study_rules.SUCCEEDED else "Warning"
         kopf.event(body, type=kind, reason=action.reason, message=action.message)
-    succeeded = [r for r in sorted(rounds, key=lambda r: r.number) if r.state == "Succeeded"]
+    succeeded = [r for r in sorted(rounds, key=lambda r: r.number)
+                 if r.state == "Succeeded" and not r.evaluates]
     export_study(namespace, name, spec, new, succeeded[-1].metrics if succeeded else None)
     return new
 
@@ -223,5 +229,7 @@ def export_study(namespace: str, name: str, spec: FederatedStudySpec,
                                 {s.site: s.epsilon_spent for s in privacy_sites or ()})
     if latest is not None and latest.auroc is not None:
         metrics.GLOBAL_AUROC.labels(**labels).set(latest.auroc)
+    if latest is not None and latest.dice is not None:
+        metrics.GLOBAL_DICE.labels(**labels).set(latest.dice)
     if latest is not None and latest.loss is not None:
         metrics.GLOBAL_LOSS.labels(**labels).set(latest.loss)

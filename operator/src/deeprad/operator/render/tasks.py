@@ -39,7 +39,7 @@ def site_task(round_ref: RoundRef, study: str, study_uid: str, spec: FederatedRo
         model=spec.model,
         data=spec.data, training=spec.training, privacy=spec.privacy,
         parent_digest=parent_digest, hub=hub, objects=objects,
-        secure_aggregation=secure_aggregation, deadline=deadline)
+        secure_aggregation=secure_aggregation, deadline=deadline, mode=spec.mode)
     return {"apiVersion": API_VERSION, "kind": "SiteTask", "metadata": {
         "name": task_name(round_ref.name, round_ref.uid), "namespace": site_namespace(site),
         "labels": labels("site-task", **{LABEL_SITE: site, LABEL_STUDY: study,

@@ -60,7 +60,11 @@ class TrainingPlacement(ApiModel):
     dataset: DatasetSpec = Field(default_factory=lambda: DatasetSpec(kind="folder", path="/data"),
                                  description="How the trainer reads the data; the round's "
                                              "image size and validation split override the "
-                                             "matching fields.")
+                                             "matching fields. phantom, folder, npz, import: "
+                                             "labelled 2D images (classification studies); "
+                                             "anatomy (synthetic lesions on real anatomy) and "
+                                             "volumes (NIfTI / DICOM series with NIfTI masks): "
+                                             "3D volumes (segmentation studies).")
     dataset_name: str | None = Field(
         default=None, max_length=253, pattern=DATASET_PATTERN,
         description="The dataset's name in the site's privacy ledger, which composes every "
@@ -91,6 +95,16 @@ class TrainingPlacement(ApiModel):
                                   "queue-name label and are created suspended, and a task "
                                   "reports Queued while Kueue holds its Job. Empty: Jobs start "
                                   "at once.")
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, value: DatasetSpec) -> DatasetSpec:
+        # The anatomy benchmark is generated in the pod and checks its own options (the
+        # trainer refuses unknown ones); a folder of volumes must say where it is.
+        if value.kind == "volumes" and not value.path:
+            raise ValueError("kind volumes needs path: the folder of per-patient volumes and "
+                             "masks inside the pod, e.g. /data")
+        return value
 
     @field_validator("local_queue", mode="before")
     @classmethod

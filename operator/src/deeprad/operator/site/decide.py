@@ -62,6 +62,7 @@ from deeprad.core.site_policy import (
     policy_json,
     steps_json,
 )
+from deeprad.operator.api.common import RoundMode
 from deeprad.operator.api.hospitalsite import GpuCapacity
 from deeprad.operator.api.sitetask import SiteTaskSpec, SiteTaskStatus, TaskState
 from deeprad.operator.decide.sites import (
@@ -311,7 +312,8 @@ def _start(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, now: datetim
         training = training_task(spec, config)
         # The hospital's policy, before anything is created: the Job would check it again.
         config.policy.check(training, spent=[e.steps for e in spent])
-        if training.privacy is not None:
+        # An evaluation trains nothing: it spends no ε, so it reserves none.
+        if training.privacy is not None and training.mode == "train":
             reservation = LedgerEntry(
                 task=task.uid, round=spec.round, dataset=config.dataset, reserved=True,
                 steps=planned_steps(training, config.training.dataset_records,
@@ -339,7 +341,7 @@ def _start(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, now: datetim
     manifest = trainer_job(ctx, config.site, placement, training,
                            active_deadline_seconds(deadline, now),
                            store=StoreAccess(PRESIGNED_STORE), extra_env=env,
-                           retries=training.privacy is None)
+                           retries=training.privacy is None or training.mode == "evaluate")
     manifest["metadata"]["labels"][LABEL_TASK_UID] = task.uid
     accepted = status.model_copy(update={"job_name": name,
                                          "start_time": status.start_time or rfc3339(now)})
@@ -392,7 +394,7 @@ def _follow(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, job: JobVie
     status = task.status.model_copy(update={
         "job_name": name, "attempts": job.active + job.succeeded + job.failed})
     if job.suspended and job.outcome is None and spec.privacy.differential_privacy is not None \
-            and (job.ran or status.state == TaskState.RUNNING):
+            and spec.mode == RoundMode.TRAIN and (job.ran or status.state == TaskState.RUNNING):
         return [*_keep_reserved(config, task, spec, ledger),
                 DeleteJob(name, "a DP run suspended after it started must not run again"),
                 report(name, status, TaskState.FAILED, "the hospital's queue suspended the DP "
@@ -411,7 +413,9 @@ def _follow(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, job: JobVie
                            f"no result: {cause_line(text)}", now, terminal=True,
                            reason="NoResult")]
         status.result = task_result(result, spec)
-        done = report(name, status, TaskState.SUCCEEDED, f"update uploaded "
+        what = (f"model evaluated on its {result.test_split or 'held-out'} split"
+                if spec.mode == RoundMode.EVALUATE else "update uploaded")
+        done = report(name, status, TaskState.SUCCEEDED, f"{what} "
                       f"({result.num_samples} samples, {result.duration_s:.0f}s)", now,
                       terminal=True)
         namespace = spec.round_ref.namespace
@@ -471,7 +475,7 @@ def _keep_reserved(config: AgentConfig, task: TaskView, spec: SiteTaskSpec, ledg
     """A DP run that ended without a report stays in the ledger at its planned upper bound:
     it may have trained before it failed. Its reservation is there already, unless the Job was
     created before this agent reserved runs; then it is recorded now."""
-    if spec.privacy.differential_privacy is None or \
+    if spec.privacy.differential_privacy is None or spec.mode == RoundMode.EVALUATE or \
             ledger.has(spec.round_ref.namespace, spec.study, task.uid):
         return []
     try:

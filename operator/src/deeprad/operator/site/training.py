@@ -11,7 +11,7 @@ from deeprad.core.errors import ConfigError, PolicyViolation
 from deeprad.core.identity import KeyRegistry, PublicIdentity
 from deeprad.core.privacy import DPConfig, epsilon_of
 from deeprad.core.protocol import (
-    ModelSpec,
+    VOLUME_KINDS,
     SecAggSpec,
     SiteResult,
     TrainConfig,
@@ -19,6 +19,7 @@ from deeprad.core.protocol import (
 )
 from deeprad.core.store.endpoint import StoreEndpoint
 from deeprad.core.store.presigned import ENDPOINT_ENV, URLS_ENV
+from deeprad.operator.api.common import RoundMode
 from deeprad.operator.api.sitetask import SiteTaskSpec, TaskResult
 from deeprad.operator.decide.round import to_metrics
 from deeprad.operator.site.config import AgentConfig
@@ -52,6 +53,9 @@ def training_task(task: SiteTaskSpec, config: AgentConfig) -> TrainingTask:
         raise ConfigError(f"SiteTask for round {task.round_ref.name}: "
                           "privacy.differentialPrivacy.noiseMultiplier is missing; the hub must "
                           "send the calibrated multiplier (upgrade the hub operator)")
+    kind_problem = data_kind_problem(task, config)
+    if kind_problem is not None:
+        raise ConfigError(kind_problem)
     t = task.training
     dataset = config.training.dataset.model_copy(update={
         "image_size": task.data.image_size, "val_fraction": task.data.val_fraction,
@@ -59,7 +63,7 @@ def training_task(task: SiteTaskSpec, config: AgentConfig) -> TrainingTask:
     return TrainingTask(
         namespace=task.round_ref.namespace, study=task.study, study_uid=task.study_uid,
         round=task.round, site=task.site,
-        model=ModelSpec(name=task.model.name, kwargs=dict(task.model.kwargs or {})),
+        model=task.model.core(), mode=task.mode.value,
         dataset=dataset,
         train=TrainConfig(local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
                           optimizer=t.optimizer.value, momentum=t.momentum,
@@ -69,6 +73,21 @@ def training_task(task: SiteTaskSpec, config: AgentConfig) -> TrainingTask:
         privacy=DPConfig(noise_multiplier=noise, max_grad_norm=dp.max_grad_norm,
                          clipping=dp.clipping) if dp is not None and noise is not None else None,
         secagg=secagg)
+
+
+def data_kind_problem(task: SiteTaskSpec, config: AgentConfig) -> str | None:
+    """Why this site's data cannot serve the task's model (2D slices for a segmentation study,
+    volumes for a classification one), with the fix; None when they fit."""
+    kind = config.training.dataset.kind
+    volumes = kind in VOLUME_KINDS
+    wanted = task.model.task.value
+    if (wanted == "segmentation") == volumes:
+        return None
+    holds = "3D volumes" if volumes else "2D images"
+    return (f"site {config.site}: study {task.study} trains {wanted} with "
+            f"{task.model.name.value}, but training.dataset.kind {kind} holds {holds}; this "
+            f"site can join only {'segmentation' if volumes else 'classification'} studies "
+            "(declare it in HospitalSite spec.data.kind)")
 
 
 def presigned_env(task: SiteTaskSpec, config: AgentConfig) -> dict[str, str]:
@@ -97,8 +116,12 @@ def task_result(result: SiteResult, task: SiteTaskSpec) -> TaskResult:
     if result.privacy is not None and dp is not None:
         value = epsilon_of([result.privacy], dp.delta or DEFAULT_DELTA)
         eps = value if math.isfinite(value) else None
-    return TaskResult(samples=result.num_samples, train_loss=result.train_loss,
-                      update_digest=result.update_sha256,
+    evaluated = task.mode == RoundMode.EVALUATE
+    return TaskResult(samples=result.num_samples,
+                      train_loss=None if evaluated else result.train_loss,
+                      update_digest=result.update_sha256 or None,
                       global_metrics=to_metrics(result.global_metrics),
                       local_metrics=to_metrics(result.local_metrics),
+                      test_metrics=to_metrics(result.test_metrics),
+                      test_split=result.test_split,
                       duration_seconds=max(0.0, result.duration_s), epsilon=eps)

@@ -1,0 +1,148 @@
+"""Local training of a 3D segmentation network on tiny synthetic volumes (a bright cube in
+noise): it learns, it reports Dice/HD95/lesion metrics, DP-SGD treats a volume as the record,
+and larger volumes are scored by sliding windows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from deeprad.core.data import ImageSet, VolumeSet
+from deeprad.core.errors import ConfigError, DataError
+from deeprad.core.models import build_model, model_weights
+from deeprad.core.privacy import DPConfig
+from deeprad.core.protocol import ModelSpec, TrainConfig
+from deeprad.trainer import evaluate, train_site
+from deeprad.trainer.segmentation import segmentation_loss
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Networks this small train fastest on one thread, also on a busy CI machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+SPEC = ModelSpec(name="unet3d", task="segmentation", kwargs={"in_channels": 2})
+CPU = torch.device("cpu")
+
+
+def cubes(n: int, seed: int, edge: int = 16) -> VolumeSet:
+    """Synthetic: two noisy sequences, a 5-voxel cube brighter in both; every fourth scan
+    healthy."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(n, 1, edge, edge, edge, dtype=torch.uint8)
+    for i in range(n):
+        if i % 4 != 3:
+            d, h, w = torch.randint(1, edge - 6, (3,), generator=g).tolist()
+            masks[i, 0, d : d + 5, h : h + 5, w : w + 5] = 1
+    images = 0.3 * torch.rand(n, 2, edge, edge, edge, generator=g) + 0.6 * masks
+    return VolumeSet(images, masks, tuple(f"synthetic-{seed}-{i}" for i in range(n)),
+                     spacing=(2.0, 2.0, 2.0), channels=("t1", "flair"))
+
+
+def _global() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return model_weights(build_model(SPEC))
+
+
+def test_training_on_volumes_raises_dice_and_reports_segmentation_metrics() -> None:
+    out = train_site(SPEC, _global(), cubes(8, 0), cubes(4, 1),
+                     TrainConfig(local_epochs=8, batch_size=2, lr=1e-2))
+    before, after = out.global_metrics, out.local_metrics
+    assert before is not None and after is not None
+    assert after.loss < before.loss
+    assert before.dice is not None and after.dice is not None
+    assert after.dice > 0.6 > before.dice
+    assert after.n == 4 and after.positives == 3
+    assert after.hd95 is not None and after.hd95_cases >= 1
+    assert after.lesions is not None and after.lesions.lesions == 3
+    assert after.lesion_sensitivity is not None and after.lesion_sensitivity["1"] == 1.0
+    assert after.histogram is not None and sum(after.histogram.positives) == 3
+    assert set(out.delta) == set(_global())
+
+
+def test_dp_sgd_on_volumes_counts_steps_and_clips_per_volume() -> None:
+    # seed 1 draws an empty Poisson batch: it must still take a (noise-only) step
+    cfg = TrainConfig(local_epochs=2, batch_size=2, lr=1e-2, seed=1)
+    out = train_site(SPEC, _global(), cubes(8, 0), cubes(4, 1), cfg,
+                     dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+    assert out.privacy is not None
+    assert out.privacy.steps == 2 * 4 and out.privacy.sample_rate == pytest.approx(0.25)
+    assert set(out.delta) == set(_global())  # no Opacus wrapper names leak into the update
+
+
+def test_segmentation_loss_of_a_batch_is_the_mean_of_per_volume_losses() -> None:
+    """What DP-SGD relies on: a volume's gradient depends on that volume only."""
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    data = cubes(3, 2)
+    loss_fn = segmentation_loss()
+    y = data.masks.float()
+    batch = loss_fn(model(data.images), y)
+    each = [loss_fn(model(data.images[i : i + 1]), y[i : i + 1]) for i in range(3)]
+    assert float(batch) == pytest.approx(sum(float(v) for v in each) / 3, rel=1e-5)
+
+
+def test_ordinary_training_takes_dice_over_the_batch_and_dp_sgd_per_volume() -> None:
+    """Ordinary training pools the batch's voxels for Dice (steadier on tiny lesions and
+    healthy scans); DP-SGD keeps a volume's loss its own."""
+    from deeprad.trainer.local_training import _loss_function
+
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    data = cubes(4, 3)
+    assert data.labels.tolist() != [True] * 4  # a healthy scan in the batch
+    logits, y = model(data.images), data.masks.float()
+    pooled = segmentation_loss(per_volume=False)(logits, y)
+    assert float(_loss_function(data)(logits, y)) == pytest.approx(float(pooled))
+    assert float(_loss_function(data, per_record=True)(logits, y)) == pytest.approx(
+        float(segmentation_loss()(logits, y)))
+    assert float(pooled) != pytest.approx(float(segmentation_loss()(logits, y)), rel=1e-3)
+
+
+class _FixedInput(nn.Module):
+    """A network that accepts only its training patch size, as a network with a fixed input
+    does; scoring a larger volume must therefore go window by window."""
+
+    def __init__(self, patch: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.conv = nn.Conv3d(2, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[2:]) != (self.patch,) * 3:
+            raise ValueError(f"input {tuple(x.shape)} is not a {self.patch}^3 patch")
+        out: torch.Tensor = self.conv(x)
+        return out
+
+
+def test_volumes_larger_than_the_training_patch_are_scored_by_sliding_windows() -> None:
+    model = _FixedInput(16)
+    big = cubes(2, 3, edge=24)
+    with pytest.raises(ValueError, match="not a 16"):
+        evaluate(model, big, CPU)  # without the patch size: one forward pass
+    metrics = evaluate(model, big, CPU, roi_size=(16, 16, 16))
+    assert metrics is not None and metrics.n == 2 and metrics.dice is not None
+
+
+def test_train_and_validation_data_of_different_kinds_are_refused() -> None:
+    images = ImageSet(torch.rand(4, 1, 8, 8), torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    with pytest.raises(DataError, match="one dataset kind per site"):
+        train_site(SPEC, _global(), cubes(4, 0), images, TrainConfig())
+
+
+@pytest.mark.parametrize("name", ["segresnet3d", "dynunet3d"])
+def test_dp_sgd_refuses_segmentation_networks_opacus_cannot_differentiate_per_record(
+        name: str) -> None:
+    spec = ModelSpec(name=name, task="segmentation", kwargs={"in_channels": 2})
+    weights = model_weights(build_model(spec))
+    with pytest.raises(ConfigError, match=r"DP-SGD: MONAI .*; use unet3d"):
+        train_site(spec, weights, cubes(4, 0), cubes(2, 1), TrainConfig(batch_size=2),
+                   dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
