@@ -70,6 +70,9 @@ MUST_BE_EMPTY = {
     "deeprad-study-progress/ε spent against budget/B",
     "deeprad-study-progress/ε spent per site/A",
     "deeprad-study-progress/ε spent per site/B",
+    # The example study classifies slices: no Dice exists (a segmentation study's test, in
+    # tests/e2e/test_segmentation_study.py, reads Dice from status).
+    "deeprad-study-progress/Global Dice/A",
     # Counters that only exist once something goes wrong: no site dropped, no update rejected.
     "deeprad-round-timeline/Dropouts/A",
     "deeprad-round-timeline/Rejected updates/A",
@@ -175,8 +178,13 @@ def test_study_runs_on_the_installed_charts(helm_fed: HelmFederation,
     study = fed.wait("the study to succeed", done, STUDY_TIMEOUT, interval=2.0)
     assert any(during), "Time to deadline never had data while rounds ran"
 
-    rounds = sorted(items(fed.hub, "federatedrounds", "-n", STUDY_NAMESPACE),
-                    key=lambda r: r["spec"]["round"])
+    every = sorted(items(fed.hub, "federatedrounds", "-n", STUDY_NAMESPACE),
+                   key=lambda r: r["spec"]["round"])
+    # the training rounds, then one evaluation round scoring the final model (no updates)
+    rounds = [r for r in every if r["spec"]["mode"] == "train"]
+    assert [r["spec"]["mode"] for r in every] == ["train"] * len(rounds) + ["evaluate"]
+    assert every[-1]["status"]["state"] == "Succeeded", every[-1]["status"]
+    assert study["status"]["finalMetrics"]["auroc"] is not None
     assert study["status"]["completedRounds"] == len(rounds) >= 2
     if len(rounds) < 3:
         assert condition(study, "Succeeded")["reason"] == "TargetReached"
@@ -199,14 +207,15 @@ def test_study_runs_on_the_installed_charts(helm_fed: HelmFederation,
     _assert_restricted(fed.hub, HUB_NAMESPACE)
     hub_jobs = items(fed.hub, "jobs", "-n", HUB_NAMESPACE)
     names = sorted(j["metadata"]["name"] for j in hub_jobs)
-    assert sum(n.endswith("-aggregate") for n in names) == len(rounds), names
+    # one aggregator per round, the evaluation round's pooling its scores
+    assert sum(n.endswith("-aggregate") for n in names) == len(every), names
     assert any(n.endswith("-prepare") for n in names), names
     _assert_jobs_ran(fed.hub, HUB_NAMESPACE, hub_jobs)
     for cluster in fed.sites.values():
         _assert_restricted(cluster, SITE_NAMESPACE)
         _assert_restricted(cluster, fed.training_namespace)  # made by the site chart
         trainers = items(cluster, "jobs", "-n", fed.training_namespace)
-        assert len(trainers) == len(rounds), [j["metadata"]["name"] for j in trainers]
+        assert len(trainers) == len(every), [j["metadata"]["name"] for j in trainers]
         _assert_jobs_ran(cluster, fed.training_namespace, trainers)
         for pod in items(cluster, "pods", "-n", fed.training_namespace):
             assert pod["spec"]["nodeName"].endswith("-gpu-0")  # the example's H100 placement

@@ -104,6 +104,8 @@ def _study(name: str) -> dict[str, Any]:
                               "imageSize": 32, "valFraction": 0.2},
                      "siteSelector": {"matchLabels": {"deeprad.io/site": SITE}},
                      "rounds": 1,
+                     # the queue's training Jobs are the subject: no evaluation round after
+                     "finalEvaluation": False,
                      "roundTemplate": {"minSites": 1, "deadline": "10m",
                                        "training": {"localEpochs": 1, "batchSize": 16},
                                        "privacy": {"secureAggregation": False},

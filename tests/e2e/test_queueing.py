@@ -61,13 +61,13 @@ def fed(clusters: dict[str, Cluster], s3_server: S3Server, devenv_dir: Path,
 
 def _study(name: str) -> dict[str, Any]:
     """The example study, small: two rounds of one local epoch on 32-pixel images at both
-    hospitals, no early stop, secure aggregation off (the queue, not the exchange, is under
-    test)."""
+    hospitals, no early stop, secure aggregation off and no final evaluation round (the
+    queue of training rounds, not the exchange, is under test)."""
     study = yaml.safe_load((ROOT / "examples" / "federatedstudy-tumor-cnn.yaml").read_text())
     study["metadata"]["name"] = name
     spec = study["spec"]
     del spec["siteSelector"]
-    spec.update(sites=list(HOSPITALS), rounds=2, stopping={})
+    spec.update(sites=list(HOSPITALS), rounds=2, stopping={}, finalEvaluation=False)
     spec["data"]["imageSize"] = 32
     spec["roundTemplate"]["training"]["localEpochs"] = 1
     spec["roundTemplate"]["privacy"] = {"secureAggregation": False}

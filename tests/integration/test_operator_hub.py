@@ -168,6 +168,10 @@ def test_study_creates_rounds_in_sequence_and_survives_kill_9(
     ns = f"research-{uuid.uuid4().hex[:6]}"
     hub.kubectl("create", "namespace", ns)
     hub.kubectl("apply", "-n", ns, "-f", str(ROOT / "examples" / "federatedstudy-tumor-cnn.yaml"))
+    # This test finishes training rounds by hand; the final evaluation round that follows them
+    # runs real trainers (tests/e2e/test_operator_study.py), so it is off here.
+    hub.kubectl("patch", "federatedstudy", STUDY, "-n", ns, "--type=merge",
+                "-p", json.dumps({"spec": {"finalEvaluation": False}}))
     study = _get(hub, "federatedstudy", STUDY, "-n", ns)
     assert study is not None
     # The example sites serve namespace research only: the study waits and says why, until

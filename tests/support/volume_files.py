@@ -3,7 +3,7 @@ sequence, or a DICOM series folder per sequence (one file per slice, shuffled fi
 the lesion mask as NIfTI — in the site layout `deeprad.core.data.volumes` reads.
 
 Volume arrays are (D, H, W) = (inferior->superior, anterior->posterior, right->left), the
-layout `deeprad.core.data.volumes` returns.
+layout `deeprad.core.data.volumes` returns and the anatomy benchmark generates.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@ tumours in the brain from a few voxels to large, hospitals that differ, patient-
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -19,7 +22,9 @@ from deeprad.core.data.anatomy import (
     load_anatomy,
 )
 from deeprad.core.data.anatomy_patient import deform, grow_tumours
-from deeprad.core.data.anatomy_template import read_template, tissue_template
+from deeprad.core.data.anatomy_scanner import percentile
+from deeprad.core.data.anatomy_template import ras_to_dhw, read_template, tissue_template
+from deeprad.core.data.volumes import load_volumes
 from deeprad.core.errors import DataError
 from deeprad.core.protocol import DatasetSpec
 
@@ -122,3 +127,38 @@ def test_bad_options_are_refused_in_one_line(options: dict[str, object], message
     with pytest.raises(DataError) as caught:
         load_anatomy(_spec(**options))
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_benchmark_and_hospital_volumes_share_one_orientation(tmp_path: Path) -> None:
+    """The benchmark's template and a hospital's NIfTI scan of the same anatomy must not be
+    mirror images: a marker in the LEFT anterior superior brain, stored on RAS axes as the
+    MNI152 files are, lands on the same (D, H, W) voxel through `ras_to_dhw` (the template's
+    reorientation) and through `load_volumes` (the hospitals')."""
+    size = 12
+    xyz = np.zeros((size, size, size), np.float32)
+    x, y, z = 2, 9, 7  # low x = left (RAS), high y = anterior, high z = superior
+    xyz[x, y, z] = 1.0
+    site = tmp_path / "site"
+    (site / "p00").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(xyz, np.diag([1.0, 1.0, 1.0, 1.0])), str(site / "p00" / "t1.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros_like(xyz, dtype=np.uint8), np.eye(4)),
+             str(site / "p00" / "mask.nii.gz"))
+    spec = DatasetSpec(kind="volumes", path=str(site), image_size=size,
+                       options={"normalize": "none", "test_fraction": 0.0})
+    hospital = load_volumes(spec)["train"].images[0, 0]
+    benchmark = ras_to_dhw(torch.from_numpy(xyz))
+    where = [np.unravel_index(int(v.argmax()), v.shape) for v in (hospital, benchmark)]
+    assert where[0] == where[1] == (z, size - 1 - y, size - 1 - x)
+
+
+def test_percentile_matches_torch_quantile_and_takes_any_size() -> None:
+    """torch.quantile refused more than 2^24 elements in the torch versions that had the limit
+    (a brain at image_size ~350+); the scanner's percentile uses kthvalue instead."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 1000):
+        values = torch.rand(n, generator=gen)
+        for q in (0.0, 0.5, 0.99, 1.0):
+            assert float(percentile(values, q)) == pytest.approx(
+                float(torch.quantile(values, q)), abs=1e-6)
+    big = torch.linspace(0.0, 1.0, 2**24 + 1)
+    assert float(percentile(big, 0.99)) == pytest.approx(0.99, abs=1e-5)

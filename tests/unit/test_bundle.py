@@ -343,3 +343,173 @@ def test_every_allowlisted_target_is_a_monai_class_of_its_kind() -> None:
             assert target_class_name(f"{module_name}.{name}") == name
     assert target_class_name("monai.networks.nets.unet.UNet") is None  # submodule paths: no
     assert target_class_name("os.system") is None
+
+
+# ---- bounded reading --------------------------------------------------------------------------
+
+
+def _peak_bytes(run: Any) -> int:
+    """Peak Python memory while `run()` runs (it must raise BundleError or return)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        run()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def _refuse_reading(path: Path) -> tuple[str, int]:
+    said: list[str] = []
+
+    def run() -> None:
+        with pytest.raises(BundleError) as exc:
+            verify_bundle(read_bundle(path))
+        said.append(str(exc.value))
+
+    peak = _peak_bytes(run)
+    assert "\n" not in said[0]
+    return said[0], peak
+
+
+def test_attack_a_compressed_archive_bomb_is_refused_before_it_is_unpacked(
+        tmp_path: Path) -> None:
+    """Attack: a few-kilobyte .tar.gz whose configs/metadata.json unpacks to 8 MB of JSON
+    (memory grows with what is unpacked). Refused by its magic number; nothing is unpacked."""
+    bomb = b"[" + b"0," * (4 << 20) + b"0]"
+    info = tarfile.TarInfo("b/configs/metadata.json")
+    info.size = len(bomb)
+    with tarfile.open(tmp_path / "b.tar.gz", "w:gz") as tar:
+        tar.addfile(info, __import__("io").BytesIO(bomb))
+    assert (tmp_path / "b.tar.gz").stat().st_size < 64 << 10
+    said, peak = _refuse_reading(tmp_path / "b.tar.gz")
+    assert said.startswith(f"{tmp_path / 'b.tar.gz'}: a compressed archive; bundles are plain "
+                           ".tar")
+    assert peak < 1 << 20
+
+
+def test_attack_oversized_files_are_refused_before_they_are_read(tmp_path: Path) -> None:
+    """Attack: an 8 MiB config (the limit is 1 MiB), weights whose tar header claims 3 GiB, more
+    members than a bundle holds. Each is refused from its stated size or count: the config's
+    bytes are never held in memory."""
+    from deeprad.core.bundle import MAX_CONFIG_BYTES, MAX_MEMBERS
+
+    folder = _bundle(tmp_path / "big", weights=False)
+    (folder / "configs" / "train.json").write_bytes(b" " * (8 << 20))
+    said, peak = _refuse_reading(folder)
+    assert said.startswith(f"configs/train.json: {8 << 20} bytes, over the "
+                           f"{MAX_CONFIG_BYTES} byte limit for a config")
+    assert peak < 2 << 20  # the hashing buffer only, not the file
+    claims = tarfile.TarInfo("w/models/model.safetensors")
+    claims.size = 3 << 30  # the header says 3 GiB; the archive holds a few bytes
+    with tarfile.open(tmp_path / "w.tar", "w") as tar:
+        tar.addfile(claims)
+    said, _ = _refuse_reading(tmp_path / "w.tar")
+    assert said.startswith(f"models/model.safetensors: {3 << 30} bytes, over the {2 << 30} "
+                           "byte limit for weights")
+    with tarfile.open(tmp_path / "many.tar", "w") as tar:
+        for i in range(MAX_MEMBERS + 1):
+            tar.addfile(tarfile.TarInfo(f"m/docs/{i}.md"))
+    said, _ = _refuse_reading(tmp_path / "many.tar")
+    assert said == (f"{tmp_path / 'many.tar'}: more than {MAX_MEMBERS} files and folders; a "
+                    "bundle holds configs, weights and a few docs")
+
+
+def test_verify_reads_only_the_safetensors_header(tmp_path: Path) -> None:
+    """8 MB of weights are hashed as a stream and their header parsed alone (peak memory far
+    below the file); a header that claims 1 GiB is refused without reading it."""
+    folder = _bundle(tmp_path / "a", weights=False)
+    save_file({"w": np.zeros(2 << 20, dtype=np.float32)}, str(folder / WEIGHTS))
+    assert _peak_bytes(lambda: verify_bundle(read_bundle(folder))) < 4 << 20
+    other = _bundle(tmp_path / "b", weights=False)
+    (other / WEIGHTS).write_bytes((1 << 30).to_bytes(8, "little") + b"{}")
+    said, peak = _refuse_reading(other)
+    assert said.startswith(f"{WEIGHTS}: not a safetensors file (its header would be "
+                           f"{1 << 30} bytes, over the {16 << 20} byte limit")
+    assert peak < 2 << 20
+
+
+def test_find_bundle_reads_only_the_listing_of_other_bundles(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site folder of packed bundles: those whose SHA256SUMS hashes to another digest are
+    skipped without reading their files."""
+    import deeprad.core.bundle as bundle_module
+
+    store = tmp_path / "store"
+    store.mkdir()
+    wanted = pack_bundle(_bundle(tmp_path / "want"), store / "b-want.tar")
+    pack_bundle(_bundle(tmp_path / "other", {**UNET, "channels": [2, 4]}), store / "a-other.tar")
+    read: list[str] = []
+    real = bundle_module.read_bundle
+
+    def spy(path: str | Path) -> Any:
+        read.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(bundle_module, "read_bundle", spy)
+    assert find_bundle(wanted, env={BUNDLES_ENV: str(store)}).digest == wanted
+    assert read == ["b-want.tar"]
+
+
+def _deep(depth: int) -> Any:
+    node: Any = 1
+    for _ in range(depth):
+        node = [node]
+    return node
+
+
+def test_attack_deeply_nested_json_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Attack: configs nested deeper than Python's stack (a RecursionError traceback in the
+    parser or in the recursive config walkers). Refused, naming the file."""
+    from deeprad.core.bundle import INFERENCE, MAX_JSON_DEPTH, Bundle, check_config
+    from deeprad.core.bundle_model import network_from_bundle
+
+    folder = _bundle(tmp_path / "a")
+    (folder / "configs" / "metadata.json").write_text("[" * 200_000)
+    with pytest.raises(BundleError) as exc:
+        read_bundle(folder)
+    assert str(exc.value) == ("configs/metadata.json: not valid JSON (nested too deeply); fix "
+                              "the file and pack again")
+    (folder / "configs" / "metadata.json").write_text(json.dumps(_deep(MAX_JSON_DEPTH + 1)))
+    with pytest.raises(BundleError, match=f"^configs/metadata.json: arrays and objects nest "
+                                          f"more than {MAX_JSON_DEPTH} deep"):
+        read_bundle(folder)
+    with pytest.raises(BundleError, match=r"^configs/x\.json: arrays and objects nest"):
+        check_config("configs/x.json", _deep(50_000))
+    deep = Bundle(folder, (), {INFERENCE: {"network_def": {"layers": _deep(50_000)}}}, None)
+    with pytest.raises(BundleError, match=f"^{INFERENCE}: arrays and objects nest"):
+        network_from_bundle(deep)
+
+
+def test_attack_weights_swapped_after_verification_are_refused_not_loaded(
+        tmp_path: Path) -> None:
+    """Attack: the weights file is replaced (or turned into a symlink to other weights) after
+    `find_bundle` verified the digest and before the network loads them. The bytes loaded are
+    checked against the verified listing, so the swap is refused and never loaded."""
+    import safetensors.torch
+    import torch
+
+    from deeprad.core.bundle_model import bundle_weights, instantiate, network_from_bundle
+
+    folder = _bundle(tmp_path / "a", weights=False)
+    torch.manual_seed(0)
+    reviewed = bundle_weights(instantiate(UNET, "network_def"))
+    safetensors.torch.save_file(reviewed, str(folder / WEIGHTS))
+    torch.manual_seed(1)
+    safetensors.torch.save_file(bundle_weights(instantiate(UNET, "network_def")),
+                                str(tmp_path / "other.safetensors"))
+    digest = read_bundle(folder).digest
+    bundle = find_bundle(digest, folder)
+    state = network_from_bundle(bundle).state_dict()
+    assert all(torch.equal(state[k], v) for k, v in reviewed.items())
+    (folder / WEIGHTS).write_bytes((tmp_path / "other.safetensors").read_bytes())
+    with pytest.raises(BundleError) as exc:
+        network_from_bundle(bundle)
+    assert str(exc.value) == (f"{WEIGHTS}: changed in {folder} since the bundle was read and "
+                              "verified; restore the reviewed bundle and run again")
+    (folder / WEIGHTS).unlink()
+    (folder / WEIGHTS).symlink_to(tmp_path / "other.safetensors")
+    with pytest.raises(BundleError, match=r"changed in .* since the bundle was read"):
+        network_from_bundle(bundle)

@@ -195,7 +195,10 @@ def test_examples_validate_against_the_python_models() -> None:
         HospitalSiteSpec.model_validate(site["spec"])
     studies = {d["metadata"]["name"]: FederatedStudySpec.model_validate(d["spec"])
                for d in docs.values() if d["kind"] == "FederatedStudy"}
-    assert set(studies) == {"tumor-detection", "tumor-dp"}
+    assert set(studies) == {"tumor-detection", "tumor-dp", "lesion-segmentation"}
+    seg = studies["lesion-segmentation"]
+    assert (seg.model.name, seg.model.task, seg.stopping.metric) == (
+        "unet3d", "segmentation", "dice")
     spec = studies["tumor-detection"]
     assert (spec.rounds, spec.model.name, spec.round_template.strategy.name,
             spec.round_template.min_sites) == (3, "tumor-cnn", "fedavg", 2)

@@ -14,7 +14,7 @@ from deeprad.core.data.loaders import load_npz
 from deeprad.core.errors import ConfigError, DataError
 from deeprad.core.protocol import DatasetSpec
 from deeprad.simulate.config import SimulationConfig
-from deeprad.simulate.sites import make_sites, make_test_set
+from deeprad.simulate.sites import describe_test_set, make_sites, make_test_set
 
 pytestmark = pytest.mark.unit
 
@@ -45,10 +45,14 @@ def test_the_test_set_is_the_sites_own_test_splits(tmp_path: Path) -> None:
     _npz(root / "south.npz", {"train": 20, "val": 5, "test": 4}, seed=2)
     cfg = SimulationConfig(sites=2, dataset=str(root), image_size=12, output=tmp_path / "o")
     assert len(make_test_set(cfg, make_sites(cfg))) == 11
+    assert "own test splits" in describe_test_set(cfg, make_sites(cfg))
     (root / "east.npz").unlink(missing_ok=True)
     _npz(root / "east.npz", {"train": 20, "val": 3}, seed=3)  # one site without a test split
     cfg = SimulationConfig(sites=3, dataset=str(root), image_size=12, output=tmp_path / "o")
     assert len(make_test_set(cfg, make_sites(cfg))) == 5 + 5 + 3  # the validation splits
+    # ... and the report says so: the best round is chosen on these same splits
+    assert describe_test_set(cfg, make_sites(cfg)).startswith(
+        "the union of the hospitals' validation splits")
 
 
 def test_dataset_scaling_keeps_brightness_between_images(tmp_path: Path) -> None:

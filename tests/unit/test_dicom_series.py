@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 
+from deeprad.core.data import dicom_series
 from deeprad.core.data.dicom_series import read_dicom_series
+from deeprad.core.data.volumeset import MAX_VOXELS
 from deeprad.core.errors import DataError
 from tests.support.volume_files import write_dicom_series
 
@@ -88,3 +91,36 @@ def test_mixed_geometry_and_foreign_files_are_refused(tmp_path: Path) -> None:
     (tmp_path / "junk" / "notes.txt").write_text("not an image")
     with pytest.raises(DataError, match=r"notes\.txt: not a readable DICOM file"):
         read_dicom_series(tmp_path / "junk")
+
+
+def test_a_series_declaring_huge_slices_is_refused_before_decoding(tmp_path: Path) -> None:
+    """Attack: slices whose Rows x Columns declare 65535^2 pixels each (2 slices: 8.6e9 voxels,
+    34 GB as float32) over a few bytes of pixel data. The headers alone refuse the series: the
+    peak of Python/numpy allocations stays under 16 MB, so no pixel array was built."""
+    write_dicom_series(tmp_path, _voxels(depth=2), SPACING, "p1")
+    for path in tmp_path.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.Rows, ds.Columns = 65535, 65535
+        ds.save_as(path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as err:
+            read_dicom_series(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(err.value)
+    assert "2 slices of 65535 x 65535" in message and f"limit of {MAX_VOXELS}" in message
+    assert "\n" not in message and peak < 16_000_000, peak
+
+
+def test_a_folder_of_too_many_files_is_refused_before_reading_any(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack: a folder of millions of files (every header would be parsed). With the cap set to
+    4, five files that are not even DICOM are refused for their number, proving that no header
+    was read (reading one would fail with 'not a readable DICOM file')."""
+    monkeypatch.setattr(dicom_series, "MAX_SLICES", 4)
+    for k in range(5):
+        (tmp_path / f"{k}.dcm").write_bytes(b"junk")
+    with pytest.raises(DataError, match=r"5 files, over the limit of 4 slices per series"):
+        read_dicom_series(tmp_path)

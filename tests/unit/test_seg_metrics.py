@@ -3,6 +3,9 @@ equals scoring the pooled predictions."""
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
@@ -54,16 +57,27 @@ def test_froc_counts_and_sensitivity_by_hand() -> None:
              + _cube((1, 10, 1), size=2, value=0.6))[None]
     m = segmentation_metrics(probs, reference, (1.0, 1.0, 1.0), loss=0.0)
     assert m.lesions is not None and m.lesions.lesions == 2 and m.lesions.scans == 1
-    by_threshold = dict(zip(m.lesions.thresholds,
-                            zip(m.lesions.hits, m.lesions.false_positives, strict=True),
-                            strict=True))
-    assert by_threshold[0.3] == (2, 1)  # both lesions and the 0.6 blob
-    assert by_threshold[0.5] == (1, 1)
-    assert by_threshold[0.7] == (1, 0)
-    assert by_threshold[0.95] == (0, 0)
+    # at threshold t: the 0.9 lesion is hit when t <= 0.9, the 0.3 one when t <= 0.3, and the
+    # 0.6 blob is a false positive when t <= 0.6 (no threshold is near those scores)
+    assert m.lesions.hits == [(t <= 0.9) + (t <= 0.3) for t in m.lesions.thresholds]
+    assert m.lesions.false_positives == [int(t <= 0.6) for t in m.lesions.thresholds]
+    assert len(set(m.lesions.hits)) == 3
     assert m.lesion_sensitivity is not None
     assert m.lesion_sensitivity["0.125"] == 0.5  # no false positive allowed: only the 0.9 one
     assert m.lesion_sensitivity["1"] == 1.0 and m.lesion_sensitivity["8"] == 1.0
+
+
+def test_confident_false_positives_leave_low_false_positive_operating_points_reachable() -> None:
+    """A trained network's false alarm at 0.997 next to a lesion found at 0.9999: a threshold
+    between them finds the lesion with no false positive, so sensitivity at 1/8 FP per scan is
+    1 (thresholds stopping at 0.99 kept the false alarm on every operating point: 0)."""
+    reference = _cube((2, 2, 2), size=3)[None]
+    probs = (_cube((2, 2, 2), size=3, value=0.9999) + _cube((10, 10, 10), size=2, value=0.997)
+             )[None]
+    m = segmentation_metrics(probs, reference, (1.0, 1.0, 1.0), loss=0.0)
+    assert m.lesions is not None and m.lesion_sensitivity is not None
+    assert (1, 0) in zip(m.lesions.hits, m.lesions.false_positives, strict=True)
+    assert m.lesion_sensitivity["0.125"] == 1.0
 
 
 def test_a_candidate_must_overlap_a_lesion_by_a_tenth_iou_to_find_it() -> None:
@@ -128,7 +142,8 @@ def test_pooled_auroc_from_histograms_matches_the_pooled_predictions() -> None:
     logits = torch.cat([x for x, _ in sites])
     labels = torch.cat([y for _, y in sites])
     exact = float(binary_auroc(torch.sigmoid(logits), labels.long()))
-    assert pooled is not None and pooled.auroc == pytest.approx(exact, abs=1e-3)
+    assert pooled is not None and pooled.auroc is not None
+    assert pooled.auroc == pytest.approx(exact, abs=1e-3)
     # the old per-site average is measurably off here, which is why it is no longer used
     mean = sum(float(binary_auroc(torch.sigmoid(x), y.long())) * len(y) for x, y in sites)
     assert abs(mean / len(labels) - exact) > 5 * abs(pooled.auroc - exact)
@@ -142,3 +157,51 @@ def test_without_histograms_auroc_falls_back_to_the_weighted_mean() -> None:
     both = combine([a, old])
     assert both is not None and both.histogram is None
     assert both.auroc == pytest.approx((4 / 6 * 5 + 1.0 * 2) / 7)
+
+
+def _saturated_scores() -> tuple[torch.Tensor, torch.Tensor]:
+    """The reviewer's case of a trained network: 40 positive scans scored in [0.9995, 1), 30 of
+    60 negatives in [0.9991, 1), the rest lower; spread evenly in logit (exact AUROC 0.894)."""
+    positives = torch.linspace(math.log(0.9995 / 0.0005), 10.0, 40)
+    negatives = torch.cat([torch.linspace(math.log(0.9991 / 0.0009), 9.0, 30),
+                           torch.linspace(-4.0, 3.0, 30)])
+    return torch.cat([positives, negatives]), torch.cat([torch.ones(40), torch.zeros(60)])
+
+
+def test_pooled_auroc_stays_exact_when_scores_saturate_near_one() -> None:
+    """Equal bins in probability put all 40 positives and 30 negatives into the top bin, as ties
+    (pooled AUROC 0.750); logit bins keep them apart."""
+    logits, labels = _saturated_scores()
+    exact = float(binary_auroc(torch.sigmoid(logits), labels.long()))
+    assert 0.88 < exact < 0.90  # the reviewer measured 0.892
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    sites = [order[:30], order[30:55], order[55:]]
+    pooled = combine([clinical_metrics(logits[i], labels[i]) for i in sites])
+    assert pooled is not None and pooled.auroc == pytest.approx(exact, abs=1e-3)
+
+
+def test_pooled_scan_auroc_of_segmentations_stays_exact_when_scores_saturate() -> None:
+    """The same saturated scan scores as lesion probabilities of 4^3 volumes (one voxel each,
+    the lesion there on positive scans): the per-site histograms pool to the exact AUROC."""
+    logits, labels = _saturated_scores()
+    probs = torch.zeros(100, 1, 4, 4, 4)
+    probs[:, 0, 1, 1, 1] = torch.sigmoid(logits)
+    masks = torch.zeros(100, 1, 4, 4, 4)
+    masks[:, 0, 1, 1, 1] = labels
+    direct = segmentation_metrics(probs, masks, (1.0, 1.0, 1.0), loss=0.0)
+    assert direct.auroc is not None and 0.88 < direct.auroc < 0.90
+    sites = [segmentation_metrics(probs[i:i + 25], masks[i:i + 25], (1.0, 1.0, 1.0), loss=0.0)
+             for i in range(0, 100, 25)]
+    pooled = combine(sites)
+    assert pooled is not None and pooled.auroc == pytest.approx(direct.auroc, abs=1e-3)
+
+
+def test_hd95_emits_no_monai_deprecation_warning() -> None:
+    """MONAI 1.6 warns about its own always_return_as_numpy on every HD95; the report must not
+    carry that noise (warnings are errors here)."""
+    reference = _cube((4, 4, 4))[None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = segmentation_metrics(_cube((5, 4, 4), value=0.8)[None], reference,
+                                 (1.0, 1.0, 1.0), loss=0.0)
+    assert m.hd95 == pytest.approx(1.0)

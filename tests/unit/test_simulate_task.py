@@ -62,6 +62,10 @@ def test_flags_given_win_over_the_3d_recipe() -> None:
      "--leave-one-out needs >= 2 training hospitals (--sites), got 1"),
     (["--task", "segmentation", "--samples-per-site", "2"],
      "--samples-per-site must be >= 6, got 2"),
+    # leave-one-out trains each hospital's records in S studies: ε would compose unreported
+    (["--task", "segmentation", "--leave-one-out", "--dp-epsilon", "8"],
+     "--leave-one-out with a privacy budget would train each hospital's records in several "
+     "studies and spend more ε than the report shows: drop --leave-one-out or the DP flags"),
 ])
 def test_a_mismatched_task_is_one_line_naming_the_flag(tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str],

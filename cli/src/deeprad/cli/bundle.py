@@ -117,9 +117,12 @@ def _targets(node: Any, where: str = "") -> list[tuple[str, str]]:
 
 
 def _weights_text(bundle: Any) -> str:
-    from deeprad.core.bundle import WEIGHTS, safetensors_header
+    from deeprad.core.bundle import WEIGHTS, BundleError
 
-    header = safetensors_header(bundle.read(WEIGHTS)) or {}
+    try:  # the header only: inspect never reads the tensors
+        header = bundle.safetensors_header(WEIGHTS)
+    except BundleError:
+        header = {}
     tensors = {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
     params = 0
     for tensor in tensors.values():

@@ -15,7 +15,7 @@ from deeprad.simulate.baselines import Baselines
 from deeprad.simulate.cross_site import best_round, cross_site_matrix
 from deeprad.simulate.report import build_report, mean_metrics
 from deeprad.simulate.scoring import POOLED, metrics_json, primary_metric, score_sets, score_weights
-from deeprad.simulate.sites import held_out_data
+from deeprad.simulate.sites import describe_test_set, held_out_data
 from deeprad.simulate.study import LocalStudy
 
 
@@ -45,7 +45,8 @@ def finish(study: LocalStudy, rounds: list[dict[str, Any]], baselines: Baselines
              "held_out": held_out_scores(study, {"federated": final_weights,
                                                  **dict(sorted(baselines.weights.items()))}),
              "held_out_hospitals": {s.name: s.dataset.model_dump() for s in study.held_out},
-             "leave_one_out": leave_one_out}
+             "leave_one_out": leave_one_out,
+             "test_set": describe_test_set(cfg, study.sites)}
     return build_report(cfg, study.sites, rounds, baselines.curves,
                         time.perf_counter() - started, extra)
 

@@ -74,6 +74,7 @@ def build_report(cfg: SimulationConfig, sites: list[Site], rounds: list[dict[str
         "rounds": rounds,
         "curves": {name: [m.model_dump() for m in c] for name, c in curves.items()},
         "final": final,
+        "test_set": extra.get("test_set"),
         "privacy": extra.get("privacy"),
         "epsilon_spent": rounds[-1]["epsilon_spent"] if rounds and extra.get("privacy") else
         (0.0 if extra.get("privacy") else None),
@@ -163,6 +164,8 @@ def print_classification_report(report: dict[str, Any]) -> None:
         print(f"Study stopped early: {report['stopped']}")
     final = report["final"]
     fed = final["federated"]["auroc"]
+    if "validation splits" in (report.get("test_set") or ""):
+        print(f"\nTest set: {report['test_set']}")
     print(f"\nFinal test-set AUROC  federated: {_fmt(fed)}")
     if "centralized" in final:
         cen = final["centralized"]["auroc"]
@@ -256,7 +259,7 @@ def print_segmentation_report(report: dict[str, Any]) -> None:
     if report.get("stopped"):
         print(f"Study stopped early: {report['stopped']}")
     final = report["final"]
-    _seg_table("\nFinal models on the test set (the training hospitals' own test patients):",
+    _seg_table(f"\nFinal models on the test set ({report.get('test_set') or 'see report'}):",
                final)
     held = final.get("held_out")
     if held:

@@ -132,6 +132,18 @@ def make_test_set(cfg: SimulationConfig, sites: list[Site]) -> Samples:
     return concat_samples([load_dataset(s.dataset)[1] for s in sites])
 
 
+def describe_test_set(cfg: SimulationConfig, sites: list[Site]) -> str:
+    """What `make_test_set` scored on, as the report says it: an independent test set, or —
+    when a hospital has no test split — the validation splits the best round is chosen on."""
+    if cfg.dataset == "phantom":
+        return "fresh phantoms from every hospital's scanner (never trained on)"
+    tests = [load_split(s.dataset, "test") for s in sites]
+    if all(t is not None and len(t) for t in tests):
+        return "the training hospitals' own test splits (never trained on or chosen on)"
+    return ("the union of the hospitals' validation splits (not every hospital has a test "
+            "split): the data the best round is chosen on, so not an independent test")
+
+
 def held_out_data(site: Site) -> Samples:
     """Everything a held-out hospital holds (every split: none of it was trained on)."""
     train, val = load_dataset(site.dataset)

@@ -18,11 +18,17 @@ Identity. The bundle's digest is `sha256:` + the sha256 of its SHA256SUMS listin
 UTF-8 bytes of the path, every file of the bundle except a root `SHA256SUMS` itself. It covers
 each file's relative path and content; not file modes, times, owners or empty folders.
 Symlinks, devices and names that could make the listing ambiguous (newlines, backslashes, `..`)
-are refused, so the listing is a faithful description of the tree. `pack` writes a `.tar`
+are refused, so the listing is a faithful description of the tree. `pack` writes a plain `.tar`
 whose members carry fixed times, owners and modes in sorted order, with SHA256SUMS inside, so
 the same content always packs to the same bytes and `sha256sum -c SHA256SUMS` checks an
 unpacked copy; the archive's digest (of the members under its one top folder) equals the
 folder's.
+
+Size. A bundle is read before anyone knows it is the reviewed one (`find_bundle` looks through a
+folder of them), so reading is bounded: archives are plain tar (a compressed one can unpack a
+few kilobytes into gigabytes), each file's size is checked before it is read (limits below),
+only configs and the listing are held in memory, JSON nests at most `MAX_JSON_DEPTH` deep, and
+weights are hashed as a stream and parsed by their safetensors header only.
 
 The digest shares `policy.models` with the catalogue's model digests (`model_digest`: the
 sha256 of a canonical JSON object {name, kwargs}) without ambiguity: a bundle digest hashes a
@@ -50,9 +56,10 @@ import stat
 import struct
 import tarfile
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 from deeprad.core.errors import ConfigError
 
@@ -98,6 +105,18 @@ _RESERVED_OK = ("_target_", "_desc_", "_disabled_")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib", ".npy",
                     ".npz", ".ts", ".pb")
 _CHUNK = 1 << 20
+# Reading limits (see "Size" above); generous for real MONAI bundles, whose configs are tens of
+# kilobytes and whose weights are megabytes to hundreds of megabytes.
+MAX_CONFIG_BYTES = 1 << 20  # each configs/*.json and the SHA256SUMS listing
+MAX_KEPT_BYTES = 2 << 20  # configs and listing together (held in memory and parsed)
+MAX_WEIGHTS_BYTES = 2 << 30  # each models/*.safetensors
+MAX_OTHER_BYTES = 16 << 20  # each other file (docs, LICENSE)
+MAX_BUNDLE_BYTES = 4 << 30  # all files together
+MAX_MEMBERS = 256  # archive members, or files and folders in a bundle folder
+MAX_SAFETENSORS_HEADER = 16 << 20  # the JSON header of a weights file
+MAX_JSON_DEPTH = 64  # nesting of arrays and objects in a config
+# Magic numbers of compressed files: gzip, bzip2, xz, zstd.
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
 
 
 class BundleError(ConfigError):
@@ -159,16 +178,42 @@ class Bundle:
         return next((f for f in self.files if f.path == WEIGHTS), None)
 
     def read(self, path: str) -> bytes:
-        """One file's bytes (from the folder, or the archive's member)."""
+        """One file's bytes, read once and checked against the sha256 this Bundle listed (the
+        digest that was verified covers those bytes, whatever happened to the file since)."""
+        entry = self._entry(path)
+        with self._open(path) as stream:
+            data = stream.read(entry.size + 1)
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise BundleError(f"{path}: changed in {self.source} since the bundle was read and "
+                              "verified; restore the reviewed bundle and run again")
+        return data
+
+    def safetensors_header(self, path: str) -> dict[str, Any]:
+        """A weights file's safetensors header, read without reading its tensors."""
+        self._entry(path)
+        with self._open(path) as stream:
+            return read_safetensors_header(stream, path)
+
+    def _entry(self, path: str) -> BundleFile:
+        entry = next((f for f in self.files if f.path == path), None)
+        if entry is None:
+            raise BundleError(f"{self.source}: no {path} in the bundle")
+        return entry
+
+    @contextmanager
+    def _open(self, path: str) -> Iterator[IO[bytes]]:
         if self.source.is_dir():
-            return (self.source / path).read_bytes()
-        with tarfile.open(self.source, "r:*") as tar:
+            with (self.source / path).open("rb") as stream:
+                yield stream
+            return
+        with _open_archive(self.source) as tar:
             for member, rel in _archive_members(tar, self.source):
                 if rel == path:
                     handle = tar.extractfile(member)
                     assert handle is not None
-                    return handle.read()
-        raise BundleError(f"{self.source}: no {path}")
+                    yield handle
+                    return
+        raise BundleError(f"{self.source}: no {path} in the archive")
 
 
 def listing_text(files: tuple[BundleFile, ...]) -> str:
@@ -181,8 +226,8 @@ def listing_text(files: tuple[BundleFile, ...]) -> str:
 
 
 def read_bundle(path: str | Path) -> Bundle:
-    """A bundle from a folder or a `.tar` (optionally compressed) made by `pack_bundle`. Refuses
-    symlinks, special files and unsafe names; parses every configs/*.json."""
+    """A bundle from a folder or a plain `.tar` made by `pack_bundle`. Refuses symlinks, special
+    files, unsafe names and files over the size limits; parses every configs/*.json."""
     source = Path(path)
     if source.is_dir():
         entries = list(_folder_files(source))
@@ -198,27 +243,91 @@ def read_bundle(path: str | Path) -> Bundle:
             continue
         files.append(BundleFile(rel, sha, size, head))
         if rel.startswith("configs/") and rel.endswith(".json"):
-            try:
-                configs[rel] = json.loads(data or b"")
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise BundleError(f"{rel}: not valid JSON ({exc}); fix the file and pack "
-                                  "again") from None
+            configs[rel] = _parse_json(rel, data or b"")
     if len({f.path for f in files}) != len(files):
         raise BundleError(f"{source}: a path appears twice in the archive; pack it again with "
                           "`deeprad bundle pack`")
     return Bundle(source, tuple(sorted(files, key=lambda f: f.path.encode())), configs, packed)
 
 
+def _parse_json(rel: str, data: bytes) -> Any:
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise BundleError(f"{rel}: not valid JSON ({reason}); fix the file and pack "
+                          "again") from None
+    check_depth(rel, value)
+    return value
+
+
+def check_depth(rel: str, value: Any) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH (checked without recursion), so the
+    recursive walkers of configs never run out of stack."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node \
+            if isinstance(node, list) else ()
+        if children and depth > MAX_JSON_DEPTH:
+            raise BundleError(f"{rel}: arrays and objects nest more than {MAX_JSON_DEPTH} "
+                              "deep; flatten the config")
+        stack.extend((child, depth + 1) for child in children)
+
+
 _Entry = tuple[str, str, int, bytes, bytes | None]  # path, sha256, size, head, data of configs
 
 
-def _hash_stream(stream: io.BufferedIOBase | Any, keep: bool) -> tuple[str, int, bytes, bytes]:
+class _Budget:
+    """The reading limits of one bundle: member count, each file's size (checked before it is
+    read), the bytes held in memory and the total."""
+
+    def __init__(self, source: Path) -> None:
+        self.source, self.members, self.kept, self.total = source, 0, 0, 0
+
+    def member(self) -> None:
+        self.members += 1
+        if self.members > MAX_MEMBERS:
+            raise BundleError(f"{self.source}: more than {MAX_MEMBERS} files and folders; a "
+                              "bundle holds configs, weights and a few docs")
+
+    def admit(self, rel: str, size: int) -> int:
+        """The most bytes `rel` may have; BundleError when its stated size is over it."""
+        limit, kind = _limit(rel)
+        self.total += size
+        if _wanted(rel):
+            self.kept += size
+        if size > limit:
+            raise BundleError(f"{rel}: {size} bytes, over the {limit} byte limit for {kind}; "
+                              "a bundle larger than that is not accepted")
+        if self.kept > MAX_KEPT_BYTES:
+            raise BundleError(f"{rel}: configs together over {MAX_KEPT_BYTES} bytes; keep "
+                              "the bundle's configs small")
+        if self.total > MAX_BUNDLE_BYTES:
+            raise BundleError(f"{self.source}: files together over {MAX_BUNDLE_BYTES} bytes; "
+                              "a bundle larger than that is not accepted")
+        return limit
+
+
+def _limit(rel: str) -> tuple[int, str]:
+    if _wanted(rel):
+        return MAX_CONFIG_BYTES, "a config"
+    if rel.startswith("models/") and rel.endswith(".safetensors"):
+        return MAX_WEIGHTS_BYTES, "weights"
+    return MAX_OTHER_BYTES, "a document"
+
+
+def _hash_stream(stream: IO[bytes], keep: bool, rel: str, limit: int
+                 ) -> tuple[str, int, bytes, bytes]:
     digest, size, head, kept = hashlib.sha256(), 0, b"", bytearray()
     while chunk := stream.read(_CHUNK):
         if not head:
             head = chunk[:64]
         digest.update(chunk)
         size += len(chunk)
+        if size > limit:  # the file grew after its size was checked
+            raise BundleError(f"{rel}: over the {limit} byte limit while it was read; a "
+                              "bundle's files must not change while it is read")
         if keep:
             kept += chunk
     return digest.hexdigest(), size, head, bytes(kept)
@@ -230,11 +339,14 @@ def _wanted(rel: str) -> bool:
 
 
 def _folder_files(root: Path) -> Iterator[_Entry]:
+    budget = _Budget(root)
     for folder, dirs, names in os.walk(root, followlinks=False):
         for name in sorted(dirs + names):
+            budget.member()
             full = Path(folder) / name
             rel = full.relative_to(root).as_posix()
-            mode = full.lstat().st_mode
+            info = full.lstat()
+            mode = info.st_mode
             if stat.S_ISLNK(mode):
                 raise BundleError(f"{rel}: a symlink; a bundle holds its files itself (copy "
                                   "the file in place of the link)")
@@ -242,8 +354,9 @@ def _folder_files(root: Path) -> Iterator[_Entry]:
                 continue
             if not stat.S_ISREG(mode):
                 raise BundleError(f"{rel}: not a regular file; remove it from the bundle")
+            limit = budget.admit(rel, info.st_size)
             with full.open("rb") as stream:
-                sha, size, head, data = _hash_stream(stream, _wanted(rel))
+                sha, size, head, data = _hash_stream(stream, _wanted(rel), rel, limit)
             yield rel, sha, size, head, data if _wanted(rel) else None
 
 
@@ -251,7 +364,9 @@ def _archive_members(tar: tarfile.TarFile, source: Path
                      ) -> Iterator[tuple[tarfile.TarInfo, str]]:
     """(member, path inside the bundle) for each file under the archive's one top folder."""
     top: str | None = None
+    budget = _Budget(source)
     for member in tar:
+        budget.member()
         parts = PurePosixPath(member.name).parts
         if member.name.startswith("/") or ".." in parts or not parts:
             raise BundleError(f"{source}: member {member.name!r} points outside the bundle")
@@ -263,7 +378,7 @@ def _archive_members(tar: tarfile.TarFile, source: Path
         if member.isdir():
             continue
         rel = "/".join(parts[1:])
-        if not member.isreg():
+        if not member.isreg() or member.issparse():
             raise BundleError(f"{rel or member.name}: a link or special file in {source}; a "
                               "bundle holds regular files only")
         if not rel:
@@ -272,16 +387,27 @@ def _archive_members(tar: tarfile.TarFile, source: Path
         yield member, rel
 
 
-def _archive_files(source: Path) -> Iterator[_Entry]:
+def _open_archive(source: Path) -> tarfile.TarFile:
+    """A plain tar archive, opened for reading; compressed archives are refused."""
     try:
-        tar = tarfile.open(source, "r:*")  # noqa: SIM115 - closed by the `with` below
+        with source.open("rb") as stream:
+            magic = stream.read(6)
+        if magic.startswith(_COMPRESSED):
+            raise BundleError(f"{source}: a compressed archive; bundles are plain .tar (as "
+                              "`deeprad bundle pack` writes them): decompress it first")
+        return tarfile.open(source, "r:")
     except (tarfile.TarError, OSError) as exc:
         raise BundleError(f"{source}: not a bundle folder or tar archive ({exc})") from None
-    with tar:
+
+
+def _archive_files(source: Path) -> Iterator[_Entry]:
+    budget = _Budget(source)
+    with _open_archive(source) as tar:
         for member, rel in _archive_members(tar, source):
+            limit = budget.admit(rel, member.size)
             handle = tar.extractfile(member)
             assert handle is not None
-            sha, size, head, data = _hash_stream(handle, _wanted(rel))
+            sha, size, head, data = _hash_stream(handle, _wanted(rel), rel, limit)
             yield rel, sha, size, head, data if _wanted(rel) else None
 
 
@@ -420,6 +546,8 @@ def _check_metadata(metadata: dict[str, Any]) -> None:
 def check_config(rel: str, node: Any, where: str = "") -> None:
     """Every `_target_` in a config on the allowlist, its restricted arguments within bounds,
     and no `$` expression or `%` macro anywhere; BundleError naming file and key otherwise."""
+    if not where:
+        check_depth(rel, node)
     if isinstance(node, dict):
         if "_target_" in node:
             _check_target(rel, where, node)
@@ -472,27 +600,63 @@ def _check_target(rel: str, where: str, node: dict[str, Any]) -> None:
 
 
 def _check_safetensors(bundle: Bundle, rel: str) -> None:
-    if safetensors_header(bundle.read(rel)) is None:
-        raise BundleError(f"{rel}: not a safetensors file (a pickle renamed?); save the "
-                          "weights with safetensors.torch.save_file")
+    bundle.safetensors_header(rel)
+
+
+def read_safetensors_header(stream: IO[bytes], rel: str) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets), reading
+    only its 8-byte length and the header (at most MAX_SAFETENSORS_HEADER bytes)."""
+    not_safetensors = BundleError(f"{rel}: not a safetensors file (a pickle renamed?); save "
+                                  "the weights with safetensors.torch.save_file")
+    prefix = stream.read(8)
+    if len(prefix) < 8:
+        raise not_safetensors
+    (length,) = struct.unpack("<Q", prefix)
+    if length > MAX_SAFETENSORS_HEADER:
+        raise BundleError(f"{rel}: not a safetensors file (its header would be {length} "
+                          f"bytes, over the {MAX_SAFETENSORS_HEADER} byte limit; a pickle "
+                          "renamed?); save the weights with safetensors.torch.save_file")
+    raw = stream.read(length)
+    try:
+        header = json.loads(raw) if len(raw) == length else None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        header = None
+    if not isinstance(header, dict):
+        raise not_safetensors
+    return header
 
 
 def safetensors_header(data: bytes) -> dict[str, Any] | None:
-    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets), or None
-    when the bytes are not one."""
-    if len(data) < 8:
-        return None
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > len(data) - 8:
-        return None
+    """The JSON header of safetensors bytes (the file, or at least its start), or None when
+    they are not one."""
     try:
-        header = json.loads(data[8:8 + length])
-    except (ValueError, UnicodeDecodeError):
+        return read_safetensors_header(io.BytesIO(data), "weights")
+    except BundleError:
         return None
-    return header if isinstance(header, dict) else None
 
 
 # ---- finding a bundle by digest --------------------------------------------------------------
+
+
+def _packed_digest(candidate: Path) -> str | None:
+    """The digest a candidate's SHA256SUMS claims (an archive's first member, as `pack` writes
+    it, or a folder's root file), read alone; None when it carries none. A match is only a
+    hint: `read_bundle` hashes every file and `verify_bundle` compares them with it."""
+    if candidate.is_dir():
+        listing = candidate / LISTING
+        if not listing.is_file() or listing.is_symlink():
+            return None
+        with listing.open("rb") as stream:
+            data = stream.read(MAX_CONFIG_BYTES + 1)
+    else:
+        with _open_archive(candidate) as tar:
+            first = next(_archive_members(tar, candidate), None)
+            if first is None or first[1] != LISTING or first[0].size > MAX_CONFIG_BYTES:
+                return None
+            handle = tar.extractfile(first[0])
+            assert handle is not None
+            data = handle.read()
+    return DIGEST_PREFIX + hashlib.sha256(data).hexdigest()
 
 
 def find_bundle(digest: str, hint: str | Path | None = None,
@@ -510,6 +674,8 @@ def find_bundle(digest: str, hint: str | Path | None = None,
             if not (candidate.is_dir() or candidate.suffix == ".tar"):
                 continue
             try:
+                if _packed_digest(candidate) not in (None, digest):
+                    continue  # another bundle: not read further
                 bundle = read_bundle(candidate)
             except BundleError:
                 continue
@@ -522,7 +688,7 @@ def find_bundle(digest: str, hint: str | Path | None = None,
 
 
 __all__ = ["ALLOWED_TARGETS", "BUNDLES_ENV", "BUNDLE_MODEL", "CATALOGUE_TARGET", "INFERENCE",
-           "LISTING", "METADATA", "WEIGHTS", "Bundle", "BundleError", "BundleFile",
-           "allowed_targets_text", "check_config", "find_bundle", "listing_text",
-           "pack_bundle", "read_bundle", "safetensors_header", "target_class_name",
-           "verify_bundle"]
+           "LISTING", "MAX_JSON_DEPTH", "METADATA", "WEIGHTS", "Bundle", "BundleError",
+           "BundleFile", "allowed_targets_text", "check_config", "check_depth", "find_bundle",
+           "listing_text", "pack_bundle", "read_bundle", "read_safetensors_header",
+           "safetensors_header", "target_class_name", "verify_bundle"]

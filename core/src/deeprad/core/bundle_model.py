@@ -36,6 +36,7 @@ from deeprad.core.bundle import (
     WEIGHTS,
     Bundle,
     BundleError,
+    check_depth,
     find_bundle,
     read_bundle,
     target_class_name,
@@ -92,13 +93,22 @@ def build_bundle_model(spec: ModelSpec, *, allow_code: bool = False) -> nn.Modul
 
 
 def network_from_bundle(bundle: Bundle) -> nn.Module:
-    """Instantiate a verified bundle's network_def and load its weights (when it has them)."""
+    """Instantiate a verified bundle's network_def and load its weights (when it has them).
+    The weights are read once and checked against the sha256 the verified digest covers
+    (`Bundle.read`), so a file swapped after verification is refused, never loaded."""
+    check_depth(INFERENCE, bundle.network_def)  # `instantiate` recurses
     model = instantiate(bundle.network_def, f"{INFERENCE}: network_def")
     if not isinstance(model, nn.Module):
         raise BundleError(f"{INFERENCE}: network_def builds a {type(model).__name__}, not a "
                           "torch network")
     if bundle.weights is not None:
-        load_weights(model, safetensors.torch.load(bundle.read(WEIGHTS)))
+        data = bundle.read(WEIGHTS)
+        try:
+            weights = safetensors.torch.load(data)
+        except safetensors.SafetensorError as exc:
+            raise BundleError(f"{WEIGHTS}: unreadable safetensors ({exc}); save the weights "
+                              "with safetensors.torch.save_file") from None
+        load_weights(model, weights)
     return model
 
 

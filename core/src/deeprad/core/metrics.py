@@ -18,16 +18,25 @@ from torchmetrics.functional.classification import binary_auroc
 
 from deeprad.core.protocol import ClinicalMetrics, LesionCounts, ScoreHistogram
 
-HISTOGRAM_BINS = 1000
+# Scores are binned on the logit scale, clipped to +-LOGIT_RANGE: a trained network's scan
+# scores crowd near probability 1 (logit 7 is 0.9991, logit 9 is 0.9999), where equal bins in
+# probability would put positives and negatives into the same top bin and count them as ties.
+# 2000 bins of 0.016 logits; the count also tells this layout from the older one of 1000 equal
+# probability bins, which `combine` will not add to it.
+HISTOGRAM_BINS = 2000
+LOGIT_RANGE = 16.0
 # False positives per scan at which lesion sensitivity is reported (the keys of
 # ClinicalMetrics.lesion_sensitivity).
 FP_PER_SCAN: tuple[str, ...] = ("0.125", "0.25", "0.5", "1", "2", "4", "8")
 
 
-def score_histogram(scores: torch.Tensor, labels: torch.Tensor,
+def score_histogram(logits: torch.Tensor, labels: torch.Tensor,
                     bins: int = HISTOGRAM_BINS) -> ScoreHistogram:
-    """Positives and negatives per score bin [i/bins, (i+1)/bins) of probabilities in [0, 1]."""
-    idx = (scores.double().flatten().clamp(0, 1) * bins).long().clamp(max=bins - 1)
+    """Positives and negatives per logit bin: bin i holds logits in
+    [-R + i*2R/bins, -R + (i+1)*2R/bins), R = LOGIT_RANGE, logits beyond +-R in the end bins.
+    Probabilities go in as `torch.logit(p)` (p = 1 gives +inf, counted in the top bin)."""
+    clipped = logits.double().flatten().clamp(-LOGIT_RANGE, LOGIT_RANGE)
+    idx = ((clipped + LOGIT_RANGE) * (bins / (2 * LOGIT_RANGE))).long().clamp(0, bins - 1)
     truth = labels.flatten() >= 0.5
     return ScoreHistogram(positives=torch.bincount(idx[truth], minlength=bins).tolist(),
                           negatives=torch.bincount(idx[~truth], minlength=bins).tolist())
@@ -97,7 +106,7 @@ def clinical_metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: floa
     probs = torch.sigmoid(logits)
     return ClinicalMetrics(n=n, positives=int(labels.sum().item()), loss=loss,
                            **detection_metrics(probs, labels, threshold),
-                           histogram=score_histogram(probs, labels))
+                           histogram=score_histogram(logits, labels))
 
 
 def _weighted(values: list[tuple[float | None, int]]) -> float | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deeprad.core.errors import CheckpointError
 from deeprad.core.privacy import AccountantName, DPConfig, DPSteps
@@ -59,6 +59,7 @@ NORMALIZATIONS = ("image", "dataset", "none")
 # Dataset kinds that hold 3D volumes with lesion masks (segmentation); the others hold labelled
 # 2D images (classification).
 VOLUME_KINDS: tuple[str, ...] = ("anatomy", "volumes")
+MAX_VOLUME_EDGE = 256  # the largest cube a volume dataset is resampled to (voxels per edge)
 
 
 class DatasetSpec(Message):
@@ -75,6 +76,14 @@ class DatasetSpec(Message):
     image_size: int = Field(default=64, ge=8, le=1024)
     val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _volume_edge(self) -> DatasetSpec:
+        # a volume is image_size^3 voxels per sequence: 1024 would be 4 GiB each
+        if self.kind in VOLUME_KINDS and self.image_size > MAX_VOLUME_EDGE:
+            raise ValueError(f"image_size {self.image_size}: {self.kind} volumes are resampled "
+                             f"to image_size^3; use at most {MAX_VOLUME_EDGE}")
+        return self
 
 
 class TrainConfig(Message):
@@ -105,9 +114,10 @@ class StrategySpec(Message):
 
 
 class ScoreHistogram(Message):
-    """Positive and negative cases counted per score bin [i/bins, (i+1)/bins): counts add up
-    across sites, so a pooled AUROC comes from the pooled predictions (exact up to the bin
-    width) while no single prediction leaves a hospital."""
+    """Positive and negative cases counted per logit bin (equal bins over logits clipped to
+    [-16, 16]: `deeprad.core.metrics.score_histogram`, so saturated scores near 1 stay apart):
+    counts add up across sites, so a pooled AUROC comes from the pooled predictions (exact up
+    to the bin width) while no single prediction leaves a hospital."""
 
     positives: list[int]
     negatives: list[int]

@@ -20,11 +20,14 @@ Conventions (what a reader of the numbers needs to know):
 - Sensitivity at k false positives per scan reads the FROC curve as a step function
   (`deeprad.core.metrics.froc_sensitivity`: no interpolation), so pooled values are exact.
 - Scan level: a scan's score is its largest lesion probability and it is called positive when
-  that reaches 0.5 (the same rule as Dice's), against "the scan holds a lesion".
+  that reaches 0.5 (the same rule as Dice's), against "the scan holds a lesion". Its histogram
+  bins the score's logit (`deeprad.core.metrics.score_histogram`), since trained networks put
+  scan scores within 1e-3 of 1.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -36,18 +39,23 @@ from deeprad.core.metrics import detection_metrics, froc_sensitivity, score_hist
 from deeprad.core.protocol import ClinicalMetrics, LesionCounts
 
 THRESHOLD = 0.5
-# FROC operating points: 0.05 ... 0.95, then finer near 1 where a trained network's confident
-# false positives sit.
+# FROC operating points: probabilities at logits -8, -7.5, ..., 12 (0.0003 ... 0.999994), so
+# they are as dense near 1, where a trained network's confident false positives sit, as in the
+# middle; equal steps in probability would stop at 0.99 and leave such false positives on every
+# operating point. Fixed constants (rounded, so every platform gets the same floats): sites
+# that share them add their LesionCounts.
 FROC_THRESHOLDS: tuple[float, ...] = tuple(
-    [round(0.05 * k, 2) for k in range(1, 20)] + [0.97, 0.99])
+    round(1 / (1 + math.exp(-k / 2)), 9) for k in range(-16, 25))
 MIN_IOU = 0.1  # overlap at which a candidate detects a lesion
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
 
 
 def _match(candidates: np.ndarray, n_candidates: int, reference: np.ndarray,
-           n_lesions: int) -> tuple[int, int]:
+           lesion_size: np.ndarray) -> tuple[int, int]:
     """(lesions hit, false-positive candidates) of one scan's labelled candidates against its
-    labelled lesions, by intersection over union >= MIN_IOU."""
+    labelled lesions (`reference` cut to the same box as `candidates`, `lesion_size` counted on
+    the whole scan), by intersection over union >= MIN_IOU."""
+    n_lesions = len(lesion_size)
     if n_candidates == 0:
         return 0, 0
     if n_lesions == 0:
@@ -57,10 +65,20 @@ def _match(candidates: np.ndarray, n_candidates: int, reference: np.ndarray,
                         minlength=(n_candidates + 1) * (n_lesions + 1))
     intersection = pairs.reshape(n_candidates + 1, n_lesions + 1)[1:, 1:]
     candidate_size = np.bincount(candidates.ravel(), minlength=n_candidates + 1)[1:]
-    lesion_size = np.bincount(reference.ravel(), minlength=n_lesions + 1)[1:]
     union = candidate_size[:, None] + lesion_size[None, :] - intersection
     detects = intersection >= MIN_IOU * union
     return int(detects.any(axis=0).sum()), int((~detects.any(axis=1)).sum())
+
+
+def _box(above: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of the True voxels (some must be): at high thresholds a trained
+    network's candidates fill a small part of the scan, and labelling only that box keeps the
+    FROC's many thresholds cheap."""
+    box = []
+    for axis in range(above.ndim):
+        hit = np.flatnonzero(above.any(axis=tuple(a for a in range(above.ndim) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
 
 
 def lesion_counts(probs: torch.Tensor, masks: torch.Tensor,
@@ -73,9 +91,14 @@ def lesion_counts(probs: torch.Tensor, masks: torch.Tensor,
     for prob, mask in zip(probs[:, 0].numpy(), masks[:, 0].numpy() > 0, strict=True):
         reference, n_lesions = ndimage.label(mask, structure=_CONNECTIVITY)
         lesions += n_lesions
+        lesion_size = np.bincount(reference.ravel(), minlength=n_lesions + 1)[1:]
         for k, t in enumerate(thresholds):
-            candidates, n_candidates = ndimage.label(prob >= t, structure=_CONNECTIVITY)
-            found, false = _match(candidates, n_candidates, reference, n_lesions)
+            above = prob >= t
+            if not above.any():  # no candidate at t (e.g. thresholds past the scan's maximum)
+                continue
+            box = _box(above)
+            candidates, n_candidates = ndimage.label(above[box], structure=_CONNECTIVITY)
+            found, false = _match(candidates, n_candidates, reference[box], lesion_size)
             hits[k] += found
             false_positives[k] += false
     return LesionCounts(thresholds=list(thresholds), hits=hits, false_positives=false_positives,
@@ -97,8 +120,10 @@ def segmentation_metrics(probs: torch.Tensor, masks: torch.Tensor,
     hd95 = None
     if bool(both.any()):
         with warnings.catch_warnings():
-            # MONAI 1.6 passes its own deprecated get_mask_edges argument; not ours to fix
-            warnings.simplefilter("ignore", FutureWarning)
+            # MONAI 1.6's compute_hausdorff_distance itself passes get_mask_edges the deprecated
+            # always_return_as_numpy (no argument of ours avoids it): silence that one warning
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy",
+                                    category=FutureWarning)
             distances = compute_hausdorff_distance(pred[both], truth[both],
                                                    include_background=True, percentile=95,
                                                    spacing=list(spacing))
@@ -106,6 +131,7 @@ def segmentation_metrics(probs: torch.Tensor, masks: torch.Tensor,
     counts = lesion_counts(probs, truth)
     return ClinicalMetrics(
         n=n, positives=int(labels.sum().item()), loss=loss,
-        **detection_metrics(scores, labels, THRESHOLD), histogram=score_histogram(scores, labels),
+        **detection_metrics(scores, labels, THRESHOLD),
+        histogram=score_histogram(torch.logit(scores.double()), labels),
         dice=dice, hd95=hd95, hd95_cases=int(both.sum()),
         lesion_sensitivity=froc_sensitivity(counts), lesions=counts)

@@ -118,6 +118,19 @@ def smooth_noise(rng: np.random.Generator, size: int, coarse: int,
                          align_corners=True)[0]
 
 
+def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The `q` quantile (0..1) of a 1-D tensor, linearly interpolated like torch.quantile, which
+    refuses more than 2^24 elements (a brain at an image_size of ~350 and above); kthvalue has
+    no such limit."""
+    position = q * (values.numel() - 1)  # results agree with torch.quantile to a float32 ulp
+    low = int(position)
+    below = values.kthvalue(low + 1).values
+    if low + 1 >= values.numel():
+        return below
+    above = values.kthvalue(low + 2).values
+    return torch.lerp(below, above, position - low)
+
+
 def scan(clean: torch.Tensor, brain: torch.Tensor, site: AnatomySite,
          rng: np.random.Generator) -> torch.Tensor:
     """One patient's sequences [C, S, S, S] as `site`'s scanner records them, each scaled so
@@ -144,5 +157,5 @@ def scan(clean: torch.Tensor, brain: torch.Tensor, site: AnatomySite,
     real = image + sigma * torch.randn(image.shape, generator=gen)
     imaginary = sigma * torch.randn(image.shape, generator=gen)
     image = torch.sqrt(real**2 + imaginary**2)  # magnitude of complex Gaussian noise: Rician
-    top = torch.stack([torch.quantile(c[inside], 0.99) for c in image]).view(-1, 1, 1, 1)
+    top = torch.stack([percentile(c[inside], 0.99) for c in image]).view(-1, 1, 1, 1)
     return (image / top.clamp(min=1e-6)).clamp(max=2.0).float()

@@ -33,8 +33,9 @@ MARGIN_MM = 4  # room around the brain's bounding box for the per-patient rotati
 @dataclass(frozen=True)
 class TissueTemplate:
     """Tissue fractions [3, S, S, S] (grey matter, white matter, CSF; their sum is the brain,
-    0 outside) in (D, H, W) = (inferior->superior, anterior->posterior, left->right) order, and
-    the isotropic voxel size in mm."""
+    0 outside) in (D, H, W) = (inferior->superior, anterior->posterior, right->left) order (the
+    layout `deeprad.core.data.volumes` gives hospital scans: DICOM's axial view), and the
+    isotropic voxel size in mm."""
 
     tissues: torch.Tensor
     spacing_mm: float
@@ -61,6 +62,14 @@ def read_template(name: str) -> np.ndarray:
     return data / data.max()
 
 
+def ras_to_dhw(volume: torch.Tensor) -> torch.Tensor:
+    """[..., x, y, z] on RAS voxel axes (x toward the right, y anterior, z superior, as the
+    MNI152 files store them) -> [..., D, H, W] = (inferior->superior, anterior->posterior,
+    right->left), the orientation of every volume a model sees (`volumes.AXES`): the benchmark
+    and real scans must not be mirror images of each other."""
+    return volume.transpose(-3, -1).flip(-2, -1)
+
+
 @functools.lru_cache(maxsize=4)
 def tissue_template(image_size: int) -> TissueTemplate:
     """The templates cropped to the brain's bounding box (plus a margin), padded to a cube and
@@ -81,8 +90,7 @@ def tissue_template(image_size: int) -> TissueTemplate:
     place = tuple(slice(a, a + n) for a, n in zip(start, inside.shape, strict=True))
     for channel, tissue in enumerate((gm, wm, csf)):
         cube[channel][place] = tissue
-    # (x, y, z) -> (z, y, x), y flipped: axial slices first, as a volume's D axis usually is,
-    # each shown with the face up. Pooling first: it is 4x faster on the contiguous cube.
+    # Pooling before reorienting: it is 4x faster on the contiguous cube.
     small = F.adaptive_avg_pool3d(torch.from_numpy(cube)[None], image_size)[0]
     spacing_mm = edge / image_size  # the templates have 1 mm voxels
-    return TissueTemplate(small.permute(0, 3, 2, 1).flip(2).contiguous(), spacing_mm)
+    return TissueTemplate(ras_to_dhw(small).contiguous(), spacing_mm)

@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from deeprad.core.data.volumeset import MAX_VOXELS
 from deeprad.core.errors import DataError
 
 # A slice step may deviate this much (relative) from the series' median step before the series
@@ -22,6 +23,9 @@ SPACING_TOLERANCE = 0.1
 # DICOM patient coordinates are LPS+; NIfTI/MONAI affines are RAS+: flip x and y.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SKIPPED_NAMES = {"DICOMDIR"}
+# The most files a series folder may hold: every header is read before any pixel, so a folder of
+# millions of files is refused up front. Rows x Columns x slices is bounded by MAX_VOXELS.
+MAX_SLICES = 2048
 REQUIRED_TAGS = ("SeriesInstanceUID", "ImagePositionPatient", "ImageOrientationPatient",
                  "PixelSpacing", "Rows", "Columns")
 
@@ -55,6 +59,9 @@ def _series_files(folder: Path) -> list[Path]:
                    if p.is_file() and not p.name.startswith(".") and p.name not in SKIPPED_NAMES)
     if not files:
         raise DataError(f"DICOM series folder {folder}: no files")
+    if len(files) > MAX_SLICES:
+        raise DataError(f"DICOM series folder {folder}: {len(files)} files, over the limit of "
+                        f"{MAX_SLICES} slices per series; keep one series per folder")
     return files
 
 
@@ -134,7 +141,12 @@ def read_dicom_series(folder: Path, series_uid: str | None = None,
     orientation = _same([ds.ImageOrientationPatient for ds in headers],
                         "ImageOrientationPatient", folder)
     pixel = _same([ds.PixelSpacing for ds in headers], "PixelSpacing", folder)
-    _same([(ds.Rows, ds.Columns) for ds in headers], "Rows/Columns", folder, tol=0)
+    rows_cols = _same([(ds.Rows, ds.Columns) for ds in headers], "Rows/Columns", folder, tol=0)
+    voxel_count = int(rows_cols[0]) * int(rows_cols[1]) * len(headers)
+    if voxel_count > MAX_VOXELS:
+        raise DataError(f"DICOM series {folder}: {len(headers)} slices of {int(rows_cols[0])} x "
+                        f"{int(rows_cols[1])} = {voxel_count} voxels, over the limit of "
+                        f"{MAX_VOXELS} per volume; crop or downsample the series before loading")
     row_dir, col_dir = orientation[:3], orientation[3:]  # along a row (columns), down a column
     normal = np.cross(row_dir, col_dir)
     if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):

@@ -1,15 +1,19 @@
 """Patient-level train/val/test splits of a hospital's volumes: every scan of a patient lands in
 one split, so a model is never scored on a patient it trained on.
 
-The test patients are held out first (`options["test_fraction"]`, default 0.2, drawn with
+The test patients are held out first (`options["test_fraction"]`, default 0.2, chosen by
 `options["test_seed"]`, default 0, so changing the validation seed never reshuffles the test
-set); the rest is split into train/val by `VolumeSet.split_by_patient(val_fraction,
-split_seed)`. A `splits.json` in the site folder ({"<patient>": "train" | "val" | "test"})
-overrides both and must name every patient.
+set): in each stratum (patients with / without a lesion) those whose id has the smallest keyed
+hash, so a patient added to (or removed from) the site moves at most one other patient in or out
+of the test set, where a permutation of the sorted ids would reshuffle it all. The rest is split
+into train/val by `VolumeSet.split_by_patient(val_fraction, split_seed)`. A `splits.json` in the
+site folder ({"<patient>": "train" | "val" | "test"}) overrides both and must name every
+patient.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -62,6 +66,18 @@ def _by_assignment(volumes: VolumeSet, assignment: dict[str, str]) -> dict[str, 
         for split in SPLITS}
 
 
+def _test_patients(volumes: VolumeSet, fraction: float, seed: int) -> set[str]:
+    """round(n * fraction) patients of each lesion stratum: the smallest keyed hashes of ids."""
+    ill = {p for p, label in zip(volumes.patients, volumes.labels.tolist(), strict=True)
+           if label > 0}
+    chosen: set[str] = set()
+    for group in (sorted(set(volumes.patients) - ill), sorted(ill)):
+        ranked = sorted(group, key=lambda p: hashlib.blake2b(
+            p.encode(), key=str(seed).encode(), digest_size=8).digest())
+        chosen.update(ranked[:round(len(group) * fraction)])
+    return chosen
+
+
 def split_patients(volumes: VolumeSet, spec: DatasetSpec, site: Path) -> dict[str, VolumeSet]:
     """{"train", "val", "test"} VolumeSets with no patient in two of them."""
     splits_file = site / SPLITS_FILE
@@ -69,6 +85,9 @@ def split_patients(volumes: VolumeSet, spec: DatasetSpec, site: Path) -> dict[st
         return _by_assignment(volumes, read_splits_file(splits_file, set(volumes.patients)))
     opts = dict(spec.options)
     test_fraction = _fraction(opts.get("test_fraction", 0.2), "test_fraction")
-    rest, test = volumes.split_by_patient(test_fraction, int(opts.get("test_seed", 0)))
+    held_out = _test_patients(volumes, test_fraction, int(opts.get("test_seed", 0)))
+    rest, test = (volumes.subset(torch.tensor(
+        [i for i, p in enumerate(volumes.patients) if (p in held_out) == side], dtype=torch.long))
+        for side in (False, True))
     train, val = rest.split_by_patient(spec.val_fraction, spec.split_seed)
     return {"train": train, "val": val, "test": test}

@@ -17,12 +17,18 @@ order them with `options["sequences"]`). Each volume is turned to one orientatio
 (inferior->superior, anterior->posterior, right->left, DICOM's axial view), resampled to the
 study cube `image_size`^3 (masks with nearest neighbour) and scaled per `options["normalize"]`:
 "image" (each sequence of each scan to [0, 1]), "dataset" (one min-max per sequence over the
-site) or "none". Splits are by patient, never by scan; see `deeprad.core.data.patient_splits`.
+site's TRAINING patients, applied to every split, so test patients never shape preprocessing)
+or "none". Splits are by patient, never by scan; see `deeprad.core.data.patient_splits`.
+
+Every scan of a site must cover the same field of view: its voxel size after resizing to the
+cube (the `spacing`, used for mm distances such as HD95) may differ from the site's median by
+at most `FIELD_OF_VIEW_TOLERANCE`. A volume may hold at most `volumeset.MAX_VOXELS` voxels, checked
+on the header before any voxel is decoded.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +41,7 @@ from nibabel.spatialimages import SpatialImage
 
 from deeprad.core.data.dicom_series import read_dicom_series
 from deeprad.core.data.patient_splits import split_patients
-from deeprad.core.data.volumeset import VolumeSet
+from deeprad.core.data.volumeset import MAX_VOXELS, VolumeSet
 from deeprad.core.errors import DataError
 from deeprad.core.protocol import NORMALIZATIONS, DatasetSpec
 
@@ -44,6 +50,8 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # MONAI affines are RAS+; "LPS" axes give DICOM's axial view once reversed to (z, y, x).
 AXES = "LPS"
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+# Largest relative difference between a scan's voxel size (after resizing) and the site median.
+FIELD_OF_VIEW_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,13 @@ def _read(path: Path, patient: str) -> MetaTensor:
         image = nib.load(str(path))
         if not isinstance(image, SpatialImage):
             raise TypeError(f"a {type(image).__name__}, not an image with an affine")
+        shape = tuple(int(n) for n in image.header.get_data_shape())
+    except Exception as exc:  # nibabel raises several types for unreadable files
+        raise DataError(f"{path}: cannot read NIfTI ({exc})") from exc
+    if int(np.prod(shape, dtype=np.float64)) > MAX_VOXELS:
+        raise DataError(f"{path}: header declares shape {shape}, over the limit of {MAX_VOXELS} "
+                        "voxels per volume; crop or downsample it before loading")
+    try:
         data = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as exc:  # nibabel raises several types for unreadable files
         raise DataError(f"{path}: cannot read NIfTI ({exc})") from exc
@@ -188,18 +203,39 @@ def load_scan(scan: Scan, sequences: list[str], size: int) -> tuple[torch.Tensor
     return torch.cat(channels).float(), (labels > 0.5).to(torch.uint8), spacing
 
 
-def _scale(images: torch.Tensor, normalize: str) -> torch.Tensor:
-    """[N, C, D, H, W] scaled per `normalize`, one sequence (channel) at a time."""
-    if normalize == "none":
-        return images
-    dims = (2, 3, 4) if normalize == "image" else (0, 2, 3, 4)
-    low = images.amin(dim=dims, keepdim=True)
-    span = (images.amax(dim=dims, keepdim=True) - low).clamp_min(1e-12)
-    return (images - low) / span
+def _min_max(images: torch.Tensor, reference: torch.Tensor,
+             dims: tuple[int, ...]) -> torch.Tensor:
+    """[N, C, D, H, W] images scaled per sequence (channel) by `reference`'s min and max."""
+    low = reference.amin(dim=dims, keepdim=True)
+    return (images - low) / (reference.amax(dim=dims, keepdim=True) - low).clamp_min(1e-12)
+
+
+def _common_spacing(scans: list[Scan], spacings: list[np.ndarray]) -> tuple[float, float, float]:
+    """The site's voxel size (median over scans); refuses scans of another field of view,
+    whose mm distances would be off by more than `FIELD_OF_VIEW_TOLERANCE`."""
+    median = np.median(np.stack(spacings), axis=0)
+    for scan, spacing in zip(scans, spacings, strict=True):
+        if np.any(np.abs(spacing - median) > FIELD_OF_VIEW_TOLERANCE * median):
+            raise DataError(f"volumes: patient {scan.patient} ({scan.folder}) has voxel size "
+                            f"{np.round(spacing, 3).tolist()} mm after resizing, over "
+                            f"{FIELD_OF_VIEW_TOLERANCE:.0%} off the site's "
+                            f"{np.round(median, 3).tolist()} mm; crop or pad the scans to one "
+                            "field of view")
+    return float(median[0]), float(median[1]), float(median[2])
+
+
+def dataset_scaled(splits: dict[str, VolumeSet]) -> dict[str, VolumeSet]:
+    """Every split min-max scaled per sequence with the TRAINING split's range (test and
+    validation values may fall outside [0, 1]); the statistics never see held-out patients."""
+    train = splits["train"].images
+    return {name: replace(part, images=_min_max(part.images, train, dims=(0, 2, 3, 4)))
+            for name, part in splits.items()}
 
 
 def read_site(spec: DatasetSpec) -> VolumeSet:
-    """Every scan of a site folder as one VolumeSet (all patients, before any split)."""
+    """Every scan of a site folder as one VolumeSet (all patients, before any split). With
+    normalize="dataset" the images are returned unscaled: that scaling needs the training split
+    (`load_volumes` applies it)."""
     if not spec.path:
         raise DataError("dataset kind 'volumes' needs a path: the site folder")
     opts: dict[str, Any] = dict(spec.options)
@@ -215,13 +251,17 @@ def read_site(spec: DatasetSpec) -> VolumeSet:
     scans = find_scans(Path(spec.path))
     names = _sequence_names(scans, chosen)
     loaded = [load_scan(scan, names, spec.image_size) for scan in scans]
-    images = _scale(torch.stack([images for images, _, _ in loaded]), normalize)
-    spacing = np.median(np.stack([s for _, _, s in loaded]), axis=0)
+    images = torch.stack([images for images, _, _ in loaded])
+    if normalize == "image":
+        images = _min_max(images, images, dims=(2, 3, 4))
+    spacing = _common_spacing(scans, [s for _, _, s in loaded])
     return VolumeSet(images, torch.stack([mask for _, mask, _ in loaded]),
-                     tuple(scan.patient for scan in scans),
-                     (float(spacing[0]), float(spacing[1]), float(spacing[2])), tuple(names))
+                     tuple(scan.patient for scan in scans), spacing, tuple(names))
 
 
 def load_volumes(spec: DatasetSpec) -> dict[str, VolumeSet]:
     """A site folder's patient-level splits {"train", "val", "test"} (no patient in two)."""
-    return split_patients(read_site(spec), spec, Path(spec.path or "."))
+    splits = split_patients(read_site(spec), spec, Path(spec.path or "."))
+    if dict(spec.options).get("normalize") == "dataset" and len(splits["train"]):
+        return dataset_scaled(splits)
+    return splits

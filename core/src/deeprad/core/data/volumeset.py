@@ -9,6 +9,11 @@ import torch
 
 from deeprad.core.errors import DataError
 
+# The most voxels a loader decodes for one volume (512^3: 0.5 GiB as float32), checked against
+# the file's header BEFORE decoding, so a small file declaring a huge shape (a gzip bomb) is
+# refused instead of exhausting memory.
+MAX_VOXELS = 512**3
+
 
 @dataclass(frozen=True)
 class VolumeSet:
@@ -77,11 +82,21 @@ class VolumeSet:
 
     @staticmethod
     def concat(sets: list[VolumeSet]) -> VolumeSet:
+        """The sets pooled. Their channels must be the same sequences in the same order (else
+        channel k would mix e.g. T1 and FLAIR). The pooled `spacing` is the first set's: the
+        network sees the cube whatever its voxel size, and hospitals legitimately scan at
+        different resolutions, so millimetre distances (HD95) of a pool of sites with
+        different spacings are only approximate; score each site on its own for exact ones."""
         if not sets:
             raise DataError("no volume sets to concatenate")
         shapes = {tuple(s.images.shape[1:]) for s in sets}
         if len(shapes) > 1:
             raise DataError(f"volume sets of different shapes {sorted(shapes)} cannot be pooled")
+        names = {s.channels for s in sets}
+        if len(names) > 1:
+            raise DataError(f"volume sets with different sequences {sorted(names)} cannot be "
+                            "pooled; give every site the same sequences in the same order "
+                            "(options.sequences)")
         return VolumeSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]),
                          tuple(p for s in sets for p in s.patients), sets[0].spacing,
                          sets[0].channels)
