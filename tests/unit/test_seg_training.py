@@ -78,6 +78,21 @@ def test_dp_sgd_on_volumes_counts_steps_and_clips_per_volume() -> None:
     assert set(out.delta) == set(_global())  # no Opacus wrapper names leak into the update
 
 
+def test_dp_sgd_refuses_patients_with_several_scans() -> None:
+    """A record is a scan: a patient with two follow-ups would be two records, and ε would
+    bound what a scan reveals, not a patient. Refused before any step, naming the patient."""
+    data = cubes(4, 0)
+    twice = VolumeSet(data.images, data.masks, ("p1", "p1", "p2", "p3"), data.spacing)
+    with pytest.raises(ConfigError, match=r"patient\(s\) p1 have several scans"):
+        train_site(SPEC, _global(), twice, cubes(2, 1), TrainConfig(batch_size=2),
+                   dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+    # one scan per patient trains
+    once = VolumeSet(data.images, data.masks, ("p1", "p2", "p3", "p4"), data.spacing)
+    out = train_site(SPEC, _global(), once, cubes(2, 1), TrainConfig(batch_size=2),
+                     dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+    assert out.privacy is not None and out.privacy.steps > 0
+
+
 def test_segmentation_loss_of_a_batch_is_the_mean_of_per_volume_losses() -> None:
     """What DP-SGD relies on: a volume's gradient depends on that volume only."""
     torch.manual_seed(0)

@@ -259,7 +259,7 @@ def print_segmentation_report(report: dict[str, Any]) -> None:
     if report.get("stopped"):
         print(f"Study stopped early: {report['stopped']}")
     final = report["final"]
-    _seg_table(f"\nFinal models on the test set ({report.get('test_set') or 'see report'}):",
+    _seg_table(f"\nFinal models on the test set, {report.get('test_set') or 'see report'}:",
                final)
     held = final.get("held_out")
     if held:

@@ -359,9 +359,10 @@ def train_epochs_private(model: nn.Module, data: Samples, cfg: TrainConfig, dp: 
     """Train `model` in place with record-level DP-SGD (Opacus): Poisson-sampled batches of
     expected size cfg.batch_size, each record's gradient clipped to dp.max_grad_norm, Gaussian
     noise dp.noise_multiplier * max_grad_norm. Returns the mean loss and the steps taken, which
-    is what the study's accountant composes. A record is an image, or a patient's volume for
-    segmentation (whose loss is a mean of per-volume losses). fp32 only; FedProx is refused
-    (its term is not a per-record loss)."""
+    is what the study's accountant composes. A record is an image, or a scan's volume for
+    segmentation (whose loss is a mean of per-volume losses); a patient with several scans
+    would be several records, so such data is refused (ε protects a patient, not a scan).
+    fp32 only; FedProx is refused (its term is not a per-record loss)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from deeprad.trainer.dp_sgd import make_private
@@ -370,6 +371,12 @@ def train_epochs_private(model: nn.Module, data: Samples, cfg: TrainConfig, dp: 
         raise DataError("cannot train on an empty dataset")
     if cfg.fedprox_mu > 0:
         raise ConfigError("DP-SGD with FedProx is not supported: set fedprox_mu to 0")
+    if isinstance(data, VolumeSet) and len(set(data.patients)) != len(data):
+        repeated = sorted({p for p in data.patients if data.patients.count(p) > 1})
+        raise ConfigError(
+            f"DP-SGD counts one record per scan, but patient(s) {', '.join(repeated[:5])} have "
+            "several scans, so ε would not bound what one patient reveals: keep one scan per "
+            "patient in a differentially private study")
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(TensorDataset(data.images, _targets(data)), batch_size=cfg.batch_size,
                         generator=gen)
