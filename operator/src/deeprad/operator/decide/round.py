@@ -658,7 +658,7 @@ def _quorum_message(name: str, spec: FederatedRoundSpec, by_site: Mapping[str, S
 def _succeed(current: _Pass, by_site: dict[str, SiteRoundStatus], report: AggregateReport,
              output: CheckpointManifest) -> RoundDecision:
     """Phase 6: the aggregator's report and the new checkpoint's manifest fill the status."""
-    status, now = current.status, current.now
+    status = current.status
     contributors = _apply_report(current, by_site, report)
     status.sites = list(by_site.values())
     status.reported_sites = len(contributors)
@@ -666,11 +666,17 @@ def _succeed(current: _Pass, by_site: dict[str, SiteRoundStatus], report: Aggreg
     status.input_metrics = to_metrics(report.federated_metrics)
     status.epsilon = (report.privacy.epsilon_round if report.privacy
                       else _max_epsilon(status.sites))
+    return _mark_succeeded(current, f"{len(contributors)} update(s) aggregated by "
+                                    f"{report.strategy.name}; checkpoint "
+                                    f"{output.payload_sha256[:12]}")
+
+
+def _mark_succeeded(current: _Pass, message: str) -> RoundDecision:
+    """The round's end state, timings, conditions and event once its outcome is recorded."""
+    status, now = current.status, current.now
     status.state = RoundState.SUCCEEDED
     status.completion_time = rfc3339(now)
     _finish_timings(status, current.world.created, now)
-    message = (f"{len(contributors)} update(s) aggregated by {report.strategy.name}; "
-               f"checkpoint {output.payload_sha256[:12]}")
     current.set_conditions(
         Desired.false(TRAINING, "RoundSucceeded", ""),
         Desired.false(AGGREGATING, "RoundSucceeded", ""),
@@ -685,25 +691,14 @@ def _succeed_evaluation(current: _Pass, progress: _Progress, report: AggregateRe
                         ) -> RoundDecision:
     """An evaluation round's outcome: the sites' scores of the input model, pooled by the
     aggregator Job (validation as inputMetrics, held-out data as testMetrics)."""
-    status, now = current.status, current.now
+    status = current.status
     status.sites = list(progress.by_site.values())
     status.reported_sites = len(report.evaluated_sites)
     status.rejected_sites = 0
     status.input_metrics = to_metrics(report.federated_metrics)
     status.test_metrics = to_metrics(report.test_metrics)
-    status.state = RoundState.SUCCEEDED
-    status.completion_time = rfc3339(now)
-    _finish_timings(status, current.world.created, now)
-    message = (f"{len(report.evaluated_sites)} site(s) scored checkpoint "
-               f"{report.checkpoint_sha256[:12]} on held-out data")
-    current.set_conditions(
-        Desired.false(TRAINING, "RoundSucceeded", ""),
-        Desired.false(AGGREGATING, "RoundSucceeded", ""),
-        Desired.true(SUCCEEDED, "RoundSucceeded", message),
-        Desired.false(FAILED, "RoundSucceeded", ""))
-    current.event("Normal", "RoundSucceeded", message)
-    current.decision.finished = True
-    return current.decision
+    return _mark_succeeded(current, f"{len(report.evaluated_sites)} site(s) scored checkpoint "
+                                    f"{report.checkpoint_sha256[:12]} on held-out data")
 
 
 def _apply_report(current: _Pass, by_site: dict[str, SiteRoundStatus], report: AggregateReport
