@@ -50,9 +50,9 @@ def synthetic_volumes(n: int, channels: int, edge: int, seed: int = 0) -> Volume
 def bare_loop(model: nn.Module, data: VolumeSet, cfg: TrainConfig, epochs: int,
               device: torch.device) -> None:
     """What an engineer would write by hand with MONAI: volumes on the device once, shuffle,
-    index, forward, DiceCELoss, backward, step."""
+    index, forward, DiceCELoss (Dice over the batch, as the trainer trains), backward, step."""
     images, masks = data.images.to(device), data.masks.to(device).float()
-    loss_fn = DiceCELoss(sigmoid=True)
+    loss_fn = DiceCELoss(sigmoid=True, batch=True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr,
                            fused=True if device.type == "cuda" else None)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -45,7 +45,10 @@ class ModelSpec(Message):
 
     name: str = "tumor-cnn"
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    task: TaskKind = "classification"
+    # Left out of the JSON when it is classification: every manifest and task written before
+    # tasks existed reads back, and writes, exactly as it did.
+    task: TaskKind = Field(default="classification",
+                           exclude_if=lambda task: task == "classification")
 
 
 # How a site's intensities are scaled (DatasetSpec.options["normalize"]):
