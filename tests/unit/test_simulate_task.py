@@ -33,6 +33,14 @@ def test_segmentation_takes_the_3d_recipe() -> None:
     assert _resolved("--task", "segmentation", "--dp-epsilon", "8")["model"] == "unet3d"
 
 
+def test_the_task_flag_offers_exactly_the_protocols_tasks() -> None:
+    from deeprad.core.protocol import TASKS
+
+    (task,) = [a for a in build_parser()._subparsers._group_actions[0]  # type: ignore[union-attr,index]
+               .choices["simulate"]._actions if "--task" in a.option_strings]
+    assert tuple(task.choices) == TASKS
+
+
 def test_classification_keeps_the_demo_defaults() -> None:
     got = _resolved()
     assert (got["task"], got["dataset"], got["model"]) == ("classification", "phantom",

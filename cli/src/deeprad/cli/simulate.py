@@ -83,6 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Simulated hospitals train in local worker processes with the real trainer "
                     "and aggregator; prints a per-round table and compares the federated model "
                     "with centralized and local-only training.")
+    # protocol.TASKS, spelled out: importing the protocol would cost `deeprad --help` 0.25 s
     sim.add_argument("--task", choices=["classification", "segmentation"],
                      default="classification",
                      help="classification (default): tumour or not per 2D slice, scored by "

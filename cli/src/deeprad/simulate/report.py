@@ -17,7 +17,7 @@ from deeprad.simulate.sites import Site
 
 # Lesion sensitivity is read at this many false positives per scan (a ClinicalMetrics
 # lesion_sensitivity key).
-FP_PER_SCAN = "1"
+REPORTED_FP_PER_SCAN = "1"
 
 
 def _fmt(x: float | None) -> str:
@@ -185,20 +185,11 @@ def print_classification_report(report: dict[str, Any]) -> None:
             print(f"federated{' (DP)' if privacy else ''} / centralized{plain} = "
                   f"{fed / cen:.3f}   "
                   f"federated - local-only mean = {fed - (loc or 0):+.3f}")
-    best = report.get("best_round")
-    if best:
-        print(f"best round on validation data: {best['round']} (pooled validation AUROC "
-              f"{_fmt(best['validation']['auroc'])}, its test AUROC {_fmt(best['test']['auroc'])})")
-    print_cross_site(report.get("cross_site"))
-    if report["synthetic_data"]:
-        print("(synthetic phantom data: these numbers demonstrate the pipeline, not a "
-              "clinical result)")
-    print(f"wall time {report['wall_time_s']:.1f}s; checkpoint {report['checkpoint']}; "
-          f"plot {report['plot']}")
+    _print_ending(report, "auroc", "AUROC", "synthetic phantom data")
 
 
 def _sens(m: dict[str, Any] | None) -> float | None:
-    return ((m or {}).get("lesion_sensitivity") or {}).get(FP_PER_SCAN)
+    return ((m or {}).get("lesion_sensitivity") or {}).get(REPORTED_FP_PER_SCAN)
 
 
 def _hd(x: float | None) -> str:
@@ -274,15 +265,20 @@ def print_segmentation_report(report: dict[str, Any]) -> None:
             with_it = (row.get("with_site") or {}).get("dice")
             print(_seg_line(name, row["without_site"], f"   ({_fmt(with_it)})"))
         print(_seg_line("mean", loso["mean"]))
+    _print_ending(report, "dice", "Dice", "SYNTHETIC lesions on real MNI152 anatomy")
+
+
+def _print_ending(report: dict[str, Any], metric: str, label: str, synthetic: str) -> None:
+    """What both tasks' reports end with: the best round on validation data, the cross-site
+    matrix, what the data are, and where the outputs went."""
     best = report.get("best_round")
     if best:
-        print(f"best round on validation data: {best['round']} (pooled validation Dice "
-              f"{_fmt(best['validation'].get('dice'))}, its test Dice "
-              f"{_fmt(best['test'].get('dice'))})")
+        print(f"best round on validation data: {best['round']} (pooled validation {label} "
+              f"{_fmt(best['validation'].get(metric))}, its test {label} "
+              f"{_fmt(best['test'].get(metric))})")
     print_cross_site(report.get("cross_site"))
     if report["synthetic_data"]:
-        print("(SYNTHETIC lesions on real MNI152 anatomy: these numbers demonstrate the "
-              "pipeline, not a clinical result)")
+        print(f"({synthetic}: these numbers demonstrate the pipeline, not a clinical result)")
     print(f"wall time {report['wall_time_s']:.1f}s; checkpoint {report['checkpoint']}; "
           f"plot {report['plot']}")
 
