@@ -41,6 +41,9 @@ STUDY = "lesion-seg"
 HOSPITALS = ("hospital-a", "hospital-b")
 STUDY_TIMEOUT = 300.0
 PATIENTS, TEST_PATIENTS = 8, 2
+# Patient seeds whose 2-patient validation splits each hold a lesion scan (Dice is measured
+# on those; a split without one has no Dice), as the checks below need.
+SEEDS = (10, 12)
 
 
 def _anatomy_site(name: str, cluster: Cluster, index: int) -> SitePlan:
@@ -50,7 +53,7 @@ def _anatomy_site(name: str, cluster: Cluster, index: int) -> SitePlan:
         name, cluster, index, namespace="seg-training",
         dataset={"kind": "anatomy", "options": {
             "profile": DEFAULT_SITES[index].as_dict(), "patients": PATIENTS,
-            "test_patients": TEST_PATIENTS, "seed": 10 + index}},
+            "test_patients": TEST_PATIENTS, "seed": SEEDS[index]}},
         data={"modality": "mri", "kind": "volumes", "sampleCount": PATIENTS,
               "description": "anatomy benchmark: SYNTHETIC lesions on real anatomy"})
 
@@ -133,9 +136,11 @@ def test_segmentation_study_reports_dice_per_site_pooled_and_final(fed: Federati
         assert {s["site"]: s["state"] for s in st["sites"]} == dict.fromkeys(HOSPITALS,
                                                                              "Reported")
         for entry in st["sites"]:  # the site's model after local training, on its validation
+            assert entry["metrics"]["positives"] >= 1, entry  # SEEDS: a lesion scan in each
             assert _fraction(entry["metrics"]["dice"]), entry
         # The round's input model on the sites' validation data, POOLED by the aggregator:
-        # its scans are the sites' scans, and its Dice the case-weighted mean of theirs.
+        # its scans are the sites' scans, and its Dice the mean of theirs weighted by their
+        # scans with a lesion (Dice is measured on those).
         pooled = st["inputMetrics"]
         results = [SiteResult.model_validate(fed.store_json(layout.result(r["spec"]["round"],
                                                                            site)))
@@ -143,7 +148,8 @@ def test_segmentation_study_reports_dice_per_site_pooled_and_final(fed: Federati
         measured = [res.global_metrics for res in results if res.global_metrics is not None]
         assert len(measured) == 2 and pooled["n"] == sum(m.n for m in measured)
         assert pooled["dice"] == pytest.approx(
-            sum((m.dice or 0.0) * m.n for m in measured) / pooled["n"], abs=1e-6)
+            sum((m.dice or 0.0) * m.positives for m in measured)
+            / sum(m.positives for m in measured), abs=1e-6)
         assert _fraction(pooled["auroc"]) or pooled.get("auroc") is None
     # Round 1's output was measured by round 2's sites; round 2's by the final evaluation.
     for prev, nxt in itertools.pairwise(every):

@@ -25,16 +25,34 @@ def _cube(lo: tuple[int, int, int], size: int = 4, value: float = 1.0) -> torch.
     return vol
 
 
-def test_dice_by_hand_with_the_empty_scan_convention() -> None:
+def test_dice_is_over_lesion_scans_and_healthy_scans_count_in_specificity() -> None:
+    reference = torch.stack([_cube((2, 2, 2)), torch.zeros(1, EDGE, EDGE, EDGE),
+                             torch.zeros(1, EDGE, EDGE, EDGE), _cube((9, 9, 9))])
+    # scan 0: shifted one voxel, 3x4x4 of 4x4x4 overlap -> 2*48/128; scan 1: healthy and
+    # nothing predicted; scan 2: healthy but a false alarm; scan 3: its lesion missed -> 0
+    probs = torch.stack([_cube((3, 2, 2), value=0.9), torch.full((1, EDGE, EDGE, EDGE), 0.2),
+                         _cube((8, 8, 8), size=2, value=0.7), torch.full((1, EDGE, EDGE, EDGE),
+                                                                          0.3)])
+    m = segmentation_metrics(probs, reference, (1.0, 1.0, 1.0), loss=0.3)
+    assert m.dice == pytest.approx((0.75 + 0.0) / 2)  # the two lesion scans only
+    assert m.n == 4 and m.positives == 2 and m.loss == 0.3
+    assert m.specificity == 0.5  # one healthy scan clean, one with a false alarm
+
+
+def test_dice_of_a_network_that_never_fires_is_zero_and_none_without_lesions() -> None:
+    reference = torch.stack([_cube((2, 2, 2)), torch.zeros(1, EDGE, EDGE, EDGE)])
+    silent = torch.full((2, 1, EDGE, EDGE, EDGE), 0.1)
+    assert segmentation_metrics(silent, reference, (1.0, 1.0, 1.0), loss=0.0).dice == 0.0
+    healthy = torch.zeros(2, 1, EDGE, EDGE, EDGE)
+    assert segmentation_metrics(silent, healthy, (1.0, 1.0, 1.0), loss=0.0).dice is None
+
+
+def test_scan_level_rule_and_auroc() -> None:
     reference = torch.stack([_cube((2, 2, 2)), torch.zeros(1, EDGE, EDGE, EDGE),
                              torch.zeros(1, EDGE, EDGE, EDGE)])
-    # scan 0: shifted one voxel, 3x4x4 of 4x4x4 overlap -> 2*48/128; scan 1: healthy and
-    # nothing predicted -> 1; scan 2: healthy but a false alarm -> 0
     probs = torch.stack([_cube((3, 2, 2), value=0.9), torch.full((1, EDGE, EDGE, EDGE), 0.2),
                          _cube((8, 8, 8), size=2, value=0.7)])
     m = segmentation_metrics(probs, reference, (1.0, 1.0, 1.0), loss=0.3)
-    assert m.dice == pytest.approx((0.75 + 1.0 + 0.0) / 3)
-    assert m.n == 3 and m.positives == 1 and m.loss == 0.3
     assert m.hd95_cases == 1  # HD95 only where both reference and prediction hold a lesion
     # per scan: the lesion scan is found (0.9), one healthy scan cleared, one false alarm (0.7)
     assert m.sensitivity == 1.0 and m.specificity == 0.5 and m.accuracy == pytest.approx(2 / 3)

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from deeprad.core.checkpoint import read_checkpoint
 from deeprad.core.data import load_dataset
@@ -17,6 +17,7 @@ from deeprad.simulate.config import SimulationConfig
 from deeprad.simulate.finish import finish
 from deeprad.simulate.round import Stop, run_round
 from deeprad.simulate.study import set_up
+from deeprad.simulate.workers import WorkerLanes
 
 
 class _NoWorkers(Executor):
@@ -24,6 +25,10 @@ class _NoWorkers(Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         raise AssertionError(f"unexpected work submitted: {fn.__name__}")
+
+    def submit_to(self, site: str, fn: Callable[..., Any], /, *args: Any,
+                  **kwargs: Any) -> Future[Any]:
+        raise AssertionError(f"unexpected work submitted for {site}: {fn.__name__}")
 
 
 def test_a_refused_round_stops_the_study_and_the_report_says_why(tmp_path: Path) -> None:
@@ -34,7 +39,7 @@ def test_a_refused_round_stops_the_study_and_the_report_says_why(tmp_path: Path)
     _, initial = read_checkpoint(study.store, study.layout, 0, hub=study.hub.public())
     assert initial.round == 0 and initial.signature is not None
 
-    outcome = run_round(study, 1, _NoWorkers(), _NoWorkers())
+    outcome = run_round(study, 1, cast(WorkerLanes, _NoWorkers()), _NoWorkers())
     assert isinstance(outcome, Stop)
     assert outcome.reason.startswith("privacy budget: before round 1: the next round would "
                                      "raise ε to")

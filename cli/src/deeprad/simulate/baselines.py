@@ -5,7 +5,7 @@ each from the study's initial model for as many rounds' worth of epochs as the s
 from __future__ import annotations
 
 import sys
-from concurrent.futures import Executor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from deeprad.core.protocol import ClinicalMetrics
 from deeprad.simulate.study import NAMESPACE, STUDY, LocalStudy
-from deeprad.simulate.workers import train_baseline
+from deeprad.simulate.workers import WorkerLanes, train_baseline
 
 
 @dataclass
@@ -26,13 +26,16 @@ class Baselines:
     weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-def run_baselines(study: LocalStudy, pool: Executor, rounds_run: int) -> Baselines:
+def run_baselines(study: LocalStudy, pool: WorkerLanes, rounds_run: int) -> Baselines:
     """Train the centralized and local-only baselines; none when no round ran."""
     sites = study.sites
     jobs = [("centralized", sites)] + [(f"local:{s.name}", [s]) for s in sites]
-    futures = [pool.submit(train_baseline, name, [s.dataset.model_dump_json() for s in group],
-                           study.cfg.train.model_dump_json(), study.store.url, NAMESPACE, STUDY,
-                           rounds_run) for name, group in jobs] if rounds_run else []
+    # a local-only model trains where its hospital's data already are
+    futures = [pool.submit_to(group[0].name if len(group) == 1 else name, train_baseline, name,
+                              [s.dataset.model_dump_json() for s in group],
+                              study.cfg.train.model_dump_json(), study.store.url, NAMESPACE,
+                              STUDY, rounds_run, study.test_set)
+               for name, group in jobs] if rounds_run else []
     out = Baselines()
     for fut in tqdm(as_completed(futures), total=len(futures), desc="baselines", unit="model",
                     file=sys.stderr):

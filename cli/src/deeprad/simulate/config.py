@@ -245,7 +245,18 @@ DP_RECIPE = Recipe(model="tumor-jet", optimizer="sgd", lr=0.3, batch_size=64, lo
 # recipe takes lr 3e-3 and 8 local epochs. With Dice over the batch in training (seed 0,
 # federated, pooled validation Dice after 5 rounds): 0.522 here, vs 0.391 with per-volume Dice;
 # lr 1e-2 0.364 and 5e-3 0.411 (unstable); 16 local epochs 0.593 but twice the cost and
-# erratic (0.273 at round 4). `make bench-seg` checks it over 5 seeds.
+# erratic (0.273 at round 4).
+# FedAvg's step is the mean of the sites' steps, so per round the global model moves about as
+# far as one hospital's local training, while the centralized baseline takes every hospital's
+# steps in a row: the federated model finds no lesions before round 4. Tried on pooled
+# validation Dice (seed 0, Dice over the scans with a lesion, 5 rounds; plain FedAvg 0.288):
+# server learning rate 2 (`--strategy-params '{"server_lr": 2}'`) 0.376, but 3 diverged (0.019)
+# and 2 collapsed on seed 1 (final Dice 0.001 in `make bench-seg`), so the default keeps plain
+# FedAvg; FedAvgM (momentum
+# 0.5) 0.190, FedAdam (server lr 1e-2) 0.009, 10 rounds of 4 epochs 0.123 (best round 0.238),
+# 32 patients per hospital 0.395 at twice the cost (centralized 0.596 there, 0.476 at 16), and
+# MONAI's UNet without residual units (no instance norm on its output) 0.220.
+# `make bench-seg` runs it over 5 seeds.
 SEG_RECIPE = Recipe(model="unet3d", optimizer="adam", lr=3e-3, batch_size=2, local_epochs=8,
                     max_grad_norm=1.0, image_size=48, samples_per_site=16)
 

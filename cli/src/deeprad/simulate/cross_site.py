@@ -15,7 +15,7 @@ from deeprad.simulate.config import SimulationConfig
 from deeprad.simulate.scoring import POOLED, primary_metric, score_sets
 from deeprad.simulate.sites import Site
 
-__all__ = ["POOLED", "best_round", "cross_site_matrix", "validation_sets"]
+__all__ = ["POOLED", "best_round", "cross_site_matrix", "last_round_row", "validation_sets"]
 
 
 def validation_sets(sites: list[Site]) -> dict[str, Samples]:
@@ -24,18 +24,36 @@ def validation_sets(sites: list[Site]) -> dict[str, Samples]:
 
 
 def cross_site_matrix(cfg: SimulationConfig, sites: list[Site],
-                      models: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+                      models: dict[str, dict[str, torch.Tensor]],
+                      known: dict[str, dict[str, float | None]] | None = None
+                      ) -> dict[str, Any]:
     """The primary metric of each model (row) on each hospital's validation split and pooled
-    (columns); None where a split cannot be scored (empty, or a single class for AUROC)."""
-    sets = validation_sets(sites)
+    (columns); None where a split cannot be scored (empty, or a single class for AUROC).
+    `known` rows were scored already (the last round's global model is the final one) and
+    are not scored again."""
+    known = known or {}
+    to_score = {name: weights for name, weights in models.items() if name not in known}
+    sets = validation_sets(sites) if to_score else {}
     metric = primary_metric(cfg)
     rows: dict[str, dict[str, float | None]] = {}
     for name, weights in models.items():
+        if name in known:
+            rows[name] = known[name]
+            continue
         scores = score_sets(weights, cfg, sets)
         rows[name] = {column: getattr(m, metric) if m is not None else None
                       for column, m in scores.items()}
     return {"metric": metric, "held_out": "each hospital's validation split",
-            "columns": [*sets, POOLED], "rows": rows}
+            "columns": [*(s.name for s in sites), POOLED], "rows": rows}
+
+
+def last_round_row(rounds: list[dict[str, Any]], metric: str) -> dict[str, float | None]:
+    """The last round's global model on each hospital's validation split and pooled, as a
+    row of the cross-site matrix."""
+    last = rounds[-1]
+    row = {name: (site["validation"] or {}).get(metric) for name, site in last["sites"].items()}
+    row[POOLED] = (last["validation_pooled"] or {}).get(metric)
+    return row
 
 
 def best_round(rounds: list[dict[str, Any]], metric: str = "auroc") -> dict[str, Any] | None:

@@ -10,9 +10,10 @@ from typing import Any
 
 from deeprad.core import distributed_dp
 from deeprad.core.checkpoint import read_checkpoint
+from deeprad.core.protocol import ClinicalMetrics
 from deeprad.core.secagg.quantize import VectorLayout
 from deeprad.simulate.baselines import Baselines
-from deeprad.simulate.cross_site import best_round, cross_site_matrix
+from deeprad.simulate.cross_site import best_round, cross_site_matrix, last_round_row
 from deeprad.simulate.report import build_report, mean_metrics
 from deeprad.simulate.scoring import POOLED, metrics_json, primary_metric, score_sets, score_weights
 from deeprad.simulate.sites import describe_test_set, held_out_data
@@ -21,10 +22,12 @@ from deeprad.simulate.study import LocalStudy
 
 def finish(study: LocalStudy, rounds: list[dict[str, Any]], baselines: Baselines,
            stopped: str | None, started: float,
-           leave_one_out: dict[str, Any] | None = None) -> dict[str, Any]:
+           leave_one_out: dict[str, Any] | None = None,
+           initial_metrics: ClinicalMetrics | None = None) -> dict[str, Any]:
     """Write the final model and the report of `rounds` (one line per round run); `stopped`
     says why the study ended early, `started` is the study's perf_counter start,
-    `leave_one_out` the leave-one-site-out results (None: not run)."""
+    `leave_one_out` the leave-one-site-out results (None: not run), `initial_metrics` the
+    round-0 model on the test set when already scored."""
     cfg, store, layout = study.cfg, study.store, study.layout
     last = len(rounds)
     final_weights, manifest = read_checkpoint(store, layout, last, hub=study.hub.public())
@@ -36,11 +39,12 @@ def finish(study: LocalStudy, rounds: list[dict[str, Any]], baselines: Baselines
                  **ddp.model_dump(), "unit": "site (one site's clipped update per round)",
                  "epsilon_spent": distributed_dp.epsilon_after(
                      ddp, VectorLayout.of(study.initial_weights).size, last)},
-             "initial_metrics": metrics_json(score_weights(study.initial_weights, cfg,
-                                                           study.test_set)),
+             "initial_metrics": metrics_json(
+                 initial_metrics or score_weights(study.initial_weights, cfg, study.test_set)),
              "best_round": best_round(rounds, primary_metric(cfg)),
              "cross_site": cross_site_matrix(cfg, study.sites, {
-                 "federated": final_weights, **dict(sorted(baselines.weights.items()))})
+                 "federated": final_weights, **dict(sorted(baselines.weights.items()))},
+                 known={"federated": last_round_row(rounds, primary_metric(cfg))})
              if rounds else None,
              "held_out": held_out_scores(study, {"federated": final_weights,
                                                  **dict(sorted(baselines.weights.items()))}),

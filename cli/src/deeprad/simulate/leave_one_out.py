@@ -18,6 +18,7 @@ from deeprad.simulate.round import Stop, run_round
 from deeprad.simulate.scoring import metrics_json, score_weights
 from deeprad.simulate.sites import Site
 from deeprad.simulate.study import LocalStudy, without_site
+from deeprad.simulate.workers import WorkerLanes
 
 
 def site_test_split(site: Site) -> Samples:
@@ -26,7 +27,7 @@ def site_test_split(site: Site) -> Samples:
     return test if test is not None and len(test) else load_dataset(site.dataset)[1]
 
 
-def run_leave_one_out(study: LocalStudy, pool: Executor, hub_thread: Executor,
+def run_leave_one_out(study: LocalStudy, pool: WorkerLanes, hub_thread: Executor,
                       rounds: int) -> dict[str, Any]:
     """For each training hospital: `rounds` federated rounds without it, then the final model
     on its test split. `with_site` holds the full study's final model on the same split."""

@@ -199,14 +199,21 @@ def _hd(x: float | None) -> str:
 def _seg_line(name: str, m: dict[str, Any] | None, extra: str = "") -> str:
     m = m or {}
     return (f"{name[:26]:<26} {_fmt(m.get('dice')):>6} {_hd(m.get('hd95')):>8} "
-            f"{_fmt(_sens(m)):>9} {_fmt(m.get('auroc')):>10}{extra}")
+            f"{_fmt(_sens(m)):>9} {_fmt(m.get('specificity')):>8} {_fmt(m.get('auroc')):>10}"
+            f"{extra}")
+
+
+# The final tables' header: Dice is over the scans with a lesion; "clean" is the share of
+# healthy scans with nothing predicted (scan-level specificity).
+_SEG_HEAD = (f"{'model':<26} {'Dice':>6} {'HD95 mm':>8} {'sens@1FP':>9} {'clean':>8} "
+             f"{'scan AUROC':>10}")
 
 
 def _seg_table(title: str, final: dict[str, Any]) -> None:
     """Dice, HD95, lesion sensitivity and scan AUROC of the federated model and the baselines,
     with the acceptance's two comparisons on Dice."""
     print(title)
-    print(f"{'model':<26} {'Dice':>6} {'HD95 mm':>8} {'sens@1FP':>9} {'scan AUROC':>10}")
+    print(_SEG_HEAD)
     print(_seg_line("federated", final.get("federated")))
     if "centralized" not in final:
         return
@@ -231,9 +238,9 @@ def print_segmentation_report(report: dict[str, Any]) -> None:
     print(f"\nData: {report['data']}")
     head = (f"{'round':>5} {'loss':>6} {'Dice':>6} {'HD95':>6} {'sens@1FP':>8} {'AUROC':>6}  "
             + " ".join(f"{n[-12:]:>12}" for n in names))
-    print("Global model per round: test-set loss / Dice / HD95 (mm) / lesion sensitivity at 1 "
-          "false positive per scan / scan-level AUROC; then Dice on each hospital's validation "
-          "split")
+    print("Global model per round: test-set loss / Dice (over scans with a lesion) / HD95 (mm) / "
+          "lesion sensitivity at 1 false positive per scan / scan-level AUROC; then Dice on each "
+          "hospital's validation split")
     print(head)
     print("-" * len(head))
     for row in report["rounds"]:
@@ -252,6 +259,8 @@ def print_segmentation_report(report: dict[str, Any]) -> None:
     final = report["final"]
     _seg_table(f"\nFinal models on the test set, {report.get('test_set') or 'see report'}:",
                final)
+    print("(Dice: mean over the scans with a lesion; clean: share of the healthy scans with "
+          "nothing predicted)")
     held = final.get("held_out")
     if held:
         _seg_table(f"\nHeld-out hospital{'s' if len(held['sites']) > 1 else ''} "
@@ -260,7 +269,7 @@ def print_segmentation_report(report: dict[str, Any]) -> None:
     if loso:
         print("\nLeave-one-site-out: the federated study without each hospital, scored on that "
               "hospital's test split (in brackets: the full study's model, which trained there)")
-        print(f"{'left out':<26} {'Dice':>6} {'HD95 mm':>8} {'sens@1FP':>9} {'scan AUROC':>10}")
+        print("left out" + _SEG_HEAD[len("left out"):])
         for name, row in loso["sites"].items():
             with_it = (row.get("with_site") or {}).get("dice")
             print(_seg_line(name, row["without_site"], f"   ({_fmt(with_it)})"))

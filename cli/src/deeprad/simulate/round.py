@@ -1,6 +1,7 @@
 """One round of a local study: check the privacy budget, train every hospital in the worker
 pool (the trainer Job's code path), aggregate at the hub (the aggregator Job's code path), then
-score the new global model for the report.
+score the new global model for the report — each hospital's validation split in its own worker,
+the test set on a scoring thread — while the next round already trains.
 
 A failed hospital drops out and the round goes on; a round the budget refuses, or an
 aggregation that fails, stops the study (`Stop`).
@@ -18,7 +19,6 @@ from tqdm import tqdm
 
 from deeprad.aggregator.job import run_aggregation_task
 from deeprad.core.checkpoint import read_checkpoint
-from deeprad.core.data import load_dataset
 from deeprad.core.errors import DeepRadError
 from deeprad.core.privacy import PrivacyBudgetExceeded
 from deeprad.core.protocol import (
@@ -29,10 +29,10 @@ from deeprad.core.protocol import (
     TrainingTask,
 )
 from deeprad.core.secagg.relay import StoreRelay
-from deeprad.simulate.scoring import POOLED, metrics_json, score_sets, score_weights
+from deeprad.simulate.scoring import POOLED, metrics_json, pool_scores, score_weights
 from deeprad.simulate.sites import Site
 from deeprad.simulate.study import LocalStudy
-from deeprad.simulate.workers import train_site_round
+from deeprad.simulate.workers import SiteScore, WorkerLanes, score_validation, train_site_round
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,12 @@ class _Trained:
     failed: dict[str, str]  # site -> the error that dropped it
 
 
-def run_round(study: LocalStudy, round_no: int, pool: Executor, hub_thread: Executor,
-              scored: bool = True) -> dict[str, Any] | Stop:
-    """Run round `round_no`; returns its line of the report (with `scored`, the new global
-    model's metrics; else only the round number), or Stop."""
+def run_round(study: LocalStudy, round_no: int, pool: WorkerLanes, hub_thread: Executor,
+              scored: bool = True, scorer: Executor | None = None
+              ) -> Future[dict[str, Any]] | Stop:
+    """Run round `round_no` up to its new global model; returns Stop, or its line of the report
+    to come (with `scored`, the new model's metrics, scored on `scorer` while the caller goes on;
+    without a scorer, before returning; else only the round number)."""
     started = time.perf_counter()
     epsilon = _check_budget(study, round_no)
     if isinstance(epsilon, Stop):
@@ -75,8 +77,22 @@ def run_round(study: LocalStudy, round_no: int, pool: Executor, hub_thread: Exec
         print(f"study stopped: {stop.reason}", file=sys.stderr)
         return stop
     if not scored:
-        return {"round": round_no, "seconds": time.perf_counter() - started}
-    return _round_row(study, round_no, report, trained, started)
+        return _done({"round": round_no, "seconds": time.perf_counter() - started})
+    # Queued in each hospital's lane ahead of the next round's training.
+    validation = {s.name: pool.submit_to(s.name, score_validation, study.store.url,
+                                         study.layout.namespace, study.layout.study, round_no,
+                                         study.cfg.model.model_dump_json(),
+                                         s.dataset.model_dump_json())
+                  for s in study.sites}
+    if scorer is None:
+        return _done(_round_row(study, round_no, report, trained, validation, started))
+    return scorer.submit(_round_row, study, round_no, report, trained, validation, started)
+
+
+def _done(row: dict[str, Any]) -> Future[dict[str, Any]]:
+    future: Future[dict[str, Any]] = Future()
+    future.set_result(row)
+    return future
 
 
 def _check_budget(study: LocalStudy, round_no: int) -> RoundEpsilon | Stop | None:
@@ -104,11 +120,11 @@ def _site_task(study: LocalStudy, site: Site, index: int, round_no: int) -> Trai
                         secagg=study.secagg)
 
 
-def _train_sites(study: LocalStudy, round_no: int, pool: Executor) -> _Trained:
+def _train_sites(study: LocalStudy, round_no: int, pool: WorkerLanes) -> _Trained:
     """Every hospital's local training, in parallel in the worker pool."""
     futures: dict[Future[str], Site] = {
-        pool.submit(train_site_round,
-                    _site_task(study, s, i, round_no).model_dump_json(), study.store.url): s
+        pool.submit_to(s.name, train_site_round,
+                       _site_task(study, s, i, round_no).model_dump_json(), study.store.url): s
         for i, s in enumerate(study.sites)
     }
     results: dict[str, SiteResult] = {}
@@ -128,15 +144,15 @@ def _train_sites(study: LocalStudy, round_no: int, pool: Executor) -> _Trained:
 
 
 def _round_row(study: LocalStudy, round_no: int, report: AggregateReport, trained: _Trained,
-               started: float) -> dict[str, Any]:
+               scores: dict[str, Future[SiteScore]], started: float) -> dict[str, Any]:
     """One line of the report: the new global model's metrics and what each site did."""
     weights, _ = read_checkpoint(study.store, study.layout, round_no)
     results = trained.results
-    validation = score_sets(weights, study.cfg,
-                            {s.name: load_dataset(s.dataset)[1] for s in study.sites})
+    test = score_weights(weights, study.cfg, study.test_set)
+    validation = pool_scores(study.cfg, {name: f.result() for name, f in scores.items()})
     return {
         "round": round_no,
-        "global": metrics_json(score_weights(weights, study.cfg, study.test_set)),
+        "global": metrics_json(test),
         "federated_evaluation": metrics_json(report.federated_metrics),
         "validation_pooled": metrics_json(validation[POOLED]),
         "sites": {

@@ -14,11 +14,13 @@ request) and `finish` (final model, held-out hospitals and report).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from deeprad.simulate.baselines import Baselines, run_baselines
@@ -26,6 +28,8 @@ from deeprad.simulate.config import SimulationConfig
 from deeprad.simulate.finish import finish
 from deeprad.simulate.leave_one_out import run_leave_one_out
 from deeprad.simulate.round import Stop, run_round
+from deeprad.simulate.scoring import score_weights
+from deeprad.simulate.sites import make_sites
 from deeprad.simulate.study import set_up
 from deeprad.simulate.workers import start_pool
 
@@ -33,22 +37,32 @@ from deeprad.simulate.workers import start_pool
 def run_simulation(cfg: SimulationConfig) -> dict[str, Any]:
     """Run the study described by `cfg`; returns the report (also written to the output folder)."""
     started = time.perf_counter()
-    study = set_up(cfg)
-    rounds: list[dict[str, Any]] = []
+    pending: list[Future[dict[str, Any]]] = []
     baselines = Baselines()
     stopped: str | None = None
     loso: dict[str, Any] | None = None
-    with start_pool(cfg.worker_count, cfg.threads_per_worker, study.test_set) as pool, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub") as hub_thread:
+    # Each hospital's worker loads its data while the hub sets the study up.
+    sites = [(s.name, s.dataset) for s in make_sites(cfg)]
+    with start_pool(cfg.worker_count, cfg.threads_per_worker, sites) as pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub") as hub_thread, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer") as scorer:
+        # The workers hold the cores: the hub's set-up, aggregation and scoring, which run
+        # beside them, take one thread (more would wait on each other's time slices).
+        torch.set_num_threads(1)
+        study = set_up(cfg)
+        # scored while the workers start and load their data
+        initial = scorer.submit(score_weights, study.initial_weights, study.cfg, study.test_set)
         for round_no in tqdm(range(1, cfg.rounds + 1), desc="rounds", unit="round",
                              file=sys.stderr):
-            outcome = run_round(study, round_no, pool, hub_thread)
+            outcome = run_round(study, round_no, pool, hub_thread, scorer=scorer)
             if isinstance(outcome, Stop):
                 stopped = outcome.reason
                 break
-            rounds.append(outcome)
+            pending.append(outcome)
+        rounds = [row.result() for row in pending]
         if cfg.baselines:
             baselines = run_baselines(study, pool, len(rounds))
         if cfg.leave_one_out and rounds:
             loso = run_leave_one_out(study, pool, hub_thread, len(rounds))
-    return finish(study, rounds, baselines, stopped, started, loso)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    return finish(study, rounds, baselines, stopped, started, loso, initial.result())

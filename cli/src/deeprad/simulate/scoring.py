@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
-from deeprad.core.data import Samples, concat_samples
-from deeprad.core.metrics import combine
+from deeprad.core.data import ImageSet, Samples, concat_samples
+from deeprad.core.metrics import clinical_metrics, combine
 from deeprad.core.models import build_model
 from deeprad.core.protocol import PRIMARY_METRIC, ClinicalMetrics
 from deeprad.simulate.config import SimulationConfig
+from deeprad.simulate.workers import SiteScore, image_logits, image_score
 from deeprad.trainer import evaluate
 
 POOLED = "pooled"
@@ -33,6 +34,8 @@ def score_weights(weights: dict[str, torch.Tensor], cfg: SimulationConfig, data:
     """The study's model with `weights`, scored on `data` on the CPU."""
     model = build_model(cfg.model, allow_code=True)
     model.load_state_dict(weights)
+    if isinstance(data, ImageSet) and len(data):
+        return clinical_metrics(image_logits(model, data), data.labels)
     return evaluate(model, data, torch.device("cpu"))
 
 
@@ -45,11 +48,29 @@ def score_sets(weights: dict[str, torch.Tensor], cfg: SimulationConfig,
     model = build_model(cfg.model, allow_code=True)
     model.load_state_dict(weights)
     cpu = torch.device("cpu")
-    scores = {name: evaluate(model, data, cpu) if len(data) else None
-              for name, data in sets.items()}
+    if cfg.task == "segmentation" or not all(isinstance(d, ImageSet) for d in sets.values()):
+        scores = {name: evaluate(model, data, cpu) if len(data) else None
+                  for name, data in sets.items()}
+        if cfg.task == "segmentation":
+            scores[POOLED] = combine([m for m in scores.values() if m is not None])
+        else:
+            pooled = concat_samples(list(sets.values()))
+            scores[POOLED] = evaluate(model, pooled, cpu) if len(pooled) else None
+        return scores
+    # each set scored once; the pooled score from all their logits
+    return pool_scores(cfg, {name: image_score(model, data) for name, data in sets.items()
+                             if isinstance(data, ImageSet)})
+
+
+def pool_scores(cfg: SimulationConfig, scores: dict[str, SiteScore]
+                ) -> dict[str, ClinicalMetrics | None]:
+    """Each set's metrics and the pooled ones (`POOLED`): images from the sets' logits pooled,
+    exactly as one score over the pooled predictions; volumes by `combine`."""
+    out = {name: s.metrics for name, s in scores.items()}
     if cfg.task == "segmentation":
-        scores[POOLED] = combine([m for m in scores.values() if m is not None])
-    else:
-        pooled = concat_samples(list(sets.values()))
-        scores[POOLED] = evaluate(model, pooled, cpu) if len(pooled) else None
-    return scores
+        out[POOLED] = combine([m for m in out.values() if m is not None])
+        return out
+    logits = [s.logits for s in scores.values() if s.logits is not None]
+    labels = [s.labels for s in scores.values() if s.labels is not None]
+    out[POOLED] = clinical_metrics(torch.cat(logits), torch.cat(labels)) if logits else None
+    return out

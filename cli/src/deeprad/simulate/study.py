@@ -5,7 +5,6 @@ settings every round shares. `without_site` derives the leave-one-site-out studi
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from dataclasses import dataclass, replace
@@ -51,8 +50,8 @@ class LocalStudy:
 
 
 def set_up(cfg: SimulationConfig) -> LocalStudy:
-    """Create the study in `cfg.output` (replacing an earlier one) up to its round-0 model."""
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    """Create the study in `cfg.output` (replacing an earlier one) up to its round-0 model.
+    Torch's thread count is the caller's (the runner's workers hold the cores meanwhile)."""
     cfg.output.mkdir(parents=True, exist_ok=True)
     store = LocalStore(cfg.output / "store")
     layout = StudyLayout(NAMESPACE, STUDY)

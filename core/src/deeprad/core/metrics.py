@@ -155,9 +155,9 @@ def _pooled_lesions(metrics: list[ClinicalMetrics]
 def combine(metrics: list[ClinicalMetrics]) -> ClinicalMetrics | None:
     """Federated evaluation: the metrics of the sites' pooled predictions. Exact where the
     sites sent sufficient statistics: AUROC from summed histograms (up to the bin width),
-    sensitivity by positives, specificity by negatives, accuracy and Dice by cases, HD95 by
-    the scans it was measured on, lesion sensitivity from summed FROC counts. Loss is the
-    sample-weighted mean."""
+    sensitivity and Dice by positives (scans with a lesion), specificity by negatives,
+    accuracy by cases, HD95 by the scans it was measured on, lesion sensitivity from summed
+    FROC counts. Loss is the sample-weighted mean."""
     if not metrics:
         return None
     auroc, histogram = _pooled_auroc(metrics)
@@ -171,7 +171,7 @@ def combine(metrics: list[ClinicalMetrics]) -> ClinicalMetrics | None:
         specificity=_weighted([(m.specificity, m.n - m.positives) for m in metrics]),
         accuracy=_weighted([(m.accuracy, m.n) for m in metrics]) or 0.0,
         histogram=histogram,
-        dice=_weighted([(m.dice, m.n) for m in metrics]),
+        dice=_weighted([(m.dice, m.positives) for m in metrics]),
         hd95=_weighted([(m.hd95, m.hd95_cases) for m in metrics]),
         hd95_cases=sum(m.hd95_cases for m in metrics),
         lesion_sensitivity=lesion_sensitivity,

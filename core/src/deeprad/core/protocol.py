@@ -141,8 +141,9 @@ class LesionCounts(Message):
 class ClinicalMetrics(Message):
     """Metrics a clinician reads. Classification: per image (sensitivity is recall on
     tumours). Segmentation: `auroc`, `sensitivity`, `specificity` and `accuracy` are per scan
-    ("does this scan hold a lesion", scored by the largest lesion probability), `dice` is the
-    mean per-scan Dice, `hd95` the mean 95th-percentile Hausdorff distance in mm over scans
+    ("does this scan hold a lesion", scored by the largest lesion probability; specificity is the
+    share of healthy scans with nothing predicted), `dice` is the mean Dice over the scans that
+    hold a lesion, `hd95` the mean 95th-percentile Hausdorff distance in mm over scans
     where both the reference and the prediction hold a lesion, and `lesion_sensitivity` the
     share of lesions found at 1/8 … 8 false positives per scan (keys "0.125" … "8")."""
 

@@ -4,9 +4,11 @@ counts at fixed thresholds, and a histogram of the per-scan scores.
 
 Conventions (what a reader of the numbers needs to know):
 - A voxel is predicted lesion when its probability is >= 0.5.
-- Dice per scan (MONAI `compute_dice`, `ignore_empty=False`): a scan without a lesion scores 1
-  when nothing is predicted there and 0 otherwise (the BraTS convention), so false alarms on
-  healthy scans count; `dice` is the mean over all scans.
+- Dice (MONAI `compute_dice`) is the mean over the scans that hold a lesion (the autoPET
+  convention for data with healthy scans); None when no scan holds one. Healthy scans are
+  scored by the scan-level specificity instead: the share of them with no voxel predicted
+  lesion. (Counting a clean healthy scan as Dice 1, BraTS's convention, let a network that
+  never fires score about the share of healthy scans.)
 - HD95 (MONAI `compute_hausdorff_distance`, 95th percentile, in mm from the voxel spacing) is
   undefined when either side is empty, so it averages over the scans where both the reference
   and the prediction hold a lesion; `hd95_cases` counts them.
@@ -114,8 +116,9 @@ def segmentation_metrics(probs: torch.Tensor, masks: torch.Tensor,
     pred = (probs >= THRESHOLD).float()
     n = len(probs)
     labels, scores = truth.flatten(1).amax(1), probs.flatten(1).amax(1)
-    dice = (float(compute_dice(pred, truth, include_background=True, ignore_empty=False).mean())
-            if n else None)
+    ill = labels > 0
+    dice = (float(compute_dice(pred[ill], truth[ill], include_background=True).mean())
+            if bool(ill.any()) else None)
     both = (pred.flatten(1).amax(1) > 0) & (labels > 0)
     hd95 = None
     if bool(both.any()):

@@ -250,15 +250,18 @@ class BatchFeeder:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Samples, device: torch.device,
-             batch_size: int = 256, *, roi_size: Sequence[int] | None = None
+             batch_size: int | None = None, *, roi_size: Sequence[int] | None = None
              ) -> ClinicalMetrics | None:
     """Clinical metrics of `model` on `data`; None for an empty set. Always fp32, so metrics
-    do not depend on the training precision. Volumes: segmentation metrics, a few scans per
-    pass, by sliding windows of `roi_size` where a volume is larger (`evaluate_volumes`)."""
+    do not depend on the training precision. Images go `batch_size` at a time (default 256 on
+    a GPU, 64 on a CPU, where larger batches' activations fall out of the caches and run
+    slower per image). Volumes: segmentation metrics, a few scans per pass, by sliding windows
+    of `roi_size` where a volume is larger (`evaluate_volumes`)."""
     if isinstance(data, VolumeSet):
         return evaluate_volumes(model, data, device, roi_size)
     if len(data) == 0:
         return None
+    batch_size = batch_size or (64 if device.type == "cpu" else 256)
     model.eval()
     logits = torch.cat([
         model(data.images[i : i + batch_size].to(device)).flatten().float().cpu()

@@ -463,8 +463,9 @@ class Metrics(ApiModel):
     specificity: Fraction | None = Field(default=None, description="True-negative rate.")
     accuracy: Fraction | None = Field(default=None, description="Share of correct predictions.")
     dice: Fraction | None = Field(
-        default=None, description="Segmentation: mean per-scan Dice overlap of the predicted "
-                                  "and reference lesion masks (higher is better).")
+        default=None, description="Segmentation: Dice overlap of the predicted and reference "
+                                  "lesion masks, averaged over the scans that hold a lesion "
+                                  "(higher is better; healthy scans count in specificity).")
     hd95: Annotated[float, Field(ge=0)] | None = Field(
         default=None, description="Segmentation: mean 95th-percentile Hausdorff distance in mm "
                                   "between predicted and reference lesion boundaries, over "
