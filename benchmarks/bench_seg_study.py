@@ -49,16 +49,18 @@ def run_study(out: Path, seed: int, leave_one_out: bool) -> dict[str, Any]:
 def seed_row(report: dict[str, Any], seconds: float) -> dict[str, float | None]:
     final = report["final"]
     fed, cen = final["federated"]["dice"], final["centralized"]["dice"]
-    loc = final["local_only"]["mean"]["dice"]
+    loc = final["local_only"]["mean"].get("dice")
     held = final["held_out"]["federated"]
     loso = report.get("leave_one_out")
     pooled_val = report["cross_site"]["rows"]
-    return {"fed": fed, "central": cen, "local": loc, "fed/cen": fed / cen if cen else None,
-            "fed-loc": fed - loc, "fed val": pooled_val["federated"]["pooled"],
+    both = fed is not None and cen is not None and loc is not None  # None: no lesion scan
+    return {"fed": fed, "central": cen, "local": loc,
+            "fed/cen": fed / cen if both and cen else None,
+            "fed-loc": fed - loc if both else None, "fed val": pooled_val["federated"]["pooled"],
             "cen val": pooled_val["centralized"]["pooled"],
             "held Dice": held["dice"], "held HD95": held["hd95"],
             "held s@1FP": (held.get("lesion_sensitivity") or {}).get("1"),
-            "LOSO Dice": loso["mean"]["dice"] if loso else None, "seconds": seconds}
+            "LOSO Dice": loso["mean"].get("dice") if loso else None, "seconds": seconds}
 
 
 def _cell(value: float | None, column: str) -> str:

@@ -4,10 +4,13 @@ refuses before any hospital trains, and the report written for a study that ran 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import BrokenExecutor, Executor, Future
 from pathlib import Path
 from typing import Any, cast
+
+import pytest
 
 from deeprad.core.checkpoint import read_checkpoint
 from deeprad.core.data import load_dataset
@@ -65,3 +68,14 @@ def test_the_plan_charges_each_site_the_core_rule(tmp_path: Path) -> None:
         assert study.plan.per_round[site.name] == round_steps(
             records, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs,
             noise_multiplier=1.0)
+
+
+def test_a_hospitals_worker_that_dies_fails_its_task_and_the_lane_takes_a_fresh_one() -> None:
+    lanes = WorkerLanes(1, 1, [])
+    try:
+        died = lanes.submit_to("hospital-a", os._exit, 1)  # the worker process dies mid-task
+        with pytest.raises(BrokenExecutor):
+            died.result(timeout=120)
+        assert lanes.submit_to("hospital-a", abs, -3).result(timeout=120) == 3
+    finally:
+        lanes.shutdown()

@@ -251,8 +251,8 @@ DP_RECIPE = Recipe(model="tumor-jet", optimizer="sgd", lr=0.3, batch_size=64, lo
 # steps in a row: the federated model finds no lesions before round 4. Tried on pooled
 # validation Dice (seed 0, Dice over the scans with a lesion, 5 rounds; plain FedAvg 0.288):
 # server learning rate 2 (`--strategy-params '{"server_lr": 2}'`) 0.376, but 3 diverged (0.019)
-# and 2 collapsed on seed 1 (final Dice 0.001 in `make bench-seg`), so the default keeps plain
-# FedAvg; FedAvgM (momentum
+# and on seed 1 neither 2 nor 1 found a lesion in 5 rounds (`make bench-seg`), so the default
+# keeps plain FedAvg (no stability margin to spend); FedAvgM (momentum
 # 0.5) 0.190, FedAdam (server lr 1e-2) 0.009, 10 rounds of 4 epochs 0.123 (best round 0.238),
 # 32 patients per hospital 0.395 at twice the cost (centralized 0.596 there, 0.476 at 16), and
 # MONAI's UNet without residual units (no instance norm on its output) 0.220.

@@ -49,20 +49,32 @@ def run_simulation(cfg: SimulationConfig) -> dict[str, Any]:
         # The workers hold the cores: the hub's set-up, aggregation and scoring, which run
         # beside them, take one thread (more would wait on each other's time slices).
         torch.set_num_threads(1)
-        study = set_up(cfg)
-        # scored while the workers start and load their data
-        initial = scorer.submit(score_weights, study.initial_weights, study.cfg, study.test_set)
-        for round_no in tqdm(range(1, cfg.rounds + 1), desc="rounds", unit="round",
-                             file=sys.stderr):
-            outcome = run_round(study, round_no, pool, hub_thread, scorer=scorer)
-            if isinstance(outcome, Stop):
-                stopped = outcome.reason
-                break
-            pending.append(outcome)
-        rounds = [row.result() for row in pending]
-        if cfg.baselines:
-            baselines = run_baselines(study, pool, len(rounds))
-        if cfg.leave_one_out and rounds:
-            loso = run_leave_one_out(study, pool, hub_thread, len(rounds))
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+        try:
+            study = set_up(cfg)
+            # scored while the workers start and load their data
+            initial = scorer.submit(score_weights, study.initial_weights, study.cfg,
+                                    study.test_set)
+            for round_no in tqdm(range(1, cfg.rounds + 1), desc="rounds", unit="round",
+                                 file=sys.stderr):
+                outcome = run_round(study, round_no, pool, hub_thread, scorer=scorer)
+                if isinstance(outcome, Stop):
+                    stopped = outcome.reason
+                    break
+                pending.append(outcome)
+                _raise_failed_scoring([initial, *pending])  # not after every round has trained
+            rounds = [row.result() for row in pending]
+            if cfg.baselines:
+                baselines = run_baselines(study, pool, len(rounds))
+            if cfg.leave_one_out and rounds:
+                loso = run_leave_one_out(study, pool, hub_thread, len(rounds))
+        finally:
+            torch.set_num_threads(len(os.sched_getaffinity(0)))
     return finish(study, rounds, baselines, stopped, started, loso, initial.result())
+
+
+def _raise_failed_scoring(scores: list[Future[Any]]) -> None:
+    """Raise the error of any scoring that already failed (a round's report line is scored
+    while the next round trains)."""
+    for score in scores:
+        if score.done() and score.exception() is not None:
+            score.result()

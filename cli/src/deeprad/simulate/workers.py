@@ -1,7 +1,8 @@
 """Warm worker processes for a local study: each simulated hospital's round runs the same
 `run_training_task` a Kubernetes trainer Job runs. A hospital always runs in the same worker
 (its lane), which generates or reads its data once, before the first round, and scores the
-global models on its validation split for the report; the main process never loads it."""
+global models on its validation split for the report; the main process loads it only
+when a privacy budget or secure aggregation needs its size."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import contextlib
 import multiprocessing
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -48,10 +49,9 @@ class WorkerLanes(Executor):
 
     def __init__(self, lanes: int, threads: int,
                  sites: Sequence[tuple[str, DatasetSpec]] = ()) -> None:
-        context = _worker_context()
-        self._lanes = [ProcessPoolExecutor(max_workers=1, mp_context=context,
-                                           initializer=_init, initargs=(threads,))
-                       for _ in range(max(1, lanes))]
+        self._threads = threads
+        self._context = _worker_context()
+        self._lanes = [self._new_lane() for _ in range(max(1, lanes))]
         self._queued = [0] * len(self._lanes)
         self._lock = threading.Lock()  # futures finish on the executors' own threads
         self._homes = _balance(sites, len(self._lanes))
@@ -90,10 +90,24 @@ class WorkerLanes(Executor):
     def _least_busy(self) -> int:
         return min(range(len(self._lanes)), key=self._queued.__getitem__)
 
+    def _new_lane(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=1, mp_context=self._context, initializer=_init,
+                                   initargs=(self._threads,))
+
     def _on(self, lane: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         with self._lock:
             self._queued[lane] += 1
-        future = self._lanes[lane].submit(fn, *args, **kwargs)
+            pool = self._lanes[lane]
+        try:
+            future = pool.submit(fn, *args, **kwargs)
+        except BrokenExecutor:
+            # its worker died (its task failed with it, and that hospital dropped out of the
+            # round): a fresh worker takes the lane, reloading the data it needs
+            with self._lock:
+                if self._lanes[lane] is pool:
+                    self._lanes[lane] = self._new_lane()
+                pool = self._lanes[lane]
+            future = pool.submit(fn, *args, **kwargs)
         future.add_done_callback(lambda _: self._done(lane))
         return future
 
