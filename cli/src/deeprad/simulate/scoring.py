@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from deeprad.core.data import ImageSet, Samples, concat_samples
+from deeprad.core.data import Samples
 from deeprad.core.metrics import clinical_metrics, combine
 from deeprad.core.models import build_model
 from deeprad.core.protocol import PRIMARY_METRIC, ClinicalMetrics
 from deeprad.simulate.config import SimulationConfig
-from deeprad.simulate.workers import SiteScore, image_logits, image_score
+from deeprad.simulate.workers import SiteScore, site_score
 from deeprad.trainer import evaluate
 
 POOLED = "pooled"
@@ -34,8 +34,6 @@ def score_weights(weights: dict[str, torch.Tensor], cfg: SimulationConfig, data:
     """The study's model with `weights`, scored on `data` on the CPU."""
     model = build_model(cfg.model, allow_code=True)
     model.load_state_dict(weights)
-    if isinstance(data, ImageSet) and len(data):
-        return clinical_metrics(image_logits(model, data), data.labels)
     return evaluate(model, data, torch.device("cpu"))
 
 
@@ -47,19 +45,7 @@ def score_sets(weights: dict[str, torch.Tensor], cfg: SimulationConfig,
     scoring every volume twice."""
     model = build_model(cfg.model, allow_code=True)
     model.load_state_dict(weights)
-    cpu = torch.device("cpu")
-    if cfg.task == "segmentation" or not all(isinstance(d, ImageSet) for d in sets.values()):
-        scores = {name: evaluate(model, data, cpu) if len(data) else None
-                  for name, data in sets.items()}
-        if cfg.task == "segmentation":
-            scores[POOLED] = combine([m for m in scores.values() if m is not None])
-        else:
-            pooled = concat_samples(list(sets.values()))
-            scores[POOLED] = evaluate(model, pooled, cpu) if len(pooled) else None
-        return scores
-    # each set scored once; the pooled score from all their logits
-    return pool_scores(cfg, {name: image_score(model, data) for name, data in sets.items()
-                             if isinstance(data, ImageSet)})
+    return pool_scores(cfg, {name: site_score(model, data) for name, data in sets.items()})
 
 
 def pool_scores(cfg: SimulationConfig, scores: dict[str, SiteScore]

@@ -30,7 +30,7 @@ from deeprad.core.protocol import (
     TrainingTask,
 )
 from deeprad.core.store import open_store
-from deeprad.trainer import evaluate, train_epochs
+from deeprad.trainer import evaluate, image_logits, train_epochs
 from deeprad.trainer.job import run_training_task
 from deeprad.trainer.local_training import select_device
 
@@ -57,16 +57,16 @@ class WorkerLanes(Executor):
         self._homes = _balance(sites, len(self._lanes))
         # Start every worker now, each loading its hospitals' data, from a thread of its own
         # (starting a worker waits for the fork server): the caller sets the study up meanwhile.
-        self._starter = threading.Thread(target=self._start, args=(threads, sites),
+        self._starter = threading.Thread(target=self._start, args=(sites,),
                                          name="worker-start", daemon=True)
         self._starter.start()
 
-    def _start(self, threads: int, sites: Sequence[tuple[str, DatasetSpec]]) -> None:
+    def _start(self, sites: Sequence[tuple[str, DatasetSpec]]) -> None:
         with contextlib.suppress(RuntimeError):  # the study failed and shut the lanes
             for name, spec in sites:
                 self._on(self._homes[name], warm_site, spec.model_dump_json())
             for lane in set(range(len(self._lanes))) - set(self._homes.values()):
-                self._on(lane, _init, threads)
+                self._on(lane, _init, self._threads)
 
     def submit_to(self, site: str, fn: Callable[P, T], /, *args: P.args,
                   **kwargs: P.kwargs) -> Future[T]:
@@ -180,28 +180,18 @@ def score_validation(store_url: str, namespace: str, study: str, round_no: int,
     weights, _ = read_checkpoint(open_store(store_url), StudyLayout(namespace, study), round_no)
     model = build_model(ModelSpec.model_validate_json(model_json), allow_code=True)
     model.load_state_dict(weights)
-    val = load_dataset(DatasetSpec.model_validate_json(dataset_json))[1]
-    if not isinstance(val, ImageSet):  # volumes pool by their metrics' statistics
-        return SiteScore(evaluate(model, val, torch.device("cpu")) if len(val) else None)
-    return image_score(model, val)
+    return site_score(model, load_dataset(DatasetSpec.model_validate_json(dataset_json))[1])
 
 
-def image_score(model: torch.nn.Module, data: ImageSet) -> SiteScore:
-    """`model` on one set of images, its logits kept for pooling (each set scored once)."""
+def site_score(model: torch.nn.Module, data: Samples) -> SiteScore:
+    """`model` on one set on the CPU: images keep their logits for pooling (each set scored
+    once); volumes pool by their metrics' statistics."""
     if len(data) == 0:
         return SiteScore(None)
-    logits = image_logits(model, data)
+    if not isinstance(data, ImageSet):
+        return SiteScore(evaluate(model, data, torch.device("cpu")))
+    logits = image_logits(model, data, torch.device("cpu"))
     return SiteScore(clinical_metrics(logits, data.labels), logits, data.labels)
-
-
-def image_logits(model: torch.nn.Module, data: ImageSet, batch_size: int = 64
-                 ) -> torch.Tensor:
-    """`model`'s logits on `data` on the CPU (batches of 64: faster there than larger ones,
-    whose activations fall out of the caches)."""
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model(data.images[i : i + batch_size]).flatten().float()
-                          for i in range(0, len(data), batch_size)])
 
 
 def train_baseline(name: str, datasets: list[str], cfg_json: str, store_url: str, namespace: str,

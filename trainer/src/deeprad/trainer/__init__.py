@@ -1,5 +1,11 @@
 """The trainer: local training at a hospital and the Job that wraps it."""
 
-from deeprad.trainer.local_training import SiteTraining, evaluate, train_epochs, train_site
+from deeprad.trainer.local_training import (
+    SiteTraining,
+    evaluate,
+    image_logits,
+    train_epochs,
+    train_site,
+)
 
-__all__ = ["SiteTraining", "evaluate", "train_epochs", "train_site"]
+__all__ = ["SiteTraining", "evaluate", "image_logits", "train_epochs", "train_site"]

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from deeprad.core.data import Samples, VolumeSet
+from deeprad.core.data import ImageSet, Samples, VolumeSet
 from deeprad.core.errors import ConfigError, DataError
 from deeprad.core.metrics import clinical_metrics
 from deeprad.core.models import build_model, model_weights
@@ -261,13 +261,19 @@ def evaluate(model: nn.Module, data: Samples, device: torch.device,
         return evaluate_volumes(model, data, device, roi_size)
     if len(data) == 0:
         return None
+    return clinical_metrics(image_logits(model, data, device, batch_size), data.labels)
+
+
+@torch.no_grad()
+def image_logits(model: nn.Module, data: ImageSet, device: torch.device,
+                 batch_size: int | None = None) -> torch.Tensor:
+    """`model`'s fp32 logits on `data`'s images, on the CPU (batch size as in `evaluate`)."""
     batch_size = batch_size or (64 if device.type == "cpu" else 256)
     model.eval()
-    logits = torch.cat([
+    return torch.cat([
         model(data.images[i : i + batch_size].to(device)).flatten().float().cpu()
         for i in range(0, len(data), batch_size)
     ])
-    return clinical_metrics(logits, data.labels)
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device
