@@ -4,14 +4,16 @@ judged against issue #15's acceptance, side by side in one run.
 Each seed changes the anatomy benchmark's patients (SYNTHETIC lesions on real MNI152 anatomy),
 the weight init and the batches. Per seed it prints the final test-set Dice of the federated
 model, the centralized baseline and the mean of the hospitals training alone, the two ratios the
-acceptance names, the final federated and centralized models' pooled VALIDATION Dice (what a
+acceptance names, the share of healthy test scans where the federated and the centralized
+model predict nothing ("clean": Dice counts only scans with a lesion, so this is where false
+alarms show), the final federated and centralized models' pooled VALIDATION Dice (what a
 recipe may be chosen on; the test columns may not), the held-out hospital's Dice, HD95 and
 lesion sensitivity at 1 false positive per scan (the federated model on a hospital that never
 trained), and, with leave-one-site-out (the default), the mean Dice of the studies run without
 each hospital on that hospital's test split. Then min and median rows, and PASS/FAIL:
 federated Dice >= 0.95 x centralized and >= local-only mean + 0.05 on every seed.
 
-    python benchmarks/bench_seg_study.py [--seeds 0 1 2 3 4] [--no-leave-one-out]
+    python benchmarks/bench_seg_study.py [--seeds 0 1 2 3 4] [--no-leave-one-out] [--keep DIR]
 
 About 8-15 minutes per seed on 2 cores with leave-one-site-out, 5-8 without.
 """
@@ -30,8 +32,8 @@ from typing import Any
 
 RATIO_GOAL = 0.95  # federated Dice >= 0.95 x centralized
 MARGIN_GOAL = 0.05  # federated Dice >= local-only mean + 0.05
-COLUMNS = ("fed", "central", "local", "fed/cen", "fed-loc", "fed val", "cen val", "held Dice",
-           "held HD95", "held s@1FP", "LOSO Dice", "seconds")
+COLUMNS = ("fed", "central", "local", "fed/cen", "fed-loc", "fed clean", "cen clean", "fed val",
+           "cen val", "held Dice", "held HD95", "held s@1FP", "LOSO Dice", "seconds")
 
 
 def run_study(out: Path, seed: int, leave_one_out: bool) -> dict[str, Any]:
@@ -56,7 +58,10 @@ def seed_row(report: dict[str, Any], seconds: float) -> dict[str, float | None]:
     both = fed is not None and cen is not None and loc is not None  # None: no lesion scan
     return {"fed": fed, "central": cen, "local": loc,
             "fed/cen": fed / cen if both and cen else None,
-            "fed-loc": fed - loc if both else None, "fed val": pooled_val["federated"]["pooled"],
+            "fed-loc": fed - loc if both else None,
+            "fed clean": final["federated"]["specificity"],
+            "cen clean": final["centralized"]["specificity"],
+            "fed val": pooled_val["federated"]["pooled"],
             "cen val": pooled_val["centralized"]["pooled"],
             "held Dice": held["dice"], "held HD95": held["hd95"],
             "held s@1FP": (held.get("lesion_sensitivity") or {}).get("1"),
@@ -90,6 +95,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--no-leave-one-out", action="store_true",
                         help="skip the leave-one-site-out studies (about half the time)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="keep each seed's study (report.json, checkpoint, plot) in "
+                             "DIR/seed<N> instead of a temporary folder")
     args = parser.parse_args()
     print("Default 3D study (SYNTHETIC lesions on real MNI152 anatomy): final test-set Dice; "
           "held = the held-out hospital (never trained on), federated model; LOSO = mean Dice "
@@ -100,7 +108,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="deeprad-bench-seg-") as tmp:
         for seed in args.seeds:
             start = time.perf_counter()
-            report = run_study(Path(tmp) / f"seed{seed}", seed, not args.no_leave_one_out)
+            report = run_study((args.keep or Path(tmp)) / f"seed{seed}", seed,
+                               not args.no_leave_one_out)
             row = seed_row(report, time.perf_counter() - start)
             rows.append(row)
             _print_row(str(seed), row)

@@ -44,6 +44,7 @@ PATIENTS, TEST_PATIENTS = 8, 2
 # Patient seeds whose 2-patient validation splits each hold a lesion scan (Dice is measured
 # on those; a split without one has no Dice), as the checks below need.
 SEEDS = (10, 12)
+PATCH = 16  # training patches of the 24^3 volumes
 
 
 def _anatomy_site(name: str, cluster: Cluster, index: int) -> SitePlan:
@@ -88,7 +89,8 @@ def _study() -> dict[str, Any]:
                 # this one short.
                 "roundTemplate": {"minSites": 2, "deadline": "10m",
                                   "privacy": {"secureAggregation": False}, "training": {
-                                      "localEpochs": 1, "batchSize": 2, "lr": 0.001}}}}
+                                      "localEpochs": 1, "batchSize": 2, "lr": 0.001,
+                                      "patchSize": PATCH}}}}
 
 
 def _report(fed: Federation, ns: str) -> str:
@@ -178,5 +180,10 @@ def test_segmentation_study_reports_dice_per_site_pooled_and_final(fed: Federati
     # The evaluation uploaded nothing: no update at either hospital.
     assert not list(fed.s3.client().list_objects(
         "deeprad", prefix=layout.updates_prefix(evaluation["spec"]["round"]), recursive=True))
+    # Every hospital's tasks carried the patch size: its trainer trained on 16^3 patches of
+    # the 24^3 volumes and scored by 16^3 windows.
+    for site in fed.sites:
+        tasks = items(fed, "sitetasks", "-n", f"deeprad-site-{site}")
+        assert tasks and all(t["spec"]["training"]["patchSize"] == PATCH for t in tasks)
     text = fed.operator.metrics()
     assert f'deeprad_global_dice{{namespace="{ns}",study="{STUDY}"}}' in text

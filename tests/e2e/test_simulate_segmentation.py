@@ -29,8 +29,8 @@ def test_small_3d_study_reports_dice_held_out_and_leave_one_out(tmp_path: Path) 
     out = tmp_path / "run"
     proc = subprocess.run(
         ["deeprad", "simulate", "--task", "segmentation", "--sites", "2", "--rounds", "2",
-         "--image-size", "24", "--samples-per-site", "6", "--local-epochs", "1",
-         "--leave-one-out", "--output", str(out)],
+         "--image-size", "24", "--patch-size", "16", "--samples-per-site", "6",
+         "--local-epochs", "1", "--leave-one-out", "--output", str(out)],
         capture_output=True, text=True, check=False, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SYNTHETIC tumours" in proc.stderr and "REAL anatomy" in proc.stderr

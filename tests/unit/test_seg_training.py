@@ -163,3 +163,79 @@ def test_dp_sgd_refuses_segmentation_networks_opacus_cannot_differentiate_per_re
     with pytest.raises(ConfigError, match=r"DP-SGD: MONAI .*; use unet3d"):
         train_site(spec, weights, cubes(4, 0), cubes(2, 1), TrainConfig(batch_size=2),
                    dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+
+
+def test_patches_are_cut_from_image_and_mask_alike_and_centred_on_lesions_as_asked() -> None:
+    """Foreground oversampling: with `foreground` 1 every patch of a scan with a lesion holds
+    lesion voxels; image and mask come from the same box; a healthy scan gets a random patch;
+    the same seed cuts the same patches."""
+    from deeprad.trainer.segmentation import PatchSampler
+
+    data = cubes(8, 4, edge=24)  # 5-voxel cubes: 0.9% of a 24^3 scan
+    x, y = PatchSampler(8, foreground=1.0, seed=0)(data.images, data.masks)
+    assert x.shape == (8, 2, 8, 8, 8) and y.shape == (8, 1, 8, 8, 8)
+    has_lesion = data.masks.flatten(1).any(1)
+    assert bool((y.flatten(1).any(1) == has_lesion).all())
+    # every image voxel brighter by 0.6 is a lesion voxel: the mask crop matches the image crop
+    assert bool(((x[:, 0] > 0.55) == y[:, 0].bool()).all())
+    again = PatchSampler(8, foreground=1.0, seed=0)(data.images, data.masks)
+    assert torch.equal(again[0], x) and torch.equal(again[1], y)
+    # without oversampling, patches hold far fewer lesion voxels over many draws
+    sampler = PatchSampler(8, foreground=0.0, seed=0)
+    random_share = sum(float(sampler(data.images, data.masks)[1].float().mean())
+                       for _ in range(20)) / 20
+    oversampled = PatchSampler(8, foreground=1.0, seed=1)
+    lesion_share = sum(float(oversampled(data.images, data.masks)[1].float().mean())
+                       for _ in range(20)) / 20
+    assert lesion_share > 3 * random_share
+
+
+def test_a_patch_larger_than_the_volumes_or_on_images_is_refused_with_the_fix() -> None:
+    cfg = TrainConfig(local_epochs=1, batch_size=2, patch_size=32)
+    with pytest.raises(ConfigError, match=r"train.patchSize 32 is larger than the volumes "
+                                          r"\(16x16x16 voxels\): set it to at most 16"):
+        train_site(SPEC, _global(), cubes(4, 0), cubes(2, 1), cfg)
+    images = ImageSet(torch.rand(4, 1, 8, 8), torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    with pytest.raises(ConfigError, match="patches are cut from 3D volumes"):
+        train_site(ModelSpec(name="tumor-cnn"), model_weights(build_model(ModelSpec())),
+                   images, images, cfg)
+
+
+def test_training_on_patches_learns_and_scores_whole_volumes_by_windows_of_the_patch() -> None:
+    """Patches of 16^3 from 24^3 volumes: the network learns the cubes from patches."""
+    cfg = TrainConfig(local_epochs=8, batch_size=2, lr=1e-2, patch_size=16)
+    out = train_site(SPEC, _global(), cubes(8, 0, edge=24), cubes(4, 1, edge=24), cfg)
+    assert out.global_metrics is not None and out.local_metrics is not None
+    assert out.local_metrics.loss < out.global_metrics.loss
+    assert out.local_metrics.dice is not None and out.local_metrics.dice > 0.3
+
+
+def test_patch_trained_networks_are_scored_by_windows_of_their_patch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import deeprad.trainer.local_training as lt
+
+    seen: list[object] = []
+    real = lt.evaluate_volumes
+
+    def spy(model: nn.Module, data: VolumeSet, device: torch.device,
+            roi_size: object = None, **kw: object) -> object:
+        seen.append(roi_size)
+        return real(model, data, device, roi_size)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lt, "evaluate_volumes", spy)
+    big = cubes(4, 0, edge=24), cubes(2, 1, edge=24)
+    train_site(SPEC, _global(), *big, TrainConfig(local_epochs=1, batch_size=2, patch_size=16))
+    train_site(SPEC, _global(), *big, TrainConfig(local_epochs=1, batch_size=2))
+    # before and after training: windows of the patch; whole-volume training: of the volume
+    assert seen == [(16, 16, 16), (16, 16, 16), (24, 24, 24), (24, 24, 24)]
+
+
+def test_dp_sgd_trains_on_one_patch_per_volume_record() -> None:
+    """Under DP-SGD a patch is cut from each sampled volume, so a record still gives one
+    per-record gradient: steps and sample rate are those of whole volumes."""
+    cfg = TrainConfig(local_epochs=2, batch_size=2, lr=1e-2, seed=2, patch_size=16)
+    out = train_site(SPEC, _global(), cubes(8, 0, edge=24), cubes(4, 1, edge=24), cfg,
+                     dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+    assert out.privacy is not None
+    assert out.privacy.steps == 2 * 4 and out.privacy.sample_rate == pytest.approx(0.25)
+    assert any(float(d.abs().max()) > 0 for d in out.delta.values())

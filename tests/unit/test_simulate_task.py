@@ -29,6 +29,12 @@ def test_segmentation_takes_the_3d_recipe() -> None:
     assert (got["dataset"], got["image_size"], got["held_out_sites"]) == ("anatomy", 48, 1)
     assert got["local_epochs"] == SEG_RECIPE.local_epochs
     assert got["samples_per_site"] == SEG_RECIPE.samples_per_site
+    assert (got["rounds"], got["patch_size"]) == (SEG_RECIPE.rounds, SEG_RECIPE.patch_size)
+    assert _resolved("--task", "segmentation", "--patch-size", "0")["patch_size"] == 0  # whole
+    # volumes no larger than the default patch train whole; a patch given is kept
+    assert _resolved("--task", "segmentation", "--image-size", "24")["patch_size"] == 0
+    assert _resolved("--task", "segmentation", "--image-size", "24", "--patch-size",
+                     "16")["patch_size"] == 16
     # a privacy budget does not swap in the 2D DP recipe's network
     assert _resolved("--task", "segmentation", "--dp-epsilon", "8")["model"] == "unet3d"
 
@@ -46,6 +52,7 @@ def test_classification_keeps_the_demo_defaults() -> None:
     assert (got["task"], got["dataset"], got["model"]) == ("classification", "phantom",
                                                            "tumor-cnn")
     assert (got["image_size"], got["samples_per_site"], got["held_out_sites"]) == (64, 240, 0)
+    assert (got["rounds"], got["patch_size"]) == (5, 0)
 
 
 def test_flags_given_win_over_the_3d_recipe() -> None:
@@ -70,6 +77,10 @@ def test_flags_given_win_over_the_3d_recipe() -> None:
      "--leave-one-out needs >= 2 training hospitals (--sites), got 1"),
     (["--task", "segmentation", "--samples-per-site", "2"],
      "--samples-per-site must be >= 6, got 2"),
+    (["--patch-size", "32"],
+     "--patch-size 32: patches are cut from 3D volumes; use it with --task segmentation"),
+    (["--task", "segmentation", "--patch-size", "4"],
+     "--patch-size 4: input should be greater than or equal to 8"),
     # leave-one-out trains each hospital's records in S studies: ε would compose unreported
     (["--task", "segmentation", "--leave-one-out", "--dp-epsilon", "8"],
      "--leave-one-out with a privacy budget would train each hospital's records in several "

@@ -24,9 +24,12 @@ def apply_recipe(args: argparse.Namespace) -> None:
 
     private = args.dp_epsilon is not None or args.distributed_dp_epsilon is not None
     recipe = recipe_for(args.task, private)
+    patch_given = args.patch_size is not None
     for name, default in vars(recipe).items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if not patch_given and args.image_size <= args.patch_size:
+        args.patch_size = 0  # volumes no larger than the default patch train whole
     if args.dataset is None:
         args.dataset = BENCHMARKS[args.task]
     if args.held_out_sites is None:
@@ -38,14 +41,19 @@ def run(args: argparse.Namespace) -> int:
     run the study."""
     from pydantic import ValidationError
 
+    from deeprad.core.errors import ConfigError
     from deeprad.core.protocol import DatasetSpec, ModelSpec, StrategySpec, TrainConfig
     from deeprad.simulate.config import SimulationConfig, flag_error, site_count
 
     apply_recipe(args)
     try:
+        if args.patch_size and args.task != "segmentation":
+            raise ConfigError(f"--patch-size {args.patch_size}: patches are cut from 3D volumes; "
+                              "use it with --task segmentation")
         train = TrainConfig(local_epochs=args.local_epochs, batch_size=args.batch_size,
                             lr=args.lr, optimizer=args.optimizer, fedprox_mu=args.fedprox_mu,
-                            seed=args.seed, device=args.device)
+                            patch_size=args.patch_size or None, seed=args.seed,
+                            device=args.device)
         # The flag's bounds are the dataset message's own, checked before any worker starts.
         DatasetSpec(image_size=args.image_size)
     except ValidationError as exc:
@@ -89,9 +97,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="classification (default): tumour or not per 2D slice, scored by "
                           "AUROC; segmentation: lesion masks in 3D multi-sequence volumes, "
                           "scored by Dice, HD95 and lesion sensitivity at fixed false positives "
-                          "per scan, with its own defaults (anatomy benchmark, unet3d, 48^3, "
-                          "batch 2, Adam lr 3e-3, 8 local epochs, 16 patients per hospital "
-                          "before size skew, one hospital held out)")
+                          "per scan, with its own defaults (anatomy benchmark, unet3d, 48^3 "
+                          "volumes, 32^3 training patches half of them centred on a lesion, "
+                          "batch 2, Adam lr 3e-3, 12 local epochs, 10 rounds, 16 patients per "
+                          "hospital before size skew, one hospital held out)")
     sim.add_argument("--sites", type=int,
                      help="number of hospitals that train (default 4 benchmark hospitals; with "
                           "--dataset, the folder's site entries less the held-out ones decide, "
@@ -104,7 +113,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="also run the federated study once without each training hospital "
                           "and score it on that hospital's held-out split (about sites x the "
                           "federated study's time)")
-    sim.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
+    sim.add_argument("--rounds", type=int,
+                     help="federated rounds (default 5; 10 with --task segmentation)")
     sim.add_argument("--model",
                      help="network: see `deeprad models`, or package.module:factory (default "
                           "tumor-cnn; tumor-jet with --dp-epsilon; unet3d with --task "
@@ -136,8 +146,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--strategy-params", type=_json_arg, default={}, metavar="JSON",
                      help='strategy hyper-parameters, e.g. \'{"server_lr": 0.01}\'')
     sim.add_argument("--local-epochs", type=int,
-                     help="epochs per round (default 3; 6 with --dp-epsilon; 8 with --task "
+                     help="epochs per round (default 3; 6 with --dp-epsilon; 12 with --task "
                           "segmentation)")
+    sim.add_argument("--patch-size", type=int, metavar="N",
+                     help="--task segmentation: train on N^3 patches cut from each volume, half "
+                          "of them centred on a lesion voxel, and score volumes by sliding "
+                          "windows of N^3 (default 32, or whole volumes when --image-size is "
+                          "at most that; 0 trains on whole volumes)")
     sim.add_argument("--batch-size", type=int,
                      help="batch size (default 16; 64 with --dp-epsilon, the expected size of "
                           "the Poisson batches; 2 volumes with --task segmentation)")

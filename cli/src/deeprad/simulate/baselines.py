@@ -5,7 +5,7 @@ each from the study's initial model for as many rounds' worth of epochs as the s
 from __future__ import annotations
 
 import sys
-from concurrent.futures import as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from deeprad.core.protocol import ClinicalMetrics
 from deeprad.simulate.study import NAMESPACE, STUDY, LocalStudy
-from deeprad.simulate.workers import WorkerLanes, train_baseline
+from deeprad.simulate.workers import WorkerLanes, expected_size, train_baseline
 
 
 @dataclass
@@ -27,19 +27,33 @@ class Baselines:
 
 
 def run_baselines(study: LocalStudy, pool: WorkerLanes, rounds_run: int) -> Baselines:
-    """Train the centralized and local-only baselines; none when no round ran."""
-    sites = study.sites
-    jobs = [("centralized", sites)] + [(f"local:{s.name}", [s]) for s in sites]
-    # a local-only model trains where its hospital's data already are
-    futures = [pool.submit_to(group[0].name if len(group) == 1 else name, train_baseline, name,
-                              [s.dataset.model_dump_json() for s in group],
-                              study.cfg.train.model_dump_json(), study.store.url, NAMESPACE,
-                              STUDY, rounds_run, study.test_set)
-               for name, group in jobs] if rounds_run else []
+    """Train the centralized and local-only baselines; none when no round ran.
+
+    The centralized model trains on every hospital's data, as much as all local-only models
+    together, so queuing each model up front (a local-only one where its hospital's data
+    are) left one lane with most of the work while the other idled. Instead the largest model
+    waiting goes to whichever lane is free, so the lanes finish together."""
     out = Baselines()
-    for fut in tqdm(as_completed(futures), total=len(futures), desc="baselines", unit="model",
-                    file=sys.stderr):
-        name, curve, weights = fut.result()
-        out.curves[name] = curve
-        out.weights[name] = load(weights)
+    if not rounds_run:
+        return out
+    sites = study.sites
+    waiting = sorted([("centralized", sites)] + [(f"local:{s.name}", [s]) for s in sites],
+                     key=lambda job: -sum(expected_size(s.dataset) for s in job[1]))
+    free = list(range(pool.lanes))
+    running: dict[Future[tuple[str, list[ClinicalMetrics], bytes]], int] = {}
+    with tqdm(total=len(waiting), desc="baselines", unit="model", file=sys.stderr) as bar:
+        while waiting or running:
+            while waiting and free:
+                (name, group), lane = waiting.pop(0), free.pop(0)
+                running[pool.submit_on(lane, train_baseline, name,
+                                       [s.dataset.model_dump_json() for s in group],
+                                       study.cfg.train.model_dump_json(), study.store.url,
+                                       NAMESPACE, STUDY, rounds_run, study.test_set)] = lane
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                free.append(running.pop(fut))
+                name, curve, weights = fut.result()
+                out.curves[name] = curve
+                out.weights[name] = load(weights)
+                bar.update()
     return out

@@ -82,7 +82,8 @@ def run_round(study: LocalStudy, round_no: int, pool: WorkerLanes, hub_thread: E
     validation = {s.name: pool.submit_to(s.name, score_validation, study.store.url,
                                          study.layout.namespace, study.layout.study, round_no,
                                          study.cfg.model.model_dump_json(),
-                                         s.dataset.model_dump_json())
+                                         s.dataset.model_dump_json(),
+                                         study.cfg.train.model_dump_json())
                   for s in study.sites}
     if scorer is None:
         return _done(_round_row(study, round_no, report, trained, validation, started))

@@ -14,7 +14,7 @@ from deeprad.core.models import build_model
 from deeprad.core.protocol import PRIMARY_METRIC, ClinicalMetrics
 from deeprad.simulate.config import SimulationConfig
 from deeprad.simulate.workers import SiteScore, site_score
-from deeprad.trainer import evaluate
+from deeprad.trainer import evaluate, inference_roi
 
 POOLED = "pooled"
 
@@ -34,7 +34,7 @@ def score_weights(weights: dict[str, torch.Tensor], cfg: SimulationConfig, data:
     """The study's model with `weights`, scored on `data` on the CPU."""
     model = build_model(cfg.model, allow_code=True)
     model.load_state_dict(weights)
-    return evaluate(model, data, torch.device("cpu"))
+    return evaluate(model, data, torch.device("cpu"), roi_size=inference_roi(cfg.train))
 
 
 def score_sets(weights: dict[str, torch.Tensor], cfg: SimulationConfig,
@@ -45,7 +45,8 @@ def score_sets(weights: dict[str, torch.Tensor], cfg: SimulationConfig,
     scoring every volume twice."""
     model = build_model(cfg.model, allow_code=True)
     model.load_state_dict(weights)
-    return pool_scores(cfg, {name: site_score(model, data) for name, data in sets.items()})
+    return pool_scores(cfg, {name: site_score(model, data, cfg.train)
+                             for name, data in sets.items()})
 
 
 def pool_scores(cfg: SimulationConfig, scores: dict[str, SiteScore]

@@ -30,7 +30,7 @@ from deeprad.core.protocol import (
     TrainingTask,
 )
 from deeprad.core.store import open_store
-from deeprad.trainer import evaluate, image_logits, train_epochs
+from deeprad.trainer import evaluate, image_logits, inference_roi, train_epochs
 from deeprad.trainer.job import run_training_task
 from deeprad.trainer.local_training import select_device
 
@@ -80,6 +80,17 @@ class WorkerLanes(Executor):
         self._starter.join()
         return self._on(self._least_busy(), fn, *args, **kwargs)
 
+    def submit_on(self, lane: int, fn: Callable[P, T], /, *args: P.args,
+                  **kwargs: P.kwargs) -> Future[T]:
+        """Run `fn` in lane `lane` (0 .. `lanes` - 1): for a caller that keeps each lane busy
+        with one job at a time itself."""
+        self._starter.join()
+        return self._on(lane, fn, *args, **kwargs)
+
+    @property
+    def lanes(self) -> int:
+        return len(self._lanes)
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         for lane in self._lanes:  # stop them all, then wait: they exit side by side
             lane.shutdown(wait=False, cancel_futures=cancel_futures)
@@ -120,9 +131,9 @@ def _balance(sites: Sequence[tuple[str, DatasetSpec]], lanes: int) -> dict[str, 
     """Each hospital's lane: largest first onto the lightest lane."""
     load = [0.0] * lanes
     homes: dict[str, int] = {}
-    for name, spec in sorted(sites, key=lambda s: -_expected_size(s[1])):
+    for name, spec in sorted(sites, key=lambda s: -expected_size(s[1])):
         homes[name] = min(range(lanes), key=load.__getitem__)
-        load[homes[name]] += _expected_size(spec)
+        load[homes[name]] += expected_size(spec)
     return homes
 
 
@@ -137,7 +148,7 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _expected_size(spec: DatasetSpec) -> float:
+def expected_size(spec: DatasetSpec) -> float:
     """A hospital's size before its data are loaded: a benchmark's sample count, else 1."""
     return float(spec.options.get("samples", spec.options.get("patients", 1)))
 
@@ -174,22 +185,24 @@ class SiteScore:
 
 
 def score_validation(store_url: str, namespace: str, study: str, round_no: int,
-                     model_json: str, dataset_json: str) -> SiteScore:
+                     model_json: str, dataset_json: str, train_json: str) -> SiteScore:
     """The global model of `round_no` (from the store) on one hospital's validation split,
     on the CPU like the report's other scores."""
     weights, _ = read_checkpoint(open_store(store_url), StudyLayout(namespace, study), round_no)
     model = build_model(ModelSpec.model_validate_json(model_json), allow_code=True)
     model.load_state_dict(weights)
-    return site_score(model, load_dataset(DatasetSpec.model_validate_json(dataset_json))[1])
+    return site_score(model, load_dataset(DatasetSpec.model_validate_json(dataset_json))[1],
+                      TrainConfig.model_validate_json(train_json))
 
 
-def site_score(model: torch.nn.Module, data: Samples) -> SiteScore:
-    """`model` on one set on the CPU: images keep their logits for pooling (each set scored
-    once); volumes pool by their metrics' statistics."""
+def site_score(model: torch.nn.Module, data: Samples, cfg: TrainConfig) -> SiteScore:
+    """`model` (trained under `cfg`) on one set on the CPU: images keep their logits for
+    pooling (each set scored once); volumes pool by their metrics' statistics."""
     if len(data) == 0:
         return SiteScore(None)
     if not isinstance(data, ImageSet):
-        return SiteScore(evaluate(model, data, torch.device("cpu")))
+        return SiteScore(evaluate(model, data, torch.device("cpu"),
+                                  roi_size=inference_roi(cfg)))
     logits = image_logits(model, data, torch.device("cpu"))
     return SiteScore(clinical_metrics(logits, data.labels), logits, data.labels)
 
@@ -212,7 +225,7 @@ def train_baseline(name: str, datasets: list[str], cfg_json: str, store_url: str
     curve: list[ClinicalMetrics] = []
     for r in range(rounds):
         train_epochs(model, train, cfg.model_copy(update={"seed": cfg.seed + r}), device)
-        metrics = evaluate(model, test_set, device)
+        metrics = evaluate(model, test_set, device, roi_size=inference_roi(cfg))
         assert metrics is not None
         curve.append(metrics)
     return name, curve, save({k: v.detach().cpu().contiguous()

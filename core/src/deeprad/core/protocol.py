@@ -99,6 +99,11 @@ class TrainConfig(Message):
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     fedprox_mu: float = Field(default=0.0, ge=0)
+    # 3D segmentation: train on cubic patches of this many voxels per side (None: whole
+    # volumes), `patch_foreground` of them centred on a lesion voxel; volumes are then scored
+    # by sliding windows of the patch (`deeprad.trainer.segmentation.PatchSampler`).
+    patch_size: int | None = Field(default=None, ge=8)
+    patch_foreground: float = Field(default=0.5, ge=0, le=1)
     seed: int = 0
     device: str = "auto"
     # "auto": bf16 autocast on GPUs that have it (fp16 with a gradient scaler otherwise), fp32 on

@@ -7,5 +7,7 @@ from deeprad.trainer.local_training import (
     train_epochs,
     train_site,
 )
+from deeprad.trainer.segmentation import inference_roi
 
-__all__ = ["SiteTraining", "evaluate", "image_logits", "train_epochs", "train_site"]
+__all__ = ["SiteTraining", "evaluate", "image_logits", "inference_roi", "train_epochs",
+           "train_site"]

@@ -59,6 +59,7 @@ from deeprad.trainer.local_training import (
     select_device,
     train_site,
 )
+from deeprad.trainer.segmentation import inference_roi
 
 log = logging.getLogger("deeprad.trainer")
 
@@ -138,11 +139,12 @@ def _evaluate(task: TrainingTask, store: ObjectStore, layout: StudyLayout,
     model = build_model(task.model, allow_code=allow_model_code)
     model.load_state_dict(weights)
     model.to(device)
+    roi = inference_roi(task.train)
     result = SiteResult(
         study=task.study, round=task.round, site=task.site, num_samples=len(test),
-        global_metrics=evaluate(model, val, device), local_metrics=None, train_loss=0.0,
-        update_sha256="", duration_s=time.perf_counter() - start,
-        test_metrics=evaluate(model, test, device), test_split=split)
+        global_metrics=evaluate(model, val, device, roi_size=roi), local_metrics=None,
+        train_loss=0.0, update_sha256="", duration_s=time.perf_counter() - start,
+        test_metrics=evaluate(model, test, device, roi_size=roi), test_split=split)
     store.put_text(layout.result(task.round, task.site), result.model_dump_json(indent=2))
     return result
 

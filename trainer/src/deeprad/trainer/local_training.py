@@ -29,7 +29,12 @@ from deeprad.core.metrics import clinical_metrics
 from deeprad.core.models import build_model, model_weights
 from deeprad.core.privacy import DPConfig, DPSteps
 from deeprad.core.protocol import ClinicalMetrics, ModelSpec, TrainConfig
-from deeprad.trainer.segmentation import evaluate_volumes, segmentation_loss
+from deeprad.trainer.segmentation import (
+    PatchSampler,
+    evaluate_volumes,
+    inference_roi,
+    segmentation_loss,
+)
 
 # A dataset takes at most this share of the GPU's free memory to live there for a whole run.
 RESIDENT_FRACTION = 0.25
@@ -307,10 +312,21 @@ def _loss_function(data: Samples, per_record: bool = False
     return lambda logits, labels: bce(logits.flatten().float(), labels)
 
 
+def _patches(data: Samples, cfg: TrainConfig) -> PatchSampler | None:
+    """The patch sampler `cfg` asks for (3D volumes only), or None for whole records."""
+    if cfg.patch_size is None:
+        return None
+    if not isinstance(data, VolumeSet):
+        raise ConfigError(f"train.patchSize {cfg.patch_size}: patches are cut from 3D volumes "
+                          "(segmentation); leave patchSize out for a classification study")
+    return PatchSampler(cfg.patch_size, cfg.patch_foreground, cfg.seed)
+
+
 def train_epochs(model: nn.Module, data: Samples, cfg: TrainConfig, device: torch.device,
                  epochs: int | None = None) -> float:
     """Train `model` (already on `device`) in place for `epochs` (default cfg.local_epochs);
-    returns the mean loss. Images train with BCE, volumes with Dice + cross-entropy.
+    returns the mean loss. Images train with BCE, volumes with Dice + cross-entropy (on one
+    patch per volume and step when cfg.patch_size is set).
 
     With cfg.fedprox_mu > 0 the loss gains (mu/2)·||w − w_start||², FedProx's pull towards the
     received global model that keeps heterogeneous sites from drifting apart. cfg.precision,
@@ -329,6 +345,7 @@ def train_epochs(model: nn.Module, data: Samples, cfg: TrainConfig, device: torc
         anchor = ([p.detach().clone() for p in model.parameters()]
                   if cfg.fedprox_mu > 0 else None)
         loss_fn = _loss_function(data)
+        patches = _patches(data, cfg)
         feeder = BatchFeeder(data, device, cfg.batch_size, plan.channels_last)
         model.train()
         # Summed on the device in float64 (what Python floats are): reading each loss back
@@ -340,6 +357,8 @@ def train_epochs(model: nn.Module, data: Samples, cfg: TrainConfig, device: torc
             order = feeder.epoch_order(torch.randperm(len(data), generator=gen))
             for i in range(0, len(data), cfg.batch_size):
                 x, y = feeder.batch(order[i : i + cfg.batch_size])
+                if patches is not None:
+                    x, y = patches(x, y)
                 if plan.autocast_dtype is None:
                     logits = forward(x)
                 else:
@@ -393,6 +412,7 @@ def train_epochs_private(model: nn.Module, data: Samples, cfg: TrainConfig, dp: 
     model.train()
     private = make_private(model, opt, loader, dp)
     loss_fn = _loss_function(data, per_record=True)
+    patches = _patches(data, cfg)  # a patch per record: still one record, one gradient
     total, batches = 0.0, 0
     try:
         for _ in range(cfg.local_epochs):
@@ -400,6 +420,8 @@ def train_epochs_private(model: nn.Module, data: Samples, cfg: TrainConfig, dp: 
                 x, y = x.to(device), y.to(device)
                 private.optimizer.zero_grad(set_to_none=True)
                 if len(x):
+                    if patches is not None:
+                        x, y = patches(x, y)
                     loss = loss_fn(private.model(x), y)
                     loss.backward()
                     total += float(loss.detach())
@@ -440,7 +462,7 @@ def train_site(model_spec: ModelSpec, global_weights: dict[str, torch.Tensor], t
     """Evaluate the received global model on the site's validation split, train locally (with
     DP-SGD when `dp` is given), and return the update (delta) with its metrics. The library
     function behind every trainer, for images (classification) and volumes (segmentation;
-    validation volumes larger than the training volumes are scored by sliding windows).
+    validation volumes larger than the training patch or volumes are scored by sliding windows).
     `allow_model_code`: see `build_model` (simulate only)."""
     if type(train) is not type(val):
         raise DataError(f"training data are {type(train).__name__} but validation data "
@@ -454,7 +476,8 @@ def train_site(model_spec: ModelSpec, global_weights: dict[str, torch.Tensor], t
     model = build_model(model_spec, allow_code=allow_model_code)
     model.load_state_dict(global_weights)
     model.to(device)
-    roi = tuple(train.images.shape[2:]) if isinstance(train, VolumeSet) else None
+    roi = (inference_roi(cfg) or tuple(train.images.shape[2:])
+           if isinstance(train, VolumeSet) else None)
     global_metrics = evaluate(model, val, device, roi_size=roi)
     spent = None
     if dp is None:

@@ -14,7 +14,8 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from deeprad.core.data import VolumeSet
-from deeprad.core.protocol import ClinicalMetrics
+from deeprad.core.errors import ConfigError
+from deeprad.core.protocol import ClinicalMetrics, TrainConfig
 from deeprad.core.seg_metrics import segmentation_metrics
 
 # Scans scored per forward pass: a 3-sequence 48^3 scan is 1.3 MB of input but about 50x
@@ -34,6 +35,51 @@ def segmentation_loss(per_volume: bool = True) -> nn.Module:
     a volume's own Dice is a noisy, often degenerate target, and pooling the batch's voxels
     steadies it."""
     return DiceCELoss(sigmoid=True, batch=not per_volume)
+
+
+def inference_roi(cfg: TrainConfig) -> tuple[int, int, int] | None:
+    """The window a network trained under `cfg` scores volumes with: its training patch (a
+    volume larger than that is scored by sliding windows), or None for whole volumes."""
+    return (cfg.patch_size,) * 3 if cfg.patch_size else None
+
+
+class PatchSampler:
+    """Cubic training patches cut from a batch of whole volumes, on the batch's device: a share
+    `foreground` of them centred on a lesion voxel drawn at random, the others (and every patch
+    of a scan without a lesion) at a random place. This is the positive/negative rule of
+    MONAI's RandCropByPosNegLabel and nnU-Net's foreground oversampling: lesions of a few
+    voxels are a tiny share of a scan, and on whole scans the cross-entropy term settles on "no
+    lesion anywhere" for hundreds of steps (federated averaging, for rounds). A patch near a
+    border is shifted inside the volume. Draws come from a seeded generator, so a run repeats."""
+
+    def __init__(self, size: int, foreground: float, seed: int) -> None:
+        self.size, self.foreground = size, foreground
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def _draw(self, high: int) -> int:
+        return int(torch.randint(high, (), generator=self._gen))
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = tuple(images.shape[2:])
+        if any(self.size > side for side in shape):
+            raise ConfigError(f"train.patchSize {self.size} is larger than the volumes "
+                              f"({'x'.join(map(str, shape))} voxels): set it to at most "
+                              f"{min(shape)}, or leave it out to train on whole volumes")
+        crops_x, crops_y = [], []
+        for x, y in zip(images, masks, strict=True):
+            lesion = torch.rand((), generator=self._gen) < self.foreground
+            voxels = torch.nonzero(y[0]) if lesion else None
+            if voxels is not None and len(voxels):
+                centre = voxels[self._draw(len(voxels))].tolist()
+                start = [min(max(c - self.size // 2, 0), side - self.size)
+                         for c, side in zip(centre, shape, strict=True)]
+            else:
+                start = [self._draw(side - self.size + 1) for side in shape]
+            box = (slice(None), *(slice(s, s + self.size) for s in start))
+            crops_x.append(x[box])
+            crops_y.append(y[box])
+        return torch.stack(crops_x), torch.stack(crops_y)
 
 
 def _needs_windows(data: VolumeSet, roi_size: Sequence[int] | None) -> bool:

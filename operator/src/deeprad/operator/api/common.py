@@ -259,6 +259,16 @@ class LocalTraining(ApiModel):
         default=0.0, ge=0,
         description="FedProx proximal term μ pulling local weights towards the global model; "
                     "0 disables it (plain FedAvg local training).")
+    patch_size: int | None = Field(
+        default=None, ge=8, le=512,
+        description="Segmentation only: train on cubic patches of this many voxels per side "
+                    "cut from each volume, and score volumes by sliding windows of that size; "
+                    "empty trains on whole volumes. At most the volumes' smallest side.")
+    patch_foreground: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Segmentation with patchSize: share of patches centred on a lesion voxel "
+                    "(the rest at random places): small lesions are otherwise too rare in a "
+                    "batch to learn from.")
     seed: int = Field(default=0, description="Seed of weight init, shuffling and noise.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto",

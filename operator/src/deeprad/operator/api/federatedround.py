@@ -62,6 +62,10 @@ class FederatedRoundSpec(RoundSettings):
              "FederatedStudy calibrates it to its privacyBudget when its template leaves it "
              "empty)", field_path=".privacy.differentialPrivacy.noiseMultiplier",
              reason="FieldValueRequired"),
+        Rule("!has(self.training.patchSize) || self.model.task == 'segmentation'",
+             "training.patchSize cuts patches from 3D volumes: it applies to a segmentation "
+             "model only; leave it out", field_path=".training.patchSize",
+             reason="FieldValueForbidden"),
     ))
 
     study_ref: StudyRef | None = Field(

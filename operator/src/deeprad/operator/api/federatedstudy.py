@@ -119,6 +119,10 @@ class FederatedStudySpec(ApiModel):
         Rule("!has(self.roundTemplate.privacy.differentialPrivacy) || has(self.privacyBudget)",
              "privacyBudget is required when roundTemplate.privacy.differentialPrivacy is set",
              field_path=".privacyBudget", reason="FieldValueRequired"),
+        Rule("!has(self.roundTemplate.training.patchSize) || self.model.task == 'segmentation'",
+             "roundTemplate.training.patchSize cuts patches from 3D volumes: it applies to a "
+             "segmentation model only; leave it out", field_path=".roundTemplate.training."
+             "patchSize", reason="FieldValueForbidden"),
         # A study's checkpoints are all of one network, and its ε is accounted at one δ.
         Rule("self.model == oldSelf.model", "model is immutable: the study's checkpoints are of "
              "this network; start a new study", field_path=".model"),
