@@ -165,6 +165,14 @@ BAD_INPUT: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
         "spec.model": {"name": "unet3d", "task": "segmentation"},
         "spec.roundTemplate.training.patchSize": 4}),
      ("spec.roundTemplate.training.patchSize", "greater than or equal to 8")),
+    ("a patch larger than the volumes", _edit(_study(), {
+        "spec.model": {"name": "unet3d", "task": "segmentation"},
+        "spec.data": {"imageSize": 48}, "spec.roundTemplate.training.patchSize": 64}),
+     ("spec.roundTemplate.training.patchSize", "at most data.imageSize")),
+    ("a round's patch larger than its volumes", _edit(_round(), {
+        "spec.model": {"name": "unet3d", "task": "segmentation"},
+        "spec.data": {"imageSize": 24}, "spec.training": {"patchSize": 32}}),
+     ("spec.training.patchSize", "at most data.imageSize")),
     ("a lesion share above 1", _edit(_study(), {
         "spec.model": {"name": "unet3d", "task": "segmentation"},
         "spec.roundTemplate.training.patchForeground": 1.5}),

@@ -79,6 +79,9 @@ def test_flags_given_win_over_the_3d_recipe() -> None:
      "--samples-per-site must be >= 6, got 2"),
     (["--patch-size", "32"],
      "--patch-size 32: patches are cut from 3D volumes; use it with --task segmentation"),
+    (["--task", "segmentation", "--patch-size", "64"],
+     "--patch-size 64: larger than the volumes (--image-size 48); give at most that, or 0 for "
+     "whole volumes"),
     (["--task", "segmentation", "--patch-size", "4"],
      "--patch-size 4: input should be greater than or equal to 8"),
     # leave-one-out trains each hospital's records in S studies: ε would compose unreported

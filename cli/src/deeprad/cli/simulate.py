@@ -50,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
         if args.patch_size and args.task != "segmentation":
             raise ConfigError(f"--patch-size {args.patch_size}: patches are cut from 3D volumes; "
                               "use it with --task segmentation")
+        if args.patch_size > args.image_size:
+            raise ConfigError(f"--patch-size {args.patch_size}: larger than the volumes "
+                              f"(--image-size {args.image_size}); give at most that, or 0 for "
+                              "whole volumes")
         train = TrainConfig(local_epochs=args.local_epochs, batch_size=args.batch_size,
                             lr=args.lr, optimizer=args.optimizer, fedprox_mu=args.fedprox_mu,
                             patch_size=args.patch_size or None, seed=args.seed,

@@ -66,6 +66,9 @@ class FederatedRoundSpec(RoundSettings):
              "training.patchSize cuts patches from 3D volumes: it applies to a segmentation "
              "model only; leave it out", field_path=".training.patchSize",
              reason="FieldValueForbidden"),
+        Rule("!has(self.training.patchSize) || self.training.patchSize <= self.data.imageSize",
+             "training.patchSize must be at most data.imageSize (the volumes' side): patches "
+             "are cut from the volumes", field_path=".training.patchSize"),
     ))
 
     study_ref: StudyRef | None = Field(

@@ -123,6 +123,11 @@ class FederatedStudySpec(ApiModel):
              "roundTemplate.training.patchSize cuts patches from 3D volumes: it applies to a "
              "segmentation model only; leave it out", field_path=".roundTemplate.training."
              "patchSize", reason="FieldValueForbidden"),
+        Rule("!has(self.roundTemplate.training.patchSize) || "
+             "self.roundTemplate.training.patchSize <= self.data.imageSize",
+             "roundTemplate.training.patchSize must be at most data.imageSize (the volumes' "
+             "side): patches are cut from the volumes", field_path=".roundTemplate.training."
+             "patchSize"),
         # A study's checkpoints are all of one network, and its ε is accounted at one δ.
         Rule("self.model == oldSelf.model", "model is immutable: the study's checkpoints are of "
              "this network; start a new study", field_path=".model"),
