@@ -69,8 +69,8 @@ class PatchSampler:
         crops_x, crops_y = [], []
         for x, y in zip(images, masks, strict=True):
             lesion = torch.rand((), generator=self._gen) < self.foreground
-            voxels = torch.nonzero(y[0]) if lesion else None
-            if voxels is not None and len(voxels):
+            voxels = torch.nonzero(y[0]) if lesion else ()  # a healthy scan has none either
+            if len(voxels):
                 centre = voxels[self._draw(len(voxels))].tolist()
                 start = [min(max(c - self.size // 2, 0), side - self.size)
                          for c, side in zip(centre, shape, strict=True)]
